@@ -1,0 +1,3 @@
+from dwcp_lstm.cli import cli_main
+
+cli_main()

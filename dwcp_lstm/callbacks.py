@@ -1,0 +1,195 @@
+"""Callbacks: per-epoch reseeding (exact resume) and the ONNX export at fit end (rank zero only)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from dwcp_lstm import __version__
+from dwcp_lstm.model import count_parameters
+
+UNITS = {
+    "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
+    "time_of_day": "hour of day 0-23 (UTC)", "day_of_week": "0 = Monday .. 6 = Sunday",
+    "congestion_window": "packets per stream", "queue_depth": "packets", "retransmits": "packets/s",
+}  # fmt: skip
+SUFFIX_UNITS = {"_mbps": "Mbit/s", "_ms": "ms", "_dbm": "dBm", "_db": "dB", "_kmh": "km/h"}
+INPUT_NAME, OUTPUT_NAME = "metrics", "forecast"
+
+
+def unit_of(column: str) -> str:
+    if column in UNITS:
+        return UNITS[column]
+    return next((u for s, u in SUFFIX_UNITS.items() if column.endswith(s)), "as in the training data")
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class EpochSeed(L.Callback):
+    """Reseed torch at every epoch start from ``seed + epoch``, so dropout draws never depend on process history.
+
+    With :class:`~dwcp_lstm.data.EpochShuffleSampler` this makes a run resumed from ``last.ckpt`` replay the epochs
+    of an uninterrupted run exactly.
+
+    Args:
+        seed: base seed.
+    """
+
+    def __init__(self, seed: int = 42) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(self.seed + 1000 * trainer.current_epoch + trainer.global_rank)
+
+
+def best_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The best checkpoint's weights (loaded with ``weights_only=True``), or the current ones with a warning."""
+    ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    if ckpt and Path(ckpt).exists():
+        module = type(pl_module).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    else:
+        rank_zero_warn("no best checkpoint (fast_dev_run or checkpointing off): using the current weights")
+        module = pl_module
+    return module.cpu().eval()
+
+
+def export_onnx(module, path: str | Path, window: int, opset: int = 17) -> None:
+    """Export raw-in/raw-out (scalers baked in), batch axis dynamic, window fixed, to ``path`` atomically.
+
+    The TorchScript-based exporter (``dynamo=False``) is chosen deliberately: it maps ``nn.LSTM`` to ONNX's fused
+    ``LSTM`` operator in well under a second and needs no onnxscript; the dynamo exporter also works for this model
+    but takes ~10 s and specialises the batch axis unless given dynamic shapes.
+    """
+    path = Path(path)
+    raw = module.raw_forecaster().cpu().eval()
+    example = torch.zeros(2, window, module.fmean.numel())
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice about dynamo=False
+        torch.onnx.export(
+            raw,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    tmp.replace(path)
+
+
+def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]:
+    """Largest difference between onnxruntime and PyTorch on raw windows [N, W, F], absolute and relative.
+
+    Relative = |onnx - torch| / max(|torch|, 1e-3 x the target's training sd), so values near zero do not explode.
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    raw = module.raw_forecaster().cpu().eval()
+    onnx_out, torch_out = [], []
+    with torch.no_grad():
+        for i in range(0, len(x_raw), 512):
+            xb = np.ascontiguousarray(x_raw[i : i + 512], dtype=np.float32)
+            onnx_out.append(sess.run(None, {INPUT_NAME: xb})[0])
+            torch_out.append(raw(torch.from_numpy(xb)).numpy())
+    a, b = np.concatenate(onnx_out), np.concatenate(torch_out)
+    floor = 1e-3 * module.tscale.cpu().numpy()
+    return {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "max_rel_diff": float((np.abs(a - b) / np.maximum(np.abs(b), floor)).max()),
+        "windows": len(a),
+    }
+
+
+def raw_windows(dm, stage: str = "test", limit: int | None = None) -> np.ndarray:
+    """Unscaled input windows [N, W, F] of a split (materialised: only for small N)."""
+    starts = dm.starts[stage][:limit]
+    return dm.raw_features[starts[:, None] + np.arange(dm.window_size)]
+
+
+class OnnxExport(L.Callback):
+    """At fit end (rank zero): export the best checkpoint to ``<log_dir>/model.onnx``, verify it with onnxruntime on
+    the test windows, and write ``model_metadata.json``.
+
+    Args:
+        opset: ONNX opset (>= 17).
+        filename: file name inside the run directory.
+        parity_windows: test windows used for the parity check (null = all).
+    """
+
+    def __init__(self, opset: int = 17, filename: str = "model.onnx", parity_windows: int | None = 2048) -> None:
+        if opset < 17:
+            raise ValueError(f"--onnx.opset must be >= 17, got {opset}")
+        self.opset, self.filename, self.parity_windows = opset, filename, parity_windows
+        self.metadata: dict | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        run_dir = Path(trainer.log_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        module = best_module(trainer, pl_module)
+        dm = trainer.datamodule
+        path = run_dir / self.filename
+        export_onnx(module, path, dm.window_size, self.opset)
+        parity = onnx_parity(path, module, raw_windows(dm, "test", self.parity_windows))
+        self.metadata = build_metadata(module, dm, path, self.opset, parity, run_dir)
+        atomic_write(run_dir / "model_metadata.json", json.dumps(self.metadata, indent=2))
+        rank_zero_info(f"ONNX model -> {path} (max rel diff vs PyTorch {parity['max_rel_diff']:.2e})")
+
+
+def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_dir: Path) -> dict:
+    config_path = run_dir / "config.yaml"
+    config = config_path.read_text() if config_path.exists() else None
+    return {
+        "format": "dwcp_lstm.onnx/1",
+        "version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "input": {"name": INPUT_NAME, "shape": ["batch", dm.window_size, dm.n_features], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", dm.n_targets], "dtype": "float32"},
+        "features": [{"name": c, "unit": unit_of(c)} for c in dm.features],
+        "targets": [{"name": c, "unit": unit_of(c)} for c in dm.targets],
+        "window_size": dm.window_size,
+        "scaler": {
+            "note": "applied inside the graph; listed for reference only",
+            "feature_mean": module.fmean.tolist(),
+            "feature_scale": module.fscale.tolist(),
+            "target_mean": module.tmean.tolist(),
+            "target_scale": module.tscale.tolist(),
+        },
+        "total_parameters": count_parameters(module.net),
+        "opset": opset,
+        "model_sha256": sha256_of(onnx_path),
+        "model_bytes": onnx_path.stat().st_size,
+        "parity": parity,
+        "data": {"path": str(dm.path), "sha256": sha256_of(dm.path)},
+        "config": config,
+    }

@@ -1,0 +1,159 @@
+"""``python -m dwcp_lstm``: LightningCLI's fit / validate / test / predict plus the project's own subcommands.
+
+Bad input of any kind ends in one line on stderr (``error: <file>: <what>``) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+OWN_COMMANDS = {
+    "generate": "write synthetic DWCP telemetry (and its oracle sidecar)",
+    "report": "rebuild report.json/.md and plots of a run from its best checkpoint",
+}
+
+
+def _lightning_cli_class():
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from dwcp_lstm.callbacks import EpochSeed, OnnxExport
+
+    class DwcpCLI(LightningCLI):
+        """Links the data's column lists to the model, adds the project's callbacks as config sections."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data.features", "model.feature_names")
+            parser.link_arguments("data.targets", "model.target_names")
+            parser.link_arguments("data.window_size", "model.window_size")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val_loss",
+                    "checkpoint.filename": "best",
+                    "checkpoint.save_last": True,
+                    "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+            parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+            parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 15})
+            parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+            parser.add_lightning_class_args(EpochSeed, "epoch_seed")
+            parser.add_lightning_class_args(OnnxExport, "onnx")
+
+        def after_fit(self) -> None:
+            from dwcp_lstm.callbacks import best_module
+            from dwcp_lstm.evaluate import evaluate
+
+            trainer = self.trainer
+            if trainer.fast_dev_run or trainer.log_dir is None:
+                return
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, weights_only=True)
+            if not trainer.is_global_zero:
+                return
+            report = evaluate(best_module(trainer, self.model), self.datamodule, trainer.log_dir, best or None)
+            print_summary(report, trainer.log_dir)
+
+    return DwcpCLI
+
+
+def print_summary(report: dict, run_dir: str) -> None:
+    ov = report["overall"]
+    print(f"\nTest set ({report['windows']} windows), report in {run_dir}/report.md")
+    for t, m in report["per_target"].items():
+        print(f"  {t:16s} corr {m['correlation']:.4f}  MAPE {m['mape']:6.2f} %  RMSE {m['rmse']:.4g}  R2 {m['r2']:.4f}")
+    print(
+        f"  mean correlation {ov['average_correlation']:.4f} (accuracy {ov['accuracy_percent']:.2f} %), "
+        f"mean MAPE {ov['average_mape']:.2f} %, target met: {ov['target_met']}"
+    )
+    if report.get("gap_closed"):
+        print("  gap closed to oracle: " + ", ".join(f"{t} {v:.3f}" for t, v in report["gap_closed"].items()))
+    print(f"Run directory: {run_dir}")
+
+
+def run_lightning(args: list[str]) -> None:
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.module import DwcpForecaster
+
+    # The built-in default goes first so that the user's --config files and flags layer on top of it. (jsonargparse's
+    # default_config_files drops the class_path of callable arguments such as model.optimizer, so it is not used.)
+    if args and args[0] in LIGHTNING_COMMANDS and not any(a in ("-h", "--help") for a in args):
+        args = [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+    _lightning_cli_class()(DwcpForecaster, DwcpDataModule, save_config_kwargs={"overwrite": True}, args=args)
+
+
+def cmd_generate(argv: list[str]) -> None:
+    from dwcp_lstm import synthetic
+
+    p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"])
+    p.add_argument("--output", default="data/dwcp_training.csv", help="CSV or Parquet file to write")
+    p.add_argument("--samples", type=int, default=15_000, help="total rows over all links")
+    p.add_argument("--seed", type=int, default=42, help="generator seed")
+    p.add_argument("--profile", choices=list(synthetic.PROFILES), default="dynamic", help="data model")
+    p.add_argument("--links", type=int, default=None, help="number of links (dynamic); default samples / 3000")
+    p.add_argument("--noise", type=float, default=0.02, help="relative measurement noise of the targets (dynamic)")
+    p.add_argument("--oracle", type=bool, default=True, help="also write the oracle sidecar <output>.oracle.<ext>")
+    a = p.parse_args(argv)
+    out = Path(a.output)
+    if out.suffix not in (".csv", ".parquet"):
+        raise _data_error(f"{out}: output must end in .csv or .parquet")
+    try:
+        df, oracle = synthetic.generate_with_oracle(a.samples, a.seed, a.profile, a.links, a.noise)
+    except ValueError as exc:
+        raise _data_error(str(exc)) from None
+    if a.oracle:
+        synthetic.write_frame(oracle, synthetic.oracle_path(out))
+    synthetic.write_frame(df, out)
+    n_links = df.groupby(["node_id", "peer_id"], observed=True).ngroups
+    print(f"wrote {len(df)} rows, {n_links} links ({a.profile} profile, seed {a.seed}) -> {out}")
+
+
+def cmd_report(argv: list[str]) -> None:
+    from dwcp_lstm.evaluate import evaluate
+    from dwcp_lstm.runs import load_run
+
+    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"])
+    p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
+    a = p.parse_args(argv)
+    module, dm, ckpt = load_run(a.run)
+    report = evaluate(module, dm, a.run, str(ckpt))
+    print_summary(report, a.run)
+
+
+def _data_error(msg: str):
+    from dwcp_lstm.tables import DataError
+
+    return DataError(msg)
+
+
+def cli_main(args: ArgsType = None) -> None:
+    """Entry point; ``args`` (a list) lets tests call it in-process."""
+    argv = list(sys.argv[1:] if args is None else args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if argv[:1] in (["-h"], ["--help"]) or not argv:
+        print("usage: python -m dwcp_lstm {" + ",".join([*LIGHTNING_COMMANDS, *OWN_COMMANDS]) + "} [options]\n")
+        print("Lightning subcommands (configs/default.yaml is the built-in default; see `fit --help`):")
+        for c in LIGHTNING_COMMANDS:
+            print(f"  {c}")
+        print("Project subcommands:")
+        for c, h in OWN_COMMANDS.items():
+            print(f"  {c:10s} {h}")
+        return
+    from dwcp_lstm.tables import DataError
+
+    try:
+        if argv[0] in OWN_COMMANDS:
+            {"generate": cmd_generate, "report": cmd_report}[argv[0]](argv[1:])
+        else:
+            run_lightning(argv)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,337 @@
+"""Leak-free windowed splits of per-link telemetry.
+
+Split semantics (per series segment, see :mod:`dwcp_lstm.tables` for how gaps make segments): the segment's rows are
+cut chronologically into train / val / test by the split fractions. A window of ``window_size`` rows forecasts the
+row right after it, and belongs to the split of that *target* row. Validation and test inputs may reach back into the
+previous split: at forecast time the past is known, and dropping those windows would waste ``window_size`` targets
+per split boundary. So every val target is later than every train target of its link, every test target later than
+every val target, and no window spans two series. Scalers see exactly the training rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dwcp_lstm import synthetic
+from dwcp_lstm.tables import DataError, check_numeric, order_series, read_table, segment_bounds
+
+FEATURES = [
+    "throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms", "time_of_day", "day_of_week",
+    "congestion_window", "queue_depth", "retransmits",
+]  # fmt: skip
+TARGETS = list(synthetic.TARGETS)
+STAGES = ("train", "val", "test")
+
+
+class LeakageError(RuntimeError):
+    """The leakage audit found a window or scaler that sees what it must not."""
+
+
+class WindowDataset(Dataset):
+    """Windows by index arithmetic over one contiguous array: item i is ``x[s:s+W], y[s+W]`` with ``s = starts[i]``.
+
+    Memory is O(rows): nothing of shape [N, W, F] is ever built except the batch being served.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, starts: np.ndarray, window: int) -> None:
+        self.x, self.y, self.window = x, y, window  # [rows, F], [rows, T]
+        self.starts = torch.as_tensor(starts, dtype=torch.int64)  # [N]
+        self._offsets = torch.arange(window)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = int(self.starts[i])
+        return self.x[s : s + self.window], self.y[s + self.window]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch in two gathers (the DataLoader calls this instead of __getitem__ per item)."""
+        s = self.starts[torch.as_tensor(idx, dtype=torch.int64)]  # [B]
+        return self.x[s[:, None] + self._offsets], self.y[s + self.window]  # [B, W, F], [B, T]
+
+
+def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``__getitems__`` already returns a batch; module-level so that worker processes can pickle it."""
+    return batch
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation drawn from ``seed + epoch``: the order of epoch e never depends on what ran before.
+
+    Lightning calls ``set_epoch`` before each epoch, so a run resumed from a checkpoint sees the same batches.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """The built-in generated dataset, used when ``data_path`` is null.
+
+    Args:
+        samples: total rows (see :func:`dwcp_lstm.synthetic.generate`).
+        seed: generator seed.
+        profile: ``dynamic`` or ``seed``.
+        links: number of links; null = samples / 3000.
+        noise: relative measurement noise of the targets.
+    """
+
+    samples: int = 15_000
+    seed: int = 42
+    profile: str = "dynamic"
+    links: int | None = None
+    noise: float = 0.02
+
+
+class DwcpDataModule(L.LightningDataModule):
+    """Per-link windows of telemetry for next-step forecasting; batches are ``(x [B, W, F], y [B, T])``, scaled."""
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        window_size: int = 20,
+        batch_size: int = 64,
+        split: tuple[float, float, float] = (0.70, 0.15, 0.15),
+        features: list[str] = FEATURES,  # noqa: B006 (jsonargparse needs the literal default; never mutated)
+        targets: list[str] = TARGETS,  # noqa: B006
+        series_columns: list[str] = synthetic.LINK_COLUMNS,  # noqa: B006
+        time_column: str = "timestamp",
+        duplicates: str = "error",
+        max_gap: float = 3.0,
+        num_workers: int = 0,
+        seed: int = 42,
+        synthetic: SyntheticSpec = SyntheticSpec(),  # noqa: B008 (frozen, so sharing the default is safe)
+        data_dir: str = "data",
+    ) -> None:
+        """
+        Args:
+            data_path: CSV or Parquet telemetry; null = the built-in synthetic dataset under ``data_dir``, generated
+                on first use. A path you name must exist.
+            window_size: rows of history per forecast.
+            batch_size: windows per batch.
+            split: train / val / test fractions of each series, in time order; must sum to 1.
+            features: input columns, in order (the model's input width follows).
+            targets: forecast columns, taken at the row after the window (the model's output width follows).
+            series_columns: columns that identify one series (a link); windows never cross series.
+            time_column: numeric time (e.g. Unix seconds) that orders each series.
+            duplicates: repeated (series, time) rows: ``error``, ``first`` (keep it) or ``mean``.
+            max_gap: a step larger than this multiple of a series' median cadence splits the series; <= 0: never.
+            num_workers: DataLoader worker processes.
+            seed: seed of the training shuffle (epoch e uses seed + e).
+            synthetic: parameters of the built-in dataset used when ``data_path`` is null.
+            data_dir: where the built-in dataset is written.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        _check_config(window_size, batch_size, split, features, targets, num_workers)
+        self.data_path, self.window_size, self.batch_size = data_path, window_size, batch_size
+        self.split, self.features, self.targets = tuple(split), list(features), list(targets)
+        self.series_columns, self.time_column = list(series_columns), time_column
+        self.duplicates, self.max_gap, self.num_workers, self.seed = duplicates, max_gap, num_workers, seed
+        self.synthetic, self.data_dir = synthetic, data_dir
+        self.datasets: dict[str, WindowDataset] = {}
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.targets)
+
+    @property
+    def path(self) -> Path:
+        """The file this module reads."""
+        if self.data_path is not None:
+            return Path(self.data_path)
+        s = self.synthetic
+        links = f"_l{s.links}" if s.links else ""
+        return Path(self.data_dir) / f"dwcp_{s.profile}_n{s.samples}{links}_seed{s.seed}_noise{s.noise:g}.csv"
+
+    def prepare_data(self) -> None:
+        """Generate the built-in dataset (and its oracle sidecar) when it is missing; never a user's path."""
+        if self.data_path is not None or self.path.exists():
+            return
+        s = self.synthetic
+        df, oracle = synthetic.generate_with_oracle(s.samples, s.seed, s.profile, s.links, s.noise)
+        synthetic.write_frame(oracle, synthetic.oracle_path(self.path))
+        synthetic.write_frame(df, self.path)
+        rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:  # cached: fit, then test, reuse the same arrays
+            return
+        if self.data_path is None and not self.path.exists():
+            self.prepare_data()  # setup may run without prepare_data (e.g. a notebook calling it directly)
+        self._load()
+        self._split_windows()
+        self._fit_scalers()
+        self._make_datasets()
+        self.audit()
+
+    # -- private steps, in the order setup runs them ------------------------------------------------------------
+    def _load(self) -> None:
+        path = self.path
+        numeric = list(dict.fromkeys([*self.features, *self.targets]))
+        keys = [*self.series_columns, self.time_column]
+        df = read_table(path, list(dict.fromkeys([*keys, *numeric])))
+        check_numeric(df, [self.time_column, *numeric], path)
+        df = order_series(df, self.series_columns, self.time_column, path, self.duplicates)
+        self.bounds = segment_bounds(
+            df, self.series_columns, self.time_column, self.window_size + 1, self.max_gap, path
+        )
+        keep = np.zeros(len(df), dtype=bool)
+        for a, b in self.bounds:
+            keep[a:b] = True
+        if not keep.all():  # drop skipped short segments so that row indices stay contiguous
+            offsets = np.cumsum(~keep)
+            self.bounds = self.bounds - offsets[self.bounds[:, 0]][:, None]
+            df = df.loc[keep].reset_index(drop=True)
+        self.frame_keys = df[keys].copy()  # series ids and time per row, for reports and the oracle join
+        self.timestamps = df[self.time_column].to_numpy()
+        self.raw_features = np.empty((len(df), self.n_features), dtype=np.float32)
+        for j, c in enumerate(self.features):
+            self.raw_features[:, j] = df[c].to_numpy(np.float32)
+        self.raw_targets = np.empty((len(df), self.n_targets), dtype=np.float64)
+        for j, c in enumerate(self.targets):
+            self.raw_targets[:, j] = df[c].to_numpy(np.float64)
+        self.segment_of_row = np.repeat(np.arange(len(self.bounds)), self.bounds[:, 1] - self.bounds[:, 0])
+
+    def _split_windows(self) -> None:
+        """Per segment: target-row ranges of each split, and the training rows the scalers may see."""
+        w = self.window_size
+        starts: dict[str, list[np.ndarray]] = {s: [] for s in STAGES}
+        train_rows = []
+        for a, b in self.bounds:
+            n = b - a
+            n_train, n_val = int(n * self.split[0]), int(n * self.split[1])
+            cuts = [a, a + n_train, a + n_train + n_val, b]
+            for i, stage in enumerate(STAGES):
+                lo = max(cuts[i], a + w)  # the first target of a segment needs w rows before it
+                starts[stage].append(np.arange(lo, cuts[i + 1], dtype=np.int64) - w)
+            train_rows.append(np.arange(a, a + n_train, dtype=np.int64))
+        self.starts = {s: np.concatenate(v) for s, v in starts.items()}
+        self.train_rows = np.concatenate(train_rows)
+        if len(self.starts["train"]) == 0:
+            raise DataError(
+                f"{self.path}: no training windows (series too short for window {w} and split {self.split})"
+            )
+
+    def _fit_scalers(self) -> None:
+        """StandardScalers on the training rows only; kept on the module for the export and the report."""
+        self.feature_scaler = StandardScaler().fit(self.raw_features[self.train_rows])
+        self.target_scaler = StandardScaler().fit(self.raw_targets[self.train_rows])
+        for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.targets)):
+            const = scaler.var_ == 0
+            if const.any():
+                raise DataError(
+                    f"{self.path}: column {names[int(np.argmax(const))]!r} is constant on the training rows"
+                )
+
+    def _make_datasets(self) -> None:
+        fs, ts = self.feature_scaler, self.target_scaler
+        x = torch.from_numpy(((self.raw_features - fs.mean_) / fs.scale_).astype(np.float32))  # [rows, F]
+        y = torch.from_numpy(((self.raw_targets - ts.mean_) / ts.scale_).astype(np.float32))  # [rows, T]
+        self.datasets = {s: WindowDataset(x, y, self.starts[s], self.window_size) for s in STAGES}
+
+    def audit(self) -> None:
+        """Fail loudly if any window or scaler could leak: run at the end of every setup."""
+        rows = self.train_rows
+        for name, scaler, raw in (
+            ("feature", self.feature_scaler, self.raw_features),
+            ("target", self.target_scaler, self.raw_targets),
+        ):
+            if scaler.n_samples_seen_ != len(rows) or not np.allclose(
+                scaler.mean_, raw[rows].astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6
+            ):
+                raise LeakageError(f"{name} scaler was not fitted on exactly the {len(rows)} training rows")
+        seg = self.segment_of_row
+        for stage, s in self.starts.items():
+            if np.any(seg[s] != seg[s + self.window_size]):
+                raise LeakageError(f"a {stage} window spans two series")
+        # Split order per segment: max train target < min val target < min test target (in time).
+        t = self.timestamps
+        targets = {stage: self.starts[stage] + self.window_size for stage in STAGES}
+        for earlier, later in (("train", "val"), ("val", "test"), ("train", "test")):
+            a, b = targets[earlier], targets[later]
+            if len(a) == 0 or len(b) == 0:
+                continue
+            last = pd.Series(t[a]).groupby(seg[a]).max()
+            first = pd.Series(t[b]).groupby(seg[b]).min()
+            both = last.index.intersection(first.index)
+            if np.any(last[both].to_numpy() >= first[both].to_numpy()):
+                raise LeakageError(f"a {later} target is not later than every {earlier} target of its series")
+
+    # -- loaders -------------------------------------------------------------------------------------------------
+    def _loader(self, stage: str) -> DataLoader:
+        ds = self.datasets[stage]
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(ds), self.seed) if stage == "train" else None,
+            collate_fn=collate_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    # -- helpers for evaluation ----------------------------------------------------------------------------------
+    def target_rows(self, stage: str) -> np.ndarray:
+        """Row index of each window's target, in loader order (unshuffled)."""
+        return self.starts[stage] + self.window_size
+
+    def series_names(self, rows: np.ndarray) -> np.ndarray:
+        """``node_id->peer_id`` style name of the series each row belongs to."""
+        keys = self.frame_keys.iloc[rows][self.series_columns].astype(str)
+        return keys.agg("->".join, axis=1).to_numpy() if len(self.series_columns) > 1 else keys.iloc[:, 0].to_numpy()
+
+
+def _check_config(
+    window: int, batch: int, split: Sequence[float], features: Sequence[str], targets: Sequence[str], workers: int
+) -> None:
+    if window <= 0:
+        raise DataError(f"--data.window_size must be > 0, got {window}")
+    if batch <= 0:
+        raise DataError(f"--data.batch_size must be > 0, got {batch}")
+    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
+        raise DataError(f"--data.split must be three non-negative fractions that sum to 1, got {list(split)}")
+    if not features or not targets:
+        raise DataError("--data.features and --data.targets must not be empty")
+    for name, cols in (("features", features), ("targets", targets)):
+        if len(set(cols)) != len(cols):
+            raise DataError(f"--data.{name} lists a column twice: {list(cols)}")
+    if workers < 0:
+        raise DataError(f"--data.num_workers must be >= 0, got {workers}")

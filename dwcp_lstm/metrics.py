@@ -1,0 +1,118 @@
+"""Forecast metrics per target, in original units, built on torchmetrics.
+
+MAPE near zero: the mean of ``|y - p| / |y|`` over the rows where ``|y| > floor`` only (``floor`` = 0 by default, so
+exact zeros are skipped). torchmetrics' own MAPE divides by ``max(|y|, 1.17e-6)`` instead, so a single zero target
+adds ~1e6 % and swamps the mean; neuralforecast drops such terms to 0, which flatters the model. Skipping them keeps
+MAPE the average relative error of the rows where it is defined; WAPE (``sum |y - p| / sum |y|``) and MAE are the
+figures to trust on series with many zeros (real throughput traces idle at 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.regression import (
+    MeanAbsoluteError,
+    MeanSquaredError,
+    PearsonCorrCoef,
+    R2Score,
+    WeightedMeanAbsolutePercentageError,
+)
+
+METRICS = ("mae", "rmse", "mape", "wape", "r2", "correlation")
+
+
+class MaskedMAPE(Metric):
+    """Mean absolute percentage error (in %) over targets with ``|y| > floor``; NaN when no target qualifies.
+
+    Example:
+        >>> m = MaskedMAPE()
+        >>> m.update(torch.tensor([110.0, 5.0]), torch.tensor([100.0, 0.0]))  # the zero target is skipped
+        >>> round(float(m.compute()), 3)
+        10.0
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, floor: float = 0.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.floor = floor
+        self.add_state("sum_rel", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        keep = target.abs() > self.floor
+        rel = (preds[keep] - target[keep]).abs().double() / target[keep].abs().double()
+        self.sum_rel += rel.sum()
+        self.count += keep.sum()
+
+    def compute(self) -> torch.Tensor:
+        if self.count == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        return 100.0 * self.sum_rel / self.count
+
+
+def target_metrics(mape_floor: float = 0.0) -> MetricCollection:
+    """The six metrics of one target (scalar inputs [N])."""
+    return MetricCollection(
+        {
+            "mae": MeanAbsoluteError(),
+            "rmse": MeanSquaredError(squared=False),
+            "mape": MaskedMAPE(floor=mape_floor),
+            "wape": WeightedMeanAbsolutePercentageError(),
+            "r2": R2Score(),
+            "correlation": PearsonCorrCoef(),
+        },
+        compute_groups=False,  # WAPE's and MAE's states look alike but must not be shared
+    ).set_dtype(torch.float64)  # float32 states lose ~1e-7 in Pearson and R2 over many batches
+
+
+class ForecastMetrics(torch.nn.Module):
+    """One :func:`target_metrics` collection per target; ``compute`` returns ``{target: {metric: float}}``.
+
+    ``update`` takes predictions and targets in original units, [N, T].
+    """
+
+    def __init__(self, target_names: Sequence[str], mape_floor: float = 0.0) -> None:
+        super().__init__()
+        self.target_names = list(target_names)
+        self.per_target = torch.nn.ModuleList(target_metrics(mape_floor) for _ in self.target_names)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        for j, m in enumerate(self.per_target):
+            m.update(preds[:, j].double(), target[:, j].double())  # float64: R2 and Pearson on large values
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {k: float(v) for k, v in m.compute().items()}
+            for name, m in zip(self.target_names, self.per_target, strict=True)
+        }
+
+    def reset(self) -> None:
+        for m in self.per_target:
+            m.reset()
+
+
+def summarize(per_target: dict[str, dict[str, float]], target_corr: float = 0.98, target_mape: float = 5.0) -> dict:
+    """Means over targets plus the original project's accuracy figure and target check."""
+    n = len(per_target)
+    avg = {k: sum(m[k] for m in per_target.values()) / n for k in METRICS}
+    corr, mape = avg["correlation"], avg["mape"]
+    return {
+        "average_correlation": corr,
+        "average_mape": mape,
+        "accuracy_percent": 100.0 * corr,
+        "target_met": bool(corr >= target_corr and mape < target_mape),
+        **{f"average_{k}": v for k, v in avg.items() if k not in ("correlation", "mape")},
+    }
+
+
+def compute_metrics(preds: torch.Tensor, target: torch.Tensor, target_names: Sequence[str], mape_floor: float = 0.0):
+    """All metrics of a whole prediction array at once (the report and the baselines use this)."""
+    m = ForecastMetrics(target_names, mape_floor)
+    m.update(torch.as_tensor(preds), torch.as_tensor(target))
+    return m.compute()

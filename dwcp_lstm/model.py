@@ -1,0 +1,65 @@
+"""The stacked LSTM forecaster as a pure ``nn.Module`` (no Lightning): scaled window in, scaled next step out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SequenceBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d over the feature axis of a [B, T, H] sequence (statistics pooled over batch and time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)  # [B, T, H] -> [B, H, T] -> [B, T, H]
+
+
+class StackedLSTM(nn.Module):
+    """LSTM(F->256) -> BN -> LSTM(256->128) -> BN -> LSTM(128->64) -> last step -> MLP head (64->128->64->32->T).
+
+    Each LSTM passes its *full* output sequence to the next one. With the defaults (F = 9, T = 4) the model has
+    exactly 540,516 trainable parameters. The hidden state starts at zero for every window: windows are independent.
+
+    Args:
+        n_features: input width F (linked to the data's feature list).
+        n_targets: output width T (linked to the data's target list).
+        lstm_sizes: hidden sizes of the stacked LSTM layers.
+        head_sizes: widths of the dense head's hidden layers.
+        head_dropouts: dropout after each head layer but the last (one per entry of ``head_sizes`` minus one).
+    """
+
+    def __init__(
+        self,
+        n_features: int = 9,
+        n_targets: int = 4,
+        lstm_sizes: tuple[int, ...] = (256, 128, 64),
+        head_sizes: tuple[int, ...] = (128, 64, 32),
+        head_dropouts: tuple[float, ...] = (0.3, 0.21),
+    ) -> None:
+        super().__init__()
+        if len(head_dropouts) != len(head_sizes) - 1:
+            raise ValueError(f"head_dropouts needs {len(head_sizes) - 1} entries, got {len(head_dropouts)}")
+        sizes = (n_features, *lstm_sizes)
+        self.lstms = nn.ModuleList(nn.LSTM(i, o, batch_first=True) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
+        self.norms = nn.ModuleList(SequenceBatchNorm(o) for o in lstm_sizes[:-1])
+        layers: list[nn.Module] = []
+        widths = (lstm_sizes[-1], *head_sizes)
+        for k, (i, o) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers += [nn.Linear(i, o), nn.ReLU()]
+            if k < len(head_dropouts):
+                layers.append(nn.Dropout(head_dropouts[k]))
+            if k == 0:
+                layers.append(nn.BatchNorm1d(o))  # the specified head: Linear -> ReLU -> Dropout -> BN after layer 1
+        layers.append(nn.Linear(widths[-1], n_targets))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x  # [B, T, F]
+        for k, lstm in enumerate(self.lstms):
+            h, _ = lstm(h)  # [B, T, H_k]
+            if k < len(self.norms):
+                h = self.norms[k](h)
+        return self.head(h[:, -1])  # [B, T, H_last] -> [B, H_last] -> [B, targets]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,159 @@
+"""The LightningModule: MSE on scaled targets, metrics per target in original units, injectable optimizer/scheduler."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from dwcp_lstm.data import FEATURES, TARGETS
+from dwcp_lstm.metrics import ForecastMetrics, summarize
+from dwcp_lstm.model import StackedLSTM
+
+
+class RawForecaster(nn.Module):
+    """Raw metrics [B, W, F] -> raw forecasts [B, T]: the train-fit scalers baked in on both sides (what ONNX ships)."""
+
+    def __init__(self, net: nn.Module, fmean, fscale, tmean, tscale) -> None:
+        super().__init__()
+        self.net = net
+        for name, v in (("fmean", fmean), ("fscale", fscale), ("tmean", tmean), ("tscale", tscale)):
+            self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, T]
+
+
+class DwcpForecaster(L.LightningModule):
+    """Next-step forecaster of link metrics around :class:`~dwcp_lstm.model.StackedLSTM`.
+
+    Args:
+        feature_names: input columns in order (linked from ``data.features``; sets the input width).
+        target_names: forecast columns in order (linked from ``data.targets``; sets the output width).
+        window_size: rows per window (linked from ``data.window_size``; fixes the exported input shape).
+        lstm_sizes: hidden sizes of the stacked LSTM layers.
+        head_sizes: widths of the dense head's hidden layers.
+        head_dropouts: dropout after each head layer but the last.
+        loss_weights: per-target weights of the MSE on scaled targets; null = equal.
+        mape_floor: MAPE skips targets with ``|y| <= mape_floor`` (see :mod:`dwcp_lstm.metrics`).
+        optimizer: optimizer factory (Adam, lr 1e-3 by default).
+        scheduler: LR scheduler factory; null = ReduceLROnPlateau(factor 0.5, patience 5) on val_loss.
+    """
+
+    def __init__(
+        self,
+        feature_names: list[str] = FEATURES,  # noqa: B006 (literal defaults for the CLI; never mutated)
+        target_names: list[str] = TARGETS,  # noqa: B006
+        window_size: int = 20,
+        lstm_sizes: tuple[int, ...] = (256, 128, 64),
+        head_sizes: tuple[int, ...] = (128, 64, 32),
+        head_dropouts: tuple[float, ...] = (0.3, 0.21),
+        loss_weights: list[float] | None = None,
+        mape_floor: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.net = StackedLSTM(len(feature_names), len(target_names), lstm_sizes, head_sizes, head_dropouts)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        n_f, n_t = len(feature_names), len(target_names)
+        w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
+        if w.shape != (n_t,) or (w < 0).any():
+            raise ValueError(f"--model.loss_weights needs {n_t} non-negative numbers, got {loss_weights}")
+        self.register_buffer("loss_weights", w / w.mean())
+        # Scaler parameters: copied from the DataModule in setup(), saved in every checkpoint.
+        self.register_buffer("fmean", torch.zeros(n_f))
+        self.register_buffer("fscale", torch.ones(n_f))
+        self.register_buffer("tmean", torch.zeros(n_t))
+        self.register_buffer("tscale", torch.ones(n_t))
+        # keys are "<stage>_metrics": a bare "train" would shadow nn.Module.train
+        self.metrics = nn.ModuleDict(
+            {f"{s}_metrics": ForecastMetrics(target_names, mape_floor) for s in ("train", "val", "test")}
+        )
+        self.example_input_array = torch.zeros(1, window_size, n_f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # scaled [B, W, F] -> scaled [B, T]
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "feature_scaler", None) is not None:
+            if list(dm.features) != list(self.hparams.feature_names) or list(dm.targets) != list(
+                self.hparams.target_names
+            ):
+                raise ValueError("the model's feature/target names differ from the data's (link them in the config)")
+            for name, v in (
+                ("fmean", dm.feature_scaler.mean_),
+                ("fscale", dm.feature_scaler.scale_),
+                ("tmean", dm.target_scaler.mean_),
+                ("tscale", dm.target_scaler.scale_),
+            ):
+                getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
+
+    def raw_forecaster(self) -> RawForecaster:
+        """The network with its scalers baked in, for export and raw-unit inference."""
+        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale)
+
+    def unscale(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.tscale + self.tmean
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch  # [B, W, F], [B, T] (scaled)
+        pred = self(x)
+        loss = ((pred - y) ** 2 * self.loss_weights).mean()
+        if stage == "train" and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}; "
+                "lower the learning rate or set trainer.gradient_clip_val"
+            )
+        self.metrics[f"{stage}_metrics"].update(self.unscale(pred.detach()), self.unscale(y))
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._common_step(batch, "train")
+
+    def on_train_start(self) -> None:
+        self.metrics["val_metrics"].reset()  # the sanity check's batches must not leak into epoch 0
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._common_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._common_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self.unscale(self(x))  # raw units [B, T]
+
+    def _log_metrics(self, stage: str) -> None:
+        per_target = self.metrics[f"{stage}_metrics"].compute()  # syncs across ranks under DDP
+        self.metrics[f"{stage}_metrics"].reset()
+        flat = {f"{stage}/{t}/{k}": v for t, m in per_target.items() for k, v in m.items()}
+        flat.update({f"{stage}/mean/{k.removeprefix('average_')}": v for k, v in summarize(per_target).items()
+                     if k.startswith("average_")})  # fmt: skip
+        flat = {k: float(v) for k, v in flat.items() if not (isinstance(v, float) and math.isnan(v))}
+        self.log_dict(flat, sync_dist=False)  # values are already global
+
+    # -- optimisation --------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)
+        else:
+            scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}

@@ -1,0 +1,134 @@
+"""The report's figures (matplotlib, Agg backend): written as PNG into the run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FILES = (
+    "training_history.png",
+    "predictions_scatter.png",
+    "timeseries.png",
+    "error_distribution.png",
+    "baselines.png",
+)
+
+
+def write_all(run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict) -> dict[str, plt.Figure]:
+    """Write every figure; return them too (TensorBoard logs the same figures as images)."""
+    figs = {
+        "training_history.png": training_history(run_dir),
+        "predictions_scatter.png": scatter(y, pred, dm.targets, report["per_target"]),
+        "timeseries.png": timeseries(dm, y, pred, base_preds["persistence"][0]),
+        "error_distribution.png": errors(y, pred, dm.targets),
+        "baselines.png": comparison(report, dm.targets),
+    }
+    for name, fig in figs.items():
+        if fig is None:
+            continue
+        tmp = run_dir / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        tmp.replace(run_dir / name)
+        plt.close(fig)
+    return figs
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalars of a run's TensorBoard event files: ``{tag: [(step, value), ...]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def training_history(run_dir: Path) -> plt.Figure | None:
+    scalars = read_scalars(run_dir)
+    if "val_loss" not in scalars:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tag, label in (("train_loss_epoch", "train"), ("val_loss", "validation")):
+        values = [v for _, v in scalars.get(tag, [])]
+        if values:
+            ax.plot(np.arange(1, len(values) + 1), values, label=label, marker="." if len(values) < 30 else None)
+    ax.set(xlabel="epoch", ylabel="MSE (scaled targets)", title="Training history", yscale="log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def scatter(y: np.ndarray, pred: np.ndarray, targets: list[str], per_target: dict) -> plt.Figure:
+    n = len(targets)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+    for j, (t, ax) in enumerate(zip(targets, axes[0], strict=True)):
+        ax.scatter(y[:, j], pred[:, j], s=3, alpha=0.4)
+        lo, hi = float(min(y[:, j].min(), pred[:, j].min())), float(max(y[:, j].max(), pred[:, j].max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        m = per_target[t]
+        ax.set(xlabel=f"actual {t}", ylabel="predicted", title=f"{t}\nR2 {m['r2']:.4f}, corr {m['correlation']:.4f}")
+    fig.suptitle("Test set: actual vs predicted")
+    fig.tight_layout()
+    return fig
+
+
+def timeseries(dm, y: np.ndarray, pred: np.ndarray, persist: np.ndarray, links: int = 3, span: int = 200):
+    """The first ``span`` test steps of up to ``links`` series: actual vs model vs persistence."""
+    names = dm.series_names(dm.target_rows("test"))
+    chosen = list(dict.fromkeys(names))[:links]
+    n = len(dm.targets)
+    fig, axes = plt.subplots(n, len(chosen), figsize=(5 * len(chosen), 2.4 * n), squeeze=False, sharex="col")
+    for c, name in enumerate(chosen):
+        idx = np.flatnonzero(names == name)[:span]
+        for j, t in enumerate(dm.targets):
+            ax = axes[j, c]
+            ax.plot(y[idx, j], "k-", lw=1, label="actual")
+            ax.plot(pred[idx, j], "C1-", lw=1, label="model")
+            ax.plot(persist[idx, j], "C0:", lw=1, label="persistence")
+            ax.set_ylabel(t)
+            if j == 0:
+                ax.set_title(str(name))
+        axes[-1, c].set_xlabel("test step")
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def errors(y: np.ndarray, pred: np.ndarray, targets: list[str]) -> plt.Figure:
+    n = len(targets)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    for j, (t, ax) in enumerate(zip(targets, axes[0], strict=True)):
+        err = pred[:, j] - y[:, j]
+        ax.hist(err, bins=60, color="C2", alpha=0.8)
+        ax.axvline(0, color="k", lw=1)
+        ax.set(title=f"{t}: error (pred - actual)\nmean {err.mean():.3g}, sd {err.std():.3g}", xlabel=t)
+    fig.tight_layout()
+    return fig
+
+
+def comparison(report: dict, targets: list[str]) -> plt.Figure:
+    """RMSE of model, baselines and oracle per target, relative to persistence (lower is better)."""
+    rows = {"model": report["per_target"], **{k: v["per_target"] for k, v in report["baselines"].items()}}
+    if report.get("oracle"):
+        rows["oracle"] = report["oracle"]["per_target"]
+    names = list(rows)
+    n = len(targets)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
+    for t, ax in zip(targets, axes[0], strict=True):
+        ref = rows["persistence"][t]["rmse"]
+        vals = [rows[k][t]["rmse"] / ref for k in names]
+        colors = ["C1" if k == "model" else "C2" if k == "oracle" else "C0" for k in names]
+        ax.barh(names, vals, color=colors)
+        ax.axvline(1.0, color="k", lw=1, ls="--")
+        ax.set(title=t, xlabel="RMSE / RMSE of persistence")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,53 @@
+"""Reopen a finished run: its DataModule from ``config.yaml`` and its best checkpoint (``weights_only=True``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.tables import DataError
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """``checkpoints/best.ckpt``, else ``last.ckpt``."""
+    for name in ("best.ckpt", "last.ckpt"):
+        path = run_dir / "checkpoints" / name
+        if path.exists():
+            return path
+    raise DataError(f"{run_dir}: no checkpoints/best.ckpt or checkpoints/last.ckpt (not a finished fit run?)")
+
+
+def datamodule_from_config(config_path: Path) -> DwcpDataModule:
+    """Instantiate the run's DataModule exactly as its saved config describes it."""
+    try:
+        cfg = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(cfg, dict) or "data" not in cfg:
+        raise DataError(f"{config_path}: no 'data' section")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(DwcpDataModule, "data")
+    ns = parser.parse_object({"data": cfg["data"]})
+    return parser.instantiate_classes(ns).data
+
+
+def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, DwcpDataModule, Path]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"{run_dir}: run directory not found")
+    config = run_dir / "config.yaml"
+    if not config.exists():
+        raise DataError(f"{config}: file not found (not a run directory?)")
+    ckpt = find_checkpoint(run_dir)
+    dm = datamodule_from_config(config)
+    dm.prepare_data()
+    dm.setup(stage)
+    try:
+        module = DwcpForecaster.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which, not a traceback
+        raise DataError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return module.eval(), dm, ckpt

@@ -1,0 +1,349 @@
+"""Synthetic DWCP link telemetry whose accuracy ceiling is known (numpy/pandas/scipy only, no torch).
+
+Data card, ``dynamic`` profile (the default)
+--------------------------------------------
+A *link* is a ``node_id -> peer_id`` pair with a fixed region, az, link_type, network_tier and transport_type.
+Every link is a regular series over the same date range: ``samples`` rows are spread over
+``links = round(samples / 3000)`` links (at least one) of 3000 rows at a 5-minute cadence by default, i.e.
+2025-11-03T00:00Z to about 2025-11-13T10:00Z. More rows mean more links, never a longer range.
+
+Per link, ``link_type`` fixes the capacity ``C`` (Mbit/s), base RTT ``R0`` (ms), mean utilisation, loss floor, jitter
+floor and maximum queueing delay; each link draws its own values within +-10 % of its type's.
+
+At each step ``k`` the latent state is:
+
+* utilisation ``rho_k = u0 * diurnal(hour) * weekly(dow) * exp(z_k) + e_k``, clipped to [0.05, 1.25], where ``z`` is
+  an AR(1) load fluctuation (phi 0.9, innovation sd 0.07) and ``e`` a congestion episode: onsets arrive at random
+  (about one per 12 h), each kick builds up through a second-order filter over ~5 steps and decays over ~10;
+* queue occupancy ``h_k = rho^4 / (rho^4 + 0.9^4)``, queueing delay ``d_k = Dmax * h_k`` (ms),
+  queue_depth ``q_k = d_k * C / 12`` packets (1500-byte packets);
+* loss intensity ``l_k = l0 + 0.09 * h_k^3`` (queue overflow), carried throughput
+  ``g_k = min(rho_k, 1) * C * (1 - l_k)``, path RTT ``r_k = R0 + d_k``,
+  jitter ``j_k = J0 + 0.25 d_k + 0.6 |d_k - d_{k-1}|``;
+* the sender's congestion window (per stream, 8 DWCP streams) is the bandwidth-delay product ``g_k * r_k / (8 * 12000)``
+  and retransmits (packets/s) are ``l_k * g_k / 12000``; both are integer counters.
+
+The causal chain: what is measured over the interval that ends at row ``k + 1`` is set by the state at row ``k``:
+``throughput_{k+1} = g_k`` (= cwnd_k * streams / RTT_k), ``rtt_{k+1} = r_k`` (queueing delay),
+``packet_loss_{k+1} = l_k`` (overflow), ``jitter_{k+1} = j_k``, each times ``(1 + noise * N(0, 1))`` measurement
+noise (``noise`` = 0.02 by default). So queue_depth, congestion_window and retransmits at row ``k`` lead the targets.
+
+The **oracle** forecast of row ``k + 1`` given the full latent state at row ``k`` is exactly ``(g_k, r_k, l_k, j_k)``:
+the noise has mean one and is independent of the past. It is the accuracy ceiling the evaluation reports; the measured
+figures are in the README's data card (``python -m dwcp_lstm generate --card``).
+
+``seed`` profile
+----------------
+The earlier attempt's data model, rebuilt from its description: one series, one row per minute, throughput
+``clip((500 + 200 sin(2 pi h / 24)) * 1.5[09-17h] * 0.7[weekend] + N(0, 50), 10, 1000)``,
+``rtt = clip(50 - (tp - 500) / 20 + N(0, 5), 5, 150)``, ``jitter = clip(0.1 rtt + Exp(2), 0.1, 20)``,
+``loss = clip(0.05 (1000 - tp) / 1000 + Exp(0.001), 0, 0.1)``, categorical and counter columns drawn at random per
+row. Its oracle is the conditional mean given the next row's hour and weekday (the only state), computed exactly for
+throughput and by a fixed-seed Monte-Carlo of 200,000 draws per (hour, weekday/weekend) for the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.signal import lfilter
+from scipy.special import ndtr
+
+COLUMNS = [
+    "timestamp", "region", "az", "link_type", "node_id", "peer_id", "rtt_ms", "jitter_ms", "throughput_mbps",
+    "bytes_tx", "bytes_rx", "packet_loss", "retransmits", "congestion_window", "queue_depth", "dwcp_mode",
+    "network_tier", "transport_type", "time_of_day", "day_of_week", "bandwidth_mbps", "latency_ms",
+]  # fmt: skip
+TARGETS = ["throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms"]
+LINK_COLUMNS = ["node_id", "peer_id"]
+PROFILES = ("dynamic", "seed")
+DEFAULT_START = pd.Timestamp("2025-11-03T00:00:00Z")
+ROWS_PER_LINK = 3000
+DYNAMIC_CADENCE_S = 300
+SEED_CADENCE_S = 60
+STREAMS = 8  # parallel DWCP streams per link; cwnd is reported per stream
+PACKET_BITS = 12_000  # 1500-byte packets
+
+
+@dataclass(frozen=True)
+class LinkType:
+    """Physical parameters of one class of WAN link (each link draws its own within +-10 %)."""
+
+    name: str
+    capacity_mbps: float
+    base_rtt_ms: float
+    utilisation: float
+    loss_floor: float
+    jitter_floor_ms: float
+    max_queue_delay_ms: float
+    network_tier: str
+    transport_type: str
+
+
+LINK_TYPES = (
+    LinkType("metro", 1000.0, 27.0, 0.64, 0.016, 3.4, 14.0, "premium", "rdma"),
+    LinkType("regional", 800.0, 36.0, 0.68, 0.018, 4.0, 16.0, "standard", "tcp"),
+    LinkType("backbone", 1150.0, 42.0, 0.62, 0.014, 3.6, 14.0, "premium", "tcp"),
+    LinkType("cross_region", 700.0, 51.0, 0.70, 0.020, 4.4, 18.0, "standard", "quic"),
+    LinkType("internet", 550.0, 58.0, 0.72, 0.022, 4.8, 20.0, "economy", "quic"),
+)
+REGIONS = ("us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-1")
+
+
+def generate(
+    samples: int = 15_000,
+    seed: int = 42,
+    profile: str = "dynamic",
+    links: int | None = None,
+    noise: float = 0.02,
+    start: pd.Timestamp = DEFAULT_START,
+) -> pd.DataFrame:
+    """Generate telemetry with the 22 columns of :data:`COLUMNS`, sorted by link then time.
+
+    Args:
+        samples: total rows over all links.
+        seed: seed of the only random generator used; the same arguments give the same frame.
+        profile: ``dynamic`` (links with a causal chain, the default) or ``seed`` (the earlier attempt's model).
+        links: number of links for ``dynamic``; by default ``round(samples / 3000)``, at least 1.
+        noise: relative sd of the targets' measurement noise for ``dynamic``.
+        start: first timestamp (UTC), fixed by default so that nothing depends on the clock.
+    """
+    return generate_with_oracle(samples, seed, profile, links, noise, start)[0]
+
+
+def generate_with_oracle(
+    samples: int = 15_000,
+    seed: int = 42,
+    profile: str = "dynamic",
+    links: int | None = None,
+    noise: float = 0.02,
+    start: pd.Timestamp = DEFAULT_START,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Like :func:`generate`, plus the oracle frame: per row, the Bayes-optimal forecast of the *next* row's targets.
+
+    The oracle frame has ``node_id, peer_id, timestamp`` (of the row whose state it uses) and ``oracle_<target>``; the
+    last row of each link has no next row and is NaN.
+    """
+    if samples < 2:
+        raise ValueError(f"--samples must be >= 2, got {samples}")
+    if profile not in PROFILES:
+        raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
+    if noise < 0:
+        raise ValueError(f"--noise must be >= 0, got {noise}")
+    rng = np.random.default_rng(seed)
+    if profile == "seed":
+        return _seed_profile(samples, rng, start)
+    n_links = links if links is not None else max(1, round(samples / ROWS_PER_LINK))
+    if not 1 <= n_links <= samples // 2:
+        raise ValueError(f"--links must be between 1 and samples / 2 = {samples // 2}, got {n_links}")
+    return _dynamic_profile(samples, n_links, rng, noise, start)
+
+
+def _calendar(ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unix seconds -> (fractional hour, integer hour, weekday with 0 = Monday)."""
+    day_s = ts % 86_400
+    dow = ((ts // 86_400) + 3) % 7  # 1970-01-01 was a Thursday
+    return day_s / 3600.0, (day_s // 3600).astype(np.int64), dow.astype(np.int64)
+
+
+def _dynamic_profile(
+    samples: int, n_links: int, rng: np.random.Generator, noise: float, start: pd.Timestamp
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = np.full(n_links, samples // n_links)
+    rows[: samples % n_links] += 1  # links are at most one row apart in length
+    steps = int(rows.max())
+    burn = 200  # lets the AR and episode filters forget their zero start
+    total = steps + burn + 1  # +1: the state at row k - 1 sets the measurement at row k
+
+    # Per-link constants: [L, 1] so they broadcast over time.
+    types = [LINK_TYPES[i % len(LINK_TYPES)] for i in range(n_links)]
+
+    def per_link(attr: str) -> np.ndarray:
+        base = np.array([getattr(t, attr) for t in types])
+        return (base * rng.uniform(0.9, 1.1, n_links))[:, None]
+
+    cap, rtt0, u0 = per_link("capacity_mbps"), per_link("base_rtt_ms"), per_link("utilisation")
+    loss0, jit0, dmax = per_link("loss_floor"), per_link("jitter_floor_ms"), per_link("max_queue_delay_ms")
+
+    ts = int(start.timestamp()) + DYNAMIC_CADENCE_S * np.arange(-burn - 1, steps, dtype=np.int64)  # [T]
+    hour_f, hour, dow = _calendar(ts)
+    diurnal = 1.0 + 0.28 * np.sin(2 * np.pi * (hour_f - 8.0) / 24.0)  # peak 14:00, trough 02:00
+    weekly = np.where(dow >= 5, 0.78, 1.0)
+
+    z = lfilter([1.0], [1.0, -0.9], 0.07 * rng.standard_normal((n_links, total)), axis=1)  # [L, T]
+    kicks = (rng.random((n_links, total)) < 1 / 144) * rng.uniform(0.15, 0.4, (n_links, total))
+    build = lfilter([1.0], [1.0, -0.8], kicks, axis=1)
+    episode = lfilter([0.2], [1.0, -0.85], build, axis=1)
+    rho = np.clip(u0 * diurnal * weekly * np.exp(z) + episode, 0.05, 1.25)
+
+    h = rho**4 / (rho**4 + 0.9**4)  # queue occupancy in [0, 1)
+    delay = dmax * h  # queueing delay, ms
+    loss = loss0 + 0.09 * h**3  # overflow loss rate
+    carried = np.minimum(rho, 1.0) * cap * (1.0 - loss)  # Mbit/s that get through
+    rtt = rtt0 + delay
+    d_delay = np.abs(np.diff(delay, axis=1, prepend=delay[:, :1]))
+    jitter = jit0 + 0.25 * delay + 0.6 * d_delay
+    state = np.stack([carried, rtt, loss, jitter], axis=-1)  # [L, T, 4] oracle for the next row
+
+    measured = state[:, :-1] * (1.0 + noise * rng.standard_normal((n_links, total - 1, 4)))  # row k <- state k - 1
+    measured[..., 2] = np.clip(measured[..., 2], 0.0, 0.999)
+    keep = slice(burn, None)  # rows 0..steps-1 of the state; measured row k uses state index k - 1
+    state_k, meas_k = state[:, burn + 1 :], measured[:, keep]
+    rho_k, delay_k, loss_k, carried_k, rtt_k = (a[:, burn + 1 :] for a in (rho, delay, loss, carried, rtt))
+
+    cwnd = np.rint(carried_k * 1e6 * rtt_k / 1e3 / (STREAMS * PACKET_BITS)).astype(np.int64)
+    queue = np.rint(delay_k * cap * 1e3 / PACKET_BITS).astype(np.int64)
+    retrans = np.rint(loss_k * carried_k * 1e6 / PACKET_BITS).astype(np.int64)
+    tp_meas = meas_k[..., 0]
+    bytes_tx = np.rint(tp_meas * 1e6 / 8 * DYNAMIC_CADENCE_S).astype(np.int64)
+    bytes_rx = np.rint(bytes_tx * (0.02 + 0.005 * rng.random(tp_meas.shape))).astype(np.int64)  # ACK stream
+    mode = np.where(rho_k < 0.5, "bulk", np.where(rho_k < 0.9, "balanced", "latency"))
+
+    mask = np.arange(steps)[None, :] < rows[:, None]  # ragged links: drop the padding tail
+    t_k = np.broadcast_to(ts[burn + 1 :], (n_links, steps))
+    _, hour_k, dow_k = _calendar(t_k)
+    link_idx = np.broadcast_to(np.arange(n_links)[:, None], (n_links, steps))
+    region_i = link_idx % len(REGIONS)
+    peer_i = (link_idx + 1 + link_idx // len(REGIONS)) % max(n_links, 2)
+    width = len(str(n_links))
+
+    def cat(values: list[str], idx: np.ndarray) -> pd.Categorical:
+        return pd.Categorical.from_codes(idx[mask], categories=values)
+
+    node_names = [f"node-{i:0{width}d}" for i in range(max(n_links, 2))]
+    df = pd.DataFrame(
+        {
+            "timestamp": t_k[mask],
+            "region": cat(list(REGIONS), region_i),
+            "az": cat([f"{r}{s}" for r in REGIONS for s in "abc"], region_i * 3 + link_idx % 3),
+            "link_type": cat([t.name for t in LINK_TYPES], link_idx % len(LINK_TYPES)),
+            "node_id": cat(node_names, link_idx),
+            "peer_id": cat(node_names, peer_i),
+            "rtt_ms": np.round(meas_k[..., 1][mask], 4),
+            "jitter_ms": np.round(meas_k[..., 3][mask], 4),
+            "throughput_mbps": np.round(tp_meas[mask], 3),
+            "bytes_tx": bytes_tx[mask],
+            "bytes_rx": bytes_rx[mask],
+            "packet_loss": np.round(meas_k[..., 2][mask], 6),
+            "retransmits": retrans[mask],
+            "congestion_window": cwnd[mask],
+            "queue_depth": queue[mask],
+            "dwcp_mode": mode[mask],
+            "network_tier": cat(sorted({t.network_tier for t in LINK_TYPES}), _type_codes(link_idx, "network_tier")),
+            "transport_type": cat(
+                sorted({t.transport_type for t in LINK_TYPES}), _type_codes(link_idx, "transport_type")
+            ),
+            "time_of_day": hour_k[mask],
+            "day_of_week": dow_k[mask],
+        }
+    )
+    df["bandwidth_mbps"] = df["throughput_mbps"]
+    df["latency_ms"] = df["rtt_ms"]
+    oracle = df[["node_id", "peer_id", "timestamp"]].copy()
+    nxt = state_k[mask]  # state at row k = forecast of row k + 1
+    for i, target in enumerate(TARGETS):
+        oracle[f"oracle_{target}"] = nxt[:, i]
+    last = np.r_[df["node_id"].to_numpy()[1:] != df["node_id"].to_numpy()[:-1], True]
+    oracle.loc[last, [f"oracle_{t}" for t in TARGETS]] = np.nan  # no next row to forecast
+    return df[COLUMNS], oracle
+
+
+def _type_codes(link_idx: np.ndarray, attr: str) -> np.ndarray:
+    values = sorted({getattr(t, attr) for t in LINK_TYPES})
+    per_type = np.array([values.index(getattr(t, attr)) for t in LINK_TYPES])
+    return per_type[link_idx % len(LINK_TYPES)]
+
+
+def _seed_profile(samples: int, rng: np.random.Generator, start: pd.Timestamp) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ts = int(start.timestamp()) + SEED_CADENCE_S * np.arange(samples + 1, dtype=np.int64)  # +1: the oracle's next row
+    _, hour, dow = _calendar(ts)
+    mean_tp = _seed_base(hour, dow)
+    n = samples
+    tp = np.clip(mean_tp[:n] + rng.normal(0, 50, n), 10, 1000)
+    rtt = np.clip(50 - (tp - 500) / 20 + rng.normal(0, 5, n), 5, 150)
+    jitter = np.clip(0.1 * rtt + rng.exponential(2.0, n), 0.1, 20)
+    loss = np.clip(0.05 * (1000 - tp) / 1000 + rng.exponential(0.001, n), 0, 0.1)
+    pick = rng.integers
+    df = pd.DataFrame(
+        {
+            "timestamp": ts[:n],
+            "region": np.array(REGIONS)[pick(0, len(REGIONS), n)],
+            "az": np.array(["a", "b", "c"])[pick(0, 3, n)],
+            "link_type": np.array([t.name for t in LINK_TYPES])[pick(0, len(LINK_TYPES), n)],
+            "node_id": "node-01",
+            "peer_id": "node-02",
+            "rtt_ms": np.round(rtt, 4),
+            "jitter_ms": np.round(jitter, 4),
+            "throughput_mbps": np.round(tp, 3),
+            "bytes_tx": pick(1_000_000, 1_000_000_000, n),
+            "bytes_rx": pick(1_000_000, 1_000_000_000, n),
+            "packet_loss": np.round(loss, 6),
+            "retransmits": pick(0, 100, n),
+            "congestion_window": pick(10, 1000, n),
+            "queue_depth": pick(0, 100, n),
+            "dwcp_mode": np.array(["bulk", "balanced", "latency"])[pick(0, 3, n)],
+            "network_tier": np.array(["premium", "standard", "economy"])[pick(0, 3, n)],
+            "transport_type": np.array(["tcp", "quic", "rdma"])[pick(0, 3, n)],
+            "time_of_day": hour[:n],
+            "day_of_week": dow[:n],
+        }
+    )
+    df["region"] = df["region"].astype(str)
+    df["az"] = df["region"] + df["az"]
+    df["bandwidth_mbps"] = df["throughput_mbps"]
+    df["latency_ms"] = df["rtt_ms"]
+    oracle = df[["node_id", "peer_id", "timestamp"]].copy()
+    expected = _seed_conditional_means()  # [24, 2, 4]: hour x weekend x target
+    nxt = expected[hour[1:], (dow[1:] >= 5).astype(int)]
+    for i, target in enumerate(TARGETS):
+        oracle[f"oracle_{target}"] = nxt[:, i]
+    oracle.loc[n - 1, [f"oracle_{t}" for t in TARGETS]] = np.nan
+    return df[COLUMNS], oracle
+
+
+def _seed_base(hour: np.ndarray, dow: np.ndarray) -> np.ndarray:
+    business = np.where((hour >= 9) & (hour < 17), 1.5, 1.0)
+    weekend = np.where(dow >= 5, 0.7, 1.0)
+    return (500 + 200 * np.sin(2 * np.pi * hour / 24)) * business * weekend
+
+
+def _seed_conditional_means(draws: int = 200_000) -> np.ndarray:
+    """E[targets | hour, weekend] of the seed model: throughput exactly, the rest by a fixed-seed Monte-Carlo."""
+    out = np.empty((24, 2, 4))
+    mc = np.random.default_rng(20251103)  # fixed: the oracle must not depend on the data seed
+    for hour in range(24):
+        for weekend in (0, 1):
+            mu = float(_seed_base(np.array([hour]), np.array([5 if weekend else 0]))[0])
+            a, b = (10 - mu) / 50, (1000 - mu) / 50
+            pdf = np.exp(-0.5 * np.array([a, b]) ** 2) / np.sqrt(2 * np.pi)
+            # Mean of a normal clipped to [10, 1000] (point masses at both ends plus the truncated middle).
+            tp_mean = 10 * ndtr(a) + 1000 * (1 - ndtr(b)) + mu * (ndtr(b) - ndtr(a)) + 50 * (pdf[0] - pdf[1])
+            tp = np.clip(mu + mc.normal(0, 50, draws), 10, 1000)
+            rtt = np.clip(50 - (tp - 500) / 20 + mc.normal(0, 5, draws), 5, 150)
+            jitter = np.clip(0.1 * rtt + mc.exponential(2.0, draws), 0.1, 20)
+            loss = np.clip(0.05 * (1000 - tp) / 1000 + mc.exponential(0.001, draws), 0, 0.1)
+            out[hour, weekend] = [tp_mean, rtt.mean(), loss.mean(), jitter.mean()]
+    return out
+
+
+def oracle_path(data_path: str | Path) -> Path:
+    """Where the oracle sidecar of a generated file lives: ``x.csv`` -> ``x.oracle.csv``."""
+    p = Path(data_path)
+    return p.with_name(f"{p.stem}.oracle{p.suffix}")
+
+
+def write_frame(df: pd.DataFrame, path: str | Path) -> None:
+    """Write CSV or Parquet (by suffix) to a temporary name, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    if path.suffix not in (".csv", ".parquet"):
+        raise ValueError(f"{path}: output must end in .csv or .parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".csv":
+        df.to_csv(tmp, index=False, lineterminator="\n")
+    else:
+        df.to_parquet(tmp, index=False)
+    tmp.replace(path)

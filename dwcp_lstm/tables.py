@@ -1,0 +1,180 @@
+"""Reading and checking telemetry tables (pandas only: the torch-free predictor uses this too).
+
+Every problem with a user's file becomes a :class:`DataError` whose message is one line naming the file, the column
+or row, and what is wrong. Rows are counted from 1 in the order of the file (the header line is not a row).
+
+Policies for messy data, all documented in the README:
+
+* unsorted rows are sorted by series then time, with a warning;
+* duplicated (series, time) rows are an error by default; ``duplicates="first"`` keeps the first, ``"mean"``
+  averages the numeric columns (real traces often repeat a timestamp);
+* a gap larger than ``max_gap`` times a series' median cadence splits it into segments: windows and splits never
+  span a gap;
+* a segment shorter than ``min_rows`` (window + 1) is skipped with a warning; none left is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("dwcp_lstm")
+DUPLICATE_POLICIES = ("error", "first", "mean")
+# Physical ranges checked when the column is present: (low, high, inclusive-high).
+RANGES = {
+    "throughput_mbps": (0.0, np.inf),
+    "rtt_ms": (0.0, np.inf),
+    "jitter_ms": (0.0, np.inf),
+    "packet_loss": (0.0, 1.0),
+}
+
+
+class DataError(ValueError):
+    """A problem with the user's data or configuration; the CLI prints its one-line message and exits with 2."""
+
+
+def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a CSV or Parquet file, only ``columns`` if given (all must exist)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .csv or .parquet file")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        if suffix == ".csv":
+            header = pd.read_csv(path, nrows=0).columns
+            _require(path, header, columns)
+            df = pd.read_csv(path, usecols=list(columns) if columns else None)
+        else:
+            import pyarrow.parquet as pq
+
+            _require(path, pq.read_schema(path).names, columns)
+            df = pd.read_parquet(path, columns=list(columns) if columns else None)
+    except DataError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable {suffix[1:]} file ({first})") from None
+    if df.empty:
+        raise DataError(f"{path}: file has a header but no rows")
+    return df
+
+
+def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> None:
+    missing = [c for c in (columns or []) if c not in set(present)]
+    if missing:
+        raise DataError(f"{path}: missing required column {missing[0]!r} (has: {', '.join(map(str, present))})")
+
+
+def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path) -> None:
+    """Every column numeric, finite and within its physical range; the first offending row is named."""
+    for col in columns:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() & df[col].notna()
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{path}: column {col!r} row {i + 1}: non-numeric value {df[col].iloc[i]!r}")
+        arr = values.to_numpy(dtype=np.float64)
+        nonfinite = ~np.isfinite(arr)
+        if nonfinite.any():
+            i = int(np.flatnonzero(nonfinite)[0])
+            raise DataError(f"{path}: column {col!r} row {i + 1}: {'NaN or empty' if np.isnan(arr[i]) else arr[i]}")
+        if col in RANGES:
+            low, high = RANGES[col]
+            out = (arr < low) | (arr > high)
+            if out.any():
+                i = int(np.flatnonzero(out)[0])
+                what = "negative" if arr[i] < low else f"above {high:g}"
+                raise DataError(f"{path}: column {col!r} row {i + 1}: {what} value {arr[i]:g}")
+        if values.dtype != df[col].dtype:
+            df[col] = values
+
+
+def order_series(
+    df: pd.DataFrame,
+    series: Sequence[str],
+    time: str,
+    path: str | Path,
+    duplicates: str = "error",
+) -> pd.DataFrame:
+    """Sort by (series, time) when needed and apply the duplicate policy. Returns a frame with a fresh index."""
+    if duplicates not in DUPLICATE_POLICIES:
+        raise DataError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
+    keys = [*series, time]
+    codes = _series_codes(df, series)
+    t = df[time].to_numpy()
+    in_order = bool(np.all((np.diff(codes) > 0) | ((np.diff(codes) == 0) & (np.diff(t) >= 0)))) if len(df) > 1 else True
+    if not in_order:
+        log.warning("%s: rows are not sorted by %s; sorted them", path, ", ".join(keys))
+        order = np.lexsort((t, codes))
+        df = df.iloc[order].reset_index(drop=True)
+        codes, t = codes[order], t[order]
+    dup = np.r_[False, (np.diff(codes) == 0) & (np.diff(t) == 0)]
+    if dup.any():
+        n_dup = int(dup.sum())
+        if duplicates == "error":
+            i = int(np.flatnonzero(dup)[0])
+            who = ", ".join(f"{c}={df[c].iloc[i]}" for c in series)
+            raise DataError(
+                f"{path}: row {i + 1}: duplicated ({who}, {time}={df[time].iloc[i]}) "
+                f"({n_dup} duplicates; set duplicates: first or mean to accept them)"
+            )
+        log.warning("%s: %d rows repeat a (%s); policy %r", path, n_dup, ", ".join(keys), duplicates)
+        if duplicates == "first":
+            df = df.loc[~dup]
+        else:
+            df = df.groupby(keys, sort=False, observed=True).mean(numeric_only=True).reset_index()
+    return df.reset_index(drop=True)
+
+
+def _series_codes(df: pd.DataFrame, series: Sequence[str]) -> np.ndarray:
+    """One integer per row identifying its series, ordered like a sort by the series columns."""
+    if not series:
+        return np.zeros(len(df), dtype=np.int64)
+    return df.groupby(list(series), sort=True, observed=True).ngroup().to_numpy(np.int64)
+
+
+def segment_bounds(
+    df: pd.DataFrame, series: Sequence[str], time: str, min_rows: int, max_gap: float, path: str | Path
+) -> np.ndarray:
+    """Contiguous [start, stop) row ranges of gap-free segments with at least ``min_rows`` rows: int64 [S, 2].
+
+    ``df`` must already be ordered by :func:`order_series`. A gap is a step larger than ``max_gap`` times the series'
+    median step; ``max_gap <= 0`` turns gap splitting off.
+    """
+    codes = _series_codes(df, series)
+    t = df[time].to_numpy(np.float64)
+    new_series = np.r_[True, codes[1:] != codes[:-1]]
+    step = np.r_[np.nan, np.diff(t)]
+    step[new_series] = np.nan
+    cut = new_series.copy()
+    if max_gap > 0:
+        cadence = pd.Series(step).groupby(codes).transform("median").to_numpy()
+        cut |= step > max_gap * cadence
+        n_gaps = int((cut & ~new_series).sum())
+        if n_gaps:
+            log.warning("%s: %d gaps longer than %g x the cadence; series split there", path, n_gaps, max_gap)
+    starts = np.flatnonzero(cut)
+    bounds = np.stack([starts, np.r_[starts[1:], len(df)]], axis=1).astype(np.int64)
+    short = (bounds[:, 1] - bounds[:, 0]) < min_rows
+    if short.any():
+        log.warning(
+            "%s: skipped %d of %d series segments shorter than %d rows (window + 1)",
+            path,
+            int(short.sum()),
+            len(bounds),
+            min_rows,
+        )
+    bounds = bounds[~short]
+    if len(bounds) == 0:
+        raise DataError(f"{path}: no series has at least {min_rows} rows (window + 1); nothing to train on")
+    return bounds

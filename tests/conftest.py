@@ -1,0 +1,57 @@
+"""Shared fixtures: a small seeded dataset and one smoke fit reused by every test that needs a finished run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dwcp_lstm import synthetic
+from dwcp_lstm.cli import cli_main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "configs" / "smoke.yaml"
+REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def fit_args(tmp: Path, *extra: str) -> list[str]:
+    """CPU-safe overrides of the smoke config that keep every artifact inside ``tmp``."""
+    return [
+        "fit",
+        "--config",
+        str(SMOKE),
+        f"--trainer.default_root_dir={tmp}",
+        f"--trainer.logger.init_args.save_dir={tmp}",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--data.data_dir={tmp / 'data'}",
+        *extra,
+    ]
+
+
+def run_dir_of(tmp: Path) -> Path:
+    runs = sorted((tmp / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    assert runs, f"no run directory under {tmp}"
+    return runs[-1]
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    """2,000 rows of the dynamic profile over 4 links (500 rows each), with its oracle sidecar."""
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    df, oracle = synthetic.generate_with_oracle(samples=2000, seed=7, links=4)
+    synthetic.write_frame(df, path)
+    synthetic.write_frame(oracle, synthetic.oracle_path(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One smoke fit (2 short epochs) shared by the tests that inspect a finished run."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    cli_main(fit_args(tmp))
+    return run_dir_of(tmp)

@@ -1,0 +1,137 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dwcp_lstm import synthetic
+from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, LeakageError
+
+
+def make_dm(path, **kw) -> DwcpDataModule:
+    dm = DwcpDataModule(data_path=str(path), **kw)
+    dm.setup("fit")
+    return dm
+
+
+def two_link_csv(tmp_path, rows=200):
+    """Two links whose every value lives in a disjoint range: link a near 1, link b near 1000."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for node, level in (("a", 1.0), ("b", 1000.0)):
+        df = pd.DataFrame({c: level + rng.random(rows) * 0.5 for c in FEATURES})
+        df["packet_loss"] = (0.001 if node == "a" else 0.9) + rng.random(rows) * 0.01
+        df["node_id"], df["peer_id"] = node, "z"
+        df["timestamp"] = 1_700_000_000 + 60 * np.arange(rows)
+        frames.append(df)
+    path = tmp_path / "two.csv"
+    pd.concat(frames).to_csv(path, index=False)
+    return path
+
+
+def test_no_window_or_batch_mixes_two_links(tmp_path):
+    dm = make_dm(two_link_csv(tmp_path), batch_size=16)
+    fs = dm.feature_scaler
+    for stage in ("train", "val", "test"):
+        for x, _ in dm._loader(stage):
+            raw = x.numpy() * fs.scale_ + fs.mean_  # [B, W, F]
+            low = raw[..., 0] < 500
+            assert (low.all(axis=1) | (~low).all(axis=1)).all(), f"a {stage} window mixes links"
+
+
+def test_batches_are_scaled_float32_of_the_right_shape(small_csv):
+    dm = make_dm(small_csv, batch_size=64)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 20, 9) and y.shape == (64, 4)
+    assert x.dtype == torch.float32 and y.dtype == torch.float32
+    assert abs(float(dm.datasets["train"].x[dm.train_rows].mean())) < 0.05  # scaled on training rows
+
+
+def test_each_window_targets_the_row_after_it(small_csv):
+    dm = make_dm(small_csv)
+    ds = dm.datasets["val"]
+    x, y = ds[5]
+    s = int(ds.starts[5])
+    assert torch.equal(x, ds.x[s : s + 20]) and torch.equal(y, ds.y[s + 20])
+    xb, yb = ds.__getitems__([5, 7])
+    assert torch.equal(xb[0], x) and torch.equal(yb[0], y)
+
+
+def test_split_order_holds_per_link(small_csv):
+    dm = make_dm(small_csv)
+    names = {s: dm.series_names(dm.target_rows(s)) for s in ("train", "val", "test")}
+    times = {s: dm.timestamps[dm.target_rows(s)] for s in names}
+    for link in np.unique(names["train"]):
+        tr, va, te = (times[s][names[s] == link] for s in ("train", "val", "test"))
+        assert tr.max() < va.min() and va.max() < te.min()
+        n = 500
+        assert len(tr) == int(0.7 * n) - 20 and len(va) == int(0.15 * n) and len(te) == n - int(0.7 * n) - int(0.15 * n)
+
+
+def test_scalers_see_exactly_the_training_rows(small_csv):
+    dm = make_dm(small_csv)
+    df = pd.read_csv(small_csv).sort_values(["node_id", "peer_id", "timestamp"])
+    train = df.groupby(["node_id", "peer_id"]).head(int(0.7 * 500))  # first 70 % of each link
+    np.testing.assert_allclose(dm.feature_scaler.mean_, train[FEATURES].mean().to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(dm.target_scaler.scale_, train[TARGETS].std(ddof=0).to_numpy(), rtol=1e-5)
+    assert dm.feature_scaler.n_samples_seen_ == len(train)
+
+
+def test_windows_are_index_arithmetic_not_copies(small_csv):
+    dm = make_dm(small_csv)
+    storages = {dm.datasets[s].x.untyped_storage().data_ptr() for s in ("train", "val", "test")}
+    assert len(storages) == 1  # one contiguous array shared by every split
+    x = dm.datasets["train"].x
+    assert x.shape == (2000, 9) and x.untyped_storage().nbytes() == 2000 * 9 * 4  # O(rows), not O(rows x window)
+
+
+def test_training_shuffle_is_seeded_per_epoch_and_eval_is_ordered(small_csv):
+    dm = make_dm(small_csv, seed=3)
+    loader = dm.train_dataloader()
+    first = list(loader.sampler)
+    loader.sampler.set_epoch(1)
+    second = list(loader.sampler)
+    loader.sampler.set_epoch(0)
+    assert list(loader.sampler) == first and first != second and sorted(first) == list(range(len(first)))
+    assert list(dm.val_dataloader().batch_sampler.sampler) == list(range(len(dm.datasets["val"])))
+
+
+def test_audit_catches_a_window_that_crosses_links(small_csv):
+    dm = make_dm(small_csv)
+    dm.starts["test"] = np.r_[dm.starts["test"], dm.bounds[1, 0] - 5]  # starts 5 rows before link 2
+    with pytest.raises(LeakageError, match="spans two series"):
+        dm.audit()
+
+
+def test_audit_catches_a_scaler_fitted_on_all_rows(small_csv):
+    dm = make_dm(small_csv)
+    dm.feature_scaler.fit(dm.raw_features)
+    with pytest.raises(LeakageError, match="scaler"):
+        dm.audit()
+
+
+def test_audit_catches_a_validation_target_inside_training(small_csv):
+    dm = make_dm(small_csv)
+    dm.starts["val"] = np.r_[dm.starts["train"][-1], dm.starts["val"]]
+    with pytest.raises(LeakageError, match="later"):
+        dm.audit()
+
+
+def test_reads_parquet_like_csv(small_csv, tmp_path):
+    pq = tmp_path / "small.parquet"
+    synthetic.write_frame(pd.read_csv(small_csv), pq)
+    a, b = make_dm(small_csv), make_dm(pq)
+    assert torch.equal(a.datasets["train"].x, b.datasets["train"].x)
+
+
+def test_builtin_dataset_is_generated_when_missing(tmp_path):
+    dm = DwcpDataModule(data_dir=str(tmp_path), synthetic=synthetic_spec(samples=1500, links=3))
+    dm.prepare_data()
+    assert dm.path.exists() and synthetic.oracle_path(dm.path).exists()
+    dm.setup("fit")
+    assert len(dm.bounds) == 3
+
+
+def synthetic_spec(**kw):
+    from dwcp_lstm.data import SyntheticSpec
+
+    return SyntheticSpec(**kw)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dwcp_lstm.metrics import MaskedMAPE, compute_metrics, summarize
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(11)
+    y = rng.uniform(0.5, 100, size=(500, 3))
+    p = y + rng.normal(0, 5, size=y.shape)
+    return y, p
+
+
+def test_each_metric_matches_a_numpy_scipy_reference(data):
+    y, p = data
+    got = compute_metrics(torch.tensor(p), torch.tensor(y), ["a", "b", "c"])
+    for j, name in enumerate("abc"):
+        e = p[:, j] - y[:, j]
+        ref = {
+            "mae": np.abs(e).mean(),
+            "rmse": np.sqrt((e**2).mean()),
+            "mape": 100 * np.mean(np.abs(e) / np.abs(y[:, j])),
+            "wape": np.abs(e).sum() / np.abs(y[:, j]).sum(),
+            "r2": 1 - (e**2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum(),
+            "correlation": stats.pearsonr(y[:, j], p[:, j]).statistic,
+        }
+        for k, v in ref.items():
+            assert got[name][k] == pytest.approx(v, rel=1e-6), (name, k)
+
+
+def test_metrics_accumulate_over_batches_like_one_pass(data):
+    from dwcp_lstm.metrics import ForecastMetrics
+
+    y, p = data
+    m = ForecastMetrics(["a", "b", "c"])
+    for i in range(0, 500, 64):
+        m.update(torch.tensor(p[i : i + 64]), torch.tensor(y[i : i + 64]))
+    one = compute_metrics(torch.tensor(p), torch.tensor(y), ["a", "b", "c"])
+    for name in "abc":
+        for k, v in one[name].items():
+            assert m.compute()[name][k] == pytest.approx(v, rel=1e-9)
+
+
+def test_mape_skips_targets_at_or_below_the_floor():
+    m = MaskedMAPE()
+    m.update(torch.tensor([110.0, 5.0, 1.0]), torch.tensor([100.0, 0.0, 0.0]))
+    assert float(m.compute()) == pytest.approx(10.0)
+    m = MaskedMAPE(floor=50.0)
+    m.update(torch.tensor([110.0, 30.0]), torch.tensor([100.0, 20.0]))
+    assert float(m.compute()) == pytest.approx(10.0)
+    empty = MaskedMAPE()
+    empty.update(torch.tensor([1.0]), torch.tensor([0.0]))
+    assert np.isnan(float(empty.compute()))
+
+
+def test_summary_means_and_target_check():
+    per_target = {
+        "a": {"mae": 1, "rmse": 1, "mape": 4.0, "wape": 0.1, "r2": 0.9, "correlation": 0.99},
+        "b": {"mae": 1, "rmse": 1, "mape": 5.0, "wape": 0.1, "r2": 0.9, "correlation": 0.975},
+    }
+    s = summarize(per_target)
+    assert s["average_correlation"] == pytest.approx(0.9825) and s["average_mape"] == pytest.approx(4.5)
+    assert s["accuracy_percent"] == pytest.approx(98.25) and s["target_met"] is True
+    per_target["b"]["mape"] = 7.0
+    assert summarize(per_target)["target_met"] is False

@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from dwcp_lstm.model import StackedLSTM, count_parameters
+
+
+def test_default_architecture_has_the_specified_parameter_count():
+    assert count_parameters(StackedLSTM()) == 540_516
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_forward_shapes(batch):
+    model = StackedLSTM().eval()
+    assert model(torch.randn(batch, 20, 9)).shape == (batch, 4)
+
+
+def test_each_lstm_gets_the_full_sequence_of_the_previous_one():
+    model = StackedLSTM().eval()
+    seen = []
+    for lstm in model.lstms:
+        lstm.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape))
+    model(torch.randn(3, 20, 9))
+    assert seen == [(3, 20, 9), (3, 20, 256), (3, 20, 128)]
+
+
+def test_sizes_are_constructor_arguments():
+    model = StackedLSTM(n_features=5, n_targets=1, lstm_sizes=(16, 8), head_sizes=(8, 4), head_dropouts=(0.1,))
+    assert model(torch.randn(2, 7, 5)).shape == (2, 1)
+    with pytest.raises(ValueError, match="head_dropouts"):
+        StackedLSTM(head_dropouts=(0.1,))
+
+
+def test_windows_are_independent():
+    """No hidden state is carried between calls: the same window gives the same forecast after another one."""
+    model = StackedLSTM().eval()
+    x = torch.randn(1, 20, 9)
+    first = model(x)
+    model(torch.randn(1, 20, 9))
+    assert torch.equal(model(x), first)

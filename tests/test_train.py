@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from conftest import ROOT, fit_args, run_dir_of
+
+from dwcp_lstm.callbacks import sha256_of
+from dwcp_lstm.cli import cli_main
+from dwcp_lstm.module import DwcpForecaster
+
+ARTIFACTS = (
+    "config.yaml",
+    "checkpoints/best.ckpt",
+    "checkpoints/last.ckpt",
+    "model.onnx",
+    "model_metadata.json",
+    "report.json",
+    "report.md",
+    "training_history.png",
+    "predictions_scatter.png",
+)
+
+
+def test_smoke_fit_produces_every_artifact(smoke_run):
+    for name in ARTIFACTS:
+        assert (smoke_run / name).is_file(), name
+    assert list(smoke_run.glob("events.out.tfevents.*")), "TensorBoard events"
+
+
+def test_report_json_has_the_specified_keys(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    for target in ("throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms"):
+        assert set(report["per_target"][target]) >= {"mae", "rmse", "mape", "wape", "r2", "correlation"}
+    ov = report["overall"]
+    assert ov["accuracy_percent"] == pytest.approx(100 * ov["average_correlation"])
+    assert ov["target_met"] == (ov["average_correlation"] >= 0.98 and ov["average_mape"] < 5)
+
+
+def test_metadata_describes_the_model(smoke_run):
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    assert meta["model_sha256"] == sha256_of(smoke_run / "model.onnx")
+    assert meta["total_parameters"] == 540_516 and meta["opset"] >= 17 and meta["window_size"] == 20
+    assert [f["name"] for f in meta["features"]][:4] == ["throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms"]
+    assert all(f["unit"] for f in meta["features"] + meta["targets"])
+    assert meta["parity"]["max_rel_diff"] <= 1e-4
+    assert len(meta["data"]["sha256"]) == 64 and "model:" in meta["config"]
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_onnx_matches_pytorch_in_raw_units(smoke_run, batch):
+    module = DwcpForecaster.load_from_checkpoint(smoke_run / "checkpoints/best.ckpt", weights_only=True).eval()
+    raw = module.raw_forecaster().eval()
+    rng = np.random.default_rng(batch)
+    mean, scale = module.fmean.numpy(), module.fscale.numpy()
+    x = (mean + scale * rng.standard_normal((batch, 20, 9))).astype(np.float32)  # raw-unit inputs
+    sess = ort.InferenceSession(str(smoke_run / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"metrics": x})[0]
+    with torch.no_grad():
+        ref = raw(torch.from_numpy(x)).numpy()
+    assert got.shape == (batch, 4)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert len(printed["data"]["features"]) >= 1
+    assert "feature_names" not in printed["model"]  # linked from data.features, not repeated
+
+
+def test_resume_from_last_checkpoint(tmp_path):
+    cli_main(fit_args(tmp_path, "--trainer.max_epochs=1"))
+    first = run_dir_of(tmp_path)
+    last = first / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", f"--ckpt_path={last}"))
+    resumed = run_dir_of(tmp_path)
+    assert resumed != first
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_report_command_rebuilds_without_retraining(smoke_run, capsys, tmp_path):
+    before = json.loads((smoke_run / "report.json").read_text())
+    (smoke_run / "report.md").unlink()
+    cli_main(["report", "--run", str(smoke_run)])
+    after = json.loads((smoke_run / "report.json").read_text())
+    assert (smoke_run / "report.md").exists()
+    assert after["per_target"] == before["per_target"]
+    assert "mean correlation" in capsys.readouterr().out
+
+
+def test_help_lists_every_subcommand(capsys):
+    cli_main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("fit", "validate", "test", "predict", "generate", "report"):
+        assert cmd in out
+
+
+def test_same_config_gives_the_same_metrics(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        cli_main(fit_args(d, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"))
+    ra, rb = (json.loads((run_dir_of(d) / "report.json").read_text()) for d in (a, b))
+    assert ra["per_target"] == rb["per_target"]
