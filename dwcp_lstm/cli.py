@@ -5,24 +5,32 @@ Bad input of any kind ends in one line on stderr (``error: <file>: <what>``) and
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jsonargparse import ArgumentParser
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from jsonargparse import ArgumentError, ArgumentParser
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import ArgsType
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# name -> (help, "module:function"); each takes the remaining argv. Imported lazily: `forecast` stays torch-free.
 OWN_COMMANDS = {
-    "generate": "write synthetic DWCP telemetry (and its oracle sidecar)",
-    "report": "rebuild report.json/.md and plots of a run from its best checkpoint",
+    "generate": ("write synthetic DWCP telemetry (and its oracle sidecar)", "dwcp_lstm.cli:cmd_generate"),
+    "report": ("rebuild report.json/.md and plots of a run from its best checkpoint", "dwcp_lstm.cli:cmd_report"),
+    "forecast": ("next-step forecasts per link from model.onnx (no torch needed)", "dwcp_lstm.serve:cmd_forecast"),
+    "bench": ("latency, throughput and memory figures as JSON", "dwcp_lstm.bench:cmd_bench"),
 }
 
 
 def _lightning_cli_class():
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
 
     from dwcp_lstm.callbacks import EpochSeed, OnnxExport
 
@@ -47,6 +55,23 @@ def _lightning_cli_class():
             parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
             parser.add_lightning_class_args(EpochSeed, "epoch_seed")
             parser.add_lightning_class_args(OnnxExport, "onnx")
+
+        def before_fit(self) -> None:
+            """``--ckpt_path last`` resumes the newest run *in its own directory* (Lightning alone would look in a
+            fresh version_N and silently start over)."""
+            cfg = self.config_init[self.subcommand]
+            if cfg.get("ckpt_path") != "last":
+                return
+            logger = self.trainer.logger
+            root = Path(logger.root_dir) if logger is not None else Path(self.trainer.default_root_dir)
+            runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            if not runs:
+                raise _data_error(f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt to resume from")
+            run = runs[-1].parent.parent
+            if logger is not None:
+                logger._version = int(run.name.split("_")[-1])  # artifacts land beside the checkpoint
+            cfg.ckpt_path = str(runs[-1])
+            print(f"Resuming {run} from {runs[-1]}")
 
         def after_fit(self) -> None:
             from dwcp_lstm.callbacks import best_module
@@ -87,13 +112,20 @@ def run_lightning(args: list[str]) -> None:
     # default_config_files drops the class_path of callable arguments such as model.optimizer, so it is not used.)
     if args and args[0] in LIGHTNING_COMMANDS and not any(a in ("-h", "--help") for a in args):
         args = [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
-    _lightning_cli_class()(DwcpForecaster, DwcpDataModule, save_config_kwargs={"overwrite": True}, args=args)
+    sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv carry arguments; args is the truth
+    _lightning_cli_class()(
+        DwcpForecaster,
+        DwcpDataModule,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
+        args=args,
+    )
 
 
 def cmd_generate(argv: list[str]) -> None:
     from dwcp_lstm import synthetic
 
-    p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"])
+    p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0])
     p.add_argument("--output", default="data/dwcp_training.csv", help="CSV or Parquet file to write")
     p.add_argument("--samples", type=int, default=15_000, help="total rows over all links")
     p.add_argument("--seed", type=int, default=42, help="generator seed")
@@ -101,7 +133,11 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--links", type=int, default=None, help="number of links (dynamic); default samples / 3000")
     p.add_argument("--noise", type=float, default=0.02, help="relative measurement noise of the targets (dynamic)")
     p.add_argument("--oracle", type=bool, default=True, help="also write the oracle sidecar <output>.oracle.<ext>")
+    p.add_argument("--card", action="store_true", help="print the data card's oracle/persistence table and exit")
     a = p.parse_args(argv)
+    if a.card:
+        print(synthetic.card_markdown(a.samples, a.seed))
+        return
     out = Path(a.output)
     if out.suffix not in (".csv", ".parquet"):
         raise _data_error(f"{out}: output must end in .csv or .parquet")
@@ -120,7 +156,7 @@ def cmd_report(argv: list[str]) -> None:
     from dwcp_lstm.evaluate import evaluate
     from dwcp_lstm.runs import load_run
 
-    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"])
+    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"][0])
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
     a = p.parse_args(argv)
     module, dm, ckpt = load_run(a.run)
@@ -134,26 +170,46 @@ def _data_error(msg: str):
     return DataError(msg)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (a StreamHandler would keep a stream that may be closed)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 def cli_main(args: ArgsType = None) -> None:
     """Entry point; ``args`` (a list) lets tests call it in-process."""
     argv = list(sys.argv[1:] if args is None else args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log = logging.getLogger("dwcp_lstm")  # data warnings (sorted rows, gaps, skipped links) go to stderr
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     if argv[:1] in (["-h"], ["--help"]) or not argv:
         print("usage: python -m dwcp_lstm {" + ",".join([*LIGHTNING_COMMANDS, *OWN_COMMANDS]) + "} [options]\n")
         print("Lightning subcommands (configs/default.yaml is the built-in default; see `fit --help`):")
         for c in LIGHTNING_COMMANDS:
             print(f"  {c}")
         print("Project subcommands:")
-        for c, h in OWN_COMMANDS.items():
+        for c, (h, _) in OWN_COMMANDS.items():
             print(f"  {c:10s} {h}")
         return
     from dwcp_lstm.tables import DataError
 
     try:
         if argv[0] in OWN_COMMANDS:
-            {"generate": cmd_generate, "report": cmd_report}[argv[0]](argv[1:])
+            module, func = OWN_COMMANDS[argv[0]][1].split(":")
+            getattr(importlib.import_module(module), func)(argv[1:])
         else:
             run_lightning(argv)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except ArgumentError as exc:  # a bad flag or config value: jsonargparse's message, on one line
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as exc:  # raised by the training step before any checkpoint of the bad state
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(3) from None

@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dwcp_lstm import synthetic
-from dwcp_lstm.tables import DataError, check_numeric, order_series, read_table, segment_bounds
+from dwcp_lstm.tables import DataError, check_numeric, log, order_series, read_table, segment_bounds
 
 FEATURES = [
     "throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms", "time_of_day", "day_of_week",
@@ -244,11 +244,9 @@ class DwcpDataModule(L.LightningDataModule):
         self.feature_scaler = StandardScaler().fit(self.raw_features[self.train_rows])
         self.target_scaler = StandardScaler().fit(self.raw_targets[self.train_rows])
         for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.targets)):
-            const = scaler.var_ == 0
-            if const.any():
-                raise DataError(
-                    f"{self.path}: column {names[int(np.argmax(const))]!r} is constant on the training rows"
-                )
+            for name in np.asarray(names)[scaler.var_ == 0]:  # sklearn leaves them unscaled (scale 1): harmless
+                log.warning("%s: column %r is constant on the training rows; the model cannot learn from it",
+                            self.path, name)  # fmt: skip
 
     def _make_datasets(self) -> None:
         fs, ts = self.feature_scaler, self.target_scaler

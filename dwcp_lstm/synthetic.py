@@ -329,6 +329,51 @@ def _seed_conditional_means(draws: int = 200_000) -> np.ndarray:
     return out
 
 
+def ceiling(df: pd.DataFrame, oracle: pd.DataFrame, tail: float = 0.15) -> dict[str, dict]:
+    """Oracle and persistence on the last ``tail`` of each link: per-target Pearson correlation and MAPE (%), and
+    their means. This is the data card's measure of how hard a dataset is."""
+    ys, os_, ps = [], [], []
+    for _, g in df.groupby(LINK_COLUMNS, observed=True, sort=False):
+        n = len(g)
+        idx = np.arange(max(1, n - int(round(tail * n))), n)
+        values = g[TARGETS].to_numpy(np.float64)
+        ys.append(values[idx])
+        ps.append(values[idx - 1])  # persistence: the previous row
+        os_.append(oracle.loc[g.index, [f"oracle_{t}" for t in TARGETS]].to_numpy(np.float64)[idx - 1])
+    y = np.concatenate(ys)
+    out = {}
+    for name, p in (("oracle", np.concatenate(os_)), ("persistence", np.concatenate(ps))):
+        corr = [float(np.corrcoef(y[:, j], p[:, j])[0, 1]) for j in range(len(TARGETS))]
+        keep = y != 0
+        mape = [float(100 * np.mean(np.abs(y[keep[:, j], j] - p[keep[:, j], j]) / np.abs(y[keep[:, j], j])))
+                for j in range(len(TARGETS))]  # fmt: skip
+        out[name] = {
+            "correlation": dict(zip(TARGETS, corr, strict=True)),
+            "mape": dict(zip(TARGETS, mape, strict=True)),
+            "mean_correlation": float(np.mean(corr)),
+            "mean_mape": float(np.mean(mape)),
+            "mse": dict(zip(TARGETS, map(float, ((p - y) ** 2).mean(axis=0)), strict=True)),
+        }
+    return out
+
+
+def card_markdown(samples: int = 15_000, seed: int = 42) -> str:
+    """The data card's table: oracle vs persistence for both profiles at the default size and seed."""
+    lines = [
+        f"Last 15 % of each link, {samples} rows, seed {seed} (`python -m dwcp_lstm generate --card`):",
+        "",
+        "| profile | forecast | " + " | ".join(f"{t} corr / MAPE %" for t in TARGETS) + " | mean corr | mean MAPE % |",
+        "|---" * (len(TARGETS) + 4) + "|",
+    ]
+    for profile in PROFILES:
+        c = ceiling(*generate_with_oracle(samples, seed, profile))
+        for name in ("oracle", "persistence"):
+            m = c[name]
+            cells = " | ".join(f"{m['correlation'][t]:.4f} / {m['mape'][t]:.2f}" for t in TARGETS)
+            lines.append(f"| {profile} | {name} | {cells} | {m['mean_correlation']:.4f} | {m['mean_mape']:.2f} |")
+    return "\n".join(lines)
+
+
 def oracle_path(data_path: str | Path) -> Path:
     """Where the oracle sidecar of a generated file lives: ``x.csv`` -> ``x.oracle.csv``."""
     p = Path(data_path)

@@ -66,41 +66,31 @@ def test_statistics_near_the_original(default_data, column, mean, mean_tol, std,
         assert abs(df[column].std() - std) <= std_tol * std
 
 
-def _last_15_percent(df, oracle):
-    """(actual, oracle, persistence) for every row of the last 15 % of each link."""
-    ys, os_, ps = [], [], []
-    for _, g in df.groupby(["node_id", "peer_id"], observed=True):
-        n = len(g)
-        idx = np.arange(n - int(round(0.15 * n)), n)
-        values = g[TARGETS].to_numpy()
-        ys.append(values[idx])
-        ps.append(values[idx - 1])
-        os_.append(oracle.loc[g.index, [f"oracle_{t}" for t in TARGETS]].to_numpy()[idx - 1])
-    return np.concatenate(ys), np.concatenate(os_), np.concatenate(ps)
-
-
-def _corr_mape(y, p):
-    corr = np.mean([np.corrcoef(y[:, j], p[:, j])[0, 1] for j in range(y.shape[1])])
-    mape = np.mean(np.abs((y - p) / y)) * 100
-    return corr, mape
-
-
 def test_dynamic_oracle_clears_the_targets_and_persistence_does_not(default_data):
-    y, oracle, persist = _last_15_percent(*default_data)
-    corr_o, mape_o = _corr_mape(y, oracle)
-    corr_p, mape_p = _corr_mape(y, persist)
-    assert corr_o >= 0.98 and mape_o < 5
-    assert not (corr_p >= 0.98 and mape_p < 5)
-    assert ((oracle - y) ** 2).mean(0).sum() < ((persist - y) ** 2).mean(0).sum()
+    c = synthetic.ceiling(*default_data)
+    oracle, persist = c["oracle"], c["persistence"]
+    assert oracle["mean_correlation"] >= 0.98 and oracle["mean_mape"] < 5
+    assert not (persist["mean_correlation"] >= 0.98 and persist["mean_mape"] < 5)
+    assert all(oracle["mse"][t] < persist["mse"][t] for t in TARGETS)
+
+
+def test_ceiling_matches_a_direct_computation():
+    df, oracle = synthetic.generate_with_oracle(samples=400, links=1, seed=5)
+    c = synthetic.ceiling(df, oracle)
+    y = df["rtt_ms"].to_numpy()[-60:]
+    prev = df["rtt_ms"].to_numpy()[-61:-1]
+    assert c["persistence"]["correlation"]["rtt_ms"] == pytest.approx(np.corrcoef(y, prev)[0, 1])
+    assert c["persistence"]["mape"]["rtt_ms"] == pytest.approx(100 * np.mean(np.abs(y - prev) / y))
+    o = oracle["oracle_rtt_ms"].to_numpy()[-61:-1]
+    assert c["oracle"]["mse"]["rtt_ms"] == pytest.approx(np.mean((o - y) ** 2))
 
 
 def test_seed_profile_ceiling_is_far_below_the_targets():
     df, oracle = synthetic.generate_with_oracle(profile="seed")
     assert df["node_id"].nunique() == 1 and (np.diff(df["timestamp"]) == 60).all()
-    y, o, p = _last_15_percent(df, oracle)
-    corr_o, _ = _corr_mape(y, o)
-    assert 0.7 < corr_o < 0.85  # the noise alone caps it (the issue quotes about 0.79)
-    assert ((o - y) ** 2).mean() < ((p - y) ** 2).mean()
+    c = synthetic.ceiling(df, oracle)
+    assert 0.7 < c["oracle"]["mean_correlation"] < 0.85  # the noise alone caps it (the issue quotes about 0.79)
+    assert all(c["oracle"]["mse"][t] < c["persistence"]["mse"][t] for t in TARGETS)
 
 
 def test_oracle_is_nan_only_on_each_links_last_row(default_data):

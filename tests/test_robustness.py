@@ -1,0 +1,196 @@
+"""Bad input: one clear line naming the file, column or row, exit code 2, no traceback, nothing overwritten."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fit_args
+
+from dwcp_lstm import synthetic
+from dwcp_lstm.cli import cli_main
+
+
+def base_frame() -> pd.DataFrame:
+    return synthetic.generate(samples=600, links=2, seed=1)  # 2 links x 300 rows
+
+
+def write(tmp: Path, df: pd.DataFrame, name: str = "bad.csv") -> Path:
+    path = tmp / name
+    df.to_csv(path, index=False)
+    return path
+
+
+def _set(col, row, value):
+    def f(df):
+        df[col] = df[col].astype(object) if isinstance(value, str) else df[col]
+        df.loc[row, col] = value
+        return df
+
+    return f
+
+
+# (id, how to spoil the frame or the file, extra CLI flags, expected text of the one-line message)
+FIT_CASES = [
+    ("missing-column", lambda df: df.drop(columns=["rtt_ms"]), [], "missing required column 'rtt_ms'"),
+    ("non-numeric", _set("jitter_ms", 7, "fast"), [], "column 'jitter_ms' row 8: non-numeric value 'fast'"),
+    ("nan", _set("rtt_ms", 10, np.nan), [], "column 'rtt_ms' row 11: NaN"),
+    ("inf", _set("throughput_mbps", 3, np.inf), [], "column 'throughput_mbps' row 4: inf"),
+    ("negative-throughput", _set("throughput_mbps", 5, -1.0), [], "'throughput_mbps' row 6: negative value -1"),
+    ("negative-rtt", _set("rtt_ms", 2, -3.0), [], "column 'rtt_ms' row 3: negative value -3"),
+    ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),
+    ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id=node-0"),
+    ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
+    ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be > 0, got 0"),
+    ("split-sum", None, ["--data.split=[0.6,0.2,0.1]"], "--data.split must be three non-negative fractions"),
+    ("unknown-feature", None, ["--data.features=[rtt_ms,bogus]"], "missing required column 'bogus'"),
+    ("bad-type", None, ["--data.batch_size=many"], 'Parser key "data.batch_size"'),
+    ("bad-duplicates-policy", None, ["--data.duplicates=keep"], "duplicates policy must be one of"),
+]
+
+
+@pytest.mark.parametrize(("case", "spoil", "flags", "expected"), FIT_CASES, ids=[c[0] for c in FIT_CASES])
+def test_fit_rejects_bad_input(tmp_path, capsys, case, spoil, flags, expected):
+    df = base_frame()
+    path = write(tmp_path, spoil(df) if spoil else df)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--data.data_path={path}", *flags))
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+    if spoil is not None:
+        assert str(path) in err[0], "the message names the file"
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "expected"),
+    [
+        ("missing-file", lambda d: d / "nope.csv", "nope.csv: file not found"),
+        ("empty-file", lambda d: _touch(d / "empty.csv", b""), "empty.csv: file is empty"),
+        ("header-only", lambda d: _touch(d / "h.csv", b"a,b\n"), "h.csv: missing required column"),
+        ("not-csv", lambda d: _touch(d / "data.json", b"{}"), "unsupported file type '.json'"),
+        ("corrupt-parquet", lambda d: _touch(d / "x.parquet", b"PAR1garbage"), "x.parquet: not a readable parquet"),
+        ("directory", lambda d: d, "is a directory"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_fit_rejects_bad_files(tmp_path, capsys, case, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--data.data_path={path}"))
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+
+
+def _touch(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["generate", "--output", "{tmp}/out.txt"], "output must end in .csv or .parquet"),
+        (["generate", "--output", "{tmp}/out.csv", "--samples", "1"], "--samples must be >= 2"),
+        (["generate", "--output", "{tmp}/out.csv", "--links", "0"], "--links must be between 1"),
+        (["report", "--run", "{tmp}/no_such_run"], "no_such_run: run directory not found"),
+        (["report", "--run", "{tmp}"], "config.yaml: file not found"),
+    ],
+)
+def test_other_commands_reject_bad_input(tmp_path, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exc:
+        cli_main([a.format(tmp=tmp_path) for a in argv])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_generate_never_leaves_a_half_written_file(tmp_path):
+    out = tmp_path / "d.csv"
+    cli_main(["generate", "--output", str(out), "--samples", "600"])
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):
+        cli_main(["generate", "--output", str(out), "--samples", "1"])
+    assert out.read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_no_traceback_from_the_real_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dwcp_lstm", "fit", f"--data.data_path={tmp_path / 'missing.csv'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing.csv'}: file not found"
+
+
+def test_unsorted_rows_are_sorted_with_a_warning(tmp_path, small_csv, caplog):
+    from dwcp_lstm.data import DwcpDataModule
+
+    df = pd.read_csv(small_csv)
+    shuffled = write(tmp_path, df.sample(frac=1.0, random_state=0))
+    a, b = DwcpDataModule(data_path=str(small_csv)), DwcpDataModule(data_path=str(shuffled))
+    a.setup("fit")
+    b.setup("fit")
+    assert (a.datasets["train"].x == b.datasets["train"].x).all()
+    assert "not sorted" in caplog.text
+
+
+def test_gaps_split_a_series_and_windows_never_cross_them(tmp_path, caplog):
+    from dwcp_lstm.data import DwcpDataModule
+
+    df = base_frame()
+    first = df["node_id"] == df["node_id"].iloc[0]
+    df.loc[first & (df.index >= 150), "timestamp"] += 100 * 300  # a 100-step hole in link 1
+    dm = DwcpDataModule(data_path=str(write(tmp_path, df)))
+    dm.setup("fit")
+    assert len(dm.bounds) == 3 and "gaps" in caplog.text
+    for stage in ("train", "val", "test"):
+        s = dm.starts[stage]
+        assert (dm.segment_of_row[s] == dm.segment_of_row[s + dm.window_size]).all()
+        steps = np.diff(dm.timestamps[s[:, None] + np.arange(dm.window_size + 1)], axis=1)
+        assert steps.max() <= 300
+
+
+def test_short_links_are_skipped_with_a_warning(tmp_path, caplog):
+    from dwcp_lstm.data import DwcpDataModule
+
+    df = base_frame()
+    short = df[df["node_id"] == df["node_id"].iloc[-1]].head(10)
+    df = pd.concat([df[df["node_id"] == df["node_id"].iloc[0]], short])
+    dm = DwcpDataModule(data_path=str(write(tmp_path, df)))
+    dm.setup("fit")
+    assert len(dm.bounds) == 1 and "skipped 1 of 2" in caplog.text
+
+
+@pytest.mark.parametrize(("policy", "rows"), [("first", 600), ("mean", 600)])
+def test_duplicate_policies(tmp_path, policy, rows):
+    from dwcp_lstm.data import DwcpDataModule
+
+    df = base_frame()
+    dup = df.iloc[[10]].copy()
+    dup["rtt_ms"] += 10
+    dm = DwcpDataModule(data_path=str(write(tmp_path, pd.concat([df, dup]))), duplicates=policy)
+    dm.setup("fit")
+    assert len(dm.raw_targets) == rows
+    j = dm.targets.index("rtt_ms")
+    expected = df["rtt_ms"].iloc[10] + (5 if policy == "mean" else 0)
+    assert dm.raw_targets[10, j] == pytest.approx(expected)
+
+
+def test_non_finite_loss_stops_training_without_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--model.optimizer.init_args.lr=1e12", "--trainer.max_epochs=1"))
+    assert exc.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite training loss" in err
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
