@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dwcp_lstm import __version__
 from dwcp_lstm.model import count_parameters
+from dwcp_lstm.tables import atomic_write, sha256_of
 
 UNITS = {
     "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
@@ -32,27 +31,9 @@ def unit_of(column: str) -> str:
     return next((u for s, u in SUFFIX_UNITS.items() if column.endswith(s)), "as in the training data")
 
 
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-class EpochSeed(L.Callback):
-    """Reseed torch at every epoch start from ``seed + epoch``, so dropout draws never depend on process history.
+class StepSeed(L.Callback):
+    """Reseed torch before every training batch from ``seed + global_step``: dropout draws never depend on what ran
+    before in the process (a resumed run creates its DataLoader iterator, which draws a seed, at another moment).
 
     With :class:`~dwcp_lstm.data.EpochShuffleSampler` this makes a run resumed from ``last.ckpt`` replay the epochs
     of an uninterrupted run exactly.
@@ -64,8 +45,8 @@ class EpochSeed(L.Callback):
     def __init__(self, seed: int = 42) -> None:
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.manual_seed(self.seed + 1000 * trainer.current_epoch + trainer.global_rank)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        torch.manual_seed(self.seed + 100_003 * trainer.global_rank + trainer.global_step)
 
 
 def best_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
@@ -178,6 +159,8 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         "features": [{"name": c, "unit": unit_of(c)} for c in dm.features],
         "targets": [{"name": c, "unit": unit_of(c)} for c in dm.targets],
         "window_size": dm.window_size,
+        "target_mode": dm.target_mode,
+        "series": {"columns": dm.series_columns, "time_column": dm.time_column, "max_gap": dm.max_gap},
         "scaler": {
             "note": "applied inside the graph; listed for reference only",
             "feature_mean": module.fmean.tolist(),

@@ -32,7 +32,7 @@ def _lightning_cli_class():
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from dwcp_lstm.callbacks import EpochSeed, OnnxExport
+    from dwcp_lstm.callbacks import OnnxExport, StepSeed
 
     class DwcpCLI(LightningCLI):
         """Links the data's column lists to the model, adds the project's callbacks as config sections."""
@@ -41,6 +41,7 @@ def _lightning_cli_class():
             parser.link_arguments("data.features", "model.feature_names")
             parser.link_arguments("data.targets", "model.target_names")
             parser.link_arguments("data.window_size", "model.window_size")
+            parser.link_arguments("data.target_mode", "model.target_mode")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults(
                 {
@@ -53,7 +54,7 @@ def _lightning_cli_class():
             parser.add_lightning_class_args(EarlyStopping, "early_stopping")
             parser.set_defaults({"early_stopping.monitor": "val_loss", "early_stopping.patience": 15})
             parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-            parser.add_lightning_class_args(EpochSeed, "epoch_seed")
+            parser.add_lightning_class_args(StepSeed, "step_seed")
             parser.add_lightning_class_args(OnnxExport, "onnx")
 
         def before_fit(self) -> None:
@@ -85,9 +86,31 @@ def _lightning_cli_class():
             if not trainer.is_global_zero:
                 return
             report = evaluate(best_module(trainer, self.model), self.datamodule, trainer.log_dir, best or None)
+            log_to_tensorboard(trainer, self.model, report)
             print_summary(report, trainer.log_dir)
 
     return DwcpCLI
+
+
+def log_to_tensorboard(trainer, model, report: dict) -> None:
+    """HPARAMS tab (hyperparameters with the final test figures) and the report's figures as images."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = trainer.logger
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    final = {f"hp/test_{k}": float(v) for k, v in report["overall"].items() if not isinstance(v, bool)}
+    if report.get("gap_closed"):
+        final.update({f"hp/gap_closed_{t}": float(v) for t, v in report["gap_closed"].items()})
+    hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in model.hparams.items()}
+    logger.log_hyperparams(hparams, metrics=final)
+    import matplotlib.image as mpimg
+
+    for name in ("predictions_scatter", "timeseries", "baselines", "error_distribution"):
+        path = Path(trainer.log_dir) / f"{name}.png"
+        if path.exists():
+            logger.experiment.add_image(f"test/{name}", mpimg.imread(path)[..., :3], dataformats="HWC")
+    logger.experiment.flush()
 
 
 def print_summary(report: dict, run_dir: str) -> None:
@@ -139,15 +162,13 @@ def cmd_generate(argv: list[str]) -> None:
         print(synthetic.card_markdown(a.samples, a.seed))
         return
     out = Path(a.output)
-    if out.suffix not in (".csv", ".parquet"):
-        raise _data_error(f"{out}: output must end in .csv or .parquet")
     try:
         df, oracle = synthetic.generate_with_oracle(a.samples, a.seed, a.profile, a.links, a.noise)
     except ValueError as exc:
         raise _data_error(str(exc)) from None
+    synthetic.write_frame(df, out)  # checks the suffix before anything is written
     if a.oracle:
         synthetic.write_frame(oracle, synthetic.oracle_path(out))
-    synthetic.write_frame(df, out)
     n_links = df.groupby(["node_id", "peer_id"], observed=True).ngroups
     print(f"wrote {len(df)} rows, {n_links} links ({a.profile} profile, seed {a.seed}) -> {out}")
 

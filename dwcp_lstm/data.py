@@ -118,6 +118,7 @@ class DwcpDataModule(L.LightningDataModule):
         targets: list[str] = TARGETS,  # noqa: B006
         series_columns: list[str] = synthetic.LINK_COLUMNS,  # noqa: B006
         time_column: str = "timestamp",
+        target_mode: str = "delta",
         duplicates: str = "error",
         max_gap: float = 3.0,
         num_workers: int = 0,
@@ -136,6 +137,9 @@ class DwcpDataModule(L.LightningDataModule):
             targets: forecast columns, taken at the row after the window (the model's output width follows).
             series_columns: columns that identify one series (a link); windows never cross series.
             time_column: numeric time (e.g. Unix seconds) that orders each series.
+            target_mode: ``delta`` (default): the network learns the change from the window's last value of each
+                target, which must then be among the features; ``level``: the value itself. Forecasts and metrics
+                are in original units either way.
             duplicates: repeated (series, time) rows: ``error``, ``first`` (keep it) or ``mean``.
             max_gap: a step larger than this multiple of a series' median cadence splits the series; <= 0: never.
             num_workers: DataLoader worker processes.
@@ -145,11 +149,12 @@ class DwcpDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        _check_config(window_size, batch_size, split, features, targets, num_workers)
+        _check_config(window_size, batch_size, split, features, targets, num_workers, target_mode)
         self.data_path, self.window_size, self.batch_size = data_path, window_size, batch_size
         self.split, self.features, self.targets = tuple(split), list(features), list(targets)
         self.series_columns, self.time_column = list(series_columns), time_column
         self.duplicates, self.max_gap, self.num_workers, self.seed = duplicates, max_gap, num_workers, seed
+        self.target_mode = target_mode
         self.synthetic, self.data_dir = synthetic, data_dir
         self.datasets: dict[str, WindowDataset] = {}
 
@@ -240,9 +245,19 @@ class DwcpDataModule(L.LightningDataModule):
             )
 
     def _fit_scalers(self) -> None:
-        """StandardScalers on the training rows only; kept on the module for the export and the report."""
+        """StandardScalers on the training rows only; kept on the module for the export and the report.
+
+        In ``delta`` mode the target scaler sees the one-step changes at the training rows (a segment's first row
+        has no change and is left out), so the loss weighs each target by how much it moves, not by its level.
+        """
+        self.target_values = self.raw_targets
+        self.target_fit_rows = self.train_rows
+        if self.target_mode == "delta":
+            self.target_values = np.diff(self.raw_targets, axis=0, prepend=self.raw_targets[:1])
+            self.target_values[self.bounds[:, 0]] = 0.0  # no previous row in the segment; never a target
+            self.target_fit_rows = np.setdiff1d(self.train_rows, self.bounds[:, 0])
         self.feature_scaler = StandardScaler().fit(self.raw_features[self.train_rows])
-        self.target_scaler = StandardScaler().fit(self.raw_targets[self.train_rows])
+        self.target_scaler = StandardScaler().fit(self.target_values[self.target_fit_rows])
         for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.targets)):
             for name in np.asarray(names)[scaler.var_ == 0]:  # sklearn leaves them unscaled (scale 1): harmless
                 log.warning("%s: column %r is constant on the training rows; the model cannot learn from it",
@@ -251,15 +266,14 @@ class DwcpDataModule(L.LightningDataModule):
     def _make_datasets(self) -> None:
         fs, ts = self.feature_scaler, self.target_scaler
         x = torch.from_numpy(((self.raw_features - fs.mean_) / fs.scale_).astype(np.float32))  # [rows, F]
-        y = torch.from_numpy(((self.raw_targets - ts.mean_) / ts.scale_).astype(np.float32))  # [rows, T]
+        y = torch.from_numpy(((self.target_values - ts.mean_) / ts.scale_).astype(np.float32))  # [rows, T]
         self.datasets = {s: WindowDataset(x, y, self.starts[s], self.window_size) for s in STAGES}
 
     def audit(self) -> None:
         """Fail loudly if any window or scaler could leak: run at the end of every setup."""
-        rows = self.train_rows
-        for name, scaler, raw in (
-            ("feature", self.feature_scaler, self.raw_features),
-            ("target", self.target_scaler, self.raw_targets),
+        for name, scaler, raw, rows in (
+            ("feature", self.feature_scaler, self.raw_features, self.train_rows),
+            ("target", self.target_scaler, self.target_values, self.target_fit_rows),
         ):
             if scaler.n_samples_seen_ != len(rows) or not np.allclose(
                 scaler.mean_, raw[rows].astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6
@@ -318,8 +332,19 @@ class DwcpDataModule(L.LightningDataModule):
 
 
 def _check_config(
-    window: int, batch: int, split: Sequence[float], features: Sequence[str], targets: Sequence[str], workers: int
+    window: int,
+    batch: int,
+    split: Sequence[float],
+    features: Sequence[str],
+    targets: Sequence[str],
+    workers: int,
+    target_mode: str,
 ) -> None:
+    if target_mode not in ("delta", "level"):
+        raise DataError(f"--data.target_mode must be delta or level, got {target_mode!r}")
+    if target_mode == "delta" and not set(targets) <= set(features):
+        missing = [t for t in targets if t not in features]
+        raise DataError(f"--data.target_mode delta needs every target among the features; missing {missing}")
     if window <= 0:
         raise DataError(f"--data.window_size must be > 0, got {window}")
     if batch <= 0:

@@ -12,8 +12,8 @@ import torch
 
 from dwcp_lstm import baselines as B
 from dwcp_lstm import plots, synthetic
-from dwcp_lstm.callbacks import atomic_write, sha256_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
+from dwcp_lstm.tables import atomic_write, sha256_of
 
 TARGET_CORR, TARGET_MAPE, TARGET_GAP = 0.98, 5.0, 0.9
 
@@ -24,7 +24,7 @@ def predict_raw(module, dm, stage: str = "test") -> np.ndarray:
     out = []
     with torch.no_grad():
         for x, _ in dm._loader(stage):
-            out.append(module.unscale(module(x)).double().numpy())
+            out.append(module.unscale(module(x), x).double().numpy())
     return np.concatenate(out) if out else np.empty((0, dm.n_targets))
 
 

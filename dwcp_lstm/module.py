@@ -8,23 +8,33 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import MeanMetric
 
 from dwcp_lstm.data import FEATURES, TARGETS
 from dwcp_lstm.metrics import ForecastMetrics, summarize
 from dwcp_lstm.model import StackedLSTM
+from dwcp_lstm.tables import DataError
 
 
 class RawForecaster(nn.Module):
-    """Raw metrics [B, W, F] -> raw forecasts [B, T]: the train-fit scalers baked in on both sides (what ONNX ships)."""
+    """Raw metrics [B, W, F] -> raw forecasts [B, T]: the train-fit scalers baked in on both sides (what ONNX ships).
 
-    def __init__(self, net: nn.Module, fmean, fscale, tmean, tscale) -> None:
+    With ``target_index`` (delta mode) the network's output is the change from the window's last raw value of each
+    target, which is added back inside the graph.
+    """
+
+    def __init__(self, net: nn.Module, fmean, fscale, tmean, tscale, target_index=None) -> None:
         super().__init__()
         self.net = net
         for name, v in (("fmean", fmean), ("fscale", fscale), ("tmean", tmean), ("tscale", tscale)):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
+        self.target_index = None if target_index is None else [int(i) for i in target_index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, T]
+        out = self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, T]
+        if self.target_index is not None:
+            out = out + x[:, -1, self.target_index]  # + last raw value of each target [B, T]
+        return out
 
 
 class DwcpForecaster(L.LightningModule):
@@ -34,6 +44,7 @@ class DwcpForecaster(L.LightningModule):
         feature_names: input columns in order (linked from ``data.features``; sets the input width).
         target_names: forecast columns in order (linked from ``data.targets``; sets the output width).
         window_size: rows per window (linked from ``data.window_size``; fixes the exported input shape).
+        target_mode: ``delta`` or ``level`` (linked from ``data.target_mode``): what the network's output means.
         lstm_sizes: hidden sizes of the stacked LSTM layers.
         head_sizes: widths of the dense head's hidden layers.
         head_dropouts: dropout after each head layer but the last.
@@ -48,6 +59,7 @@ class DwcpForecaster(L.LightningModule):
         feature_names: list[str] = FEATURES,  # noqa: B006 (literal defaults for the CLI; never mutated)
         target_names: list[str] = TARGETS,  # noqa: B006
         window_size: int = 20,
+        target_mode: str = "delta",
         lstm_sizes: tuple[int, ...] = (256, 128, 64),
         head_sizes: tuple[int, ...] = (128, 64, 32),
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
@@ -63,8 +75,15 @@ class DwcpForecaster(L.LightningModule):
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
         if w.shape != (n_t,) or (w < 0).any():
-            raise ValueError(f"--model.loss_weights needs {n_t} non-negative numbers, got {loss_weights}")
+            raise DataError(f"--model.loss_weights needs {n_t} non-negative numbers, got {loss_weights}")
         self.register_buffer("loss_weights", w / w.mean())
+        if target_mode not in ("delta", "level"):
+            raise DataError(f"--model.target_mode must be delta or level, got {target_mode!r}")
+        self.delta = target_mode == "delta"
+        if self.delta and not set(target_names) <= set(feature_names):
+            raise DataError("--data.target_mode delta needs every target among the features")
+        idx = [list(feature_names).index(t) for t in target_names] if self.delta else []
+        self.target_index = idx  # feature column of each target (delta mode)
         # Scaler parameters: copied from the DataModule in setup(), saved in every checkpoint.
         self.register_buffer("fmean", torch.zeros(n_f))
         self.register_buffer("fscale", torch.ones(n_f))
@@ -75,6 +94,9 @@ class DwcpForecaster(L.LightningModule):
             {f"{s}_metrics": ForecastMetrics(target_names, mape_floor) for s in ("train", "val", "test")}
         )
         self.example_input_array = torch.zeros(1, window_size, n_f)
+        self.val_loss_mean = MeanMetric()  # drives the LR scheduler (see configure_optimizers)
+        self.scheduler = None
+        self._scheduler_state: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # scaled [B, W, F] -> scaled [B, T]
@@ -82,10 +104,12 @@ class DwcpForecaster(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "feature_scaler", None) is not None:
-            if list(dm.features) != list(self.hparams.feature_names) or list(dm.targets) != list(
-                self.hparams.target_names
+            if (
+                list(dm.features) != list(self.hparams.feature_names)
+                or list(dm.targets) != list(self.hparams.target_names)
+                or dm.target_mode != self.hparams.target_mode
             ):
-                raise ValueError("the model's feature/target names differ from the data's (link them in the config)")
+                raise DataError("the model's feature/target names or target_mode differ from the data's (link them)")
             for name, v in (
                 ("fmean", dm.feature_scaler.mean_),
                 ("fscale", dm.feature_scaler.scale_),
@@ -96,10 +120,16 @@ class DwcpForecaster(L.LightningModule):
 
     def raw_forecaster(self) -> RawForecaster:
         """The network with its scalers baked in, for export and raw-unit inference."""
-        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale)
+        index = self.target_index if self.delta else None
+        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index)
 
-    def unscale(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.tscale + self.tmean
+    def unscale(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Scaled network output (or target) [B, T] of scaled windows x [B, W, F] -> original units [B, T]."""
+        out = y * self.tscale + self.tmean
+        if self.delta:
+            i = self.target_index
+            out = out + x[:, -1, i] * self.fscale[i] + self.fmean[i]  # + the window's last raw value
+        return out
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -111,7 +141,7 @@ class DwcpForecaster(L.LightningModule):
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}; "
                 "lower the learning rate or set trainer.gradient_clip_val"
             )
-        self.metrics[f"{stage}_metrics"].update(self.unscale(pred.detach()), self.unscale(y))
+        self.metrics[f"{stage}_metrics"].update(self.unscale(pred.detach(), x), self.unscale(y, x))
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
 
@@ -125,10 +155,18 @@ class DwcpForecaster(L.LightningModule):
         self._log_metrics("train")
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._common_step(batch, "val")
+        loss = self._common_step(batch, "val")
+        self.val_loss_mean.update(loss, weight=len(batch[0]))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        val_loss = self.val_loss_mean.compute()  # synced across ranks
+        self.val_loss_mean.reset()
+        if self.scheduler is not None and not self.trainer.sanity_checking:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(float(val_loss))
+            else:
+                self.scheduler.step()
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._common_step(batch, "test")
@@ -138,7 +176,7 @@ class DwcpForecaster(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self.unscale(self(x))  # raw units [B, T]
+        return self.unscale(self(x), x)  # raw units [B, T]
 
     def _log_metrics(self, stage: str) -> None:
         per_target = self.metrics[f"{stage}_metrics"].compute()  # syncs across ranks under DDP
@@ -151,9 +189,24 @@ class DwcpForecaster(L.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def configure_optimizers(self):
+        """The optimizer goes to Lightning; the scheduler is stepped here, at the end of every validation epoch.
+
+        Why not Lightning's scheduler loop: it steps epoch schedulers *after* the epoch's last checkpoint is written,
+        and skips ReduceLROnPlateau on the epoch it resumes from, so a resumed run's learning-rate schedule would
+        drift from an uninterrupted run's. Stepping in on_validation_epoch_end puts the step inside the checkpoint.
+        """
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)
         else:
-            scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+            self.scheduler = self.scheduler_factory(optimizer)
+        if self._scheduler_state is not None:
+            self.scheduler.load_state_dict(self._scheduler_state)
+        return optimizer
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.scheduler is not None:
+            checkpoint["dwcp_lr_scheduler"] = self.scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._scheduler_state = checkpoint.get("dwcp_lr_scheduler")  # applied when configure_optimizers runs

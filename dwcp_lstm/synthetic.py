@@ -52,6 +52,8 @@ import pandas as pd
 from scipy.signal import lfilter
 from scipy.special import ndtr
 
+from dwcp_lstm.tables import write_frame  # noqa: F401 (re-exported: synthetic.write_frame is the public name)
+
 COLUMNS = [
     "timestamp", "region", "az", "link_type", "node_id", "peer_id", "rtt_ms", "jitter_ms", "throughput_mbps",
     "bytes_tx", "bytes_rx", "packet_loss", "retransmits", "congestion_window", "queue_depth", "dwcp_mode",
@@ -378,17 +380,3 @@ def oracle_path(data_path: str | Path) -> Path:
     """Where the oracle sidecar of a generated file lives: ``x.csv`` -> ``x.oracle.csv``."""
     p = Path(data_path)
     return p.with_name(f"{p.stem}.oracle{p.suffix}")
-
-
-def write_frame(df: pd.DataFrame, path: str | Path) -> None:
-    """Write CSV or Parquet (by suffix) to a temporary name, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    if path.suffix not in (".csv", ".parquet"):
-        raise ValueError(f"{path}: output must end in .csv or .parquet")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".csv":
-        df.to_csv(tmp, index=False, lineterminator="\n")
-    else:
-        df.to_parquet(tmp, index=False)
-    tmp.replace(path)

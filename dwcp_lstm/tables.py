@@ -15,7 +15,9 @@ Policies for messy data, all documented in the README:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -168,7 +170,7 @@ def segment_bounds(
     short = (bounds[:, 1] - bounds[:, 0]) < min_rows
     if short.any():
         log.warning(
-            "%s: skipped %d of %d series segments shorter than %d rows (window + 1)",
+            "%s: skipped %d of %d series segments shorter than %d rows",
             path,
             int(short.sum()),
             len(bounds),
@@ -176,5 +178,45 @@ def segment_bounds(
         )
     bounds = bounds[~short]
     if len(bounds) == 0:
-        raise DataError(f"{path}: no series has at least {min_rows} rows (window + 1); nothing to train on")
+        raise DataError(f"{path}: no series has at least {min_rows} rows; nothing to use")
     return bounds
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:
+    """Write CSV or Parquet (by suffix) to a temporary name, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    if path.suffix.lower() not in (".csv", ".parquet"):
+        raise DataError(f"{path}: output must end in .csv or .parquet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if path.suffix.lower() == ".csv":
+            df.to_csv(tmp, index=False, lineterminator="\n", float_format=float_format)
+        else:
+            df.to_parquet(tmp, index=False)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None

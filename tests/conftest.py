@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# One thread per process: the suite runs subprocesses beside the main one on 2 cores, and oversubscribed OpenMP
+# threads make torch up to 50x slower. Set before torch is imported; subprocesses inherit it.
+os.environ["OMP_NUM_THREADS"] = "1"
 
-from dwcp_lstm import synthetic
-from dwcp_lstm.cli import cli_main
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dwcp_lstm import synthetic  # noqa: E402
+from dwcp_lstm.cli import cli_main  # noqa: E402
+
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "smoke.yaml"

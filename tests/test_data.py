@@ -68,12 +68,32 @@ def test_split_order_holds_per_link(small_csv):
 
 
 def test_scalers_see_exactly_the_training_rows(small_csv):
-    dm = make_dm(small_csv)
     df = pd.read_csv(small_csv).sort_values(["node_id", "peer_id", "timestamp"])
     train = df.groupby(["node_id", "peer_id"]).head(int(0.7 * 500))  # first 70 % of each link
-    np.testing.assert_allclose(dm.feature_scaler.mean_, train[FEATURES].mean().to_numpy(), rtol=1e-5)
-    np.testing.assert_allclose(dm.target_scaler.scale_, train[TARGETS].std(ddof=0).to_numpy(), rtol=1e-5)
-    assert dm.feature_scaler.n_samples_seen_ == len(train)
+    level = make_dm(small_csv, target_mode="level")
+    np.testing.assert_allclose(level.feature_scaler.mean_, train[FEATURES].mean().to_numpy(), rtol=1e-5)
+    np.testing.assert_allclose(level.target_scaler.scale_, train[TARGETS].std(ddof=0).to_numpy(), rtol=1e-5)
+    assert level.feature_scaler.n_samples_seen_ == len(train)
+    # delta mode: the target scaler sees the one-step changes inside the training rows of each link
+    delta = make_dm(small_csv)
+    changes = train.groupby(["node_id", "peer_id"])[TARGETS].diff().dropna()
+    np.testing.assert_allclose(delta.target_scaler.mean_, changes.mean().to_numpy(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(delta.target_scaler.scale_, changes.std(ddof=0).to_numpy(), rtol=1e-5)
+    assert delta.target_scaler.n_samples_seen_ == len(changes)
+
+
+@pytest.mark.parametrize("mode", ["delta", "level"])
+def test_module_unscale_recovers_raw_targets(small_csv, mode):
+    from dwcp_lstm.module import DwcpForecaster
+
+    dm = make_dm(small_csv, target_mode=mode)
+    module = DwcpForecaster(target_mode=mode)
+    for name, v in (("fmean", dm.feature_scaler.mean_), ("fscale", dm.feature_scaler.scale_),
+                    ("tmean", dm.target_scaler.mean_), ("tscale", dm.target_scaler.scale_)):  # fmt: skip
+        getattr(module, name).copy_(torch.as_tensor(v))
+    x, y = next(iter(dm.val_dataloader()))
+    rows = dm.target_rows("val")[: len(y)]
+    np.testing.assert_allclose(module.unscale(y, x).numpy(), dm.raw_targets[rows], rtol=1e-5)
 
 
 def test_windows_are_index_arithmetic_not_copies(small_csv):

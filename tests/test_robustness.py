@@ -13,6 +13,7 @@ from conftest import fit_args
 
 from dwcp_lstm import synthetic
 from dwcp_lstm.cli import cli_main
+from dwcp_lstm.synthetic import TARGETS
 
 
 def base_frame() -> pd.DataFrame:
@@ -47,7 +48,8 @@ FIT_CASES = [
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
     ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be > 0, got 0"),
     ("split-sum", None, ["--data.split=[0.6,0.2,0.1]"], "--data.split must be three non-negative fractions"),
-    ("unknown-feature", None, ["--data.features=[rtt_ms,bogus]"], "missing required column 'bogus'"),
+    ("unknown-feature", None, [f"--data.features=[{','.join(TARGETS)},bogus]"], "missing required column 'bogus'"),
+    ("delta-needs-targets", None, ["--data.features=[rtt_ms,queue_depth]"], "needs every target among the features"),
     ("bad-type", None, ["--data.batch_size=many"], 'Parser key "data.batch_size"'),
     ("bad-duplicates-policy", None, ["--data.duplicates=keep"], "duplicates policy must be one of"),
 ]

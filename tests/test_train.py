@@ -7,9 +7,9 @@ import torch
 import yaml
 from conftest import ROOT, fit_args, run_dir_of
 
-from dwcp_lstm.callbacks import sha256_of
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.tables import sha256_of
 
 ARTIFACTS = (
     "config.yaml",
@@ -108,3 +108,18 @@ def test_same_config_gives_the_same_metrics(tmp_path):
         cli_main(fit_args(d, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"))
     ra, rb = (json.loads((run_dir_of(d) / "report.json").read_text()) for d in (a, b))
     assert ra["per_target"] == rb["per_target"]
+
+
+def test_tensorboard_has_per_target_metrics_lr_hparams_and_figures(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for f in smoke_run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+    for stage in ("train", "val", "test"):
+        assert {f"{stage}/throughput_mbps/mae", f"{stage}/jitter_ms/correlation", f"{stage}/mean/mape"} <= scalars
+    assert "lr-Adam" in scalars and "hp/test_average_correlation" in scalars
+    assert {"test/predictions_scatter", "test/timeseries", "test/baselines"} <= images

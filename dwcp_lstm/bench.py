@@ -1,0 +1,484 @@
+"""``python -m dwcp_lstm bench``: latency, throughput, training overhead and memory figures, as one JSON object.
+
+Every pair is measured side by side in one process on the same inputs (ONNX Runtime vs PyTorch eager, Lightning vs a
+plain loop), alternating rounds so that background load hits both alike. Without ``--run`` an untrained model with
+the defaults is exported: latency and parity do not depend on training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dwcp_lstm.tables import DataError
+
+if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.module import DwcpForecaster
+
+# Sizes: full run vs --quick (a few seconds, for the test suite).
+FULL = {"rows": 1_000_000, "b1_iters": 2000, "b256_iters": 20, "rounds": 5, "train_batches": 60, "train_warmup": 5,
+        "train_reps": 2, "train_rows": 15_000, "parity_windows": 2048}  # fmt: skip
+QUICK = {"rows": 20_000, "b1_iters": 40, "b256_iters": 2, "rounds": 2, "train_batches": 3, "train_warmup": 1,
+         "train_reps": 1, "train_rows": 3_000, "parity_windows": 256}  # fmt: skip
+BATCH_SIZE, LR = 64, 1e-3
+
+# Run in a fresh interpreter so that the parent's imports and data generation do not count towards the peak. On Linux
+# ru_maxrss survives fork + exec: a child's starts at the parent's RSS at spawn time (the parent holds torch and the
+# generated frame). VmHWM of /proc/self/status belongs to the child's own address space, so it is the figure used;
+# ru_maxrss is reported beside it.
+_DATAMODULE_CHILD = """
+import json, re, resource, sys, time
+from pathlib import Path
+
+
+def hwm_kb():
+    try:
+        return int(re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+from dwcp_lstm.data import DwcpDataModule
+
+base = hwm_kb()
+dm = DwcpDataModule(data_path=sys.argv[1])
+t0 = time.perf_counter()
+dm.setup("fit")
+dt = time.perf_counter() - t0
+print(json.dumps({"seconds": dt, "hwm_kb": hwm_kb(), "base_kb": base, "rows": len(dm.raw_features),
+                  "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "train_windows": len(dm.datasets["train"])}))
+"""
+
+
+def _percentile_ms(ns: list[int], q: float) -> float:
+    return float(np.percentile(np.asarray(ns, dtype=np.float64), q) / 1e6)
+
+
+def _time_calls(fn: Callable[[], Any], iters: int) -> list[int]:
+    """Wall time of each of ``iters`` calls, in ns."""
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter_ns()
+        fn()
+        out.append(time.perf_counter_ns() - t0)
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synthetic_datamodule(rows: int, work: Path) -> DwcpDataModule:
+    """A DwcpDataModule (batch size 64, set up) over ``rows`` rows of synthetic data written to ``work``."""
+    from dwcp_lstm import synthetic
+    from dwcp_lstm.data import DwcpDataModule
+
+    data = work / f"train_{rows}.parquet"
+    synthetic.write_frame(synthetic.generate(samples=rows, links=max(1, rows // 3000)), data)
+    dm = DwcpDataModule(data_path=str(data), batch_size=BATCH_SIZE)
+    dm.setup("fit")
+    return dm
+
+
+def build_model(
+    run: str | None, work: Path, train_dm: DwcpDataModule, parity_windows: int
+) -> tuple[DwcpForecaster, DwcpDataModule, Path, dict[str, Any]]:
+    """(module, datamodule of its windows, model.onnx, metadata) for ``run``, or an untrained default model that
+    takes the scalers of ``train_dm`` (so that its inputs are in a realistic range), exported into ``work``.
+    """
+    import torch
+
+    from dwcp_lstm.callbacks import build_metadata, export_onnx, onnx_parity, raw_windows
+    from dwcp_lstm.module import DwcpForecaster
+    from dwcp_lstm.tables import atomic_write
+
+    if run is not None:
+        from dwcp_lstm.runs import load_run
+
+        module, dm, _ = load_run(run, "fit")
+        path = Path(run) / "model.onnx"
+        if not path.exists():
+            raise DataError(f"{path}: file not found (the run has no ONNX export)")
+        meta = json.loads((Path(run) / "model_metadata.json").read_text())
+        return module.cpu().eval(), dm, path, meta
+    dm = train_dm
+    torch.manual_seed(0)
+    module = DwcpForecaster(window_size=dm.window_size)
+    for name, v in (
+        ("fmean", dm.feature_scaler.mean_),
+        ("fscale", dm.feature_scaler.scale_),
+        ("tmean", dm.target_scaler.mean_),
+        ("tscale", dm.target_scaler.scale_),
+    ):
+        getattr(module, name).copy_(torch.as_tensor(v, dtype=torch.float32))
+    module.eval()
+    path = work / "model.onnx"
+    export_onnx(module, path, dm.window_size)
+    parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows))
+    meta = build_metadata(module, dm, path, 17, parity, work)
+    atomic_write(work / "model_metadata.json", json.dumps(meta, indent=2))
+    return module, dm, path, meta
+
+
+def bench_inference(
+    module: DwcpForecaster, dm: DwcpDataModule, model_path: Path, s: dict, threads: int | None
+) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch eager on the same raw test windows: batch-1 latency (1 thread) and batch-256 rate
+    (``threads`` intra-op threads for both; None = each library's default)."""
+    import onnxruntime as ort
+    import torch
+
+    from dwcp_lstm.callbacks import raw_windows
+    from dwcp_lstm.serve import Predictor
+
+    x = np.ascontiguousarray(raw_windows(dm, "test", max(256, s["parity_windows"])), dtype=np.float32)  # [N, W, F]
+    while len(x) < 256:  # tiny quick datasets: repeat windows to fill a batch
+        x = np.concatenate([x, x])
+    raw = module.raw_forecaster().cpu().eval()
+    singles = [np.ascontiguousarray(x[i : i + 1]) for i in range(64)]  # [1, W, F] each, cycled
+    singles_t = [torch.from_numpy(a) for a in singles]
+    batch = np.ascontiguousarray(x[:256])  # [256, W, F]
+    batch_t = torch.from_numpy(batch)
+
+    one = ort.SessionOptions()
+    one.intra_op_num_threads, one.inter_op_num_threads = 1, 1
+    sess1 = ort.InferenceSession(str(model_path), one, providers=["CPUExecutionProvider"])
+    many = ort.SessionOptions()
+    if threads is not None:
+        many.intra_op_num_threads = threads
+    sess_all = ort.InferenceSession(str(model_path), many, providers=["CPUExecutionProvider"])
+    predictor = Predictor(model_path, threads=1)
+    name_in, name_out = sess1.get_inputs()[0].name, sess1.get_outputs()[0].name
+
+    # Parity on every test window used here (relative to max(|torch|, 1e-3 x target sd), as in the export check).
+    with torch.inference_mode():
+        ref = raw(torch.from_numpy(x)).numpy()
+    got = sess_all.run([name_out], {name_in: x})[0]
+    floor = 1e-3 * module.tscale.cpu().numpy()
+    parity_rel = float((np.abs(got - ref) / np.maximum(np.abs(ref), floor)).max())
+    parity_abs = float(np.abs(got - ref).max())
+
+    default_threads = torch.get_num_threads()  # as run_bench set it: restored after the batch-1 section
+    k = {"i": 0}
+
+    def nxt() -> int:
+        k["i"] = (k["i"] + 1) % len(singles)
+        return k["i"]
+
+    def onnx_b1() -> None:
+        sess1.run([name_out], {name_in: singles[nxt()]})
+
+    def predictor_b1() -> None:
+        predictor.predict_windows(singles[nxt()])
+
+    def torch_b1() -> None:
+        with torch.inference_mode():
+            raw(singles_t[nxt()])
+
+    def onnx_b256() -> None:
+        sess_all.run([name_out], {name_in: batch})
+
+    def torch_b256() -> None:
+        with torch.inference_mode():
+            raw(batch_t)
+
+    ns: dict[str, list[int]] = {"onnx": [], "predictor": [], "torch": []}
+    b256: dict[str, list[int]] = {"onnx": [], "torch": []}
+    per_round = max(1, s["b1_iters"] // s["rounds"])
+    try:
+        torch.set_num_threads(1)  # batch-1 latency: one intra-op thread for both runtimes
+        for fn in (onnx_b1, predictor_b1, torch_b1):  # warm-up, excluded
+            _time_calls(fn, 20)
+        for _ in range(s["rounds"]):  # alternate so that background load hits both alike
+            ns["onnx"] += _time_calls(onnx_b1, per_round)
+            ns["predictor"] += _time_calls(predictor_b1, per_round)
+            ns["torch"] += _time_calls(torch_b1, per_round)
+    finally:
+        torch.set_num_threads(default_threads)
+    _time_calls(onnx_b256, 2)
+    _time_calls(torch_b256, 2)
+    for _ in range(s["rounds"]):
+        b256["onnx"] += _time_calls(onnx_b256, max(1, s["b256_iters"] // s["rounds"]))
+        b256["torch"] += _time_calls(torch_b256, max(1, s["b256_iters"] // s["rounds"]))
+
+    onnx_p50, torch_p50 = _percentile_ms(ns["onnx"], 50), _percentile_ms(ns["torch"], 50)
+    return {
+        "onnx_b1_p50_ms": onnx_p50,
+        "onnx_b1_p99_ms": _percentile_ms(ns["onnx"], 99),
+        "torch_b1_p50_ms": torch_p50,
+        "torch_b1_p99_ms": _percentile_ms(ns["torch"], 99),
+        "onnx_speedup_b1": torch_p50 / onnx_p50,
+        "predictor_b1_p50_ms": _percentile_ms(ns["predictor"], 50),
+        "onnx_b256_samples_per_s": 256 / (np.median(b256["onnx"]) / 1e9),
+        "torch_b256_samples_per_s": 256 / (np.median(b256["torch"]) / 1e9),
+        "onnx_parity_max_rel": parity_rel,
+        "onnx_parity_max_abs": parity_abs,
+        "onnx_parity_windows": len(x),
+        "onnx_file_mb": model_path.stat().st_size / 1e6,
+        "onnx_file_bytes": model_path.stat().st_size,
+        "b1_iterations": len(ns["onnx"]),
+        "b256_iterations": len(b256["onnx"]),
+        "torch_threads_b256": default_threads,
+    }
+
+
+def bench_training(dm: DwcpDataModule, s: dict) -> dict[str, Any]:
+    """Samples/s of one DwcpForecaster on the same DwcpDataModule batches: a plain loop vs ``lightning.Trainer``.
+
+    Warm-up batches are excluded from both; the timed span runs from the start of the first timed step to the end of
+    the last, so it includes fetching the batches in between for both. Best of ``train_reps`` rounds each.
+    """
+    import lightning as L
+    import torch
+
+    from dwcp_lstm.module import DwcpForecaster
+
+    warm, k = s["train_warmup"], s["train_warmup"] + s["train_batches"]
+    dm.batch_size = BATCH_SIZE
+    if len(dm.datasets["train"]) < k * BATCH_SIZE:
+        raise DataError(f"bench: {len(dm.datasets['train'])} training windows, need {k * BATCH_SIZE} for {k} batches")
+
+    def fresh() -> DwcpForecaster:
+        torch.manual_seed(0)  # the same initial weights for both
+        return DwcpForecaster(
+            feature_names=dm.features,
+            target_names=dm.targets,
+            window_size=dm.window_size,
+            optimizer=lambda p: torch.optim.Adam(p, lr=LR),
+        )
+
+    def plain() -> float:
+        model = fresh().train()
+        opt = torch.optim.Adam(model.parameters(), lr=LR)
+        t0 = 0.0
+        for i, (x, y) in enumerate(dm.train_dataloader()):  # x [B, W, F], y [B, T]
+            if i == warm:
+                t0 = time.perf_counter()
+            if i == k:
+                break
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (k - warm) * BATCH_SIZE / (time.perf_counter() - t0)
+
+    class Clock(L.Callback):
+        """Times batches ``warm`` .. ``k - 1`` from the inside of the fit loop."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+            if batch_idx == warm:
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            if batch_idx == k - 1:
+                self.t1 = time.perf_counter()
+
+    def lightning() -> float:
+        clock = Clock()
+        trainer = L.Trainer(
+            max_epochs=1,
+            limit_train_batches=k,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[clock],
+        )
+        trainer.fit(fresh(), datamodule=dm)
+        return (k - warm) * BATCH_SIZE / (clock.t1 - clock.t0)
+
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in quiet]
+    plain_rates, lightning_rates = [], []
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)  # "GPU available: ..." banners would pollute the JSON on stdout
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(s["train_reps"]):  # alternate so that background load hits both alike
+                plain_rates.append(plain())
+                lightning_rates.append(lightning())
+    finally:
+        for lg, lvl in zip(quiet, levels, strict=True):
+            lg.setLevel(lvl)
+    best_plain, best_lightning = max(plain_rates), max(lightning_rates)
+    return {
+        "lightning_samples_per_s": best_lightning,
+        "plain_samples_per_s": best_plain,
+        "lightning_vs_plain": best_lightning / best_plain,
+        "lightning_samples_per_s_all": lightning_rates,
+        "plain_samples_per_s_all": plain_rates,
+    }
+
+
+def bench_datamodule(rows: int, work: Path) -> dict[str, Any]:
+    """Generate ``rows`` synthetic rows to Parquet, then time ``DwcpDataModule.setup("fit")`` in a fresh process."""
+    from dwcp_lstm import synthetic
+
+    path = work / f"dm_{rows}.parquet"
+    df = synthetic.generate(samples=rows)
+    synthetic.write_frame(df, path)
+    del df
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
+                                                                        os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _DATAMODULE_CHILD, str(path)], capture_output=True, text=True, env=env, check=False
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise DataError(f"bench: DataModule child process failed ({tail[0]})")
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    hwm = child["hwm_kb"] is not None
+    return {
+        "datamodule_rows": child["rows"],
+        "datamodule_setup_s": child["seconds"],
+        # KiB -> MiB; without /proc (not Linux) only ru_maxrss is there, and it is exact only there
+        "datamodule_peak_rss_mb": (child["hwm_kb"] if hwm else child["maxrss_kb"]) / 1024,
+        "datamodule_peak_rss_source": "VmHWM of the child" if hwm else "ru_maxrss of the child",
+        "datamodule_rss_before_setup_mb": child["base_kb"] / 1024 if hwm else None,
+        "datamodule_child_ru_maxrss_mb": child["maxrss_kb"] / 1024,
+        "datamodule_train_windows": child["train_windows"],
+        "datamodule_parquet_mb": path.stat().st_size / 1e6,
+    }
+
+
+def run_bench(
+    run: str | None = None, quick: bool = False, rows: int | None = None, threads: int | None = None
+) -> dict[str, Any]:
+    """All figures as one flat dict (see the module docstring).
+
+    Args:
+        run: a finished run directory; None = an untrained default model.
+        quick: tiny sizes, for tests.
+        rows: synthetic rows for the DataModule figure (default 1,000,000; quick 20,000).
+        threads: intra-op threads of torch and ONNX Runtime for the batch-256 and training figures; None = each
+            library's default (one per core); quick mode defaults to 1. Batch-1 latency always uses 1.
+    """
+    import onnxruntime as ort
+    import torch
+
+    s = dict(QUICK if quick else FULL)
+    if rows is not None:
+        if rows < 1000:
+            raise DataError(f"bench: --rows must be >= 1000, got {rows}")
+        s["rows"] = rows
+    if threads is None and quick:
+        threads = 1  # a smoke test must not depend on how busy the machine's cores are
+    if threads is not None and threads < 1:
+        raise DataError(f"bench: --threads must be >= 1, got {threads}")
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    default_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with tempfile.TemporaryDirectory(prefix="dwcp_bench_") as tmp:
+            work = Path(tmp)
+            sections: dict[str, float] = {}
+            tick = time.perf_counter()
+
+            def lap(name: str) -> None:
+                nonlocal tick
+                sections[name] = round(time.perf_counter() - tick, 3)
+                tick = time.perf_counter()
+
+            train_dm = synthetic_datamodule(s["train_rows"], work)
+            module, dm, model_path, meta = build_model(run, work, train_dm, s["parity_windows"])
+            lap("setup_and_export")
+            result: dict[str, Any] = bench_inference(module, dm, model_path, s, threads)
+            lap("inference")
+            result.update(bench_training(train_dm, s))
+            lap("training")
+            result.update(bench_datamodule(s["rows"], work))
+            lap("datamodule")
+            used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(default_threads)
+    result.update(
+        {
+            "threads": {
+                "b1_latency": "1 intra-op thread for both ONNX Runtime and torch (torch.set_num_threads(1), restored)",
+                "b256_and_training": (
+                    f"{threads} intra-op thread(s) for torch and ONNX Runtime (--threads)"
+                    if threads is not None
+                    else f"library defaults: torch {used} threads, ONNX Runtime one per physical core"
+                ),
+            },
+            "device": {
+                "cpu": _cpu_name(),
+                "logical_cpus": os.cpu_count(),
+                "load_average_at_start": [round(v, 2) for v in load],
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+                "torch_device": "cpu",
+            },
+            "settings": {
+                **s,
+                "quick": quick,
+                "model": str(run) if run else "untrained DwcpForecaster() defaults, scalers from synthetic data",
+                "window_size": meta["window_size"],
+                "n_features": len(meta["features"]),
+                "n_targets": len(meta["targets"]),
+                "total_parameters": meta.get("total_parameters"),
+                "opset": meta.get("opset"),
+                "train_batch_size": BATCH_SIZE,
+                "train_lr": LR,
+                "train_rate": "best of train_reps rounds, warm-up batches excluded",
+                "b256_rate": "median batch time",
+            },
+            "wall_s": time.perf_counter() - t0,
+            "section_wall_s": sections,
+        }
+    )
+    return result
+
+
+def cmd_bench(argv: list[str]) -> None:
+    """``python -m dwcp_lstm bench``: print the figures as JSON (and write them with ``--output``)."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="python -m dwcp_lstm bench", description="latency, throughput and memory figures as JSON")
+    p.add_argument("--run", default=None, help="a finished run directory; default: an untrained model with defaults")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for tests")
+    p.add_argument("--rows", type=int, default=None, help="synthetic rows for the DataModule figure (1e6; quick 2e4)")
+    p.add_argument("--threads", type=int, default=None, help="threads for batch-256 and training (default: all)")
+    p.add_argument("--output", default=None, help="also write the JSON here (atomically)")
+    a = p.parse_args(argv)
+    if a.run is not None and not Path(a.run).is_dir():
+        raise DataError(f"{a.run}: run directory not found")
+    result = run_bench(a.run, a.quick, a.rows, a.threads)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if a.output:
+        out = Path(a.output)
+        if not out.parent.is_dir():
+            raise DataError(f"{out}: folder {out.parent} does not exist")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)

@@ -1,0 +1,378 @@
+"""The deployable predictor: ``model.onnx`` + ``model_metadata.json`` in, next-step forecasts in raw units out.
+
+Torch-free by design (numpy, pandas, onnxruntime and :mod:`dwcp_lstm.tables` only), so that a service can forecast
+without the training stack. Nothing is unpickled: the model is an ONNX graph (scalers baked in) and the metadata is
+JSON. The model file's sha256 must match the metadata before a session is opened.
+
+``python -m dwcp_lstm forecast --model lightning_logs/version_N/model.onnx --input metrics.csv`` gives, per link, the
+forecast of the step after the link's last row (``--rolling``: one forecast per window).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+
+from dwcp_lstm.tables import (
+    DataError,
+    check_numeric,
+    order_series,
+    read_table,
+    segment_bounds,
+    sha256_of,
+    write_frame,
+)
+
+METADATA_NAME = "model_metadata.json"
+MODEL_NAME = "model.onnx"
+FORMAT_PREFIX = "dwcp_lstm.onnx/"
+CHUNK = 4096  # windows per session.run: bounds the [B, W, F] copy on long rolling series
+
+
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``model_metadata.json``; every problem is a :class:`DataError` naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    validate_metadata(meta, path)
+    return meta
+
+
+def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
+    """Check the keys the predictor relies on: presence, types, and that the shapes agree with the column lists."""
+
+    def need(key: str, kind: type | tuple[type, ...], where: Mapping[str, Any] = meta, prefix: str = "") -> Any:
+        if key not in where:
+            raise DataError(f"{path}: missing key {prefix + key!r}")
+        value = where[key]
+        # bool is an int subclass: a JSON true must not pass as a window size
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise DataError(f"{path}: key {prefix + key!r} must be {names}, got {type(value).__name__}")
+        return value
+
+    fmt = need("format", str)
+    if not fmt.startswith(FORMAT_PREFIX):
+        raise DataError(f"{path}: key 'format' is {fmt!r}, expected {FORMAT_PREFIX}<n> (not a dwcp_lstm model?)")
+    window = need("window_size", int)
+    if window <= 0:
+        raise DataError(f"{path}: key 'window_size' must be > 0, got {window}")
+    for key in ("features", "targets"):
+        cols = need(key, list)
+        if not cols:
+            raise DataError(f"{path}: key {key!r} must not be empty")
+        for i, c in enumerate(cols):
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+                raise DataError(f"{path}: key '{key}[{i}]' must be an object with a non-empty string 'name'")
+        names = [c["name"] for c in cols]
+        if len(set(names)) != len(names):
+            raise DataError(f"{path}: key {key!r} lists a column twice: {names}")
+    sha = need("model_sha256", str)
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise DataError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
+    n_f, n_t = len(meta["features"]), len(meta["targets"])
+    for key, expected in (("input", ["batch", window, n_f]), ("output", ["batch", n_t])):
+        io = need(key, dict)
+        need("name", str, io, f"{key}.")
+        shape = need("shape", list, io, f"{key}.")
+        if shape[1:] != expected[1:] or len(shape) != len(expected):
+            raise DataError(f"{path}: key '{key}.shape' is {shape}, expected {expected} (from window_size/{key}s)")
+        dtype = need("dtype", str, io, f"{key}.")
+        if dtype != "float32":
+            raise DataError(f"{path}: key '{key}.dtype' is {dtype!r}, only float32 is supported")
+
+
+class Predictor:
+    """ONNX Runtime inference of an exported run, with the input checks of the training data.
+
+    Args:
+        model_path: the exported ``model.onnx``.
+        metadata_path: its ``model_metadata.json``; default: the one beside the model.
+        threads: ONNX Runtime intra-op threads; None = its default (one per physical core).
+
+    Raises:
+        DataError: missing or invalid metadata, a model whose sha256 differs from the metadata, or a graph whose
+            input/output names and shapes disagree with it.
+    """
+
+    def __init__(
+        self, model_path: str | Path, metadata_path: str | Path | None = None, threads: int | None = None
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.metadata_path = Path(metadata_path) if metadata_path else self.model_path.with_name(METADATA_NAME)
+        if not self.model_path.is_file():
+            raise DataError(f"{self.model_path}: file not found")
+        self.metadata = load_metadata(self.metadata_path)
+        sha = sha256_of(self.model_path)
+        if sha != self.metadata["model_sha256"]:
+            raise DataError(
+                f"{self.model_path}: sha256 {sha[:12]}... does not match {self.metadata_path.name} "
+                f"({self.metadata['model_sha256'][:12]}...): the model was altered or belongs to another run"
+            )
+        self.window: int = self.metadata["window_size"]
+        self.features: list[str] = [c["name"] for c in self.metadata["features"]]
+        self.targets: list[str] = [c["name"] for c in self.metadata["targets"]]
+        self.units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["targets"]}
+        self.feature_units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["features"]}
+        self.input_name: str = self.metadata["input"]["name"]
+        self.output_name: str = self.metadata["output"]["name"]
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for a malformed graph
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"{self.model_path}: onnxruntime cannot load it ({first})") from None
+        self._check_session()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, threads: int | None = None) -> Predictor:
+        """The predictor of a finished fit run: ``<run_dir>/model.onnx`` and ``<run_dir>/model_metadata.json``."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise DataError(f"{run_dir}: run directory not found")
+        return cls(run_dir / MODEL_NAME, run_dir / METADATA_NAME, threads)
+
+    def _check_session(self) -> None:
+        """The graph's single input and output must be the metadata's names, float32, with the same fixed dims."""
+        for kind, args, name, expected in (
+            ("input", self.session.get_inputs(), self.input_name, [self.window, len(self.features)]),
+            ("output", self.session.get_outputs(), self.output_name, [len(self.targets)]),
+        ):
+            names = [a.name for a in args]
+            if names != [name]:
+                raise DataError(
+                    f"{self.model_path}: graph {kind}s are {names}, {self.metadata_path.name} says {name!r}"
+                )
+            arg = args[0]
+            if arg.type != "tensor(float)" or list(arg.shape[1:]) != expected or len(arg.shape) != len(expected) + 1:
+                raise DataError(
+                    f"{self.model_path}: graph {kind} {name!r} is {arg.type} {arg.shape}, "
+                    f"{self.metadata_path.name} says float32 ['batch', {', '.join(map(str, expected))}]"
+                )
+
+    # -- inference ------------------------------------------------------------------------------------------------
+    def predict_windows(self, windows: np.ndarray, source: str = "windows") -> np.ndarray:
+        """Raw windows [B, W, F] (feature order of the metadata) -> raw forecasts [B, T], float32.
+
+        The fast path: checks shape and finiteness only. Windows longer than the model's are cut to their last
+        ``window`` steps.
+        """
+        x = self._as_float32(windows, source)
+        if x.ndim != 3 or x.shape[2] != len(self.features):
+            raise DataError(f"{source}: expected an array [batch, {self.window}, {len(self.features)}], got {x.shape}")
+        if x.shape[1] < self.window:
+            raise DataError(f"{source}: windows have {x.shape[1]} steps, the model needs {self.window}")
+        x = x[:, -self.window :]  # [B, W, F]
+        bad = ~np.isfinite(x)
+        if bad.any():
+            b, t, f = (int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {x[b, t, f]}")
+        out = [
+            self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})[0]
+            for i in range(0, len(x), CHUNK)
+        ]
+        return np.concatenate(out) if out else np.empty((0, len(self.targets)), np.float32)  # [B, T]
+
+    def predict(
+        self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
+    ) -> dict[str, float] | pd.DataFrame:
+        """Forecast the step after ``history``.
+
+        Args:
+            history: one series as a DataFrame holding the feature columns by name (others are ignored) or an array
+                [rows, F]; or a batch of windows [B, W, F]. At least ``window`` rows/steps are needed; the last
+                ``window`` are used.
+            columns: for arrays, the names of the last axis, checked against the model's feature order (an array
+                cannot carry names, so pass them whenever they are known).
+            source: how error messages name the input.
+
+        Returns:
+            one series: ``{target: value}`` in raw units (see :attr:`units`); a batch: a DataFrame [B, T] with one
+            column per target and the units in ``.attrs["units"]``.
+        """
+        if isinstance(history, np.ndarray) and history.ndim == 3:
+            self._check_columns(columns, source)
+            return self._frame(self.predict_windows(history, source))
+        x = self._series_array(history, columns, source)  # [rows, F]
+        if len(x) < self.window:
+            raise DataError(f"{source}: {len(x)} rows given, the model needs at least {self.window} (window_size)")
+        y = self.predict_windows(x[None, -self.window :], source)[0]  # [T]
+        return {t: float(v) for t, v in zip(self.targets, y, strict=True)}
+
+    def predict_rolling(
+        self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
+    ) -> pd.DataFrame:
+        """One forecast per window of one series: row i forecasts the step after rows ``i .. i + window - 1``.
+
+        The result has ``rows - window + 1`` rows, indexed by the position (DataFrame input: the index label) of
+        each window's last row; the last one forecasts beyond the data.
+        """
+        x = self._series_array(history, columns, source)  # [rows, F]
+        if len(x) < self.window:
+            raise DataError(f"{source}: {len(x)} rows given, the model needs at least {self.window} (window_size)")
+        y = self._rolling(x, source)  # [rows - W + 1, T]
+        index = history.index[self.window - 1 :] if isinstance(history, pd.DataFrame) else None
+        return self._frame(y, index)
+
+    def _rolling(self, x: np.ndarray, source: str) -> np.ndarray:
+        """Every window of a [rows, F] array -> [rows - W + 1, T], a chunk at a time (the views copy on demand)."""
+        views = np.lib.stride_tricks.sliding_window_view(x, self.window, axis=0)  # [N, F, W], no copy
+        out = [
+            self.predict_windows(views[i : i + CHUNK].transpose(0, 2, 1), source) for i in range(0, len(views), CHUNK)
+        ]
+        return np.concatenate(out)
+
+    # -- input checks ---------------------------------------------------------------------------------------------
+    def _series_array(
+        self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None, source: str
+    ) -> np.ndarray:
+        """One series -> float32 [rows, F] in the model's feature order, with the training data's value checks."""
+        if isinstance(history, pd.DataFrame):
+            missing = [c for c in self.features if c not in history.columns]
+            if missing:
+                raise DataError(f"{source}: missing required column {missing[0]!r} (the model needs {self.features})")
+            frame = history[self.features].copy()  # check_numeric converts in place: never touch the caller's frame
+        elif isinstance(history, np.ndarray):
+            if history.ndim != 2 or history.shape[1] != len(self.features):
+                raise DataError(
+                    f"{source}: expected an array [rows, {len(self.features)}] or [batch, {self.window}, "
+                    f"{len(self.features)}], got shape {history.shape}"
+                )
+            self._check_columns(columns, source)
+            frame = pd.DataFrame(self._as_float32(history, source), columns=self.features)
+        else:
+            raise DataError(f"{source}: expected a pandas DataFrame or a numpy array, got {type(history).__name__}")
+        check_numeric(frame, self.features, source)  # non-numeric, NaN/inf, out-of-range: column and row named
+        return frame.to_numpy(np.float32)
+
+    def _check_columns(self, columns: Sequence[str] | None, source: str) -> None:
+        if columns is None:
+            return
+        columns = list(columns)
+        if columns == self.features:
+            return
+        if sorted(columns) == sorted(self.features):
+            raise DataError(f"{source}: reordered columns {columns}; the model expects {self.features}")
+        missing = [c for c in self.features if c not in columns]
+        what = f"missing column {missing[0]!r}" if missing else f"unexpected columns {columns}"
+        raise DataError(f"{source}: {what}; the model expects exactly {self.features}")
+
+    @staticmethod
+    def _as_float32(x: np.ndarray, source: str) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise DataError(f"{source}: expected a numpy array, got {type(x).__name__}")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise DataError(f"{source}: array of {x.dtype} is not numeric")
+        return x.astype(np.float32, copy=False)
+
+    def _frame(self, y: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
+        df = pd.DataFrame(y, columns=self.targets, index=index)
+        df.attrs["units"] = dict(self.units)
+        return df
+
+
+# -- the `forecast` subcommand ------------------------------------------------------------------------------------
+def forecast_table(
+    predictor: Predictor,
+    df: pd.DataFrame,
+    series: Sequence[str],
+    time: str,
+    path: str | Path,
+    rolling: bool = False,
+    duplicates: str = "error",
+    max_gap: float = 3.0,
+) -> pd.DataFrame:
+    """Per link, the forecast of the step after its last row (``rolling``: after every window).
+
+    Columns: the series columns, ``time`` (of the last input row of the window; the forecast is for the next step),
+    one column per target. Links are split at gaps longer than ``max_gap`` x their cadence, as in training, and a
+    segment with fewer than ``window`` rows is skipped with a warning.
+    """
+    w = predictor.window
+    check_numeric(df, [time, *predictor.features], path)  # rows named in file order, before sorting
+    df = order_series(df, series, time, path, duplicates)
+    x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
+    # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
+    bounds = segment_bounds(df, series, time, w, max_gap, path)  # [S, 2] row ranges
+    if rolling:
+        ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
+        last_rows = np.concatenate([np.arange(a + w - 1, b) for a, b in bounds])
+        y = np.concatenate(ys)
+    else:
+        last_rows = bounds[:, 1] - 1
+        windows = np.stack([x[b - w : b] for _, b in bounds])  # [S, W, F]
+        y = predictor.predict_windows(windows, str(path))  # [S, T]
+    out = df.loc[last_rows, [*series, time]].reset_index(drop=True)
+    for j, t in enumerate(predictor.targets):
+        out[t] = y[:, j]
+    return out
+
+
+def cmd_forecast(argv: list[str]) -> None:
+    """``python -m dwcp_lstm forecast``: forecasts per link (or per window) from an exported model."""
+    import sys
+
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(
+        prog="python -m dwcp_lstm forecast",
+        description="Next-step forecasts per link from model.onnx + model_metadata.json (no torch needed).",
+        exit_on_error=False,
+    )
+    p.add_argument("--model", required=True, help="model.onnx of a run, or the run directory")
+    p.add_argument("--metadata", default=None, help="model_metadata.json; default: beside the model")
+    p.add_argument("--input", required=True, help="telemetry CSV or Parquet with the model's feature columns")
+    p.add_argument("--output", default=None, help=".csv or .parquet to write (atomically); default: CSV on stdout")
+    p.add_argument("--rolling", action="store_true", help="one forecast per window instead of one per link")
+    p.add_argument(
+        "--series-columns", default=None, help="comma-separated link id columns ('' = one); default: as trained"
+    )
+    p.add_argument("--time-column", default=None, help="numeric time column that orders each link; default: as trained")
+    p.add_argument("--duplicates", choices=["error", "first", "mean"], default="error", help="repeated (link, time)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    a = p.parse_args(argv)
+
+    output = Path(a.output) if a.output else None
+    if output is not None:
+        if output.suffix.lower() not in (".csv", ".parquet"):
+            raise DataError(f"{output}: output must end in .csv or .parquet")
+        if not output.parent.is_dir():
+            raise DataError(f"{output}: folder {output.parent} does not exist")
+    model = Path(a.model)
+    predictor = Predictor.from_run(model, a.threads) if model.is_dir() else Predictor(model, a.metadata, a.threads)
+    trained = predictor.metadata.get("series", {})  # how the training data defined a series (older runs: defaults)
+    if a.series_columns is None:
+        series = list(trained.get("columns", ["node_id", "peer_id"]))
+    else:
+        series = [c.strip() for c in str(a.series_columns).split(",") if c.strip()]
+    time = a.time_column or trained.get("time_column", "timestamp")
+    columns = list(dict.fromkeys([*series, time, *predictor.features]))
+    df = read_table(a.input, columns)
+    max_gap = float(trained.get("max_gap", 3.0))
+    out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, max_gap)
+
+    units = ", ".join(f"{t} [{u}]" for t, u in predictor.units.items())
+    n_links = out.groupby(series, observed=True).ngroups if series else 1
+    what = f"{len(out)} forecasts ({'every window' if a.rolling else 'next step'}) for {n_links} links"
+    if output is None:
+        sys.stdout.write(out.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
+        print(f"{what}; units: {units}", file=sys.stderr)  # stdout stays pure CSV
+    else:
+        write_frame(out, output, float_format="%.7g")  # float32 has ~7 digits
+        print(f"wrote {what} -> {output}; units: {units}")

@@ -1,0 +1,45 @@
+"""`bench --quick`: the JSON has every figure, numeric, and matches the file it writes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dwcp_lstm.bench import cmd_bench
+from dwcp_lstm.cli import cli_main
+from dwcp_lstm.tables import DataError
+
+KEYS = [
+    "onnx_b1_p50_ms", "onnx_b1_p99_ms", "torch_b1_p50_ms", "onnx_speedup_b1", "onnx_b256_samples_per_s",
+    "torch_b256_samples_per_s", "lightning_samples_per_s", "plain_samples_per_s", "lightning_vs_plain",
+    "datamodule_rows", "datamodule_setup_s", "datamodule_peak_rss_mb", "onnx_file_mb", "onnx_parity_max_rel",
+]  # fmt: skip
+
+
+def test_bench_quick_emits_every_figure(tmp_path: Path, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    cli_main(["bench", "--quick", "--output", str(out)])
+    printed = json.loads(capsys.readouterr().out)  # stdout is the JSON and nothing else
+    assert printed == json.loads(out.read_text())
+    for key in KEYS:
+        value = printed[key]
+        assert isinstance(value, int | float) and not isinstance(value, bool), key
+        assert math.isfinite(value) and value > 0, (key, value)
+    assert printed["onnx_parity_max_rel"] < 1e-4
+    assert printed["datamodule_rows"] == 20_000
+    assert printed["onnx_speedup_b1"] == pytest.approx(printed["torch_b1_p50_ms"] / printed["onnx_b1_p50_ms"])
+    assert "1 intra-op thread" in printed["threads"]["b1_latency"]
+    assert printed["settings"]["quick"] is True and printed["settings"]["train_batch_size"] == 64
+    assert printed["device"]["logical_cpus"] >= 1
+    assert torch.get_num_threads() == threads  # the 1-thread latency section restores the caller's setting
+
+
+def test_bench_rejects_a_missing_run(tmp_path: Path):
+    with pytest.raises(DataError, match=r"run directory not found"):
+        cmd_bench(["--quick", "--run", str(tmp_path / "nope")])
