@@ -83,7 +83,7 @@ class RidgeBaseline:
         return self
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict(x.reshape(len(x), -1))
+        return self.model.predict(x.reshape(len(x), -1)).reshape(len(x), -1)  # [N, T], also when T = 1
 
 
 class BoostingBaseline:

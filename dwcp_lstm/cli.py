@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,7 +136,9 @@ def run_lightning(args: list[str]) -> None:
     # default_config_files drops the class_path of callable arguments such as model.optimizer, so it is not used.)
     if args and args[0] in LIGHTNING_COMMANDS and not any(a in ("-h", "--help") for a in args):
         args = [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
-    sys.argv = sys.argv[:1]  # LightningCLI warns when both args and sys.argv carry arguments; args is the truth
+    # LightningCLI warns when both `args` and sys.argv carry arguments; `args` is the truth here. sys.argv itself must
+    # stay intact: DDP's launcher re-runs it for the other ranks.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
     _lightning_cli_class()(
         DwcpForecaster,
         DwcpDataModule,

@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dwcp_lstm import synthetic
-from dwcp_lstm.tables import DataError, check_numeric, log, order_series, read_table, segment_bounds
+from dwcp_lstm.tables import DataError, check_numeric, fill_missing, log, order_series, read_table, segment_bounds
 
 FEATURES = [
     "throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms", "time_of_day", "day_of_week",
@@ -121,6 +121,7 @@ class DwcpDataModule(L.LightningDataModule):
         target_mode: str = "delta",
         duplicates: str = "error",
         max_gap: float = 3.0,
+        fill_missing: bool = False,
         num_workers: int = 0,
         seed: int = 42,
         synthetic: SyntheticSpec = SyntheticSpec(),  # noqa: B008 (frozen, so sharing the default is safe)
@@ -142,6 +143,8 @@ class DwcpDataModule(L.LightningDataModule):
                 are in original units either way.
             duplicates: repeated (series, time) rows: ``error``, ``first`` (keep it) or ``mean``.
             max_gap: a step larger than this multiple of a series' median cadence splits the series; <= 0: never.
+            fill_missing: fill empty cells with the last known value of their series (real traces have gaps in
+                slow-changing radio measurements); false: an empty cell is an error.
             num_workers: DataLoader worker processes.
             seed: seed of the training shuffle (epoch e uses seed + e).
             synthetic: parameters of the built-in dataset used when ``data_path`` is null.
@@ -154,7 +157,7 @@ class DwcpDataModule(L.LightningDataModule):
         self.split, self.features, self.targets = tuple(split), list(features), list(targets)
         self.series_columns, self.time_column = list(series_columns), time_column
         self.duplicates, self.max_gap, self.num_workers, self.seed = duplicates, max_gap, num_workers, seed
-        self.target_mode = target_mode
+        self.target_mode, self.fill_missing = target_mode, fill_missing
         self.synthetic, self.data_dir = synthetic, data_dir
         self.datasets: dict[str, WindowDataset] = {}
 
@@ -202,8 +205,11 @@ class DwcpDataModule(L.LightningDataModule):
         numeric = list(dict.fromkeys([*self.features, *self.targets]))
         keys = [*self.series_columns, self.time_column]
         df = read_table(path, list(dict.fromkeys([*keys, *numeric])))
-        check_numeric(df, [self.time_column, *numeric], path)
+        check_numeric(df, [self.time_column], path)
+        check_numeric(df, numeric, path, allow_nan=self.fill_missing)
         df = order_series(df, self.series_columns, self.time_column, path, self.duplicates)
+        if self.fill_missing:
+            df = fill_missing(df, numeric, self.series_columns, path)
         self.bounds = segment_bounds(
             df, self.series_columns, self.time_column, self.window_size + 1, self.max_gap, path
         )

@@ -77,8 +77,11 @@ def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None) 
         raise DataError(f"{path}: missing required column {missing[0]!r} (has: {', '.join(map(str, present))})")
 
 
-def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path) -> None:
-    """Every column numeric, finite and within its physical range; the first offending row is named."""
+def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
+    """Every column numeric, finite and within its physical range; the first offending row is named.
+
+    ``allow_nan`` lets empty cells (NaN) through, for :func:`fill_missing` to fill; inf is still an error.
+    """
     for col in columns:
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna()
@@ -86,13 +89,13 @@ def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path) ->
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"{path}: column {col!r} row {i + 1}: non-numeric value {df[col].iloc[i]!r}")
         arr = values.to_numpy(dtype=np.float64)
-        nonfinite = ~np.isfinite(arr)
+        nonfinite = np.isinf(arr) if allow_nan else ~np.isfinite(arr)
         if nonfinite.any():
             i = int(np.flatnonzero(nonfinite)[0])
             raise DataError(f"{path}: column {col!r} row {i + 1}: {'NaN or empty' if np.isnan(arr[i]) else arr[i]}")
         if col in RANGES:
             low, high = RANGES[col]
-            out = (arr < low) | (arr > high)
+            out = (arr < low) | (arr > high)  # NaN compares False: never "out of range"
             if out.any():
                 i = int(np.flatnonzero(out)[0])
                 what = "negative" if arr[i] < low else f"above {high:g}"
@@ -136,6 +139,29 @@ def order_series(
         else:
             df = df.groupby(keys, sort=False, observed=True).mean(numeric_only=True).reset_index()
     return df.reset_index(drop=True)
+
+
+def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:
+    """Fill empty cells from the previous row of the same series (the last known value), and a series' leading empty
+    cells from its first known value. A series with a column that is empty throughout is skipped with a warning
+    (nothing to carry); none left is an error. ``df`` must be ordered by :func:`order_series`."""
+    cols = list(columns)
+    n_missing = int(df[cols].isna().to_numpy().sum())
+    if n_missing == 0:
+        return df
+    keys = list(series)
+    df[cols] = df.groupby(keys, sort=False, observed=True)[cols].ffill() if keys else df[cols].ffill()
+    df[cols] = df.groupby(keys, sort=False, observed=True)[cols].bfill() if keys else df[cols].bfill()
+    empty = df[cols].isna().any(axis=1).to_numpy()  # only rows of series with an all-empty column remain
+    log.warning("%s: filled %d empty cells with the last known value of their series", path, n_missing)
+    if empty.any():
+        n_series = df.loc[empty, keys].drop_duplicates().shape[0] if keys else 1
+        col = df.loc[empty, cols].isna().any().idxmax()
+        log.warning("%s: skipped %d series with a column that is empty throughout (e.g. %r)", path, n_series, col)
+        df = df.loc[~empty].reset_index(drop=True)
+        if df.empty:
+            raise DataError(f"{path}: column {col!r} is empty throughout every series")
+    return df
 
 
 def _series_codes(df: pd.DataFrame, series: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,38 @@
+"""The real public traces train and evaluate through config alone (data in ../shared/data/real, never copied)."""
+
+import json
+
+import pytest
+from conftest import REAL_DATA, ROOT, fit_args, run_dir_of
+
+from dwcp_lstm.cli import cli_main
+
+CONFIGS = {
+    "real_norway_hsdpa.yaml": (REAL_DATA / "norway_hsdpa" / "traces.csv", ["throughput_mbps"], 1),
+    "real_irish_5g.yaml": (REAL_DATA / "irish_5g" / "traces.csv", ["dl_mbps"], 7),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_real_trace_config_trains_and_reports(tmp_path, name):
+    data, targets, n_features = CONFIGS[name]
+    if not data.exists():
+        pytest.skip(f"{data} not present")
+    cli_main(
+        fit_args(
+            tmp_path,
+            "--config",
+            str(ROOT / "configs" / name),
+            f"--data.data_path={data}",  # absolute: the test does not run from the project root
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+        )
+    )
+    run = run_dir_of(tmp_path)
+    report = json.loads((run / "report.json").read_text())
+    assert list(report["per_target"]) == targets
+    assert {"persistence", "harmonic_mean_5", "window_mean", "ridge"} <= set(report["baselines"])
+    assert report["oracle"] is None and report["gap_closed"] is None  # no ceiling for real data
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["input"]["shape"][2] == n_features and meta["series"]["columns"] == ["series_id"]
