@@ -49,6 +49,14 @@ class StepSeed(L.Callback):
         torch.manual_seed(self.seed + 100_003 * trainer.global_rank + trainer.global_step)
 
 
+def run_dir_of(trainer: L.Trainer) -> Path | None:
+    """The run directory, read without collectives: ``Trainer.log_dir`` broadcasts under DDP, so calling it from
+    rank zero alone (as rank-zero-only code does) deadlocks the ranks."""
+    if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+        return Path(trainer.logger.log_dir)
+    return Path(trainer.default_root_dir) if trainer.default_root_dir else None
+
+
 def best_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
     """The best checkpoint's weights (loaded with ``weights_only=True``), or the current ones with a warning."""
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
@@ -133,9 +141,9 @@ class OnnxExport(L.Callback):
         self.metadata: dict | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        run_dir = run_dir_of(trainer)
+        if not trainer.is_global_zero or run_dir is None:
             return
-        run_dir = Path(trainer.log_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         module = best_module(trainer, pl_module)
         dm = trainer.datamodule
@@ -173,6 +181,6 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         "model_sha256": sha256_of(onnx_path),
         "model_bytes": onnx_path.stat().st_size,
         "parity": parity,
-        "data": {"path": str(dm.path), "sha256": sha256_of(dm.path)},
+        "data": {"path": str(dm.path.resolve()), "sha256": sha256_of(dm.path)},
         "config": config,
     }

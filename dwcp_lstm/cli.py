@@ -76,24 +76,25 @@ def _lightning_cli_class():
             print(f"Resuming {run} from {runs[-1]}")
 
         def after_fit(self) -> None:
-            from dwcp_lstm.callbacks import best_module
+            from dwcp_lstm.callbacks import best_module, run_dir_of
             from dwcp_lstm.evaluate import evaluate
 
             trainer = self.trainer
-            if trainer.fast_dev_run or trainer.log_dir is None:
+            run_dir = run_dir_of(trainer)
+            if trainer.fast_dev_run or run_dir is None:
                 return
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, weights_only=True)
             if not trainer.is_global_zero:
                 return
-            report = evaluate(best_module(trainer, self.model), self.datamodule, trainer.log_dir, best or None)
-            log_to_tensorboard(trainer, self.model, report)
-            print_summary(report, trainer.log_dir)
+            report = evaluate(best_module(trainer, self.model), self.datamodule, run_dir, best or None)
+            log_to_tensorboard(trainer, self.model, report, run_dir)
+            print_summary(report, str(run_dir))
 
     return DwcpCLI
 
 
-def log_to_tensorboard(trainer, model, report: dict) -> None:
+def log_to_tensorboard(trainer, model, report: dict, run_dir: Path) -> None:
     """HPARAMS tab (hyperparameters with the final test figures) and the report's figures as images."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -108,7 +109,7 @@ def log_to_tensorboard(trainer, model, report: dict) -> None:
     import matplotlib.image as mpimg
 
     for name in ("predictions_scatter", "timeseries", "baselines", "error_distribution"):
-        path = Path(trainer.log_dir) / f"{name}.png"
+        path = run_dir / f"{name}.png"
         if path.exists():
             logger.experiment.add_image(f"test/{name}", mpimg.imread(path)[..., :3], dataformats="HWC")
     logger.experiment.flush()

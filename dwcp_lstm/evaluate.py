@@ -45,7 +45,7 @@ def oracle_forecasts(dm, target_rows: np.ndarray) -> np.ndarray | None:
     keys = [*dm.series_columns, dm.time_column]
     if not path.exists():
         return None
-    oracle = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+    oracle = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
     if not set(keys) <= set(oracle.columns):
         return None
     cols = [f"oracle_{t}" for t in dm.targets]
@@ -148,7 +148,7 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
     report["data"] = {
-        "path": str(dm.path),
+        "path": str(dm.path.resolve()),
         "sha256": sha256_of(dm.path),
         "rows": len(dm.raw_targets),
         "series": len(dm.bounds),

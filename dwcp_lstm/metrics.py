@@ -56,16 +56,17 @@ class MaskedMAPE(Metric):
         return 100.0 * self.sum_rel / self.count
 
 
-def target_metrics(mape_floor: float = 0.0) -> MetricCollection:
-    """The six metrics of one target (scalar inputs [N])."""
+def target_metrics(mape_floor: float = 0.0, sync: bool = True) -> MetricCollection:
+    """The six metrics of one target (scalar inputs [N]); ``sync=False`` computes on this process's data only."""
+    kw = {"sync_on_compute": sync}
     return MetricCollection(
         {
-            "mae": MeanAbsoluteError(),
-            "rmse": MeanSquaredError(squared=False),
-            "mape": MaskedMAPE(floor=mape_floor),
-            "wape": WeightedMeanAbsolutePercentageError(),
-            "r2": R2Score(),
-            "correlation": PearsonCorrCoef(),
+            "mae": MeanAbsoluteError(**kw),
+            "rmse": MeanSquaredError(squared=False, **kw),
+            "mape": MaskedMAPE(floor=mape_floor, **kw),
+            "wape": WeightedMeanAbsolutePercentageError(**kw),
+            "r2": R2Score(**kw),
+            "correlation": PearsonCorrCoef(**kw),
         },
         compute_groups=False,  # WAPE's and MAE's states look alike but must not be shared
     ).set_dtype(torch.float64)  # float32 states lose ~1e-7 in Pearson and R2 over many batches
@@ -77,10 +78,10 @@ class ForecastMetrics(torch.nn.Module):
     ``update`` takes predictions and targets in original units, [N, T].
     """
 
-    def __init__(self, target_names: Sequence[str], mape_floor: float = 0.0) -> None:
+    def __init__(self, target_names: Sequence[str], mape_floor: float = 0.0, sync: bool = True) -> None:
         super().__init__()
         self.target_names = list(target_names)
-        self.per_target = torch.nn.ModuleList(target_metrics(mape_floor) for _ in self.target_names)
+        self.per_target = torch.nn.ModuleList(target_metrics(mape_floor, sync) for _ in self.target_names)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         for j, m in enumerate(self.per_target):
@@ -112,7 +113,8 @@ def summarize(per_target: dict[str, dict[str, float]], target_corr: float = 0.98
 
 
 def compute_metrics(preds: torch.Tensor, target: torch.Tensor, target_names: Sequence[str], mape_floor: float = 0.0):
-    """All metrics of a whole prediction array at once (the report and the baselines use this)."""
-    m = ForecastMetrics(target_names, mape_floor)
+    """All metrics of a whole prediction array at once (the report and the baselines use this; rank zero alone under
+    DDP, so nothing is synced)."""
+    m = ForecastMetrics(target_names, mape_floor, sync=False)
     m.update(torch.as_tensor(preds), torch.as_tensor(target))
     return m.compute()

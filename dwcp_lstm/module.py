@@ -142,7 +142,9 @@ class DwcpForecaster(L.LightningModule):
                 "lower the learning rate or set trainer.gradient_clip_val"
             )
         self.metrics[f"{stage}_metrics"].update(self.unscale(pred.detach(), x), self.unscale(y, x))
-        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x))
+        # val/test losses are averaged over ranks under DDP: checkpointing and early stopping must agree on them
+        self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=stage != "train")  # fmt: skip
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -185,7 +187,7 @@ class DwcpForecaster(L.LightningModule):
         flat.update({f"{stage}/mean/{k.removeprefix('average_')}": v for k, v in summarize(per_target).items()
                      if k.startswith("average_")})  # fmt: skip
         flat = {k: float(v) for k, v in flat.items() if not (isinstance(v, float) and math.isnan(v))}
-        self.log_dict(flat, sync_dist=False)  # values are already global
+        self.log_dict(flat, rank_zero_only=True)  # already global (torchmetrics synced them): no second reduction
 
     # -- optimisation --------------------------------------------------------------------------------------------
     def configure_optimizers(self):

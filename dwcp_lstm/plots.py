@@ -1,14 +1,11 @@
-"""The report's figures (matplotlib, Agg backend): written as PNG into the run directory."""
+"""The report's figures (matplotlib): written as PNG into the run directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt  # no backend forced: headless matplotlib picks Agg itself, notebooks keep theirs
+import numpy as np
 
 FILES = (
     "training_history.png",
