@@ -48,8 +48,18 @@ def _lightning_cli_class():
                 {
                     "checkpoint.monitor": "val_loss",
                     "checkpoint.filename": "best",
-                    "checkpoint.save_last": True,
                     "checkpoint.auto_insert_metric_name": False,
+                }
+            )
+            # last.ckpt after *every* epoch, for resuming: ModelCheckpoint(save_last=True) only refreshes it when a
+            # new best is saved, so an interrupted run would lose every epoch since its best one.
+            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+            parser.set_defaults(
+                {
+                    "last_checkpoint.filename": "last",
+                    "last_checkpoint.monitor": None,
+                    "last_checkpoint.save_top_k": 1,
+                    "last_checkpoint.enable_version_counter": False,
                 }
             )
             parser.add_lightning_class_args(EarlyStopping, "early_stopping")

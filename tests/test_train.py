@@ -123,3 +123,16 @@ def test_tensorboard_has_per_target_metrics_lr_hparams_and_figures(smoke_run):
         assert {f"{stage}/throughput_mbps/mae", f"{stage}/jitter_ms/correlation", f"{stage}/mean/mape"} <= scalars
     assert "lr-Adam" in scalars and "hp/test_average_correlation" in scalars
     assert {"test/predictions_scatter", "test/timeseries", "test/baselines"} <= images
+
+
+def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
+    # "best" = highest val_loss: training lowers it, so best.ckpt stays at epoch 0 while last.ckpt must move on
+    cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--checkpoint.mode=max"))
+    from dwcp_lstm.plots import read_scalars
+
+    val = [v for _, v in read_scalars(run_dir_of(tmp_path))["val_loss"]]
+    assert val[1] < val[0]
+    ckpts = run_dir_of(tmp_path) / "checkpoints"
+    assert torch.load(ckpts / "best.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
