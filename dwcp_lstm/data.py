@@ -228,13 +228,14 @@ class DwcpDataModule(L.LightningDataModule):
         self.raw_targets = np.empty((len(df), self.n_targets), dtype=np.float64)
         for j, c in enumerate(self.targets):
             self.raw_targets[:, j] = df[c].to_numpy(np.float64)
-        self.segment_of_row = np.repeat(np.arange(len(self.bounds)), self.bounds[:, 1] - self.bounds[:, 0])
+        lengths = self.bounds[:, 1] - self.bounds[:, 0]
+        self.segment_of_row = np.repeat(np.arange(len(self.bounds), dtype=np.int32), lengths)  # int32: 40 MB at 10M
 
     def _split_windows(self) -> None:
         """Per segment: target-row ranges of each split, and the training rows the scalers may see."""
         w = self.window_size
         starts: dict[str, list[np.ndarray]] = {s: [] for s in STAGES}
-        train_rows = []
+        train_ranges = []
         for a, b in self.bounds:
             n = b - a
             n_train, n_val = int(n * self.split[0]), int(n * self.split[1])
@@ -242,9 +243,9 @@ class DwcpDataModule(L.LightningDataModule):
             for i, stage in enumerate(STAGES):
                 lo = max(cuts[i], a + w)  # the first target of a segment needs w rows before it
                 starts[stage].append(np.arange(lo, cuts[i + 1], dtype=np.int64) - w)
-            train_rows.append(np.arange(a, a + n_train, dtype=np.int64))
+            train_ranges.append((a, a + n_train))
         self.starts = {s: np.concatenate(v) for s, v in starts.items()}
-        self.train_rows = np.concatenate(train_rows)
+        self.train_ranges = np.array(train_ranges, dtype=np.int64).reshape(-1, 2)  # [S, 2] contiguous per segment
         if len(self.starts["train"]) == 0:
             raise DataError(
                 f"{self.path}: no training windows (series too short for window {w} and split {self.split})"
@@ -257,13 +258,15 @@ class DwcpDataModule(L.LightningDataModule):
         has no change and is left out), so the loss weighs each target by how much it moves, not by its level.
         """
         self.target_values = self.raw_targets
-        self.target_fit_rows = self.train_rows
+        self.target_fit_ranges = self.train_ranges
         if self.target_mode == "delta":
-            self.target_values = np.diff(self.raw_targets, axis=0, prepend=self.raw_targets[:1])
+            self.target_values = np.empty_like(self.raw_targets)
+            np.subtract(self.raw_targets[1:], self.raw_targets[:-1], out=self.target_values[1:])  # no temporaries
             self.target_values[self.bounds[:, 0]] = 0.0  # no previous row in the segment; never a target
-            self.target_fit_rows = np.setdiff1d(self.train_rows, self.bounds[:, 0])
-        self.feature_scaler = StandardScaler().fit(self.raw_features[self.train_rows])
-        self.target_scaler = StandardScaler().fit(self.target_values[self.target_fit_rows])
+            self.target_fit_ranges = self.train_ranges + np.array([1, 0])
+        # partial_fit over each segment's contiguous slice: views, never a copy of all training rows
+        self.feature_scaler = _fit_on_ranges(self.raw_features, self.train_ranges)
+        self.target_scaler = _fit_on_ranges(self.target_values, self.target_fit_ranges)
         for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.targets)):
             for name in np.asarray(names)[scaler.var_ == 0]:  # sklearn leaves them unscaled (scale 1): harmless
                 log.warning("%s: column %r is constant on the training rows; the model cannot learn from it",
@@ -271,20 +274,20 @@ class DwcpDataModule(L.LightningDataModule):
 
     def _make_datasets(self) -> None:
         fs, ts = self.feature_scaler, self.target_scaler
-        x = torch.from_numpy(((self.raw_features - fs.mean_) / fs.scale_).astype(np.float32))  # [rows, F]
-        y = torch.from_numpy(((self.target_values - ts.mean_) / ts.scale_).astype(np.float32))  # [rows, T]
+        x = torch.from_numpy(_standardize(self.raw_features, fs))  # [rows, F]
+        y = torch.from_numpy(_standardize(self.target_values, ts))  # [rows, T]
         self.datasets = {s: WindowDataset(x, y, self.starts[s], self.window_size) for s in STAGES}
 
     def audit(self) -> None:
         """Fail loudly if any window or scaler could leak: run at the end of every setup."""
-        for name, scaler, raw, rows in (
-            ("feature", self.feature_scaler, self.raw_features, self.train_rows),
-            ("target", self.target_scaler, self.target_values, self.target_fit_rows),
+        for name, scaler, raw, ranges in (
+            ("feature", self.feature_scaler, self.raw_features, self.train_ranges),
+            ("target", self.target_scaler, self.target_values, self.target_fit_ranges),
         ):
-            if scaler.n_samples_seen_ != len(rows) or not np.allclose(
-                scaler.mean_, raw[rows].astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6
-            ):
-                raise LeakageError(f"{name} scaler was not fitted on exactly the {len(rows)} training rows")
+            count = int(np.maximum(ranges[:, 1] - ranges[:, 0], 0).sum())
+            total = sum((raw[a:b].sum(axis=0, dtype=np.float64) for a, b in ranges if b > a), np.zeros(raw.shape[1]))
+            if scaler.n_samples_seen_ != count or not np.allclose(scaler.mean_, total / count, rtol=1e-5, atol=1e-6):
+                raise LeakageError(f"{name} scaler was not fitted on exactly the {count} training rows")
         seg = self.segment_of_row
         for stage, s in self.starts.items():
             if np.any(seg[s] != seg[s + self.window_size]):
@@ -301,6 +304,11 @@ class DwcpDataModule(L.LightningDataModule):
             both = last.index.intersection(first.index)
             if np.any(last[both].to_numpy() >= first[both].to_numpy()):
                 raise LeakageError(f"a {later} target is not later than every {earlier} target of its series")
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        """Indices of the training rows (materialised on demand; the module itself works on ranges)."""
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.train_ranges])
 
     # -- loaders -------------------------------------------------------------------------------------------------
     def _loader(self, stage: str) -> DataLoader:
@@ -335,6 +343,21 @@ class DwcpDataModule(L.LightningDataModule):
         """``node_id->peer_id`` style name of the series each row belongs to."""
         keys = self.frame_keys.iloc[rows][self.series_columns].astype(str)
         return keys.agg("->".join, axis=1).to_numpy() if len(self.series_columns) > 1 else keys.iloc[:, 0].to_numpy()
+
+
+def _fit_on_ranges(values: np.ndarray, ranges: np.ndarray) -> StandardScaler:
+    scaler = StandardScaler()
+    for a, b in ranges:
+        if b > a:
+            scaler.partial_fit(values[a:b])
+    return scaler
+
+
+def _standardize(values: np.ndarray, scaler: StandardScaler) -> np.ndarray:
+    """(values - mean) / scale in float32, computed in place on one output array (no float64 temporary)."""
+    out = np.subtract(values, scaler.mean_.astype(np.float32), dtype=np.float32)
+    out /= scaler.scale_.astype(np.float32)
+    return out
 
 
 def _check_config(
