@@ -124,13 +124,7 @@ def build_model(
     dm = train_dm
     torch.manual_seed(0)
     module = DwcpForecaster(window_size=dm.window_size)
-    for name, v in (
-        ("fmean", dm.feature_scaler.mean_),
-        ("fscale", dm.feature_scaler.scale_),
-        ("tmean", dm.target_scaler.mean_),
-        ("tscale", dm.target_scaler.scale_),
-    ):
-        getattr(module, name).copy_(torch.as_tensor(v, dtype=torch.float32))
+    module.adopt_scalers(dm)
     module.eval()
     path = work / "model.onnx"
     export_onnx(module, path, dm.window_size)

@@ -104,19 +104,23 @@ class DwcpForecaster(L.LightningModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "feature_scaler", None) is not None:
-            if (
-                list(dm.features) != list(self.hparams.feature_names)
-                or list(dm.targets) != list(self.hparams.target_names)
-                or dm.target_mode != self.hparams.target_mode
-            ):
-                raise DataError("the model's feature/target names or target_mode differ from the data's (link them)")
-            for name, v in (
-                ("fmean", dm.feature_scaler.mean_),
-                ("fscale", dm.feature_scaler.scale_),
-                ("tmean", dm.target_scaler.mean_),
-                ("tscale", dm.target_scaler.scale_),
-            ):
-                getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
+            self.adopt_scalers(dm)
+
+    def adopt_scalers(self, dm) -> None:
+        """Copy a set-up DataModule's train-fit scalers into the buffers (they travel in every checkpoint)."""
+        if (
+            list(dm.features) != list(self.hparams.feature_names)
+            or list(dm.targets) != list(self.hparams.target_names)
+            or dm.target_mode != self.hparams.target_mode
+        ):
+            raise DataError("the model's feature/target names or target_mode differ from the data's (link them)")
+        for name, v in (
+            ("fmean", dm.feature_scaler.mean_),
+            ("fscale", dm.feature_scaler.scale_),
+            ("tmean", dm.target_scaler.mean_),
+            ("tscale", dm.target_scaler.scale_),
+        ):
+            getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
 
     def raw_forecaster(self) -> RawForecaster:
         """The network with its scalers baked in, for export and raw-unit inference."""

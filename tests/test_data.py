@@ -88,9 +88,7 @@ def test_module_unscale_recovers_raw_targets(small_csv, mode):
 
     dm = make_dm(small_csv, target_mode=mode)
     module = DwcpForecaster(target_mode=mode)
-    for name, v in (("fmean", dm.feature_scaler.mean_), ("fscale", dm.feature_scaler.scale_),
-                    ("tmean", dm.target_scaler.mean_), ("tscale", dm.target_scaler.scale_)):  # fmt: skip
-        getattr(module, name).copy_(torch.as_tensor(v))
+    module.adopt_scalers(dm)
     x, y = next(iter(dm.val_dataloader()))
     rows = dm.target_rows("val")[: len(y)]
     np.testing.assert_allclose(module.unscale(y, x).numpy(), dm.raw_targets[rows], rtol=1e-5)
