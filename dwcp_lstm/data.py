@@ -278,6 +278,24 @@ class DwcpDataModule(L.LightningDataModule):
         y = torch.from_numpy(_standardize(self.target_values, ts))  # [rows, T]
         self.datasets = {s: WindowDataset(x, y, self.starts[s], self.window_size) for s in STAGES}
 
+    def use_scalers(self, fmean: np.ndarray, fscale: np.ndarray, tmean: np.ndarray, tscale: np.ndarray) -> None:
+        """Scale with a trained model's scalers instead of this data's own (evaluating a checkpoint on other data).
+        A no-op when they are the ones fitted here, as during and after fit."""
+        fs, ts = self.feature_scaler, self.target_scaler
+        same = all(
+            np.allclose(a, b, rtol=1e-6, atol=0)
+            for a, b in ((fmean, fs.mean_), (fscale, fs.scale_), (tmean, ts.mean_), (tscale, ts.scale_))
+        )
+        if same:
+            return
+        log.warning("%s: scaling with the checkpoint's training scalers, not this data's", self.path)
+        fs.mean_, fs.scale_, ts.mean_, ts.scale_ = fmean, fscale, tmean, tscale
+        # In place: the loaders already hold these dataset objects. (No audit: these scalers saw none of this data.)
+        x = torch.from_numpy(_standardize(self.raw_features, fs))
+        y = torch.from_numpy(_standardize(self.target_values, ts))
+        for ds in self.datasets.values():
+            ds.x, ds.y = x, y
+
     def audit(self) -> None:
         """Fail loudly if any window or scaler could leak: run at the end of every setup."""
         for name, scaler, raw, ranges in (

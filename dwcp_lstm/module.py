@@ -106,6 +106,22 @@ class DwcpForecaster(L.LightningModule):
         if dm is not None and getattr(dm, "feature_scaler", None) is not None:
             self.adopt_scalers(dm)
 
+    def on_validation_start(self) -> None:
+        self._lend_scalers()
+
+    def on_test_start(self) -> None:
+        self._lend_scalers()
+
+    def on_predict_start(self) -> None:
+        self._lend_scalers()
+
+    def _lend_scalers(self) -> None:
+        """A restored checkpoint brings the scalers of the data it was trained on: evaluating it on other data must
+        scale that data the same way. Checkpoints are restored after setup(), so this runs at loop start."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "feature_scaler", None) is not None:
+            dm.use_scalers(*(getattr(self, n).double().cpu().numpy() for n in ("fmean", "fscale", "tmean", "tscale")))
+
     def adopt_scalers(self, dm) -> None:
         """Copy a set-up DataModule's train-fit scalers into the buffers (they travel in every checkpoint)."""
         if (

@@ -136,3 +136,23 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
     assert torch.load(ckpts / "best.ckpt", weights_only=True)["epoch"] == 0
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+def test_a_checkpoint_scales_other_data_with_its_own_training_scalers(smoke_run, small_csv, tmp_path):
+    from dwcp_lstm.callbacks import raw_windows
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.metrics import compute_metrics
+    from dwcp_lstm.plots import read_scalars
+
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    args = fit_args(tmp_path, f"--data.data_path={small_csv}", f"--ckpt_path={ckpt}")
+    cli_main(["test", *args[1:]])
+    logged = read_scalars(run_dir_of(tmp_path))["test/rtt_ms/mae"][-1][1]
+    # reference: the raw-in/raw-out forecaster (scalers baked in) on the same test windows
+    dm = DwcpDataModule(data_path=str(small_csv))
+    dm.setup("test")
+    raw = DwcpForecaster.load_from_checkpoint(ckpt, weights_only=True).raw_forecaster().eval()
+    with torch.no_grad():
+        pred = raw(torch.from_numpy(raw_windows(dm, "test").astype(np.float32))).double().numpy()
+    ref = compute_metrics(pred, dm.raw_targets[dm.target_rows("test")], dm.targets)["rtt_ms"]["mae"]
+    assert logged == pytest.approx(ref, rel=1e-4)
