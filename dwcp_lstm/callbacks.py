@@ -79,19 +79,22 @@ def export_onnx(module, path: str | Path, window: int, opset: int = 17) -> None:
     raw = module.raw_forecaster().cpu().eval()
     example = torch.zeros(2, window, module.fmean.numel())
     tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation notice about dynamo=False
-        torch.onnx.export(
-            raw,
-            (example,),
-            str(tmp),
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
-    tmp.replace(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notice about dynamo=False
+            torch.onnx.export(
+                raw,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no half-written file left beside the good one
 
 
 def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]:

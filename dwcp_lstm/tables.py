@@ -227,11 +227,14 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write to a temporary name in the same folder, then rename: readers see the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:

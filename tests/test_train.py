@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -156,3 +157,22 @@ def test_a_checkpoint_scales_other_data_with_its_own_training_scalers(smoke_run,
         pred = raw(torch.from_numpy(raw_windows(dm, "test").astype(np.float32))).double().numpy()
     ref = compute_metrics(pred, dm.raw_targets[dm.target_rows("test")], dm.targets)["rtt_ms"]["mae"]
     assert logged == pytest.approx(ref, rel=1e-4)
+
+
+def test_a_failed_export_leaves_the_previous_model_intact(smoke_run, tmp_path, monkeypatch):
+    from dwcp_lstm.callbacks import export_onnx
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes((smoke_run / "model.onnx").read_bytes())
+    before = sha256_of(target)
+
+    def dying_export(model, args, f, **kwargs):  # writes half a file, then the process "dies"
+        Path(f).write_bytes(b"\x08\x07partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", dying_export)
+    module = DwcpForecaster.load_from_checkpoint(smoke_run / "checkpoints" / "best.ckpt", weights_only=True)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(module, target, window=20)
+    assert sha256_of(target) == before and not list(tmp_path.glob(".*.tmp"))
+    ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])  # still loadable
