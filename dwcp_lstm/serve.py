@@ -221,7 +221,8 @@ class Predictor:
         """One forecast per window of one series: row i forecasts the step after rows ``i .. i + window - 1``.
 
         The result has ``rows - window + 1`` rows, indexed by the position (DataFrame input: the index label) of
-        each window's last row; the last one forecasts beyond the data.
+        each window's last row; the last one forecasts beyond the data. The rows must be one gap-free series in time
+        order (windows are taken as given); ``forecast --rolling`` sorts and splits links at gaps first.
         """
         x = self._series_array(history, columns, source)  # [rows, F]
         if len(x) < self.window:
