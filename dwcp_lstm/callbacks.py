@@ -123,8 +123,7 @@ def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]
 
 def raw_windows(dm, stage: str = "test", limit: int | None = None) -> np.ndarray:
     """Unscaled input windows [N, W, F] of a split (materialised: only for small N)."""
-    starts = dm.starts[stage][:limit]
-    return dm.raw_features[starts[:, None] + np.arange(dm.window_size)]
+    return dm.windows(dm.raw_features, dm.starts[stage][:limit])
 
 
 class OnnxExport(L.Callback):

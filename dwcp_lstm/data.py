@@ -273,10 +273,14 @@ class DwcpDataModule(L.LightningDataModule):
                             self.path, name)  # fmt: skip
 
     def _make_datasets(self) -> None:
-        fs, ts = self.feature_scaler, self.target_scaler
-        x = torch.from_numpy(_standardize(self.raw_features, fs))  # [rows, F]
-        y = torch.from_numpy(_standardize(self.target_values, ts))  # [rows, T]
+        x, y = self._scaled_tensors()
         self.datasets = {s: WindowDataset(x, y, self.starts[s], self.window_size) for s in STAGES}
+
+    def _scaled_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [rows, F] and targets [rows, T], standardised with the current scalers, float32."""
+        x = torch.from_numpy(_standardize(self.raw_features, self.feature_scaler))
+        y = torch.from_numpy(_standardize(self.target_values, self.target_scaler))
+        return x, y
 
     def use_scalers(self, fmean: np.ndarray, fscale: np.ndarray, tmean: np.ndarray, tscale: np.ndarray) -> None:
         """Scale with a trained model's scalers instead of this data's own (evaluating a checkpoint on other data).
@@ -291,8 +295,7 @@ class DwcpDataModule(L.LightningDataModule):
         log.warning("%s: scaling with the checkpoint's training scalers, not this data's", self.path)
         fs.mean_, fs.scale_, ts.mean_, ts.scale_ = fmean, fscale, tmean, tscale
         # In place: the loaders already hold these dataset objects. (No audit: these scalers saw none of this data.)
-        x = torch.from_numpy(_standardize(self.raw_features, fs))
-        y = torch.from_numpy(_standardize(self.target_values, ts))
+        x, y = self._scaled_tensors()
         for ds in self.datasets.values():
             ds.x, ds.y = x, y
 
@@ -322,6 +325,10 @@ class DwcpDataModule(L.LightningDataModule):
             both = last.index.intersection(first.index)
             if np.any(last[both].to_numpy() >= first[both].to_numpy()):
                 raise LeakageError(f"a {later} target is not later than every {earlier} target of its series")
+
+    def windows(self, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Rows of ``values`` under each window, [N, W, ...] (materialised: callers keep N small or subsample)."""
+        return values[starts[:, None] + np.arange(self.window_size)]
 
     @property
     def train_rows(self) -> np.ndarray:

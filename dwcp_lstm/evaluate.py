@@ -30,13 +30,12 @@ def predict_raw(module, dm, stage: str = "test") -> np.ndarray:
 
 def target_history(dm, starts: np.ndarray) -> np.ndarray:
     """Raw target values of each window's rows [N, W, T]."""
-    return dm.raw_targets[starts[:, None] + np.arange(dm.window_size)]
+    return dm.windows(dm.raw_targets, starts)
 
 
 def scaled_windows(dm, starts: np.ndarray) -> np.ndarray:
     """Scaled input windows [N, W, F] (materialised: callers subsample first)."""
-    x = dm.datasets["train"].x.numpy()
-    return x[starts[:, None] + np.arange(dm.window_size)]
+    return dm.windows(dm.datasets["train"].x.numpy(), starts)
 
 
 def oracle_forecasts(dm, target_rows: np.ndarray) -> np.ndarray | None:
@@ -208,7 +207,7 @@ def onnx_facts(run_dir: Path, dm, runs: int = 300) -> dict | None:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    x = dm.raw_features[dm.starts["test"][0] + np.arange(dm.window_size)][None].astype(np.float32)
+    x = dm.windows(dm.raw_features, dm.starts["test"][:1]).astype(np.float32)  # [1, W, F]
     feed = {sess.get_inputs()[0].name: x}
     for _ in range(20):
         sess.run(None, feed)
