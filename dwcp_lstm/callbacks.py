@@ -1,4 +1,4 @@
-"""Callbacks: per-epoch reseeding (exact resume) and the ONNX export at fit end (rank zero only)."""
+"""Callbacks: per-step reseeding (exact resume), weight averaging (EMA) and the ONNX export at fit end (rank zero)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dwcp_lstm import __version__
 from dwcp_lstm.model import count_parameters
-from dwcp_lstm.tables import atomic_write, sha256_of
+from dwcp_lstm.tables import DataError, atomic_write, sha256_of
 
 UNITS = {
     "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
@@ -124,6 +127,33 @@ def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]
 def raw_windows(dm, stage: str = "test", limit: int | None = None) -> np.ndarray:
     """Unscaled input windows [N, W, F] of a split (materialised: only for small N)."""
     return dm.windows(dm.raw_features, dm.starts[stage][:limit])
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights after every optimizer step (Lightning's ``WeightAveraging``):
+    validation, early stopping, the LR scheduler, checkpoints, the test and the ONNX export all use the average;
+    resuming restores both the average and the current weights.
+
+    Why: on heavy-tailed real traces single batches move the weights far and the validation metrics jump from epoch
+    to epoch; the average is a smoother, usually better model. Enable it in a config's ``trainer.callbacks`` (the
+    real-trace configs do). Lightning's ``EMAWeightAveraging`` computes ``decay * a + (1 - decay) * b``, which nudges
+    constant buffers (the train-fit scalers) by rounding; torch's multi-tensor lerp used here keeps them exact.
+
+    Args:
+        decay: per-step weight of the running average (0.999: a horizon of about 1,000 steps).
+    """
+
+    def __init__(self, decay: float = 0.999) -> None:
+        if not 0.0 < decay < 1.0:
+            raise DataError(f"EMA decay must be in (0, 1), got {decay}")
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning puts the *current* weights back whenever the average exists, also for the trainer.test(ckpt_path=)
+        # that follows fit; outside fitting, the checkpoint's state_dict (the average) is the model to evaluate.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class OnnxExport(L.Callback):

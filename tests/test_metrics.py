@@ -66,3 +66,19 @@ def test_summary_means_and_target_check():
     assert s["accuracy_percent"] == pytest.approx(98.25) and s["target_met"] is True
     per_target["b"]["mape"] = 7.0
     assert summarize(per_target)["target_met"] is False
+
+
+def test_head_to_head_compares_on_each_baselines_windows():
+    from dwcp_lstm.evaluate import head_to_head
+
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(200, 2))
+    pred, base = y + rng.normal(0, 0.1, y.shape), y + rng.normal(0, 0.3, y.shape)
+    mask = np.arange(200) < 50  # a baseline that covers only the first 50 windows
+    h = head_to_head(pred, y, {"b": (base, mask)}, ["u", "v"])
+    for j, t in enumerate("uv"):
+        e = pred[:50, j] - y[:50, j]
+        assert h[t]["b"]["model_rmse"] == pytest.approx(np.sqrt((e**2).mean()))
+        assert h[t]["b"]["mae"] == pytest.approx(np.abs(base[:50, j] - y[:50, j]).mean())
+        assert h[t]["b"]["beats"] is True
+    assert head_to_head(base, y, {"b": (pred, mask)}, ["u", "v"])["u"]["b"]["beats"] is False

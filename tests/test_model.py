@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -37,3 +38,16 @@ def test_windows_are_independent():
     first = model(x)
     model(torch.randn(1, 20, 9))
     assert torch.equal(model(x), first)
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber", "l1"])
+def test_loss_choice_matches_its_definition(loss):
+    from dwcp_lstm.module import DwcpForecaster
+
+    m = DwcpForecaster(loss=loss, huber_delta=0.5)
+    rng = np.random.default_rng(3)
+    p, y = rng.normal(size=(64, 4)), rng.standard_t(2, size=(64, 4))  # heavy-tailed errors: the regimes differ
+    e = np.abs(p - y)
+    ref = {"mse": e**2, "l1": e, "huber": np.where(e <= 0.5, 0.5 * e**2, 0.5 * (e - 0.25))}[loss]
+    got = m._elementwise_loss(torch.tensor(p), torch.tensor(y)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-12)

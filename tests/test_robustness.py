@@ -52,6 +52,8 @@ FIT_CASES = [
     ("delta-needs-targets", None, ["--data.features=[rtt_ms,queue_depth]"], "needs every target among the features"),
     ("bad-type", None, ["--data.batch_size=many"], 'Parser key "data.batch_size"'),
     ("bad-duplicates-policy", None, ["--data.duplicates=keep"], "duplicates policy must be one of"),
+    ("bad-loss", None, ["--model.loss=mae"], "--model.loss must be one of mse, huber, l1, got 'mae'"),
+    ("bad-huber-delta", None, ["--model.huber_delta=0"], "--model.huber_delta must be > 0, got 0"),
 ]
 
 

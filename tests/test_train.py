@@ -38,6 +38,19 @@ def test_report_json_has_the_specified_keys(smoke_run):
     ov = report["overall"]
     assert ov["accuracy_percent"] == pytest.approx(100 * ov["average_correlation"])
     assert ov["target_met"] == (ov["average_correlation"] >= 0.98 and ov["average_mape"] < 5)
+    # head to head: the model's RMSE/MAE on all windows equal its per-target figures; baselines' likewise
+    for target, rows in report["head_to_head"].items():
+        for name in ("persistence", "harmonic_mean_5", "window_mean", "ridge"):
+            h, b = rows[name], report["baselines"][name]["per_target"][target]
+            assert h["model_rmse"] == pytest.approx(report["per_target"][target]["rmse"], rel=1e-6)
+            assert (h["rmse"], h["mae"]) == pytest.approx((b["rmse"], b["mae"]), rel=1e-6)
+            assert h["beats"] == (h["model_rmse"] < h["rmse"] and h["model_mae"] < h["mae"])
+        goal = all(rows[n]["beats"] for n in ("persistence", "harmonic_mean_5", "window_mean", "ridge"))
+        assert report["checks"]["beats_goal_baselines_on_rmse_and_mae"][target] == goal
+    assert "## Head to head" in (smoke_run / "report.md").read_text()
+    val = report["validation"]  # the same comparison on the validation split, for choosing settings
+    assert val["windows"] > 0 and set(val["head_to_head"]) == set(report["head_to_head"])
+    assert val["per_target"]["rtt_ms"]["rmse"] != report["per_target"]["rtt_ms"]["rmse"]
 
 
 def test_metadata_describes_the_model(smoke_run):
@@ -176,3 +189,27 @@ def test_a_failed_export_leaves_the_previous_model_intact(smoke_run, tmp_path, m
         export_onnx(module, target, window=20)
     assert sha256_of(target) == before and not list(tmp_path.glob(".*.tmp"))
     ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])  # still loadable
+
+
+def test_ema_averages_weights_and_keeps_the_scalers_exact(tmp_path):
+    # the real-trace configs' weight averaging: checkpoints, test and export carry the average, scalers untouched
+    cfg = tmp_path / "ema.yaml"
+    cfg.write_text("trainer:\n  callbacks:\n    - class_path: dwcp_lstm.callbacks.EMA\n      init_args:\n"
+                   "        decay: 0.9\n")  # fmt: skip
+    cli_main(fit_args(tmp_path, "--config", str(cfg), "--trainer.max_epochs=1"))
+    run = run_dir_of(tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    avg, cur = ckpt["state_dict"], ckpt["current_model_state"]
+    w = "net.lstms.0.weight_ih_l0"
+    assert not torch.equal(avg[w], cur[w])  # the average lags the current weights
+    for name in ("fmean", "fscale", "tmean", "tscale"):
+        assert torch.equal(avg[name], cur[name]) and not torch.equal(cur[name], torch.zeros_like(cur[name]))
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["scaler"]["feature_mean"] == avg["fmean"].tolist()
+    assert meta["parity"]["max_rel_diff"] < 1e-4
+    # the logged test figures and the report come from the same (averaged) weights
+    from dwcp_lstm.plots import read_scalars
+
+    report = json.loads((run / "report.json").read_text())
+    logged = read_scalars(run)["test/rtt_ms/rmse"][-1][1]
+    assert logged == pytest.approx(report["per_target"]["rtt_ms"]["rmse"], rel=1e-4)
