@@ -147,7 +147,6 @@ class EMA(WeightAveraging):
         if not 0.0 < decay < 1.0:
             raise DataError(f"EMA decay must be in (0, 1), got {decay}")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay = decay
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Lightning puts the *current* weights back whenever the average exists, also for the trainer.test(ckpt_path=)

@@ -61,18 +61,26 @@ def oracle_forecasts(dm, target_rows: np.ndarray) -> np.ndarray | None:
     return None if np.isnan(values).any() else values
 
 
-def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test") -> tuple[dict, dict]:
-    """Forecasts and metrics of every baseline on a split's windows (fitted ones fit on training windows)."""
-    starts, rows = dm.starts[stage], dm.target_rows(stage)
-    hist = target_history(dm, starts)
+def fit_baselines(dm) -> tuple[B.RidgeBaseline, B.BoostingBaseline, np.ndarray]:
+    """Ridge, boosted trees and the EWMA alpha, fit on (at most 100,000 evenly spaced) training windows."""
     train_starts = dm.starts["train"]
     pick = train_starts[B._even_subset(len(train_starts), 100_000)]
     train_hist, train_y = target_history(dm, pick), dm.raw_targets[pick + dm.window_size]
     ts = dm.target_scaler
-    x_train, x_test = scaled_windows(dm, pick), scaled_windows(dm, starts)
+    x_train = scaled_windows(dm, pick)
     ridge = B.RidgeBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)
     gbt = B.BoostingBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)
-    alpha = B.fit_ewma_alpha(train_hist, train_y)
+    return ridge, gbt, B.fit_ewma_alpha(train_hist, train_y)
+
+
+def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fitted=None) -> tuple[dict, dict]:
+    """Forecasts and metrics of every baseline on a split's windows; ``fitted`` (from :func:`fit_baselines`) is
+    reused when given, so that the test and validation comparisons share one fit."""
+    starts, rows = dm.starts[stage], dm.target_rows(stage)
+    hist = target_history(dm, starts)
+    ridge, gbt, alpha = fitted if fitted is not None else fit_baselines(dm)
+    ts = dm.target_scaler
+    x_test = scaled_windows(dm, starts)
     forecasts = {
         "persistence": (B.persistence(hist), None),
         "seasonal_naive": B.seasonal_naive(dm.raw_targets, dm.timestamps.astype(np.float64), dm.segment_of_row, rows),
@@ -124,7 +132,8 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
         "per_target": per_target,
         "overall": summarize(per_target, TARGET_CORR, TARGET_MAPE),
     }
-    base, base_preds = run_baselines(dm, y, mape_floor)
+    fitted = fit_baselines(dm)
+    base, base_preds = run_baselines(dm, y, mape_floor, "test", fitted)
     report["baselines"] = base
     oracle = oracle_forecasts(dm, rows)
     if oracle is not None:
@@ -147,7 +156,7 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
         else None
     )
     report["head_to_head"] = head_to_head(pred, y, base_preds, dm.targets)
-    report["validation"] = validation_head_to_head(module, dm, mape_floor)
+    report["validation"] = validation_head_to_head(module, dm, mape_floor, fitted)
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
     report["data"] = {
@@ -202,14 +211,14 @@ def head_to_head(pred: np.ndarray, y: np.ndarray, base_preds: dict, targets: lis
     return out
 
 
-def validation_head_to_head(module, dm, mape_floor: float) -> dict | None:
+def validation_head_to_head(module, dm, mape_floor: float, fitted=None) -> dict | None:
     """The same comparison on the validation split: where settings (loss, window, epochs) get chosen, so that the
     test split stays an untouched verdict."""
     if len(dm.starts["val"]) == 0:
         return None
     y = dm.raw_targets[dm.target_rows("val")]
     pred = predict_raw(module, dm, "val")
-    _, base_preds = run_baselines(dm, y, mape_floor, "val")
+    _, base_preds = run_baselines(dm, y, mape_floor, "val", fitted)
     return {
         "windows": len(y),
         "per_target": compute_metrics(pred, y, dm.targets, mape_floor),

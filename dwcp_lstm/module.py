@@ -91,7 +91,7 @@ class DwcpForecaster(L.LightningModule):
             raise DataError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not huber_delta > 0:
             raise DataError(f"--model.huber_delta must be > 0, got {huber_delta}")
-        self.loss_fn, self.huber_delta = loss, float(huber_delta)
+        self.loss_name, self.huber_delta = loss, float(huber_delta)
         if target_mode not in ("delta", "level"):
             raise DataError(f"--model.target_mode must be delta or level, got {target_mode!r}")
         self.delta = target_mode == "delta"
@@ -183,9 +183,9 @@ class DwcpForecaster(L.LightningModule):
         return loss
 
     def _elementwise_loss(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.loss_fn == "huber":
+        if self.loss_name == "huber":
             return F.huber_loss(pred, y, reduction="none", delta=self.huber_delta)  # [B, T]
-        if self.loss_fn == "l1":
+        if self.loss_name == "l1":
             return (pred - y).abs()
         return (pred - y) ** 2
 
