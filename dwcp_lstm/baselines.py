@@ -126,10 +126,16 @@ def mse(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def skill(mse_model: np.ndarray, mse_persistence: np.ndarray) -> np.ndarray:
     """1 - MSE_model / MSE_persistence: 0 = no better than the last value, 1 = perfect."""
-    return 1.0 - mse_model / mse_persistence
+    return 1.0 - _ratio(mse_model, mse_persistence)
 
 
 def gap_closed(mse_model: np.ndarray, mse_persistence: np.ndarray, mse_oracle: np.ndarray) -> np.ndarray:
     """(MSE_persistence - MSE_model) / (MSE_persistence - MSE_oracle): the share of the way from persistence to the
     best possible forecast that the model covers (1 = as good as the oracle)."""
-    return (mse_persistence - mse_model) / (mse_persistence - mse_oracle)
+    return _ratio(mse_persistence - mse_model, mse_persistence - mse_oracle)
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a / b, NaN where b is 0 (e.g. a target that never changes: persistence is exact and skill is undefined)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.full(np.broadcast(a, b).shape, np.nan), where=b != 0)

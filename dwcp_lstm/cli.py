@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
 if TYPE_CHECKING:
@@ -33,7 +35,9 @@ def _lightning_cli_class():
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from dwcp_lstm.callbacks import OnnxExport, StepSeed
+    from dwcp_lstm import preflight
+    from dwcp_lstm.callbacks import OnnxExport, StepSeed, run_dir_of
+    from dwcp_lstm.preflight import AtomicCheckpointIO
 
     class DwcpCLI(LightningCLI):
         """Links the data's column lists to the model, adds the project's callbacks as config sections."""
@@ -68,12 +72,57 @@ def _lightning_cli_class():
             parser.add_lightning_class_args(StepSeed, "step_seed")
             parser.add_lightning_class_args(OnnxExport, "onnx")
 
+        def _parse_ckpt_path(self) -> None:
+            """Lightning would copy the checkpoint's hyperparameters over the config here, silently overriding the
+            user's flags (and unpickling the file before any check). The pre-flight checks compare them instead and
+            name any difference."""
+
+        def instantiate_trainer(self, **kwargs):
+            # checkpoints are written to a temporary name and renamed (see preflight.AtomicCheckpointIO)
+            if self._get(self.config_init, "trainer", default={}).get("plugins") is None:
+                kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+            return super().instantiate_trainer(**kwargs)
+
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+            """Checkpoints are always loaded with ``weights_only=True``: for a URL Lightning would otherwise fall back
+            to full unpickling, which runs whatever code the file carries."""
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if kwargs.get("weights_only") is False:
+                raise _data_error("--weights_only false is refused: a checkpoint is never unpickled with code")
+            if "weights_only" in self._subcommand_method_arguments[subcommand]:
+                kwargs["weights_only"] = True
+            return kwargs
+
         def before_fit(self) -> None:
-            """``--ckpt_path last`` resumes the newest run *in its own directory* (Lightning alone would look in a
-            fresh version_N and silently start over)."""
+            """Everything the run needs is checked here, before the first training step."""
             cfg = self.config_init[self.subcommand]
-            if cfg.get("ckpt_path") != "last":
-                return
+            run_config = None
+            if cfg.get("ckpt_path") == "last":
+                run_config = self._resolve_last(cfg)
+            elif cfg.get("ckpt_path") is not None and not preflight.is_remote(cfg["ckpt_path"]):
+                beside = Path(cfg["ckpt_path"]).parent.parent / "config.yaml"
+                run_config = beside if beside.is_file() else None
+            root = run_dir_of(self.trainer)
+            preflight.check_writable(root.parent if root is not None and root.parent.name else root or ".")
+            self._check_checkpoint(cfg, run_config)
+            self._check_data("fit")
+            preflight.check_optimizer(self.model)
+
+        def before_validate(self) -> None:
+            self._check_checkpoint(self.config_init[self.subcommand], None)
+            self._check_data("validate")
+
+        def before_test(self) -> None:
+            self._check_checkpoint(self.config_init[self.subcommand], None)
+            self._check_data("test")
+
+        def before_predict(self) -> None:
+            self._check_checkpoint(self.config_init[self.subcommand], None)
+            self._check_data("predict")
+
+        def _resolve_last(self, cfg) -> Path | None:
+            """``--ckpt_path last`` resumes the newest run *in its own directory* (Lightning alone would look in a
+            fresh version_N and silently start over). Returns that run's config.yaml."""
             logger = self.trainer.logger
             root = Path(logger.root_dir) if logger is not None else Path(self.trainer.default_root_dir)
             runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -84,6 +133,50 @@ def _lightning_cli_class():
                 logger._version = int(run.name.split("_")[-1])  # artifacts land beside the checkpoint
             cfg.ckpt_path = str(runs[-1])
             print(f"Resuming {run} from {runs[-1]}")
+            return run / "config.yaml" if (run / "config.yaml").is_file() else None
+
+        def _check_checkpoint(self, cfg, run_config: Path | None) -> None:
+            path = cfg.get("ckpt_path")
+            if path is None:
+                return
+            if path in ("best", "last", "hpc", "registry") or str(path).startswith("registry:"):
+                raise _data_error(
+                    f"{self.subcommand} --ckpt_path {path}: give a checkpoint file or URL "
+                    "(e.g. lightning_logs/version_0/checkpoints/best.ckpt)"
+                )
+            ckpt = preflight.load_checkpoint(path)
+            preflight.check_compatible(ckpt, self.model, path)
+            if self.subcommand != "fit":
+                return
+            # Resuming restores the model, optimizer, scheduler, loops and callbacks from the checkpoint: a changed
+            # value would be written to config.yaml and report.json while the run kept the old one.
+            if run_config is not None:
+                old = yaml.safe_load(run_config.read_text()) or {}
+                new = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+                changes = preflight.config_changes(old, new)
+                where = run_config
+            else:
+                saved = ckpt.get("hyper_parameters") or {}
+                changes = [f"model.{k}: {saved[k]!r} -> {v!r}" for k, v in self.model.hparams.items()
+                           if k in saved and preflight._plain(saved[k]) != preflight._plain(v)]  # fmt: skip
+                where = path
+            if changes:
+                raise _data_error(
+                    f"{where}: resuming needs the run's own settings; changed: {'; '.join(changes[:3])}"
+                    + (f" (and {len(changes) - 3} more)" if len(changes) > 3 else "")
+                    + " (start a new run to change them)"
+                )
+
+        def _check_data(self, stage: str) -> None:
+            dm = self.datamodule
+            dm.prepare_data()
+            dm.setup("fit" if stage == "fit" else "test")
+            if stage == "fit":
+                preflight.check_splits(dm)
+            else:
+                split = "val" if stage == "validate" else "test"
+                if len(dm.starts[split]) == 0:
+                    raise _data_error(f"{dm.path}: no {split} windows to {stage} on")
 
         def after_fit(self) -> None:
             from dwcp_lstm.callbacks import best_module, run_dir_of
@@ -111,9 +204,11 @@ def log_to_tensorboard(trainer, model, report: dict, run_dir: Path) -> None:
     logger = trainer.logger
     if not isinstance(logger, TensorBoardLogger):
         return
-    final = {f"hp/test_{k}": float(v) for k, v in report["overall"].items() if not isinstance(v, bool)}
-    if report.get("gap_closed"):
-        final.update({f"hp/gap_closed_{t}": float(v) for t, v in report["gap_closed"].items()})
+    figures = {f"hp/test_{k}": v for k, v in report["overall"].items()}
+    figures.update({f"hp/gap_closed_{t}": v for t, v in (report.get("gap_closed") or {}).items()})
+    # numbers only, and only defined ones (a target that never changes has no correlation)
+    final = {k: float(v) for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)
+             and math.isfinite(v)}  # fmt: skip
     hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in model.hparams.items()}
     logger.log_hyperparams(hparams, metrics=final)
     import matplotlib.image as mpimg
@@ -142,6 +237,7 @@ def print_summary(report: dict, run_dir: str) -> None:
 def run_lightning(args: list[str]) -> None:
     from dwcp_lstm.data import DwcpDataModule
     from dwcp_lstm.module import DwcpForecaster
+    from dwcp_lstm.preflight import AtomicSaveConfig
 
     # The built-in default goes first so that the user's --config files and flags layer on top of it. (jsonargparse's
     # default_config_files drops the class_path of callable arguments such as model.optimizer, so it is not used.)
@@ -153,7 +249,8 @@ def run_lightning(args: list[str]) -> None:
     _lightning_cli_class()(
         DwcpForecaster,
         DwcpDataModule,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=AtomicSaveConfig,
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
         parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
         args=args,
     )
@@ -245,6 +342,10 @@ def cli_main(args: ArgsType = None) -> None:
     except ArgumentError as exc:  # a bad flag or config value: jsonargparse's message, on one line
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:  # the machine, not the input: a full disk, a folder that vanished (exit 1)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except FloatingPointError as exc:  # raised by the training step before any checkpoint of the bad state
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -23,7 +23,16 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dwcp_lstm import synthetic
-from dwcp_lstm.tables import DataError, check_numeric, fill_missing, log, order_series, read_table, segment_bounds
+from dwcp_lstm.tables import (
+    DUPLICATE_POLICIES,
+    DataError,
+    check_numeric,
+    fill_missing,
+    log,
+    order_series,
+    read_table,
+    segment_bounds,
+)
 
 FEATURES = [
     "throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms", "time_of_day", "day_of_week",
@@ -153,6 +162,7 @@ class DwcpDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         _check_config(window_size, batch_size, split, features, targets, num_workers, target_mode)
+        _check_series_config(series_columns, time_column, duplicates, max_gap)
         self.data_path, self.window_size, self.batch_size = data_path, window_size, batch_size
         self.split, self.features, self.targets = tuple(split), list(features), list(targets)
         self.series_columns, self.time_column = list(series_columns), time_column
@@ -183,7 +193,10 @@ class DwcpDataModule(L.LightningDataModule):
         if self.data_path is not None or self.path.exists():
             return
         s = self.synthetic
-        df, oracle = synthetic.generate_with_oracle(s.samples, s.seed, s.profile, s.links, s.noise)
+        try:
+            df, oracle = synthetic.generate_with_oracle(s.samples, s.seed, s.profile, s.links, s.noise)
+        except ValueError as exc:  # the generator's own argument checks
+            raise DataError(f"--data.synthetic: {exc}") from None
         synthetic.write_frame(oracle, synthetic.oracle_path(self.path))
         synthetic.write_frame(df, self.path)
         rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
@@ -270,7 +283,7 @@ class DwcpDataModule(L.LightningDataModule):
         for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.targets)):
             for name in np.asarray(names)[scaler.var_ == 0]:  # sklearn leaves them unscaled (scale 1): harmless
                 log.warning("%s: column %r is constant on the training rows; the model cannot learn from it",
-                            self.path, name)  # fmt: skip
+                            self.path, str(name))  # fmt: skip
 
     def _make_datasets(self) -> None:
         x, y = self._scaled_tensors()
@@ -342,6 +355,8 @@ class DwcpDataModule(L.LightningDataModule):
             ds,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(ds), self.seed) if stage == "train" else None,
+            # a last training batch of one window would stop training in batch norm; drop it (one window an epoch)
+            drop_last=stage == "train" and len(ds) % self.batch_size == 1,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -399,11 +414,12 @@ def _check_config(
     if target_mode == "delta" and not set(targets) <= set(features):
         missing = [t for t in targets if t not in features]
         raise DataError(f"--data.target_mode delta needs every target among the features; missing {missing}")
-    if window <= 0:
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
         raise DataError(f"--data.window_size must be > 0, got {window}")
-    if batch <= 0:
-        raise DataError(f"--data.batch_size must be > 0, got {batch}")
-    if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
+        raise DataError(f"--data.batch_size must be >= 2 (batch norm needs two windows per batch), got {batch}")
+    # written as "not >=" so that NaN fails too
+    if len(split) != 3 or any(not f >= 0 for f in split) or not abs(sum(split) - 1.0) <= 1e-6:
         raise DataError(f"--data.split must be three non-negative fractions that sum to 1, got {list(split)}")
     if not features or not targets:
         raise DataError("--data.features and --data.targets must not be empty")
@@ -412,3 +428,14 @@ def _check_config(
             raise DataError(f"--data.{name} lists a column twice: {list(cols)}")
     if workers < 0:
         raise DataError(f"--data.num_workers must be >= 0, got {workers}")
+
+
+def _check_series_config(series: Sequence[str], time: str, duplicates: str, max_gap: float) -> None:
+    if len(set(series)) != len(series):
+        raise DataError(f"--data.series_columns lists a column twice: {list(series)}")
+    if not time or time in series:
+        raise DataError(f"--data.time_column must be a column other than the series columns, got {time!r}")
+    if duplicates not in DUPLICATE_POLICIES:
+        raise DataError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
+    if not np.isfinite(max_gap):
+        raise DataError(f"--data.max_gap must be a finite number (<= 0 turns gap splitting off), got {max_gap}")

@@ -169,7 +169,7 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
     report["config"] = config.read_text() if config.exists() else None
     report["onnx"] = onnx_facts(run_dir, dm)
     plots.write_all(run_dir, dm, y, pred, base_preds, oracle, report)
-    atomic_write(run_dir / "report.json", json.dumps(report, indent=2, default=_json_default))
+    atomic_write(run_dir / "report.json", json.dumps(finite_or_null(report), indent=2, default=_json_default))
     atomic_write(run_dir / "report.md", markdown(report, dm.targets))
     return report
 
@@ -281,6 +281,18 @@ def onnx_facts(run_dir: Path, dm, runs: int = 300) -> dict | None:
         "b1_p99_ms": float(np.percentile(times, 99) * 1e3),
         "opset": meta.get("opset"),
     }
+
+
+def finite_or_null(o):
+    """NaN and inf as null: JSON has no NaN (``json.dumps`` would write a token other parsers reject). A metric that
+    is undefined on the data (the correlation of a target that never changes) is reported as null."""
+    if isinstance(o, dict):
+        return {k: finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [finite_or_null(v) for v in o]
+    if isinstance(o, float | np.floating) and not np.isfinite(o):
+        return None
+    return o
 
 
 def _json_default(o):

@@ -9,6 +9,7 @@ figures to trust on series with many zeros (real throughput traces idle at 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,10 +89,20 @@ class ForecastMetrics(torch.nn.Module):
             m.update(preds[:, j].double(), target[:, j].double())  # float64: R2 and Pearson on large values
 
     def compute(self) -> dict[str, dict[str, float]]:
-        return {
-            name: {k: float(v) for k, v in m.compute().items()}
-            for name, m in zip(self.target_names, self.per_target, strict=True)
-        }
+        """``{target: {metric: value}}``; NaN where a metric is undefined on the data: R2 and correlation of a target
+        that never changes (torchmetrics returns 0 for R2 there), WAPE of a target that is 0 throughout (torchmetrics
+        divides by an epsilon and returns ~1e7), MAPE when no target exceeds the floor."""
+        out = {}
+        for name, m in zip(self.target_names, self.per_target, strict=True):
+            values = {k: float(v) for k, v in m.compute().items()}
+            r2 = m["r2"]
+            n, sum_sq, total = float(r2.total), float(r2.sum_squared_error), float(r2.sum_error)
+            if n < 2 or sum_sq - total * total / n <= 1e-12 * sum_sq:  # no variance in the target
+                values["r2"] = values["correlation"] = math.nan
+            if float(m["wape"].sum_scale) == 0.0:
+                values["wape"] = math.nan
+            out[name] = values
+        return out
 
     def reset(self) -> None:
         for m in self.per_target:
@@ -99,9 +110,19 @@ class ForecastMetrics(torch.nn.Module):
 
 
 def summarize(per_target: dict[str, dict[str, float]], target_corr: float = 0.98, target_mape: float = 5.0) -> dict:
-    """Means over targets plus the original project's accuracy figure and target check."""
-    n = len(per_target)
-    avg = {k: sum(m[k] for m in per_target.values()) / n for k in METRICS}
+    """Means over targets plus the original project's accuracy figure and target check.
+
+    A metric undefined for a target (NaN, see :meth:`ForecastMetrics.compute`) is left out of its mean, and the
+    target is listed under ``undefined``; a metric undefined for every target has a NaN mean.
+    """
+    avg, undefined = {}, {}
+    for k in METRICS:
+        values = [m[k] for m in per_target.values()]
+        defined = [v for v in values if not math.isnan(v)]
+        avg[k] = sum(defined) / len(defined) if defined else math.nan
+        missing = [t for t, m in per_target.items() if math.isnan(m[k])]
+        if missing:
+            undefined[k] = missing
     corr, mape = avg["correlation"], avg["mape"]
     return {
         "average_correlation": corr,
@@ -109,6 +130,7 @@ def summarize(per_target: dict[str, dict[str, float]], target_corr: float = 0.98
         "accuracy_percent": 100.0 * corr,
         "target_met": bool(corr >= target_corr and mape < target_mape),
         **{f"average_{k}": v for k, v in avg.items() if k not in ("correlation", "mape")},
+        "undefined": undefined,
     }
 
 

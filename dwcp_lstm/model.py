@@ -36,8 +36,8 @@ class StackedLSTM(nn.Module):
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
     ) -> None:
         super().__init__()
-        if len(head_dropouts) != len(head_sizes) - 1:
-            raise ValueError(f"head_dropouts needs {len(head_sizes) - 1} entries, got {len(head_dropouts)}")
+        if len(head_dropouts) != max(len(head_sizes) - 1, 0):
+            raise ValueError(f"head_dropouts needs {max(len(head_sizes) - 1, 0)} entries, got {len(head_dropouts)}")
         sizes = (n_features, *lstm_sizes)
         self.lstms = nn.ModuleList(nn.LSTM(i, o, batch_first=True) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
         self.norms = nn.ModuleList(SequenceBatchNorm(o) for o in lstm_sizes[:-1])

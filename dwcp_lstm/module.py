@@ -41,6 +41,26 @@ class RawForecaster(nn.Module):
         return out
 
 
+def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
+    """Architecture values that would otherwise reach PyTorch unchecked (and fail there, or mid-training)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise DataError(f"--data.window_size must be > 0, got {window!r}")  # model.window_size is linked from it
+    for flag, sizes, allow_empty in (("lstm_sizes", lstm_sizes, False), ("head_sizes", head_sizes, True)):
+        if not allow_empty and len(sizes) == 0:
+            raise DataError(f"--model.{flag} must list at least one layer size, got {list(sizes)}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise DataError(f"--model.{flag} must be positive integers, got {list(sizes)}")
+    need = max(len(head_sizes) - 1, 0)
+    if len(head_dropouts) != need:
+        raise DataError(
+            f"--model.head_dropouts needs {need} entries (one per head layer but the last), got {list(head_dropouts)}"
+        )
+    if any(not (0.0 <= float(p) < 1.0) for p in head_dropouts):
+        raise DataError(f"--model.head_dropouts must be in [0, 1), got {list(head_dropouts)}")
+    if not (mape_floor >= 0.0 and math.isfinite(mape_floor)):
+        raise DataError(f"--model.mape_floor must be a finite number >= 0, got {mape_floor}")
+
+
 class DwcpForecaster(L.LightningModule):
     """Next-step forecaster of link metrics around :class:`~dwcp_lstm.model.StackedLSTM`.
 
@@ -80,16 +100,17 @@ class DwcpForecaster(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        _check_sizes(window_size, lstm_sizes, head_sizes, head_dropouts, mape_floor)
         self.net = StackedLSTM(len(feature_names), len(target_names), lstm_sizes, head_sizes, head_dropouts)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
-        if w.shape != (n_t,) or (w < 0).any():
-            raise DataError(f"--model.loss_weights needs {n_t} non-negative numbers, got {loss_weights}")
+        if w.shape != (n_t,) or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
+            raise DataError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, got {loss_weights}")
         self.register_buffer("loss_weights", w / w.mean())
         if loss not in LOSSES:
             raise DataError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-        if not huber_delta > 0:
+        if not (huber_delta > 0 and math.isfinite(huber_delta)):
             raise DataError(f"--model.huber_delta must be > 0, got {huber_delta}")
         self.loss_name, self.huber_delta = loss, float(huber_delta)
         if target_mode not in ("delta", "level"):

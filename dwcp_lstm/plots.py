@@ -7,6 +7,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # no backend forced: headless matplotlib picks Agg itself, notebooks keep theirs
 import numpy as np
 
+from dwcp_lstm.tables import first_line, log
+
 FILES = (
     "training_history.png",
     "predictions_scatter.png",
@@ -17,21 +19,33 @@ FILES = (
 
 
 def write_all(run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict) -> dict[str, plt.Figure]:
-    """Write every figure; return them too (TensorBoard logs the same figures as images)."""
-    figs = {
-        "training_history.png": training_history(run_dir),
-        "predictions_scatter.png": scatter(y, pred, dm.targets, report["per_target"]),
-        "timeseries.png": timeseries(dm, y, pred, base_preds["persistence"][0]),
-        "error_distribution.png": errors(y, pred, dm.targets),
-        "baselines.png": comparison(report, dm.targets),
+    """Write every figure; return them too (TensorBoard logs the same figures as images).
+
+    A figure is an extra, not the result: one that cannot be drawn or written (odd data, a full disk) is skipped with
+    a warning, and the report (written after the plots) still comes out."""
+    makers = {
+        "training_history.png": lambda: training_history(run_dir),
+        "predictions_scatter.png": lambda: scatter(y, pred, dm.targets, report["per_target"]),
+        "timeseries.png": lambda: timeseries(dm, y, pred, base_preds["persistence"][0]),
+        "error_distribution.png": lambda: errors(y, pred, dm.targets),
+        "baselines.png": lambda: comparison(report, dm.targets),
     }
-    for name, fig in figs.items():
-        if fig is None:
-            continue
+    figs = {}
+    for name, make in makers.items():
         tmp = run_dir / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        tmp.replace(run_dir / name)
-        plt.close(fig)
+        fig = None
+        try:
+            fig = make()
+            if fig is not None:
+                fig.savefig(tmp, dpi=110, bbox_inches="tight")
+                tmp.replace(run_dir / name)
+                figs[name] = fig
+        except Exception as exc:  # noqa: BLE001 (any failure of an optional figure)
+            tmp.unlink(missing_ok=True)
+            log.warning("%s: %s skipped (%s: %s)", run_dir, name, type(exc).__name__, first_line(exc))
+        finally:
+            if fig is not None:
+                plt.close(fig)
     return figs
 
 
@@ -121,7 +135,7 @@ def comparison(report: dict, targets: list[str]) -> plt.Figure:
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
     for t, ax in zip(targets, axes[0], strict=True):
         ref = rows["persistence"][t]["rmse"]
-        vals = [rows[k][t]["rmse"] / ref for k in names]
+        vals = [rows[k][t]["rmse"] / ref if ref > 0 else np.nan for k in names]  # persistence exact: undefined
         colors = ["C1" if k == "model" else "C2" if k == "oracle" else "C0" for k in names]
         ax.barh(names, vals, color=colors)
         ax.axvline(1.0, color="k", lw=1, ls="--")

@@ -35,8 +35,17 @@ RANGES = {
 }
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class DataError(ValueError):
     """A problem with the user's data or configuration; the CLI prints its one-line message and exits with 2."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -54,13 +63,16 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
     try:
         if suffix == ".csv":
             header = pd.read_csv(path, nrows=0).columns
+            _unique_header(path, _raw_csv_header(path))
             _require(path, header, columns)
             df = pd.read_csv(path, usecols=list(columns) if columns else None)
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            _require(path, pq.read_schema(path).names, columns)
+            names = pq.read_schema(path).names
+            _unique_header(path, names)
+            _require(path, names, columns)
             # The system allocator hands freed buffers back to the OS (Arrow's default pool keeps them), and
             # self_destruct frees each Arrow column as soon as pandas has it: ~1 GB less peak memory at 10M rows.
             pa.set_memory_pool(pa.system_memory_pool())
@@ -70,11 +82,26 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
     except DataError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a readable {suffix[1:]} file ({first})") from None
+        raise DataError(f"{path}: not a readable {suffix[1:]} file ({first_line(exc)})") from None
     if df.empty:
         raise DataError(f"{path}: file has a header but no rows")
     return df
+
+
+def _raw_csv_header(path: Path) -> list[str]:
+    """The header as written: pandas renames a repeated name to ``name.1``, which would hide the repeat."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def _unique_header(path: Path, names: Sequence[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice (columns {seen[name] + 1} and {i + 1})")
+        seen[name] = i
 
 
 def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> None:
@@ -99,6 +126,10 @@ def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, al
         if nonfinite.any():
             i = int(np.flatnonzero(nonfinite)[0])
             raise DataError(f"{path}: column {col!r} row {i + 1}: {'NaN or empty' if np.isnan(arr[i]) else arr[i]}")
+        huge = np.abs(arr) > FLOAT32_MAX  # the model works in float32: such a value would become inf
+        if huge.any():
+            i = int(np.flatnonzero(huge)[0])
+            raise DataError(f"{path}: column {col!r} row {i + 1}: value {arr[i]:g} is beyond float32 range")
         if col in RANGES:
             low, high = RANGES[col]
             out = (arr < low) | (arr > high)  # NaN compares False: never "out of range"
@@ -121,6 +152,7 @@ def order_series(
     if duplicates not in DUPLICATE_POLICIES:
         raise DataError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     keys = [*series, time]
+    check_series_ids(df, series, path)
     codes = _series_codes(df, series)
     t = df[time].to_numpy()
     in_order = bool(np.all((np.diff(codes) > 0) | ((np.diff(codes) == 0) & (np.diff(t) >= 0)))) if len(df) > 1 else True
@@ -145,6 +177,18 @@ def order_series(
         else:
             df = df.groupby(keys, sort=False, observed=True).mean(numeric_only=True).reset_index()
     return df.reset_index(drop=True)
+
+
+def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) -> None:
+    """Every row names its series: an empty id cell would make pandas group it with other links' rows."""
+    for col in series:
+        ids = df[col]
+        empty = ids.isna().to_numpy()
+        if not pd.api.types.is_numeric_dtype(ids):  # a blank or whitespace-only string is no id either
+            empty = empty | (ids.astype("string").str.strip() == "").fillna(True).to_numpy(bool)
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise DataError(f"{path}: column {col!r} row {i + 1}: empty series id ({int(empty.sum())} rows)")
 
 
 def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:

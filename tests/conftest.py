@@ -9,6 +9,7 @@ from pathlib import Path
 # threads make torch up to 50x slower. Set before torch is imported; subprocesses inherit it.
 os.environ["OMP_NUM_THREADS"] = "1"
 
+import lightning.pytorch  # noqa: E402,F401  (its log handlers bind to the session's stderr, not one test's capsys)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -82,3 +82,19 @@ def test_head_to_head_compares_on_each_baselines_windows():
         assert h[t]["b"]["mae"] == pytest.approx(np.abs(base[:50, j] - y[:50, j]).mean())
         assert h[t]["b"]["beats"] is True
     assert head_to_head(base, y, {"b": (pred, mask)}, ["u", "v"])["u"]["b"]["beats"] is False
+
+
+def test_metrics_undefined_on_the_data_are_nan():
+    import math
+
+    from dwcp_lstm.metrics import compute_metrics, summarize
+
+    y = np.zeros((50, 2))
+    y[:, 1] = np.linspace(1, 2, 50)
+    p = y + 0.01
+    m = compute_metrics(p, y, ["flat", "ramp"])
+    assert all(math.isnan(m["flat"][k]) for k in ("r2", "correlation", "wape", "mape"))
+    assert m["flat"]["rmse"] == pytest.approx(0.01) and not math.isnan(m["ramp"]["r2"])
+    s = summarize(m)
+    assert s["average_correlation"] == pytest.approx(m["ramp"]["correlation"])
+    assert s["undefined"]["r2"] == ["flat"]

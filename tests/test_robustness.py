@@ -46,6 +46,10 @@ FIT_CASES = [
     ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),
     ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id=node-0"),
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
+    ("empty-link-id", _set("node_id", 12, np.nan), [], "column 'node_id' row 13: empty series id (1 rows)"),
+    ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),
+    ("beyond-float32", _set("rtt_ms", 6, 1e39), [], "column 'rtt_ms' row 7: value 1e+39 is beyond float32 range"),
+    ("duplicate-column", lambda df: pd.concat([df, df[["rtt_ms"]]], axis=1), [], "column 'rtt_ms' appears twice"),
     ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be > 0, got 0"),
     ("split-sum", None, ["--data.split=[0.6,0.2,0.1]"], "--data.split must be three non-negative fractions"),
     ("unknown-feature", None, [f"--data.features=[{','.join(TARGETS)},bogus]"], "missing required column 'bogus'"),
@@ -198,3 +202,35 @@ def test_non_finite_loss_stops_training_without_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "non-finite training loss" in err
     assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+
+
+def test_duplicate_parquet_columns_are_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dwcp_lstm.tables import DataError, read_table
+
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1.0]), pa.array([2.0])], names=["rtt_ms", "rtt_ms"]), path)
+    with pytest.raises(DataError, match="column 'rtt_ms' appears twice"):
+        read_table(path, ["rtt_ms"])
+
+
+def test_a_target_that_never_changes_is_reported_as_undefined(tmp_path):
+    """A clean link (packet_loss 0 throughout) trains, and the report calls its correlation/R2/MAPE/WAPE undefined
+    (null in strict JSON) instead of crashing after the compute is spent."""
+    import json
+
+    df = synthetic.generate(samples=1200, links=2, seed=3)
+    df["packet_loss"] = 0.0
+    path = write(tmp_path, df)
+    cli_main(fit_args(tmp_path, f"--data.data_path={path}", "--trainer.max_epochs=1"))
+    run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
+    text = (run / "report.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in report.json"))
+    loss = report["per_target"]["packet_loss"]
+    assert loss["correlation"] is None and loss["r2"] is None and loss["wape"] is None and loss["mape"] is None
+    assert loss["rmse"] >= 0 and report["skill"]["packet_loss"] is None
+    assert report["overall"]["undefined"]["correlation"] == ["packet_loss"]
+    assert report["overall"]["average_correlation"] is not None  # the mean of the defined ones
+    assert (run / "report.md").exists() and (run / "model.onnx").exists()

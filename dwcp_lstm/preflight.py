@@ -1,0 +1,189 @@
+"""Checks that run before the first training (or evaluation) step, so that no compute is spent on a run that cannot
+finish: the checkpoint (loadable without unpickling code, compatible with the model), the optimizer settings, the
+splits, the output folder, and on resume the config against the run's own.
+
+Every problem is a :class:`~dwcp_lstm.tables.DataError` with a one-line message; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _load as lightning_load
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.cli import SaveConfigCallback
+
+from dwcp_lstm.tables import DataError, atomic_write, first_line
+
+# Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
+CONTRACT_HPARAMS = ("feature_names", "target_names", "window_size", "target_mode", "lstm_sizes", "head_sizes")
+# Config keys a resumed run may change: how long and how verbosely it runs, where, and which extra callbacks it has.
+# Everything else (model, data, optimizer, seeds, early stopping, checkpointing) is restored from the checkpoint's
+# state, so a changed value would be recorded in config.yaml while the run kept the old one.
+RESUME_MAY_CHANGE = (
+    "ckpt_path", "weights_only", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.callbacks",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",
+    "trainer.num_nodes", "trainer.strategy", "trainer.default_root_dir", "trainer.logger", "trainer.log_every_n_steps",
+    "trainer.limit_test_batches", "trainer.limit_predict_batches", "data.num_workers", "data.data_dir",
+)  # fmt: skip
+
+
+def is_remote(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, local or remote, loaded with ``weights_only=True`` (nothing in it can run code)."""
+    path = str(path)
+    if not is_remote(path):
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"{p}: checkpoint not found")
+        if p.is_dir():
+            raise DataError(f"{p}: is a directory, expected a .ckpt file")
+    try:
+        ckpt = lightning_load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global outside plain tensors and containers: a file that needs one is not ours
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            why = f"it references {found.group(1)}"
+            raise DataError(f"{path}: refused to load: {why} (checkpoints are loaded with weights_only=True)") from None
+        detail = re.search(r"WeightsUnpickler error: (.*)", str(exc))
+        why = detail.group(1).strip() if detail else first_line(exc)
+        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({why})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(exc)})") from None
+    except Exception as exc:  # fsspec/urllib raise their own types for unreachable URLs
+        raise DataError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise DataError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path) -> None:
+    """The checkpoint was trained for this model: same contract hyperparameters, same parameter names and shapes."""
+    saved = ckpt.get("hyper_parameters") or {}
+    for key in CONTRACT_HPARAMS:
+        if key in saved and _plain(saved[key]) != _plain(model.hparams.get(key)):
+            raise DataError(
+                f"{path}: checkpoint has {key}={_plain(saved[key])}, this config has {_plain(model.hparams.get(key))}"
+            )
+    own = model.state_dict()
+    theirs = ckpt["state_dict"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    if missing or unexpected:
+        what = f"lacks {missing[0]!r}" if missing else f"has unknown {unexpected[0]!r}"
+        raise DataError(f"{path}: checkpoint does not fit this model: it {what} (not a dwcp_lstm checkpoint?)")
+    for k, v in own.items():
+        if not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape:
+            shape = tuple(theirs[k].shape) if isinstance(theirs[k], torch.Tensor) else type(theirs[k]).__name__
+            raise DataError(f"{path}: checkpoint's {k} has shape {shape}, this model's {tuple(v.shape)} (other sizes?)")
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, list | tuple) else v
+
+
+def check_optimizer(model) -> None:
+    """Build the optimizer and scheduler once on the model's parameters: torch checks their arguments (a negative
+    learning rate, betas outside [0, 1), a ReduceLROnPlateau factor >= 1) when they are constructed."""
+    try:
+        optimizer = model.optimizer_factory(model.parameters())
+        if model.scheduler_factory is not None:
+            model.scheduler_factory(optimizer)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
+
+
+def check_splits(dm) -> None:
+    """Every split has windows: validation drives early stopping and checkpoints, test the report."""
+    for stage, what in (("train", "training"), ("val", "validation"), ("test", "test")):
+        if len(dm.starts[stage]) == 0:
+            raise DataError(
+                f"{dm.path}: no {what} windows with window_size {dm.window_size} and split {list(dm.split)} "
+                f"(longest series segment: {int((dm.bounds[:, 1] - dm.bounds[:, 0]).max())} rows)"
+            )
+
+
+def check_writable(folder: str | Path) -> None:
+    """The run folder can be created and written: found now, not after training."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every config value that differs and is not allowed to change on resume."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE):
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out if out else {prefix: d}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Local checkpoints go to a temporary file in the same folder, are fsynced, then renamed over the old one: a
+    full disk or a kill mid-write leaves the previous checkpoint intact (Lightning's own writer stages the file
+    elsewhere and moves it, which on another device is a copy that can stop half way)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if is_remote(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        get_filesystem(str(path)).makedirs(str(path.parent), exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            why = exc.strerror or first_line(exc)
+            msg = f"cannot write checkpoint ({why}); the previous one is intact"
+            raise OSError(exc.errno, msg, str(path)) from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """``config.yaml`` written to a temporary name and renamed (rank zero, no collectives): an interrupted write
+    never leaves a half config beside a run's artifacts. Runs after the pre-flight checks, at trainer setup."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from dwcp_lstm.callbacks import run_dir_of
+
+        run_dir = run_dir_of(trainer)
+        if run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))

@@ -1,0 +1,212 @@
+"""Checks before the first step: checkpoints never run code, bad settings and incompatible checkpoints are refused
+with one line (exit 2) before any training, and a refused resume leaves the run untouched."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import fit_args
+
+from dwcp_lstm.cli import cli_main
+
+LIGHTNING = ("fit", "validate", "test", "predict")
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": _Payload(marker)}, path)
+    return path
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def run_cli(args, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    assert exc.value.code == 2
+    return one_error(capsys)
+
+
+def with_command(cmd: str, args: list[str]) -> list[str]:
+    return [cmd, *args[1:]]
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A local HTTP server over tmp_path/www (loopback only)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("command", LIGHTNING)
+def test_a_checkpoint_url_never_runs_code(tmp_path, http_dir, capsys, monkeypatch, command):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # torch.hub's download cache
+    www, url = http_dir
+    marker = tmp_path / "PWNED"
+    evil_checkpoint(www / "evil.ckpt", marker)
+    err = run_cli(with_command(command, fit_args(tmp_path, f"--ckpt_path={url}/evil.ckpt")), capsys)
+    assert "refused to load" in err and "weights_only=True" in err
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+
+
+@pytest.mark.parametrize("command", LIGHTNING)
+def test_a_local_checkpoint_never_runs_code(tmp_path, capsys, command):
+    marker = tmp_path / "PWNED"
+    path = evil_checkpoint(tmp_path / "evil.ckpt", marker)
+    err = run_cli(with_command(command, fit_args(tmp_path, f"--ckpt_path={path}")), capsys)
+    assert f"{path}: refused to load: it references" in err
+    assert not marker.exists()
+
+
+def test_resume_never_runs_code(tmp_path, capsys):
+    marker = tmp_path / "PWNED"
+    run = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    run.mkdir(parents=True)
+    evil_checkpoint(run / "last.ckpt", marker)
+    err = run_cli(fit_args(tmp_path, "--ckpt_path=last"), capsys)
+    assert "refused to load" in err and not marker.exists()
+
+
+def test_weights_only_false_is_refused(tmp_path, capsys):
+    err = run_cli(fit_args(tmp_path, "--weights_only=false"), capsys)
+    assert "--weights_only false is refused" in err
+
+
+# -- checkpoints that cannot be used: said before training, the run folder untouched ---------------------------------
+def _truncate(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return dst
+
+
+CKPT_CASES = [
+    ("missing", lambda run, d: d / "nope.ckpt", [], "nope.ckpt: checkpoint not found"),
+    ("directory", lambda run, d: d, [], "is a directory"),
+    ("truncated", lambda run, d: _truncate(run / "checkpoints" / "last.ckpt", d / "t.ckpt"), [], "or corrupt"),
+    ("text-file", lambda run, d: run / "config.yaml", [], "not a readable checkpoint"),
+    ("foreign-dict", lambda run, d: _save(d / "f.ckpt", {"w": torch.zeros(3)}), [], "not a Lightning checkpoint"),
+    (
+        "foreign-model",
+        lambda run, d: _save(d / "g.ckpt", {"state_dict": {"layer.weight": torch.zeros(2)}}),
+        [],
+        "checkpoint does not fit this model",
+    ),
+    (
+        "other-widths",
+        lambda run, d: run / "checkpoints" / "best.ckpt",
+        ["--model.lstm_sizes=[32,16]", "--model.head_sizes=[8]", "--model.head_dropouts=[]"],
+        "checkpoint has lstm_sizes=[256, 128, 64], this config has [32, 16]",
+    ),
+    (
+        "other-features",
+        lambda run, d: run / "checkpoints" / "best.ckpt",
+        ["--data.features=[throughput_mbps,rtt_ms,packet_loss,jitter_ms]"],
+        "checkpoint has feature_names=",
+    ),
+]
+
+
+def _save(path: Path, obj) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+@pytest.mark.parametrize(("case", "make", "flags", "expected"), CKPT_CASES, ids=[c[0] for c in CKPT_CASES])
+def test_unusable_checkpoints_are_refused_before_training(tmp_path, smoke_run, capsys, command, case, make, flags,
+                                                          expected):  # fmt: skip
+    path = make(smoke_run, tmp_path)
+    err = run_cli(with_command(command, fit_args(tmp_path, f"--ckpt_path={path}", *flags)), capsys)
+    assert expected in err, err
+    assert not list(tmp_path.glob("lightning_logs/version_*")), "nothing started"
+
+
+# -- settings that would reach PyTorch unchecked -----------------------------------------------------------------
+CONFIG_CASES = [
+    ("negative-window", ["--data.window_size=-3"], "--data.window_size must be > 0, got -3"),
+    ("batch-of-one", ["--data.batch_size=1"], "--data.batch_size must be >= 2"),
+    ("empty-lstm", ["--model.lstm_sizes=[]"], "--model.lstm_sizes must list at least one layer size"),
+    ("zero-lstm", ["--model.lstm_sizes=[64,0]"], "--model.lstm_sizes must be positive integers"),
+    ("negative-head", ["--model.head_sizes=[16,-4]", "--model.head_dropouts=[0.1]"], "--model.head_sizes must be"),
+    ("dropout-count", ["--model.head_dropouts=[0.3]"], "--model.head_dropouts needs 2 entries"),
+    ("dropout-range", ["--model.head_dropouts=[0.3,1.5]"], "--model.head_dropouts must be in [0, 1)"),
+    ("negative-lr", ["--model.optimizer.init_args.lr=-0.001"], "Invalid learning rate: -0.001"),
+    ("plateau-factor", ["--model.scheduler.init_args.factor=2.0"], "--model.scheduler"),
+    ("nan-split", ["--data.split=[0.7,.nan,0.15]"], "--data.split must be three non-negative fractions"),
+    ("no-val", ["--data.split=[0.85,0.0,0.15]"], "no validation windows"),
+    ("no-test", ["--data.split=[0.85,0.15,0.0]"], "no test windows"),
+    ("nan-gap", ["--data.max_gap=.nan"], "--data.max_gap must be a finite number"),
+    ("time-is-series", ["--data.time_column=node_id"], "--data.time_column must be a column other than"),
+    ("bad-samples", ["--data.synthetic.samples=1"], "--data.synthetic:"),
+    ("negative-mape-floor", ["--model.mape_floor=-1"], "--model.mape_floor must be"),
+    ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
+]
+
+
+@pytest.mark.parametrize(("case", "flags", "expected"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_settings_are_refused_before_training(tmp_path, capsys, case, flags, expected):
+    err = run_cli(fit_args(tmp_path, *flags), capsys)
+    assert expected in err, err
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints"))
+
+
+def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "runs"
+    args = fit_args(tmp_path, f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}")
+    err = run_cli(args, capsys)
+    assert "output folder is not writable" in err and str(out) in err
+
+
+# -- resume ------------------------------------------------------------------------------------------------------
+def test_resume_with_changed_settings_is_refused_and_leaves_the_run_untouched(tmp_path, smoke_run, capsys):
+    root = tmp_path / "copy"
+    shutil.copytree(smoke_run.parent.parent, root)
+    run = root / "lightning_logs" / smoke_run.name
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for flag, key in (
+        ("--model.optimizer.init_args.lr=0.01", "model.optimizer.init_args.lr"),
+        ("--early_stopping.patience=3", "early_stopping.patience"),
+        ("--data.batch_size=16", "data.batch_size"),
+    ):
+        err = run_cli(fit_args(root, "--ckpt_path=last", flag), capsys)
+        assert "resuming needs the run's own settings" in err and key in err, err
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before, "a refused resume changed the run's files"
+
+
+def test_resume_may_extend_the_epoch_budget(tmp_path, smoke_run):
+    root = tmp_path / "copy"
+    shutil.copytree(smoke_run.parent.parent, root)
+    cli_main(fit_args(root, "--ckpt_path=last", "--trainer.max_epochs=3"))
+    run = root / "lightning_logs" / smoke_run.name
+    assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 3
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
