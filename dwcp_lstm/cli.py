@@ -36,7 +36,7 @@ def _lightning_cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     from dwcp_lstm import preflight
-    from dwcp_lstm.callbacks import OnnxExport, StepSeed, run_dir_of
+    from dwcp_lstm.callbacks import OnnxExport, StepSeed
     from dwcp_lstm.preflight import AtomicCheckpointIO
 
     class DwcpCLI(LightningCLI):
@@ -102,8 +102,10 @@ def _lightning_cli_class():
             elif cfg.get("ckpt_path") is not None and not preflight.is_remote(cfg["ckpt_path"]):
                 beside = Path(cfg["ckpt_path"]).parent.parent / "config.yaml"
                 run_config = beside if beside.is_file() else None
-            root = run_dir_of(self.trainer)
-            preflight.check_writable(root.parent if root is not None and root.parent.name else root or ".")
+            # the logger's root, not its version folder: reading log_dir would fix the version before DDP agrees on it
+            logger = self.trainer.logger
+            root = getattr(logger, "root_dir", None) if logger is not None else None
+            preflight.check_writable(root or self.trainer.default_root_dir)
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
             preflight.check_optimizer(self.model)
