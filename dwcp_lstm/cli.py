@@ -109,6 +109,7 @@ def _lightning_cli_class():
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
             preflight.check_optimizer(self.model)
+            preflight.check_monitors(self.trainer, self.model)
 
         def before_validate(self) -> None:
             self._check_checkpoint(self.config_init[self.subcommand], None)
@@ -237,9 +238,12 @@ def print_summary(report: dict, run_dir: str) -> None:
 
 
 def run_lightning(args: list[str]) -> None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from dwcp_lstm.data import DwcpDataModule
     from dwcp_lstm.module import DwcpForecaster
     from dwcp_lstm.preflight import AtomicSaveConfig
+    from dwcp_lstm.tables import first_line
 
     # The built-in default goes first so that the user's --config files and flags layer on top of it. (jsonargparse's
     # default_config_files drops the class_path of callable arguments such as model.optimizer, so it is not used.)
@@ -248,14 +252,17 @@ def run_lightning(args: list[str]) -> None:
     # LightningCLI warns when both `args` and sys.argv carry arguments; `args` is the truth here. sys.argv itself must
     # stay intact: DDP's launcher re-runs it for the other ranks.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
-    _lightning_cli_class()(
-        DwcpForecaster,
-        DwcpDataModule,
-        save_config_callback=AtomicSaveConfig,
-        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
-        parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
-        args=args,
-    )
+    try:
+        _lightning_cli_class()(
+            DwcpForecaster,
+            DwcpDataModule,
+            save_config_callback=AtomicSaveConfig,
+            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
+            parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
+            args=args,
+        )
+    except MisconfigurationException as exc:  # a Trainer argument Lightning refuses (e.g. max_epochs < -1)
+        raise _data_error(" ".join(first_line(exc).split())) from None
 
 
 def cmd_generate(argv: list[str]) -> None:

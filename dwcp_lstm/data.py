@@ -414,8 +414,8 @@ def _check_config(
     if target_mode == "delta" and not set(targets) <= set(features):
         missing = [t for t in targets if t not in features]
         raise DataError(f"--data.target_mode delta needs every target among the features; missing {missing}")
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
-        raise DataError(f"--data.window_size must be > 0, got {window}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise DataError(f"--data.window_size must be >= 2 (a change needs two rows), got {window}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
         raise DataError(f"--data.batch_size must be >= 2 (batch norm needs two windows per batch), got {batch}")
     # written as "not >=" so that NaN fails too

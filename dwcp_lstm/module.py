@@ -43,8 +43,8 @@ class RawForecaster(nn.Module):
 
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
     """Architecture values that would otherwise reach PyTorch unchecked (and fail there, or mid-training)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise DataError(f"--data.window_size must be > 0, got {window!r}")  # model.window_size is linked from it
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise DataError(f"--data.window_size must be >= 2 (a change needs two rows), got {window!r}")  # linked
     for flag, sizes, allow_empty in (("lstm_sizes", lstm_sizes, False), ("head_sizes", head_sizes, True)):
         if not allow_empty and len(sizes) == 0:
             raise DataError(f"--model.{flag} must list at least one layer size, got {list(sizes)}")

@@ -105,6 +105,32 @@ def check_optimizer(model) -> None:
         raise DataError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
 
 
+def logged_metrics(model) -> set[str]:
+    """Every metric name the module logs (see ``DwcpForecaster._common_step`` and ``_log_metrics``)."""
+    from dwcp_lstm.metrics import METRICS
+
+    names = {"train_loss", "train_loss_step", "train_loss_epoch", "val_loss", "test_loss"}
+    for stage in ("train", "val", "test"):
+        for who in [*model.hparams.target_names, "mean"]:
+            names |= {f"{stage}/{who}/{m}" for m in METRICS}
+    return names
+
+
+def check_monitors(trainer, model) -> None:
+    """ModelCheckpoint and EarlyStopping monitor a metric the model logs: Lightning itself only finds out at the end of
+    the first validation epoch, after that epoch's compute."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    known = logged_metrics(model)
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint | EarlyStopping) and cb.monitor is not None and cb.monitor not in known:
+            flag = "early_stopping" if isinstance(cb, EarlyStopping) else "checkpoint"
+            val = sorted(k for k in known if k.startswith("val"))
+            raise DataError(
+                f"--{flag}.monitor {cb.monitor!r} is not a metric this model logs (e.g. {', '.join(val[:3])}, ...)"
+            )
+
+
 def check_splits(dm) -> None:
     """Every split has windows: validation drives early stopping and checkpoints, test the report."""
     for stage, what in (("train", "training"), ("val", "validation"), ("test", "test")):

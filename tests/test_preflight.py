@@ -150,7 +150,11 @@ def test_unusable_checkpoints_are_refused_before_training(tmp_path, smoke_run, c
 
 # -- settings that would reach PyTorch unchecked -----------------------------------------------------------------
 CONFIG_CASES = [
-    ("negative-window", ["--data.window_size=-3"], "--data.window_size must be > 0, got -3"),
+    ("negative-window", ["--data.window_size=-3"], "--data.window_size must be >= 2 (a change needs two rows), got -3"),
+    ("window-of-one", ["--data.window_size=1"], "--data.window_size must be >= 2"),
+    ("bad-monitor", ["--checkpoint.monitor=bogus"], "--checkpoint.monitor 'bogus' is not a metric this model logs"),
+    ("bad-es-monitor", ["--early_stopping.monitor=val/rtt_ms/bogus"], "--early_stopping.monitor 'val/rtt_ms/bogus'"),
+    ("negative-epochs", ["--trainer.max_epochs=-5"], "max_epochs"),
     ("batch-of-one", ["--data.batch_size=1"], "--data.batch_size must be >= 2"),
     ("empty-lstm", ["--model.lstm_sizes=[]"], "--model.lstm_sizes must list at least one layer size"),
     ("zero-lstm", ["--model.lstm_sizes=[64,0]"], "--model.lstm_sizes must be positive integers"),

@@ -50,7 +50,7 @@ FIT_CASES = [
     ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),
     ("beyond-float32", _set("rtt_ms", 6, 1e39), [], "column 'rtt_ms' row 7: value 1e+39 is beyond float32 range"),
     ("duplicate-column", lambda df: pd.concat([df, df[["rtt_ms"]]], axis=1), [], "column 'rtt_ms' appears twice"),
-    ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be > 0, got 0"),
+    ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be >= 2 (a change needs two rows), got 0"),
     ("split-sum", None, ["--data.split=[0.6,0.2,0.1]"], "--data.split must be three non-negative fractions"),
     ("unknown-feature", None, [f"--data.features=[{','.join(TARGETS)},bogus]"], "missing required column 'bogus'"),
     ("delta-needs-targets", None, ["--data.features=[rtt_ms,queue_depth]"], "needs every target among the features"),
