@@ -29,6 +29,8 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
         raise DataError(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, dict) or "data" not in cfg:
         raise DataError(f"{config_path}: no 'data' section")
+    if not isinstance(cfg["data"], dict):  # anything else would silently fall back to the default data
+        raise DataError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DwcpDataModule, "data")
     ns = parser.parse_object({"data": cfg["data"]})
@@ -50,4 +52,13 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         module = DwcpForecaster.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, not a traceback
         raise DataError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    h = module.hparams
+    for key, ours, theirs in (
+        ("features", dm.features, h.get("feature_names")),
+        ("targets", dm.targets, h.get("target_names")),
+        ("window_size", dm.window_size, h.get("window_size")),
+        ("target_mode", dm.target_mode, h.get("target_mode")),
+    ):
+        if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
+            raise DataError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
     return module.eval(), dm, ckpt

@@ -234,3 +234,26 @@ def test_a_target_that_never_changes_is_reported_as_undefined(tmp_path):
     assert report["overall"]["undefined"]["correlation"] == ["packet_loss"]
     assert report["overall"]["average_correlation"] is not None  # the mean of the defined ones
     assert (run / "report.md").exists() and (run / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("data: 5\n", "'data' must be a mapping"),
+        ("data:\n  window_size: 5\n", "data.window_size is 5, the checkpoint best.ckpt was trained with 20"),
+        ("data: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_report_refuses_a_run_config_that_does_not_match_its_checkpoint(tmp_path, smoke_run, capsys, config, expected):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "config.yaml").write_text(config)
+    before = (run / "report.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and expected in err[0], err
+    assert (run / "report.json").read_bytes() == before
