@@ -108,9 +108,8 @@ def build_model(
     """
     import torch
 
-    from dwcp_lstm.callbacks import build_metadata, export_onnx, onnx_parity, raw_windows
+    from dwcp_lstm.callbacks import export_run
     from dwcp_lstm.module import DwcpForecaster
-    from dwcp_lstm.tables import atomic_write
 
     if run is not None:
         from dwcp_lstm.runs import load_run
@@ -126,12 +125,8 @@ def build_model(
     module = DwcpForecaster(window_size=dm.window_size)
     module.adopt_scalers(dm)
     module.eval()
-    path = work / "model.onnx"
-    export_onnx(module, path, dm.window_size)
-    parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows))
-    meta = build_metadata(module, dm, path, 17, parity, work)
-    atomic_write(work / "model_metadata.json", json.dumps(meta, indent=2))
-    return module, dm, path, meta
+    meta = export_run(module, dm, work, parity_windows=parity_windows)
+    return module, dm, work / "model.onnx", meta
 
 
 def bench_inference(
@@ -236,6 +231,73 @@ def bench_inference(
     }
 
 
+def _fresh_model(dm: DwcpDataModule) -> DwcpForecaster:
+    """The default model for ``dm`` with the same initial weights every time."""
+    import torch
+
+    from dwcp_lstm.module import DwcpForecaster
+
+    torch.manual_seed(0)
+    return DwcpForecaster(
+        feature_names=dm.features,
+        target_names=dm.targets,
+        window_size=dm.window_size,
+        optimizer=lambda p: torch.optim.Adam(p, lr=LR),
+    )
+
+
+def _plain_rate(dm: DwcpDataModule, warm: int, k: int) -> float:
+    """Training samples/s of a plain loop over batches ``warm`` .. ``k - 1`` (the first ``warm`` are warm-up)."""
+    import torch
+
+    model = _fresh_model(dm).train()
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    t0 = 0.0
+    for i, (x, y) in enumerate(dm.train_dataloader()):  # x [B, W, F], y [B, T]
+        if i == warm:
+            t0 = time.perf_counter()
+        if i == k:
+            break
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (k - warm) * BATCH_SIZE / (time.perf_counter() - t0)
+
+
+def bench_under_load(dm: DwcpDataModule, s: dict) -> dict[str, Any]:
+    """Training samples/s idle and beside one CPU-bound process (a busy loop), for the project's default thread
+    count and for torch's own default of one thread per usable core. Idle and loaded rounds alternate so that drift
+    hits both; the slowdown is the median idle rate over the median loaded rate."""
+    import torch
+
+    from dwcp_lstm.runtime import default_threads, usable_cores
+
+    warm, k = s["train_warmup"], s["train_warmup"] + s["train_batches"]
+    before = torch.get_num_threads()
+    out: dict[str, Any] = {}
+    try:
+        for name, n in (("project_default", default_threads()), ("one_per_core", usable_cores())):
+            torch.set_num_threads(n)
+            idle, loaded = [], []
+            for _ in range(s["train_reps"]):
+                idle.append(_plain_rate(dm, warm, k))
+                busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                try:
+                    time.sleep(0.2)  # let it reach its core
+                    loaded.append(_plain_rate(dm, warm, k))
+                finally:
+                    busy.kill()
+                    busy.wait()
+            out[f"load_{name}_threads"] = n
+            out[f"load_{name}_idle_samples_per_s"] = float(np.median(idle))
+            out[f"load_{name}_loaded_samples_per_s"] = float(np.median(loaded))
+            out[f"load_{name}_slowdown"] = float(np.median(idle) / np.median(loaded))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def bench_training(dm: DwcpDataModule, s: dict) -> dict[str, Any]:
     """Samples/s of one DwcpForecaster on the same DwcpDataModule batches: a plain loop vs ``lightning.Trainer``.
 
@@ -243,9 +305,7 @@ def bench_training(dm: DwcpDataModule, s: dict) -> dict[str, Any]:
     the last, so it includes fetching the batches in between for both. Best of ``train_reps`` rounds each.
     """
     import lightning as L
-    import torch
 
-    from dwcp_lstm.module import DwcpForecaster
 
     warm, k = s["train_warmup"], s["train_warmup"] + s["train_batches"]
     dm.batch_size = BATCH_SIZE
@@ -253,28 +313,10 @@ def bench_training(dm: DwcpDataModule, s: dict) -> dict[str, Any]:
         raise DataError(f"bench: {len(dm.datasets['train'])} training windows, need {k * BATCH_SIZE} for {k} batches")
 
     def fresh() -> DwcpForecaster:
-        torch.manual_seed(0)  # the same initial weights for both
-        return DwcpForecaster(
-            feature_names=dm.features,
-            target_names=dm.targets,
-            window_size=dm.window_size,
-            optimizer=lambda p: torch.optim.Adam(p, lr=LR),
-        )
+        return _fresh_model(dm)
 
     def plain() -> float:
-        model = fresh().train()
-        opt = torch.optim.Adam(model.parameters(), lr=LR)
-        t0 = 0.0
-        for i, (x, y) in enumerate(dm.train_dataloader()):  # x [B, W, F], y [B, T]
-            if i == warm:
-                t0 = time.perf_counter()
-            if i == k:
-                break
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return (k - warm) * BATCH_SIZE / (time.perf_counter() - t0)
+        return _plain_rate(dm, warm, k)
 
     class Clock(L.Callback):
         """Times batches ``warm`` .. ``k - 1`` from the inside of the fit loop."""
@@ -361,7 +403,11 @@ def bench_datamodule(rows: int, work: Path) -> dict[str, Any]:
 
 
 def run_bench(
-    run: str | None = None, quick: bool = False, rows: int | None = None, threads: int | None = None
+    run: str | None = None,
+    quick: bool = False,
+    rows: int | None = None,
+    threads: int | None = None,
+    skip_load: bool = False,
 ) -> dict[str, Any]:
     """All figures as one flat dict (see the module docstring).
 
@@ -371,6 +417,7 @@ def run_bench(
         rows: synthetic rows for the DataModule figure (default 1,000,000; quick 20,000).
         threads: intra-op threads of torch and ONNX Runtime for the batch-256 and training figures; None = each
             library's default (one per core); quick mode defaults to 1. Batch-1 latency always uses 1.
+        skip_load: leave out the training-under-load figures (they start a busy process beside the benchmark).
     """
     import onnxruntime as ort
     import torch
@@ -407,6 +454,9 @@ def run_bench(
             lap("inference")
             result.update(bench_training(train_dm, s))
             lap("training")
+            if not skip_load:
+                result.update(bench_under_load(train_dm, s))
+                lap("training_under_load")
             result.update(bench_datamodule(s["rows"], work))
             lap("datamodule")
             used = torch.get_num_threads()
@@ -463,10 +513,11 @@ def cmd_bench(argv: list[str]) -> None:
     p.add_argument("--rows", type=int, default=None, help="synthetic rows for the DataModule figure (1e6; quick 2e4)")
     p.add_argument("--threads", type=int, default=None, help="threads for batch-256 and training (default: all)")
     p.add_argument("--output", default=None, help="also write the JSON here (atomically)")
+    p.add_argument("--skip-load", action="store_true", help="leave out training beside a competing busy process")
     a = p.parse_args(argv)
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
-    result = run_bench(a.run, a.quick, a.rows, a.threads)
+    result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)
     text = json.dumps(result, indent=2)
     print(text)
     if a.output:

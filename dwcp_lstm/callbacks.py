@@ -16,6 +16,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from dwcp_lstm import __version__
+from dwcp_lstm.contract import (
+    INPUT_NAME,
+    METADATA_NAME,
+    MODEL_NAME,
+    OUTPUT_NAME,
+    embed_contract,
+    external_data_hashes,
+    make_contract,
+)
 from dwcp_lstm.model import count_parameters
 from dwcp_lstm.tables import DataError, atomic_write, sha256_of
 
@@ -25,7 +34,6 @@ UNITS = {
     "congestion_window": "packets per stream", "queue_depth": "packets", "retransmits": "packets/s",
 }  # fmt: skip
 SUFFIX_UNITS = {"_mbps": "Mbit/s", "_ms": "ms", "_dbm": "dBm", "_db": "dB", "_kmh": "km/h"}
-INPUT_NAME, OUTPUT_NAME = "metrics", "forecast"
 
 
 def unit_of(column: str) -> str:
@@ -166,8 +174,14 @@ class OnnxExport(L.Callback):
     """
 
     def __init__(self, opset: int = 17, filename: str = "model.onnx", parity_windows: int | None = 2048) -> None:
-        if opset < 17:
-            raise ValueError(f"--onnx.opset must be >= 17, got {opset}")
+        if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
+            raise DataError(f"--onnx.opset must be an integer >= 17, got {opset!r}")
+        # a plain file name: "../x.onnx" would write outside the run directory, and the predictor finds the model
+        # beside its metadata
+        if Path(filename).name != filename or not filename.endswith(".onnx") or filename.startswith("."):
+            raise DataError(f"--onnx.filename must be a plain file name ending in .onnx, got {filename!r}")
+        if parity_windows is not None and (isinstance(parity_windows, bool) or parity_windows < 1):
+            raise DataError(f"--onnx.parity_windows must be >= 1 or null (all), got {parity_windows!r}")
         self.opset, self.filename, self.parity_windows = opset, filename, parity_windows
         self.metadata: dict | None = None
 
@@ -177,29 +191,45 @@ class OnnxExport(L.Callback):
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         module = best_module(trainer, pl_module)
-        dm = trainer.datamodule
-        path = run_dir / self.filename
-        export_onnx(module, path, dm.window_size, self.opset)
-        parity = onnx_parity(path, module, raw_windows(dm, "test", self.parity_windows))
-        self.metadata = build_metadata(module, dm, path, self.opset, parity, run_dir)
-        atomic_write(run_dir / "model_metadata.json", json.dumps(self.metadata, indent=2))
-        rank_zero_info(f"ONNX model -> {path} (max rel diff vs PyTorch {parity['max_rel_diff']:.2e})")
+        self.metadata = export_run(module, trainer.datamodule, run_dir, self.opset, self.filename, self.parity_windows)
+        parity = self.metadata["parity"]["max_rel_diff"]
+        rank_zero_info(f"ONNX model -> {run_dir / self.filename} (max rel diff vs PyTorch {parity:.2e})")
+
+
+def export_run(
+    module, dm, run_dir: Path, opset: int = 17, filename: str = MODEL_NAME, parity_windows: int | None = 2048
+) -> dict:
+    """Export ``module`` to ``run_dir/filename``, check it against PyTorch on the test windows and write
+    ``model_metadata.json`` beside it; both files atomically. Returns the metadata."""
+    path = Path(run_dir) / filename
+    export_onnx(module, path, dm.window_size, opset)
+    parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows))
+    metadata = build_metadata(module, dm, path, opset, parity, Path(run_dir))
+    atomic_write(Path(run_dir) / METADATA_NAME, json.dumps(metadata, indent=2))
+    return metadata
 
 
 def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_dir: Path) -> dict:
+    """The metadata of an export; first embeds its contract in ``onnx_path`` (atomically), so the JSON's contract keys
+    and the graph's copy are equal by construction and ``model_sha256`` covers the final file.
+
+    Embedded here, not in :func:`export_onnx`, because the contract needs the data module (series definition, units)
+    and the callers export before they build the metadata."""
     config_path = run_dir / "config.yaml"
     config = config_path.read_text() if config_path.exists() else None
+    contract = make_contract(
+        window_size=dm.window_size,
+        features=[{"name": c, "unit": unit_of(c)} for c in dm.features],
+        targets=[{"name": c, "unit": unit_of(c)} for c in dm.targets],
+        target_mode=dm.target_mode,
+        series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap)},
+        external_data=external_data_hashes(onnx_path),
+    )
+    embed_contract(onnx_path, contract)
     return {
-        "format": "dwcp_lstm.onnx/1",
+        **contract,
         "version": __version__,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "input": {"name": INPUT_NAME, "shape": ["batch", dm.window_size, dm.n_features], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", dm.n_targets], "dtype": "float32"},
-        "features": [{"name": c, "unit": unit_of(c)} for c in dm.features],
-        "targets": [{"name": c, "unit": unit_of(c)} for c in dm.targets],
-        "window_size": dm.window_size,
-        "target_mode": dm.target_mode,
-        "series": {"columns": dm.series_columns, "time_column": dm.time_column, "max_gap": dm.max_gap},
         "scaler": {
             "note": "applied inside the graph; listed for reference only",
             "feature_mean": module.fmean.tolist(),

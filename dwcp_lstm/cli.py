@@ -26,6 +26,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 OWN_COMMANDS = {
     "generate": ("write synthetic DWCP telemetry (and its oracle sidecar)", "dwcp_lstm.cli:cmd_generate"),
     "report": ("rebuild report.json/.md and plots of a run from its best checkpoint", "dwcp_lstm.cli:cmd_report"),
+    "export": ("export a run's best checkpoint again to model.onnx + model_metadata.json", "dwcp_lstm.cli:cmd_export"),
     "forecast": ("next-step forecasts per link from model.onnx (no torch needed)", "dwcp_lstm.serve:cmd_forecast"),
     "bench": ("latency, throughput and memory figures as JSON", "dwcp_lstm.bench:cmd_bench"),
 }
@@ -71,6 +72,24 @@ def _lightning_cli_class():
             parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
             parser.add_lightning_class_args(StepSeed, "step_seed")
             parser.add_lightning_class_args(OnnxExport, "onnx")
+            parser.add_argument(
+                "--threads",
+                type=int | None,
+                default=None,
+                help="torch CPU threads; null = OMP_NUM_THREADS if set, else half the usable cores (1..8): one per "
+                "core collapses when another job shares the CPU (see dwcp_lstm/runtime.py)",
+            )
+
+        def before_instantiate_classes(self) -> None:
+            import torch
+
+            from dwcp_lstm.runtime import resolve_threads, usable_cores
+
+            threads, source = resolve_threads(self.config[self.subcommand].get("threads"))
+            if threads < 1:
+                raise _data_error(f"--threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+            print(f"Using {threads} CPU thread(s) of {usable_cores()} usable cores ({source})", file=sys.stderr)
 
         def _parse_ckpt_path(self) -> None:
             """Lightning would copy the checkpoint's hyperparameters over the config here, silently overriding the
@@ -303,6 +322,22 @@ def cmd_report(argv: list[str]) -> None:
     module, dm, ckpt = load_run(a.run)
     report = evaluate(module, dm, a.run, str(ckpt))
     print_summary(report, a.run)
+
+
+def cmd_export(argv: list[str]) -> None:
+    from dwcp_lstm.callbacks import export_run
+    from dwcp_lstm.runs import load_run
+
+    p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0])
+    p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    a = p.parse_args(argv)
+    if a.opset < 17:
+        raise _data_error(f"--opset must be >= 17, got {a.opset}")
+    module, dm, ckpt = load_run(a.run)
+    meta = export_run(module, dm, Path(a.run), a.opset)
+    parity = meta["parity"]["max_rel_diff"]
+    print(f"exported {ckpt} -> {Path(a.run) / 'model.onnx'} (max rel diff vs PyTorch {parity:.2e})")
 
 
 def _data_error(msg: str):

@@ -217,7 +217,7 @@ class DwcpDataModule(L.LightningDataModule):
         path = self.path
         numeric = list(dict.fromkeys([*self.features, *self.targets]))
         keys = [*self.series_columns, self.time_column]
-        df = read_table(path, list(dict.fromkeys([*keys, *numeric])))
+        df = read_table(path, list(dict.fromkeys([*keys, *numeric])), text_columns=self.series_columns)
         check_numeric(df, [self.time_column], path)
         check_numeric(df, numeric, path, allow_nan=self.fill_missing)
         df = order_series(df, self.series_columns, self.time_column, path, self.duplicates)

@@ -32,7 +32,7 @@ RESUME_MAY_CHANGE = (
     "ckpt_path", "weights_only", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.callbacks",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.accelerator", "trainer.devices",
     "trainer.num_nodes", "trainer.strategy", "trainer.default_root_dir", "trainer.logger", "trainer.log_every_n_steps",
-    "trainer.limit_test_batches", "trainer.limit_predict_batches", "data.num_workers", "data.data_dir",
+    "trainer.limit_test_batches", "trainer.limit_predict_batches", "data.num_workers", "data.data_dir", "threads",
 )  # fmt: skip
 
 

@@ -1,8 +1,9 @@
 """The deployable predictor: ``model.onnx`` + ``model_metadata.json`` in, next-step forecasts in raw units out.
 
-Torch-free by design (numpy, pandas, onnxruntime and :mod:`dwcp_lstm.tables` only), so that a service can forecast
-without the training stack. Nothing is unpickled: the model is an ONNX graph (scalers baked in) and the metadata is
-JSON. The model file's sha256 must match the metadata before a session is opened.
+Torch-free by design (numpy, pandas, onnxruntime and :mod:`dwcp_lstm.tables` only; not even ``onnx``), so that a
+service can forecast without the training stack. Nothing is unpickled: the model is an ONNX graph (scalers baked in)
+and the metadata is JSON. The model's sha256 must match the metadata, and the metadata must match the contract
+embedded in the graph (:mod:`dwcp_lstm.contract`), before anything is forecast.
 
 ``python -m dwcp_lstm forecast --model lightning_logs/version_N/model.onnx --input metrics.csv`` gives, per link, the
 forecast of the step after the link's last row (``--rolling``: one forecast per window).
@@ -10,89 +11,30 @@ forecast of the step after the link's last row (``--rolling``: one forecast per 
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Mapping, Sequence
+import hashlib
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
 
-from dwcp_lstm.tables import (
-    DataError,
-    check_numeric,
-    order_series,
-    read_table,
-    segment_bounds,
-    sha256_of,
-    write_frame,
+from dwcp_lstm.contract import (
+    METADATA_NAME,
+    MODEL_NAME,
+    check_external_data,
+    compare_contract,
+    contract_of,
+    external_path,
+    load_metadata,
+    parse_embedded,
 )
+from dwcp_lstm.tables import DataError, check_numeric, order_series, read_table, segment_bounds, write_frame
 
-METADATA_NAME = "model_metadata.json"
-MODEL_NAME = "model.onnx"
-FORMAT_PREFIX = "dwcp_lstm.onnx/"
 CHUNK = 4096  # windows per session.run: bounds the [B, W, F] copy on long rolling series
-
-
-def load_metadata(path: str | Path) -> dict[str, Any]:
-    """Read and validate ``model_metadata.json``; every problem is a :class:`DataError` naming the file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
-    validate_metadata(meta, path)
-    return meta
-
-
-def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
-    """Check the keys the predictor relies on: presence, types, and that the shapes agree with the column lists."""
-
-    def need(key: str, kind: type | tuple[type, ...], where: Mapping[str, Any] = meta, prefix: str = "") -> Any:
-        if key not in where:
-            raise DataError(f"{path}: missing key {prefix + key!r}")
-        value = where[key]
-        # bool is an int subclass: a JSON true must not pass as a window size
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise DataError(f"{path}: key {prefix + key!r} must be {names}, got {type(value).__name__}")
-        return value
-
-    fmt = need("format", str)
-    if not fmt.startswith(FORMAT_PREFIX):
-        raise DataError(f"{path}: key 'format' is {fmt!r}, expected {FORMAT_PREFIX}<n> (not a dwcp_lstm model?)")
-    window = need("window_size", int)
-    if window <= 0:
-        raise DataError(f"{path}: key 'window_size' must be > 0, got {window}")
-    for key in ("features", "targets"):
-        cols = need(key, list)
-        if not cols:
-            raise DataError(f"{path}: key {key!r} must not be empty")
-        for i, c in enumerate(cols):
-            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
-                raise DataError(f"{path}: key '{key}[{i}]' must be an object with a non-empty string 'name'")
-        names = [c["name"] for c in cols]
-        if len(set(names)) != len(names):
-            raise DataError(f"{path}: key {key!r} lists a column twice: {names}")
-    sha = need("model_sha256", str)
-    if not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise DataError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
-    n_f, n_t = len(meta["features"]), len(meta["targets"])
-    for key, expected in (("input", ["batch", window, n_f]), ("output", ["batch", n_t])):
-        io = need(key, dict)
-        need("name", str, io, f"{key}.")
-        shape = need("shape", list, io, f"{key}.")
-        if shape[1:] != expected[1:] or len(shape) != len(expected):
-            raise DataError(f"{path}: key '{key}.shape' is {shape}, expected {expected} (from window_size/{key}s)")
-        dtype = need("dtype", str, io, f"{key}.")
-        if dtype != "float32":
-            raise DataError(f"{path}: key '{key}.dtype' is {dtype!r}, only float32 is supported")
+# onnxruntime resolves external data of a graph given as bytes against this folder (else the working directory)
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 class Predictor:
@@ -104,8 +46,9 @@ class Predictor:
         threads: ONNX Runtime intra-op threads; None = its default (one per physical core).
 
     Raises:
-        DataError: missing or invalid metadata, a model whose sha256 differs from the metadata, or a graph whose
-            input/output names and shapes disagree with it.
+        DataError: missing or invalid metadata, a model whose sha256 differs from the metadata, metadata that differs
+            from the contract embedded in the model (edited, or another model's), an external-data file that is
+            missing, altered or outside the model's folder, or a graph whose input/output disagree with it.
     """
 
     def __init__(
@@ -113,15 +56,25 @@ class Predictor:
     ) -> None:
         self.model_path = Path(model_path)
         self.metadata_path = Path(metadata_path) if metadata_path else self.model_path.with_name(METADATA_NAME)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
+            raise DataError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {threads!r}")
         if not self.model_path.is_file():
             raise DataError(f"{self.model_path}: file not found")
         self.metadata = load_metadata(self.metadata_path)
-        sha = sha256_of(self.model_path)
+        # Hash the very bytes the session is built from: no window for the file to change between check and load.
+        try:
+            model_bytes = self.model_path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{self.model_path}: cannot read ({exc.strerror or exc})") from None
+        sha = hashlib.sha256(model_bytes).hexdigest()
         if sha != self.metadata["model_sha256"]:
             raise DataError(
                 f"{self.model_path}: sha256 {sha[:12]}... does not match {self.metadata_path.name} "
                 f"({self.metadata['model_sha256'][:12]}...): the model was altered or belongs to another run"
             )
+        # Side files are checked before onnxruntime reads them; that the list is the graph's own is checked below.
+        folder = self.model_path.parent.absolute()
+        check_external_data(self.metadata["external_data"], folder, self.metadata_path)
         self.window: int = self.metadata["window_size"]
         self.features: list[str] = [c["name"] for c in self.metadata["features"]]
         self.targets: list[str] = [c["name"] for c in self.metadata["targets"]]
@@ -130,15 +83,24 @@ class Predictor:
         self.input_name: str = self.metadata["input"]["name"]
         self.output_name: str = self.metadata["output"]["name"]
         opts = ort.SessionOptions()
-        if threads is not None:
+        opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(folder))
+        if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(self.model_path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for a malformed graph
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(f"{self.model_path}: onnxruntime cannot load it ({first})") from None
+        embedded = parse_embedded(self.session.get_modelmeta().custom_metadata_map, self.model_path)
+        compare_contract(contract_of(self.metadata), embedded, self.metadata_path, self.model_path)
         self._check_session()
+
+    def protected_paths(self) -> list[Path]:
+        """The files this predictor was built from: ``forecast --output`` must never replace one."""
+        folder = self.model_path.parent
+        sides = [external_path(folder, loc, self.metadata_path) for loc in self.metadata["external_data"]]
+        return [self.model_path, self.metadata_path, *sides]
 
     @classmethod
     def from_run(cls, run_dir: str | Path, threads: int | None = None) -> Predictor:
@@ -187,7 +149,15 @@ class Predictor:
             self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})[0]
             for i in range(0, len(x), CHUNK)
         ]
-        return np.concatenate(out) if out else np.empty((0, len(self.targets)), np.float32)  # [B, T]
+        y = np.concatenate(out) if out else np.empty((0, len(self.targets)), np.float32)  # [B, T]
+        bad = ~np.isfinite(y)
+        if bad.any():  # float32 overflow inside the graph: a NaN/inf forecast must not pass as a number
+            b, j = (int(i) for i in np.argwhere(bad)[0])
+            raise DataError(
+                f"{source}: window {b + 1}: the forecast of {self.targets[j]!r} is {y[b, j]} "
+                "(inputs far outside the range the model was trained on)"
+            )
+        return y
 
     def predict(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -248,6 +218,9 @@ class Predictor:
             missing = [c for c in self.features if c not in history.columns]
             if missing:
                 raise DataError(f"{source}: missing required column {missing[0]!r} (the model needs {self.features})")
+            twice = [c for c in self.features if list(history.columns).count(c) > 1]
+            if twice:
+                raise DataError(f"{source}: column {twice[0]!r} appears more than once; which one is meant?")
             frame = history[self.features].copy()  # check_numeric converts in place: never touch the caller's frame
         elif isinstance(history, np.ndarray):
             if history.ndim != 2 or history.shape[1] != len(self.features):
@@ -356,17 +329,26 @@ def cmd_forecast(argv: list[str]) -> None:
         if not output.parent.is_dir():
             raise DataError(f"{output}: folder {output.parent} does not exist")
     model = Path(a.model)
-    predictor = Predictor.from_run(model, a.threads) if model.is_dir() else Predictor(model, a.metadata, a.threads)
-    trained = predictor.metadata.get("series", {})  # how the training data defined a series (older runs: defaults)
+    if model.is_dir():
+        model, metadata = model / MODEL_NAME, a.metadata or model / METADATA_NAME
+    else:
+        metadata = a.metadata
+    predictor = Predictor(model, metadata, a.threads)
+    if output is not None:
+        for path in [Path(a.input), *predictor.protected_paths()]:
+            if same_file(output, path):
+                raise DataError(f"{output}: --output is the same file as {path}; refusing to overwrite an input")
+    trained = predictor.metadata["series"]  # how the training data defined a series
     if a.series_columns is None:
-        series = list(trained.get("columns", ["node_id", "peer_id"]))
+        series = list(trained["columns"])
     else:
         series = [c.strip() for c in str(a.series_columns).split(",") if c.strip()]
-    time = a.time_column or trained.get("time_column", "timestamp")
+    time = a.time_column or trained["time_column"]
+    if len(set(series)) != len(series) or time in series:
+        raise DataError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
     columns = list(dict.fromkeys([*series, time, *predictor.features]))
-    df = read_table(a.input, columns)
-    max_gap = float(trained.get("max_gap", 3.0))
-    out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, max_gap)
+    df = read_table(a.input, columns, text_columns=series)
+    out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]))
 
     units = ", ".join(f"{t} [{u}]" for t, u in predictor.units.items())
     n_links = out.groupby(series, observed=True).ngroups if series else 1
@@ -377,3 +359,15 @@ def cmd_forecast(argv: list[str]) -> None:
     else:
         write_frame(out, output, float_format="%.7g")  # float32 has ~7 digits
         print(f"wrote {what} -> {output}; units: {units}")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links included); by resolved path when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        pass
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError, ValueError):  # a link loop
+        return os.path.abspath(a) == os.path.abspath(b)

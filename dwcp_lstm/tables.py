@@ -48,8 +48,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read a CSV or Parquet file, only ``columns`` if given (all must exist)."""
+def read_table(
+    path: str | Path, columns: Sequence[str] | None = None, text_columns: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Read a CSV or Parquet file, only ``columns`` if given (all must exist).
+
+    ``text_columns`` (link ids) are read from a CSV as text: parsed as numbers, ids ``01`` and ``1`` would become
+    the same link and their rows one series.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -65,7 +71,8 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
             header = pd.read_csv(path, nrows=0).columns
             _unique_header(path, _raw_csv_header(path))
             _require(path, header, columns)
-            df = pd.read_csv(path, usecols=list(columns) if columns else None)
+            text = {c: str for c in text_columns if c in header}
+            df = pd.read_csv(path, usecols=list(columns) if columns else None, dtype=text or None)
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -89,25 +96,32 @@ def read_table(path: str | Path, columns: Sequence[str] | None = None) -> pd.Dat
 
 
 def _raw_csv_header(path: Path) -> list[str]:
-    """The header as written: pandas renames a repeated name to ``name.1``, which would hide the repeat."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), [])
+    """The header as written: pandas renames a repeated name to ``name.1``, which would hide the repeat; read as a
+    data row instead, it keeps every name as it is."""
+    row = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+    return [str(v) for v in row.iloc[0].tolist()]
 
 
 def _unique_header(path: Path, names: Sequence[str]) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
-            raise DataError(f"{path}: column {name!r} appears twice (columns {seen[name] + 1} and {i + 1})")
+            raise DataError(f"{path}: column {_short(name)} appears twice (columns {seen[name] + 1} and {i + 1})")
         seen[name] = i
 
 
 def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> None:
     missing = [c for c in (columns or []) if c not in set(present)]
     if missing:
-        raise DataError(f"{path}: missing required column {missing[0]!r} (has: {', '.join(map(str, present))})")
+        has = ", ".join(_short(c) for c in present)
+        has = has if len(has) <= 300 else has[:300] + " ..."
+        raise DataError(f"{path}: missing required column {_short(missing[0])} (has: {has})")
+
+
+def _short(value, limit: int = 80) -> str:
+    """repr of a name or id, cut to ``limit`` characters: messages stay one short line whatever the file holds."""
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
@@ -120,7 +134,7 @@ def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, al
         bad = values.isna() & df[col].notna()
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{path}: column {col!r} row {i + 1}: non-numeric value {df[col].iloc[i]!r}")
+            raise DataError(f"{path}: column {col!r} row {i + 1}: non-numeric value {_short(df[col].iloc[i])}")
         arr = values.to_numpy(dtype=np.float64)
         nonfinite = np.isinf(arr) if allow_nan else ~np.isfinite(arr)
         if nonfinite.any():
@@ -166,7 +180,7 @@ def order_series(
         n_dup = int(dup.sum())
         if duplicates == "error":
             i = int(np.flatnonzero(dup)[0])
-            who = ", ".join(f"{c}={df[c].iloc[i]}" for c in series)
+            who = ", ".join(f"{c}={_short(df[c].iloc[i])}" for c in series)
             raise DataError(
                 f"{path}: row {i + 1}: duplicated ({who}, {time}={df[time].iloc[i]}) "
                 f"({n_dup} duplicates; set duplicates: first or mean to accept them)"

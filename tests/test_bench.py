@@ -16,6 +16,7 @@ KEYS = [
     "onnx_b1_p50_ms", "onnx_b1_p99_ms", "torch_b1_p50_ms", "onnx_speedup_b1", "onnx_b256_samples_per_s",
     "torch_b256_samples_per_s", "lightning_samples_per_s", "plain_samples_per_s", "lightning_vs_plain",
     "datamodule_rows", "datamodule_setup_s", "datamodule_peak_rss_mb", "onnx_file_mb", "onnx_parity_max_rel",
+    "load_project_default_slowdown", "load_one_per_core_slowdown", "load_project_default_loaded_samples_per_s",
 ]  # fmt: skip
 
 
@@ -38,6 +39,10 @@ def test_bench_quick_emits_every_figure(tmp_path: Path, capsys):
     assert printed["settings"]["quick"] is True and printed["settings"]["train_batch_size"] == 64
     assert printed["device"]["logical_cpus"] >= 1
     assert torch.get_num_threads() == threads  # the 1-thread latency section restores the caller's setting
+    from dwcp_lstm.runtime import default_threads, usable_cores
+
+    assert printed["load_project_default_threads"] == default_threads()
+    assert printed["load_one_per_core_threads"] == usable_cores()
 
 
 def test_bench_rejects_a_missing_run(tmp_path: Path):

@@ -44,7 +44,7 @@ FIT_CASES = [
     ("negative-throughput", _set("throughput_mbps", 5, -1.0), [], "'throughput_mbps' row 6: negative value -1"),
     ("negative-rtt", _set("rtt_ms", 2, -3.0), [], "column 'rtt_ms' row 3: negative value -3"),
     ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),
-    ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id=node-0"),
+    ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id='node-0'"),
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
     ("empty-link-id", _set("node_id", 12, np.nan), [], "column 'node_id' row 13: empty series id (1 rows)"),
     ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),

@@ -1,4 +1,5 @@
-"""The torch-free predictor: parity with the PyTorch module, input checks, the `forecast` subcommand."""
+"""The torch-free predictor: parity with the PyTorch module, input checks, the model/metadata contract, the
+`forecast` subcommand."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pandas as pd
 import pytest
 
 from dwcp_lstm.cli import cli_main
+from dwcp_lstm.contract import CONTRACT_KEY, CONTRACT_KEYS, embed_contract, external_data_hashes, external_path
 from dwcp_lstm.serve import Predictor, cmd_forecast, load_metadata
-from dwcp_lstm.tables import DataError
+from dwcp_lstm.tables import DataError, sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,8 +86,10 @@ def test_predictor_matches_torch_on_real_windows(predictor, history, torch_forec
     assert predictor.predict(x, columns=predictor.features) == pytest.approx(single, rel=1e-6)
 
 
-def test_serve_imports_neither_torch_nor_lightning():
-    code = "import sys, dwcp_lstm.serve; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+def test_serve_imports_neither_torch_nor_lightning_nor_onnx():
+    # a serving install has numpy, pandas and onnxruntime only
+    mods = "('torch', 'lightning', 'onnx')"
+    code = f"import sys, dwcp_lstm.serve, dwcp_lstm.contract; print(sorted(m for m in {mods} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -151,6 +155,22 @@ def test_model_whose_sha256_differs_is_refused(smoke_run, tmp_path):
         (lambda m: m["input"].update(shape=["batch", 10, 9]), r"key 'input.shape' is \['batch', 10, 9\]"),
         (lambda m: m.update(model_sha256="abc"), r"key 'model_sha256' must be 64 lowercase hex digits"),
         (lambda m: m.update(format="pickle"), r"key 'format' is 'pickle'"),
+        (lambda m: m.update(format="dwcp_lstm.onnx/1"), r"key 'format' is 'dwcp_lstm.onnx/1'.*export the model again"),
+        (lambda m: m.pop("series"), r"missing key 'series'"),
+        (lambda m: m.update(series=5), r"key 'series' must be object, got int"),
+        (lambda m: m["series"].update(columns="node_id"), r"key 'series.columns' must be list, got str"),
+        (lambda m: m["series"].update(columns=["node_id", ""]), r"key 'series.columns' must list non-empty strings"),
+        (lambda m: m["series"].update(columns=["node_id"] * 2), r"key 'series.columns' lists a column twice"),
+        (lambda m: m["series"].update(time_column="node_id"), r"key 'series.time_column' must be a non-empty name"),
+        (lambda m: m["series"].pop("time_column"), r"missing key 'series.time_column'"),
+        (lambda m: m["series"].update(max_gap=float("nan")), r"key 'series.max_gap' must be a finite number"),
+        (lambda m: m["series"].update(max_gap=True), r"key 'series.max_gap' must be number, got bool"),
+        (lambda m: m["series"].update(max_gap="3"), r"key 'series.max_gap' must be number, got str"),
+        (lambda m: m.update(target_mode="levels"), r"key 'target_mode' must be one of delta, level, got 'levels'"),
+        (lambda m: m.pop("target_mode"), r"missing key 'target_mode'"),
+        (lambda m: m["features"][0].update(unit=5), r"key 'features\[0\].unit' must be str, got int"),
+        (lambda m: m.update(external_data=[]), r"key 'external_data' must be object, got list"),
+        (lambda m: m.update(external_data={"w.bin": "00"}), r"key 'external_data' must map file names to 64"),
     ],
 )
 def test_bad_metadata_is_refused(smoke_run, tmp_path, edit, message):
@@ -170,6 +190,185 @@ def test_unreadable_metadata_is_refused(smoke_run, tmp_path):
     (run / "model_metadata.json").unlink()
     with pytest.raises(DataError, match=r"model_metadata\.json: file not found"):
         load_metadata(run / "model_metadata.json")
+
+
+# -- the contract embedded in model.onnx ----------------------------------------------------------------------------
+def test_export_embeds_the_metadata_contract(smoke_run):
+    import onnxruntime as ort
+
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    sess = ort.InferenceSession(str(smoke_run / "model.onnx"), providers=["CPUExecutionProvider"])
+    embedded = json.loads(sess.get_modelmeta().custom_metadata_map[CONTRACT_KEY])
+    assert embedded == {k: meta[k] for k in CONTRACT_KEYS}
+    assert meta["format"] == "dwcp_lstm.onnx/2" and meta["external_data"] == {}
+
+
+def swap(items: list, i: int = 0, j: int = 1) -> None:
+    items[i], items[j] = items[j], items[i]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # valid metadata that no longer describes the graph: the forecasts would be silently wrong
+        (
+            lambda m: swap(m["features"]),
+            r"key 'features\[0\]\.name' is 'rtt_ms' but the contract embedded in model\.onnx "
+            r"says 'throughput_mbps': the metadata was edited or belongs to another model",
+        ),
+        (lambda m: swap(m["targets"], 1, 3), r"key 'targets\[1\]\.name' is 'jitter_ms'"),
+        (lambda m: m["features"][1].update(unit="s"), r"key 'features\[1\]\.unit' is 's' .* says 'ms'"),
+        (lambda m: (m.update(window_size=10), m["input"].update(shape=["batch", 10, 9])), r"key 'window_size' is 10"),
+        (lambda m: m.update(target_mode="level"), r"key 'target_mode' is 'level'"),
+        (lambda m: swap(m["series"]["columns"]), r"key 'series\.columns\[0\]' is 'peer_id'"),
+        (lambda m: m["series"].update(columns=["node_id"]), r"key 'series\.columns' is \['node_id'\]"),
+        (lambda m: m["series"].update(time_column="time"), r"key 'series\.time_column' is 'time'"),
+        (lambda m: m["series"].update(max_gap=5.0), r"key 'series\.max_gap' is 5\.0 .* says 3\.0"),
+        (lambda m: m["series"].update(max_gap=3), r"key 'series\.max_gap' is 3 .* says 3\.0"),  # compared as JSON text
+        (lambda m: m["input"].update(name="x"), r"key 'input\.name' is 'x'"),
+        (lambda m: m["input"].update(shape=[None, 20, 9]), r"key 'input\.shape\[0\]' is None"),
+    ],
+)
+def test_metadata_that_differs_from_the_embedded_contract_is_refused(smoke_run, tmp_path, edit, message):
+    run = copy_run(smoke_run, tmp_path / "run")
+    meta = json.loads((run / "model_metadata.json").read_text())
+    edit(meta)
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"model_metadata\.json: " + message):
+        Predictor.from_run(run)
+
+
+def rewrite_model(run: Path, change) -> dict:
+    """Load ``run/model.onnx`` with onnx, apply ``change(model)``, save it back and re-sign the metadata's sha256."""
+    import onnx
+
+    model = onnx.load(str(run / "model.onnx"), load_external_data=False)
+    change(model)
+    (run / "model.onnx").write_bytes(model.SerializeToString())
+    meta = json.loads((run / "model_metadata.json").read_text())
+    meta["model_sha256"] = sha256_of(run / "model.onnx")
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_model_without_an_embedded_contract_is_refused(smoke_run, tmp_path):
+    run = copy_run(smoke_run, tmp_path / "run")
+    rewrite_model(run, lambda m: m.ClearField("metadata_props"))  # as exported before dwcp_lstm.onnx/2
+    with pytest.raises(DataError, match=r"model\.onnx: no embedded contract .*export the model again"):
+        Predictor.from_run(run)
+    rewrite_model(run, lambda m: m.metadata_props.add(key=CONTRACT_KEY, value="[1, 2"))
+    with pytest.raises(DataError, match=r"model\.onnx: embedded contract is not valid JSON"):
+        Predictor.from_run(run)
+
+
+def external_run(smoke_run: Path, dest: Path, location: str = "weights.bin", side_folder: Path | None = None) -> Path:
+    """The smoke model saved with its weights in an external-data file, the contract and metadata signed for it by
+    the project's own helpers. ``side_folder``: where the side file really lies (for locations that escape)."""
+    import onnx
+
+    run = copy_run(smoke_run, dest)
+    model = onnx.load(str(run / "model.onnx"))
+    onnx.save_model(
+        model,
+        str(run / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    if side_folder is not None:
+        (run / "weights.bin").replace(side_folder / "weights.bin")
+
+        def relocate(m) -> None:
+            from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+            for t in filter(uses_external_data, _get_all_tensors(m)):
+                next(e for e in t.external_data if e.key == "location").value = location
+
+        rewrite_model(run, relocate)
+        external = {location: sha256_of(side_folder / "weights.bin")}
+    else:
+        external = external_data_hashes(run / "model.onnx")
+    meta = json.loads((run / "model_metadata.json").read_text())
+    meta["external_data"] = external
+    embed_contract(run / "model.onnx", {k: meta[k] for k in CONTRACT_KEYS})
+    meta["model_sha256"] = sha256_of(run / "model.onnx")
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_external_data_is_hashed_and_checked(smoke_run, predictor, history, tmp_path):
+    run = external_run(smoke_run, tmp_path / "run")
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert list(meta["external_data"]) == ["weights.bin"] and (run / "model.onnx").stat().st_size < 100_000
+    x = one_link(history)[predictor.features].to_numpy(np.float32)[None, -predictor.window :]
+    ext = Predictor.from_run(run)  # intact: the same forecasts as the single-file model
+    np.testing.assert_array_equal(ext.predict_windows(x), predictor.predict_windows(x))
+
+    with open(run / "weights.bin", "r+b") as f:  # one byte of the weights altered
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(
+        DataError, match=r"weights\.bin: sha256 .* does not match model_metadata\.json key 'external_data'"
+    ):
+        Predictor.from_run(run)
+    (run / "weights.bin").unlink()
+    with pytest.raises(DataError, match=r"weights\.bin: external-data file not found"):
+        Predictor.from_run(run)
+
+    # the side file is intact but the metadata no longer lists it: the graph's contract does
+    run = external_run(smoke_run, tmp_path / "run2")
+    meta = json.loads((run / "model_metadata.json").read_text())
+    meta["external_data"] = {}
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"key 'external_data\.weights\.bin' is absent but the contract embedded"):
+        Predictor.from_run(run)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_external_data_outside_the_model_folder_is_refused(smoke_run, tmp_path, where):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    location = "../outside/weights.bin" if where == "parent" else str(outside / "weights.bin")
+    run = external_run(smoke_run, tmp_path / "run", location, side_folder=outside)
+    with pytest.raises(DataError, match=r"model_metadata\.json: external-data location .* escapes the model's folder"):
+        Predictor.from_run(run)
+    with pytest.raises(DataError, match=r"escapes the model's folder"):  # the exporter refuses such a graph too
+        external_data_hashes(run / "model.onnx")
+
+
+@pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "sub/../w.bin", "C:w.bin", "a\\w.bin", "a\x00b"])
+def test_external_data_locations_must_stay_inside_the_folder(tmp_path, location):
+    with pytest.raises(DataError, match=r"meta\.json: external-data location .* escapes the model's folder"):
+        external_path(tmp_path, location, "meta.json")
+    (tmp_path / "sub").mkdir()
+    assert external_path(tmp_path, "sub/w.bin", "meta.json") == tmp_path / "sub" / "w.bin"
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(DataError, match=r"escapes the model's folder \(a link outside\)"):
+        external_path(tmp_path, "link/w.bin", "meta.json")
+
+
+def test_a_non_finite_forecast_is_an_error_not_a_number(smoke_run, history):
+    p = Predictor.from_run(smoke_run)
+
+    class Overflowing:  # what a graph gives for inputs far outside its training range
+        def run(self, names, feed):
+            y = np.ones((len(feed[p.input_name]), len(p.targets)), np.float32)
+            y[-1, 2] = np.inf
+            return [y]
+
+    p.session = Overflowing()
+    x = one_link(history)[p.features].to_numpy(np.float32)[None, -p.window :]
+    with pytest.raises(DataError, match=r"window 2: the forecast of 'packet_loss' is inf \(inputs far outside"):
+        p.predict_windows(np.concatenate([x, x]))
+
+
+def test_a_repeated_feature_column_is_refused(predictor, history):
+    link = one_link(history)
+    with pytest.raises(DataError, match=r"column 'rtt_ms' appears more than once"):
+        predictor.predict(pd.concat([link, link[["rtt_ms"]] * 2], axis=1))
 
 
 # -- the forecast subcommand ----------------------------------------------------------------------------------------
@@ -246,3 +445,65 @@ def test_forecast_missing_input_exits_2_with_one_line(smoke_run, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {missing}: file not found"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_forecast_never_overwrites_an_input(smoke_run, two_links, tmp_path, capsys):
+    run = copy_run(smoke_run, tmp_path / "run")
+    data = tmp_path / "data.csv"
+    shutil.copy(two_links, data)
+    before = data.read_bytes()
+    (tmp_path / "link.csv").symlink_to(data)
+    (run / "model.csv").write_bytes((run / "model.onnx").read_bytes())  # a model file with an output's suffix
+    cases = [
+        (["--model", str(run), "--input", str(data), "--output", str(data)], data),
+        (["--model", str(run), "--input", str(data), "--output", str(run / ".." / "data.csv")], data),
+        (["--model", str(run), "--input", str(data), "--output", str(tmp_path / "link.csv")], data),
+        (
+            ["--model", str(run / "model.csv"), "--input", str(data), "--output", str(run / "model.csv")],
+            run / "model.csv",
+        ),
+    ]
+    for args, victim in cases:
+        kept = victim.read_bytes()
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["forecast", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith("error: ") and "--output is the same file as" in err[0], err
+        assert victim.read_bytes() == kept and not list(victim.parent.glob(".*.tmp"))
+    assert data.read_bytes() == before
+
+
+def test_forecast_refuses_bad_series_metadata_and_flags_with_one_line(smoke_run, two_links, tmp_path, capsys):
+    run = copy_run(smoke_run, tmp_path / "run")
+    meta = json.loads((run / "model_metadata.json").read_text())
+    for series in (5, {"columns": "node_id", "time_column": "timestamp", "max_gap": 3.0}):
+        (run / "model_metadata.json").write_text(json.dumps({**meta, "series": series}))
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["forecast", "--model", str(run), "--input", str(two_links)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "'series" in err[0], err
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+    for flags in (["--series-columns", "node_id,node_id"], ["--time-column", "node_id"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["forecast", "--model", str(run), "--input", str(two_links), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_export_command_rewrites_an_older_export(smoke_run, tmp_path, history):
+    """A run exported before the contract existed is refused by the predictor; ``export --run`` makes it usable
+    again with the same forecasts."""
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)  # the checkpoints and config.yaml too
+    expected = Predictor.from_run(run).predict(one_link(history))
+    meta_path = run / "model_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = "dwcp_lstm.onnx/1"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"export --run"):
+        Predictor.from_run(run)
+    cli_main(["export", "--run", str(run)])
+    got = Predictor.from_run(run).predict(one_link(history))
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert not list(run.glob(".*.tmp"))

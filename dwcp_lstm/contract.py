@@ -1,0 +1,316 @@
+"""The contract between ``model.onnx`` and ``model_metadata.json``, in one place for the exporter and the predictor.
+
+Why: the metadata's ``model_sha256`` proves the graph is the one exported, but not that the JSON beside it still
+describes that graph (swap two ``features`` and every forecast is silently wrong). So the export embeds the fields
+that decide how inputs are read and outputs meant (:data:`CONTRACT_KEYS`, as canonical JSON) in the graph's
+``metadata_props`` under :data:`CONTRACT_KEY`, with the sha256 of any external-data side file. The predictor reads
+that copy through onnxruntime and refuses a JSON that differs from it.
+
+The reading side is torch-free and onnx-free (a serving install has numpy, pandas and onnxruntime only); the two
+writing helpers at the end import ``onnx`` when called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from dwcp_lstm.tables import DataError, atomic_write, sha256_of
+
+MODEL_NAME = "model.onnx"
+METADATA_NAME = "model_metadata.json"
+FORMAT_PREFIX = "dwcp_lstm.onnx/"
+FORMAT = FORMAT_PREFIX + "2"  # 2: the contract is embedded in the graph
+INPUT_NAME, OUTPUT_NAME = "metrics", "forecast"
+CONTRACT_KEY = "dwcp_lstm.contract"
+CONTRACT_KEYS = (
+    "format", "window_size", "features", "targets", "target_mode", "input", "output", "series", "external_data",
+)  # fmt: skip
+TARGET_MODES = ("delta", "level")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MISSING = object()
+
+
+# -- model_metadata.json -------------------------------------------------------------------------------------------
+def load_metadata(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``model_metadata.json``; every problem is a :class:`DataError` naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
+    try:
+        meta = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
+        raise DataError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    validate_metadata(meta, path)
+    return meta
+
+
+def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
+    """Check every key the predictor and ``forecast`` use: presence, types, ranges, and that the shapes agree with
+    the column lists (a wrong type must be a one-line error, never a traceback further down)."""
+
+    def need(key: str, kind: type | tuple[type, ...], where: Mapping[str, Any] = meta, prefix: str = "") -> Any:
+        if key not in where:
+            raise DataError(f"{path}: missing key {prefix + key!r}")
+        value = where[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int subclass: a JSON true must not pass as a window size or a gap
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = "number" if float in kinds else " or ".join(_json_type(k) for k in kinds)
+            raise DataError(f"{path}: key {prefix + key!r} must be {names}, got {_json_type(type(value))}")
+        return value
+
+    def name_list(key: str, value: list, allow_empty: bool) -> list[str]:
+        if not value and not allow_empty:
+            raise DataError(f"{path}: key {key!r} must not be empty")
+        if not all(isinstance(c, str) and c for c in value):
+            raise DataError(f"{path}: key {key!r} must list non-empty strings, got {_short(value)}")
+        if len(set(value)) != len(value):
+            raise DataError(f"{path}: key {key!r} lists a column twice: {_short(value)}")
+        return value
+
+    fmt = need("format", str)
+    if not fmt.startswith(FORMAT_PREFIX):
+        raise DataError(f"{path}: key 'format' is {fmt!r}, expected {FORMAT_PREFIX}<n> (not a dwcp_lstm model?)")
+    if fmt != FORMAT:
+        raise DataError(
+            f"{path}: key 'format' is {fmt!r}, this version reads {FORMAT!r} only (the model and metadata carry no "
+            "matching contract): export the model again with this version (python -m dwcp_lstm export --run RUN_DIR)"
+        )
+    window = need("window_size", int)
+    if window <= 0:
+        raise DataError(f"{path}: key 'window_size' must be > 0, got {window}")
+    names: dict[str, list[str]] = {}
+    for key in ("features", "targets"):
+        cols = need(key, list)
+        if not cols:
+            raise DataError(f"{path}: key {key!r} must not be empty")
+        for i, c in enumerate(cols):
+            if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
+                raise DataError(f"{path}: key '{key}[{i}]' must be an object with a non-empty string 'name'")
+            if "unit" in c and not isinstance(c["unit"], str):
+                raise DataError(f"{path}: key '{key}[{i}].unit' must be str, got {type(c['unit']).__name__}")
+        names[key] = name_list(key, [c["name"] for c in cols], allow_empty=False)
+    mode = need("target_mode", str)
+    if mode not in TARGET_MODES:
+        raise DataError(f"{path}: key 'target_mode' must be one of {', '.join(TARGET_MODES)}, got {mode!r}")
+    if mode == "delta" and not set(names["targets"]) <= set(names["features"]):
+        missing = [t for t in names["targets"] if t not in names["features"]]
+        raise DataError(f"{path}: key 'target_mode' is delta but targets {missing} are not among the features")
+    series = need("series", dict)
+    columns = name_list("series.columns", need("columns", list, series, "series."), allow_empty=True)
+    time = need("time_column", str, series, "series.")
+    if not time or time in columns:
+        raise DataError(
+            f"{path}: key 'series.time_column' must be a non-empty name not in series.columns, got {time!r}"
+        )
+    max_gap = need("max_gap", (int, float), series, "series.")
+    if not math.isfinite(max_gap):
+        raise DataError(f"{path}: key 'series.max_gap' must be a finite number, got {max_gap}")
+    external = need("external_data", dict)
+    for location, digest in external.items():
+        if not location or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise DataError(
+                f"{path}: key 'external_data' must map file names to 64 lowercase hex digits, got "
+                f"{_short(location)}: {_short(digest)}"
+            )
+    sha = need("model_sha256", str)
+    if not _SHA256.fullmatch(sha):
+        raise DataError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
+    for key, expected in (
+        ("input", ["batch", window, len(names["features"])]),
+        ("output", ["batch", len(names["targets"])]),
+    ):
+        io = need(key, dict)
+        if not need("name", str, io, f"{key}."):
+            raise DataError(f"{path}: key '{key}.name' must not be empty")
+        shape = need("shape", list, io, f"{key}.")
+        if shape[1:] != expected[1:] or len(shape) != len(expected):
+            raise DataError(
+                f"{path}: key '{key}.shape' is {_short(shape)}, expected {expected} (from window_size/{key}s)"
+            )
+        dtype = need("dtype", str, io, f"{key}.")
+        if dtype != "float32":
+            raise DataError(f"{path}: key '{key}.dtype' is {dtype!r}, only float32 is supported")
+
+
+# -- the contract --------------------------------------------------------------------------------------------------
+def make_contract(
+    window_size: int,
+    features: list[dict[str, str]],
+    targets: list[dict[str, str]],
+    target_mode: str,
+    series: dict[str, Any],
+    external_data: dict[str, str],
+) -> dict[str, Any]:
+    """The contract of an export; the metadata JSON carries the same keys with the same values."""
+    return {
+        "format": FORMAT,
+        "window_size": window_size,
+        "features": features,
+        "targets": targets,
+        "target_mode": target_mode,
+        "input": {"name": INPUT_NAME, "shape": ["batch", window_size, len(features)], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(targets)], "dtype": "float32"},
+        "series": series,
+        "external_data": external_data,
+    }
+
+
+def contract_of(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The contract part of a metadata dict (keys it lacks stay absent, so a comparison names them)."""
+    return {k: meta[k] for k in CONTRACT_KEYS if k in meta}
+
+
+def canonical(value: Any) -> str:
+    """One spelling per value (sorted keys, ASCII, no spaces): what is embedded and what is compared.
+
+    Compared as text, so 20 and 20.0 or 1 and true differ, as an edit of the file should."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=True, separators=(",", ":"), allow_nan=True)
+
+
+def parse_embedded(props: Mapping[str, str], model_path: str | Path) -> dict[str, Any]:
+    """The contract from a graph's ``metadata_props`` (onnxruntime's ``custom_metadata_map``)."""
+    text = props.get(CONTRACT_KEY)
+    if text is None:
+        raise DataError(
+            f"{model_path}: no embedded contract ({CONTRACT_KEY!r}): exported before {FORMAT} or by another tool; "
+            "export the model again with this version (python -m dwcp_lstm export --run RUN_DIR)"
+        )
+    try:
+        contract = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{model_path}: embedded contract is not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(contract, dict):
+        raise DataError(f"{model_path}: embedded contract must be a JSON object, got {type(contract).__name__}")
+    return contract
+
+
+def compare_contract(
+    declared: Mapping[str, Any], embedded: Mapping[str, Any], metadata_path: str | Path, model_path: str | Path
+) -> None:
+    """Refuse metadata whose contract keys differ from the graph's copy, naming the first key path that differs."""
+    for key in CONTRACT_KEYS:
+        a, b = declared.get(key, _MISSING), embedded.get(key, _MISSING)
+        if a is _MISSING or b is _MISSING or canonical(a) != canonical(b):
+            where, x, y = _first_difference(a, b, key)
+            raise DataError(
+                f"{metadata_path}: key {where!r} is {_show(x)} but the contract embedded in {Path(model_path).name} "
+                f"says {_show(y)}: the metadata was edited or belongs to another model"
+            )
+
+
+# -- external data -------------------------------------------------------------------------------------------------
+def external_path(folder: str | Path, location: str, source: str | Path) -> Path:
+    """The side file at ``location``, refused when it is absolute or leaves ``folder`` (``..``, a link outside).
+
+    A backslash is refused too: onnxruntime reads it as part of a file name on POSIX and as a separator on Windows,
+    so the file checked here might not be the one loaded."""
+    if (
+        not location
+        or "\x00" in location
+        or "\\" in location
+        or PurePosixPath(location).is_absolute()
+        or PureWindowsPath(location).drive
+        or ".." in PurePosixPath(location).parts
+    ):
+        raise DataError(
+            f"{source}: external-data location {location!r} escapes the model's folder (absolute, '..' or a backslash)"
+        )
+    folder = Path(folder)
+    path = folder / location
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        inside = False
+    if not inside:
+        raise DataError(f"{source}: external-data location {location!r} escapes the model's folder (a link outside)")
+    return path
+
+
+def check_external_data(external: Mapping[str, str], folder: str | Path, metadata_path: str | Path) -> None:
+    """Every side file inside ``folder``, present, with the sha256 the metadata lists."""
+    for location, digest in external.items():
+        path = external_path(folder, location, metadata_path)
+        if not path.is_file():
+            raise DataError(f"{path}: external-data file not found (listed in {Path(metadata_path).name})")
+        try:
+            sha = sha256_of(path)
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        if sha != digest:
+            raise DataError(
+                f"{path}: sha256 {sha[:12]}... does not match {Path(metadata_path).name} key 'external_data' "
+                f"({digest[:12]}...): the side file was altered or belongs to another model"
+            )
+
+
+# -- writing side (training only: imports onnx) ----------------------------------------------------------------------
+def external_data_hashes(model_path: str | Path) -> dict[str, str]:
+    """``{location: sha256}`` of the external-data files the graph references (none for this project's exports)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    model_path = Path(model_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    locations = sorted({ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)})
+    return {loc: sha256_of(external_path(model_path.parent, loc, model_path)) for loc in locations}
+
+
+def embed_contract(model_path: str | Path, contract: Mapping[str, Any]) -> None:
+    """Write ``contract`` into the graph's ``metadata_props`` (other props kept), atomically; no-op when present."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)  # side files stay as they are
+    props = {p.key: p.value for p in model.metadata_props}
+    text = canonical(dict(contract))
+    if props.get(CONTRACT_KEY) == text:
+        return
+    props[CONTRACT_KEY] = text
+    onnx.helper.set_model_props(model, props)
+    atomic_write(model_path, model.SerializeToString())
+
+
+# -- messages ------------------------------------------------------------------------------------------------------
+def _first_difference(a: Any, b: Any, where: str) -> tuple[str, Any, Any]:
+    """The deepest key path at which two JSON values first differ, with the two values there."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k, _MISSING), b.get(k, _MISSING)
+            if x is _MISSING or y is _MISSING or canonical(x) != canonical(y):
+                return _first_difference(x, y, f"{where}.{k}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if canonical(x) != canonical(y):
+                return _first_difference(x, y, f"{where}[{i}]")
+    return where, a, b
+
+
+def _show(value: Any) -> str:
+    return "absent" if value is _MISSING else _short(value)
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    """One line (repr escapes newlines), at most ``limit`` characters: a message must fit its line."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_type(kind: type) -> str:
+    return {dict: "object", type(None): "null"}.get(kind, kind.__name__)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
