@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dwcp_lstm.tables import DataError
+from dwcp_lstm.tables import DataError, atomic_write
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
     from dwcp_lstm.data import DwcpDataModule
@@ -64,11 +64,11 @@ print(json.dumps({"seconds": dt, "hwm_kb": hwm_kb(), "base_kb": base, "rows": le
 """
 
 
-def _percentile_ms(ns: list[int], q: float) -> float:
+def percentile_ms(ns: list[int], q: float) -> float:
     return float(np.percentile(np.asarray(ns, dtype=np.float64), q) / 1e6)
 
 
-def _time_calls(fn: Callable[[], Any], iters: int) -> list[int]:
+def time_calls(fn: Callable[[], Any], iters: int) -> list[int]:
     """Wall time of each of ``iters`` calls, in ns."""
     out = []
     for _ in range(iters):
@@ -109,24 +109,25 @@ def build_model(
     import torch
 
     from dwcp_lstm.callbacks import export_run
+    from dwcp_lstm.contract import METADATA_NAME, load_metadata, model_path_of
     from dwcp_lstm.module import DwcpForecaster
 
     if run is not None:
         from dwcp_lstm.runs import load_run
 
         module, dm, _ = load_run(run, "fit")
-        path = Path(run) / "model.onnx"
+        path = model_path_of(run)
         if not path.exists():
             raise DataError(f"{path}: file not found (the run has no ONNX export)")
-        meta = json.loads((Path(run) / "model_metadata.json").read_text())
+        meta = load_metadata(Path(run) / METADATA_NAME)
         return module.cpu().eval(), dm, path, meta
     dm = train_dm
     torch.manual_seed(0)
     module = DwcpForecaster(window_size=dm.window_size)
-    module.adopt_scalers(dm)
+    module.set_scalers(dm.scalers)
     module.eval()
     meta = export_run(module, dm, work, parity_windows=parity_windows)
-    return module, dm, work / "model.onnx", meta
+    return module, dm, model_path_of(work), meta
 
 
 def bench_inference(
@@ -137,7 +138,7 @@ def bench_inference(
     import onnxruntime as ort
     import torch
 
-    from dwcp_lstm.callbacks import raw_windows
+    from dwcp_lstm.callbacks import onnx_parity, raw_windows
     from dwcp_lstm.serve import Predictor
 
     x = np.ascontiguousarray(raw_windows(dm, "test", max(256, s["parity_windows"])), dtype=np.float32)  # [N, W, F]
@@ -159,13 +160,8 @@ def bench_inference(
     predictor = Predictor(model_path, threads=1)
     name_in, name_out = sess1.get_inputs()[0].name, sess1.get_outputs()[0].name
 
-    # Parity on every test window used here (relative to max(|torch|, 1e-3 x target sd), as in the export check).
-    with torch.inference_mode():
-        ref = raw(torch.from_numpy(x)).numpy()
-    got = sess_all.run([name_out], {name_in: x})[0]
-    floor = 1e-3 * module.tscale.cpu().numpy()
-    parity_rel = float((np.abs(got - ref) / np.maximum(np.abs(ref), floor)).max())
-    parity_abs = float(np.abs(got - ref).max())
+    parity = onnx_parity(model_path, module, x)  # on every test window used here, as in the export check
+    parity_rel, parity_abs = parity["max_rel_diff"], parity["max_abs_diff"]
 
     default_threads = torch.get_num_threads()  # as run_bench set it: restored after the batch-1 section
     k = {"i": 0}
@@ -197,27 +193,27 @@ def bench_inference(
     try:
         torch.set_num_threads(1)  # batch-1 latency: one intra-op thread for both runtimes
         for fn in (onnx_b1, predictor_b1, torch_b1):  # warm-up, excluded
-            _time_calls(fn, 20)
+            time_calls(fn, 20)
         for _ in range(s["rounds"]):  # alternate so that background load hits both alike
-            ns["onnx"] += _time_calls(onnx_b1, per_round)
-            ns["predictor"] += _time_calls(predictor_b1, per_round)
-            ns["torch"] += _time_calls(torch_b1, per_round)
+            ns["onnx"] += time_calls(onnx_b1, per_round)
+            ns["predictor"] += time_calls(predictor_b1, per_round)
+            ns["torch"] += time_calls(torch_b1, per_round)
     finally:
         torch.set_num_threads(default_threads)
-    _time_calls(onnx_b256, 2)
-    _time_calls(torch_b256, 2)
+    time_calls(onnx_b256, 2)
+    time_calls(torch_b256, 2)
     for _ in range(s["rounds"]):
-        b256["onnx"] += _time_calls(onnx_b256, max(1, s["b256_iters"] // s["rounds"]))
-        b256["torch"] += _time_calls(torch_b256, max(1, s["b256_iters"] // s["rounds"]))
+        b256["onnx"] += time_calls(onnx_b256, max(1, s["b256_iters"] // s["rounds"]))
+        b256["torch"] += time_calls(torch_b256, max(1, s["b256_iters"] // s["rounds"]))
 
-    onnx_p50, torch_p50 = _percentile_ms(ns["onnx"], 50), _percentile_ms(ns["torch"], 50)
+    onnx_p50, torch_p50 = percentile_ms(ns["onnx"], 50), percentile_ms(ns["torch"], 50)
     return {
         "onnx_b1_p50_ms": onnx_p50,
-        "onnx_b1_p99_ms": _percentile_ms(ns["onnx"], 99),
+        "onnx_b1_p99_ms": percentile_ms(ns["onnx"], 99),
         "torch_b1_p50_ms": torch_p50,
-        "torch_b1_p99_ms": _percentile_ms(ns["torch"], 99),
+        "torch_b1_p99_ms": percentile_ms(ns["torch"], 99),
         "onnx_speedup_b1": torch_p50 / onnx_p50,
-        "predictor_b1_p50_ms": _percentile_ms(ns["predictor"], 50),
+        "predictor_b1_p50_ms": percentile_ms(ns["predictor"], 50),
         "onnx_b256_samples_per_s": 256 / (np.median(b256["onnx"]) / 1e9),
         "torch_b256_samples_per_s": 256 / (np.median(b256["torch"]) / 1e9),
         "onnx_parity_max_rel": parity_rel,
@@ -524,6 +520,4 @@ def cmd_bench(argv: list[str]) -> None:
         out = Path(a.output)
         if not out.parent.is_dir():
             raise DataError(f"{out}: folder {out.parent} does not exist")
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        atomic_write(out, text + "\n")

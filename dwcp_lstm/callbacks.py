@@ -26,7 +26,7 @@ from dwcp_lstm.contract import (
     make_contract,
 )
 from dwcp_lstm.model import count_parameters
-from dwcp_lstm.tables import DataError, atomic_write, sha256_of
+from dwcp_lstm.tables import DataError, atomic_path, atomic_write, sha256_of
 
 UNITS = {
     "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
@@ -89,23 +89,18 @@ def export_onnx(module, path: str | Path, window: int, opset: int = 17) -> None:
     path = Path(path)
     raw = module.raw_forecaster().cpu().eval()
     example = torch.zeros(2, window, module.fmean.numel())
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's deprecation notice about dynamo=False
-            torch.onnx.export(
-                raw,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            )
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure: no half-written file left beside the good one
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice about dynamo=False
+        torch.onnx.export(
+            raw,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
 
 
 def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]:
@@ -228,6 +223,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
     embed_contract(onnx_path, contract)
     return {
         **contract,
+        "model_file": onnx_path.name,
         "version": __version__,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "scaler": {

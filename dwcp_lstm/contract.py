@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from dwcp_lstm.tables import DataError, atomic_write, sha256_of
+from dwcp_lstm.tables import DataError, atomic_write, first_line, sha256_of, short_repr
 
 MODEL_NAME = "model.onnx"
 METADATA_NAME = "model_metadata.json"
@@ -36,6 +36,28 @@ _MISSING = object()
 
 
 # -- model_metadata.json -------------------------------------------------------------------------------------------
+def model_path_of(run_dir: str | Path) -> Path:
+    """The model file of a run directory: the name its metadata records (``model_file``; ``--onnx.filename`` may
+    differ from model.onnx), else model.onnx. Every reader of a run (Predictor.from_run, report, bench) asks here."""
+    run_dir = Path(run_dir)
+    name: Any = MODEL_NAME
+    meta_path = run_dir / METADATA_NAME
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, OSError):
+            meta = None  # load_metadata names the problem when the predictor reads it
+        if isinstance(meta, dict):
+            name = meta.get("model_file", MODEL_NAME)
+    _check_model_file(name, meta_path)
+    return run_dir / name
+
+
+def _check_model_file(name: Any, path: str | Path) -> None:
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx") or name.startswith("."):
+        raise DataError(f"{path}: key 'model_file' must be a plain file name ending in .onnx, got {short_repr(name)}")
+
+
 def load_metadata(path: str | Path) -> dict[str, Any]:
     """Read and validate ``model_metadata.json``; every problem is a :class:`DataError` naming the file and key."""
     path = Path(path)
@@ -46,7 +68,7 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
-        raise DataError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+        raise DataError(f"{path}: not valid JSON ({first_line(exc)})") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     validate_metadata(meta, path)
@@ -72,9 +94,9 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         if not value and not allow_empty:
             raise DataError(f"{path}: key {key!r} must not be empty")
         if not all(isinstance(c, str) and c for c in value):
-            raise DataError(f"{path}: key {key!r} must list non-empty strings, got {_short(value)}")
+            raise DataError(f"{path}: key {key!r} must list non-empty strings, got {short_repr(value)}")
         if len(set(value)) != len(value):
-            raise DataError(f"{path}: key {key!r} lists a column twice: {_short(value)}")
+            raise DataError(f"{path}: key {key!r} lists a column twice: {short_repr(value)}")
         return value
 
     fmt = need("format", str)
@@ -120,8 +142,10 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         if not location or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise DataError(
                 f"{path}: key 'external_data' must map file names to 64 lowercase hex digits, got "
-                f"{_short(location)}: {_short(digest)}"
+                f"{short_repr(location)}: {short_repr(digest)}"
             )
+    if "model_file" in meta:
+        _check_model_file(meta["model_file"], path)
     sha = need("model_sha256", str)
     if not _SHA256.fullmatch(sha):
         raise DataError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
@@ -135,7 +159,7 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         shape = need("shape", list, io, f"{key}.")
         if shape[1:] != expected[1:] or len(shape) != len(expected):
             raise DataError(
-                f"{path}: key '{key}.shape' is {_short(shape)}, expected {expected} (from window_size/{key}s)"
+                f"{path}: key '{key}.shape' is {short_repr(shape)}, expected {expected} (from window_size/{key}s)"
             )
         dtype = need("dtype", str, io, f"{key}.")
         if dtype != "float32":
@@ -188,7 +212,7 @@ def parse_embedded(props: Mapping[str, str], model_path: str | Path) -> dict[str
     try:
         contract = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise DataError(f"{model_path}: embedded contract is not valid JSON ({_first_line(exc)})") from None
+        raise DataError(f"{model_path}: embedded contract is not valid JSON ({first_line(exc)})") from None
     if not isinstance(contract, dict):
         raise DataError(f"{model_path}: embedded contract must be a JSON object, got {type(contract).__name__}")
     return contract
@@ -295,22 +319,8 @@ def _first_difference(a: Any, b: Any, where: str) -> tuple[str, Any, Any]:
 
 
 def _show(value: Any) -> str:
-    return "absent" if value is _MISSING else _short(value)
-
-
-def _short(value: Any, limit: int = 100) -> str:
-    """One line (repr escapes newlines), at most ``limit`` characters: a message must fit its line."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's digit limit
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return "absent" if value is _MISSING else short_repr(value)
 
 
 def _json_type(kind: type) -> str:
     return {dict: "object", type(None): "null"}.get(kind, kind.__name__)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -96,6 +96,24 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 @dataclass(frozen=True)
+class Scalers:
+    """The train-fit standardisation of a dataset: what a model needs to take raw inputs and give raw outputs.
+
+    The DataModule exposes it (:attr:`DwcpDataModule.scalers`), the LightningModule stores it in checkpointed
+    buffers (:meth:`~dwcp_lstm.module.DwcpForecaster.set_scalers`); this object is the whole hand-off between them.
+    In ``delta`` mode the target statistics are those of the one-step changes.
+    """
+
+    features: tuple[str, ...]
+    targets: tuple[str, ...]
+    target_mode: str
+    feature_mean: np.ndarray  # [F]
+    feature_scale: np.ndarray  # [F]
+    target_mean: np.ndarray  # [T]
+    target_scale: np.ndarray  # [T]
+
+
+@dataclass(frozen=True)
 class SyntheticSpec:
     """The built-in generated dataset, used when ``data_path`` is null.
 
@@ -170,6 +188,18 @@ class DwcpDataModule(L.LightningDataModule):
         self.target_mode, self.fill_missing = target_mode, fill_missing
         self.synthetic, self.data_dir = synthetic, data_dir
         self.datasets: dict[str, WindowDataset] = {}
+        # set by setup(): the train-fit scalers (sklearn, for the baselines) and their hand-off to the model
+        self.feature_scaler: StandardScaler | None = None
+        self.target_scaler: StandardScaler | None = None
+
+    @property
+    def scalers(self) -> Scalers | None:
+        """The scalers this module scales with (None before setup): a model trained on it stores them."""
+        if self.feature_scaler is None or self.target_scaler is None:
+            return None
+        fs, ts = self.feature_scaler, self.target_scaler
+        return Scalers(tuple(self.features), tuple(self.targets), self.target_mode,
+                       fs.mean_.copy(), fs.scale_.copy(), ts.mean_.copy(), ts.scale_.copy())  # fmt: skip
 
     @property
     def n_features(self) -> int:
@@ -295,18 +325,20 @@ class DwcpDataModule(L.LightningDataModule):
         y = torch.from_numpy(_standardize(self.target_values, self.target_scaler))
         return x, y
 
-    def use_scalers(self, fmean: np.ndarray, fscale: np.ndarray, tmean: np.ndarray, tscale: np.ndarray) -> None:
+    def use_scalers(self, scalers: Scalers) -> None:
         """Scale with a trained model's scalers instead of this data's own (evaluating a checkpoint on other data).
         A no-op when they are the ones fitted here, as during and after fit."""
+        if (list(scalers.features), list(scalers.targets), scalers.target_mode) != (
+            self.features, self.targets, self.target_mode
+        ):
+            raise DataError(f"{self.path}: the model's features/targets/target_mode differ from this data's")
         fs, ts = self.feature_scaler, self.target_scaler
-        same = all(
-            np.allclose(a, b, rtol=1e-6, atol=0)
-            for a, b in ((fmean, fs.mean_), (fscale, fs.scale_), (tmean, ts.mean_), (tscale, ts.scale_))
-        )
-        if same:
+        new = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
+        own = (fs.mean_, fs.scale_, ts.mean_, ts.scale_)
+        if all(np.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(new, own, strict=True)):
             return
         log.warning("%s: scaling with the checkpoint's training scalers, not this data's", self.path)
-        fs.mean_, fs.scale_, ts.mean_, ts.scale_ = fmean, fscale, tmean, tscale
+        fs.mean_, fs.scale_, ts.mean_, ts.scale_ = (np.asarray(v, dtype=np.float64) for v in new)
         # In place: the loaders already hold these dataset objects. (No audit: these scalers saw none of this data.)
         x, y = self._scaled_tensors()
         for ds in self.datasets.values():
@@ -349,7 +381,8 @@ class DwcpDataModule(L.LightningDataModule):
         return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in self.train_ranges])
 
     # -- loaders -------------------------------------------------------------------------------------------------
-    def _loader(self, stage: str) -> DataLoader:
+    def loader(self, stage: str) -> DataLoader:
+        """The DataLoader of ``train``, ``val`` or ``test`` (only train is shuffled)."""
         ds = self.datasets[stage]
         return DataLoader(
             ds,
@@ -363,16 +396,16 @@ class DwcpDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        return self.loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self.loader("test")
 
     # -- helpers for evaluation ----------------------------------------------------------------------------------
     def target_rows(self, stage: str) -> np.ndarray:

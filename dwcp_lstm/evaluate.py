@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 
 from dwcp_lstm import baselines as B
 from dwcp_lstm import plots, synthetic
+from dwcp_lstm.bench import percentile_ms, time_calls
+from dwcp_lstm.contract import METADATA_NAME, model_path_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.tables import atomic_write, sha256_of
 
@@ -25,7 +26,7 @@ def predict_raw(module, dm, stage: str = "test") -> np.ndarray:
     module = module.cpu().eval()
     out = []
     with torch.no_grad():
-        for x, _ in dm._loader(stage):
+        for x, _ in dm.loader(stage):
             out.append(module.unscale(module(x), x).double().numpy())
     return np.concatenate(out) if out else np.empty((0, dm.n_targets))
 
@@ -254,7 +255,7 @@ def checks(report: dict, mse: dict, targets: list[str]) -> dict:
 
 def onnx_facts(run_dir: Path, dm, runs: int = 300) -> dict | None:
     """Parity (from the metadata), file size and measured onnxruntime batch-1 latency of the run's model.onnx."""
-    path, meta_path = run_dir / "model.onnx", run_dir / "model_metadata.json"
+    path, meta_path = model_path_of(run_dir), run_dir / METADATA_NAME
     if not path.exists() or not meta_path.exists():
         return None
     import onnxruntime as ort
@@ -265,20 +266,15 @@ def onnx_facts(run_dir: Path, dm, runs: int = 300) -> dict | None:
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     x = dm.windows(dm.raw_features, dm.starts["test"][:1]).astype(np.float32)  # [1, W, F]
     feed = {sess.get_inputs()[0].name: x}
-    for _ in range(20):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
+    time_calls(lambda: sess.run(None, feed), 20)  # warm-up
+    ns = time_calls(lambda: sess.run(None, feed), runs)
     return {
         "file_mb": path.stat().st_size / 1e6,
         "sha256_matches_metadata": sha256_of(path) == meta.get("model_sha256"),
         "parity_max_rel": meta.get("parity", {}).get("max_rel_diff"),
         "parity_max_abs": meta.get("parity", {}).get("max_abs_diff"),
-        "b1_p50_ms": float(np.percentile(times, 50) * 1e3),
-        "b1_p99_ms": float(np.percentile(times, 99) * 1e3),
+        "b1_p50_ms": percentile_ms(ns, 50),
+        "b1_p99_ms": percentile_ms(ns, 99),
         "opset": meta.get("opset"),
     }
 

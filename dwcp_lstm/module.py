@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
-from dwcp_lstm.data import FEATURES, TARGETS
+from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, Scalers
 from dwcp_lstm.metrics import ForecastMetrics, summarize
 from dwcp_lstm.model import StackedLSTM
 from dwcp_lstm.tables import DataError
@@ -138,9 +138,9 @@ class DwcpForecaster(L.LightningModule):
         return self.net(x)  # scaled [B, W, F] -> scaled [B, T]
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and getattr(dm, "feature_scaler", None) is not None:
-            self.adopt_scalers(dm)
+        dm = self.trainer.datamodule
+        if isinstance(dm, DwcpDataModule) and dm.scalers is not None:
+            self.set_scalers(dm.scalers)  # a restored checkpoint overwrites them with its own (after setup)
 
     def on_validation_start(self) -> None:
         self._lend_scalers()
@@ -154,24 +154,26 @@ class DwcpForecaster(L.LightningModule):
     def _lend_scalers(self) -> None:
         """A restored checkpoint brings the scalers of the data it was trained on: evaluating it on other data must
         scale that data the same way. Checkpoints are restored after setup(), so this runs at loop start."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "feature_scaler", None) is not None:
-            dm.use_scalers(*(getattr(self, n).double().cpu().numpy() for n in ("fmean", "fscale", "tmean", "tscale")))
+        dm = self.trainer.datamodule
+        if isinstance(dm, DwcpDataModule) and dm.scalers is not None:
+            dm.use_scalers(self.scalers)
 
-    def adopt_scalers(self, dm) -> None:
-        """Copy a set-up DataModule's train-fit scalers into the buffers (they travel in every checkpoint)."""
-        if (
-            list(dm.features) != list(self.hparams.feature_names)
-            or list(dm.targets) != list(self.hparams.target_names)
-            or dm.target_mode != self.hparams.target_mode
+    @property
+    def scalers(self) -> Scalers:
+        """The scalers in the buffers (those of the training data once fitted or restored)."""
+        h = self.hparams
+        values = (getattr(self, n).double().cpu().numpy() for n in ("fmean", "fscale", "tmean", "tscale"))
+        return Scalers(tuple(h.feature_names), tuple(h.target_names), h.target_mode, *values)
+
+    def set_scalers(self, scalers: Scalers) -> None:
+        """Copy a dataset's train-fit scalers into the buffers (they travel in every checkpoint and the export)."""
+        h = self.hparams
+        if (list(scalers.features), list(scalers.targets), scalers.target_mode) != (
+            list(h.feature_names), list(h.target_names), h.target_mode
         ):
             raise DataError("the model's feature/target names or target_mode differ from the data's (link them)")
-        for name, v in (
-            ("fmean", dm.feature_scaler.mean_),
-            ("fscale", dm.feature_scaler.scale_),
-            ("tmean", dm.target_scaler.mean_),
-            ("tscale", dm.target_scaler.scale_),
-        ):
+        values = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
+        for name, v in zip(("fmean", "fscale", "tmean", "tscale"), values, strict=True):
             getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
 
     def raw_forecaster(self) -> RawForecaster:

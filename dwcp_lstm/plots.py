@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # no backend forced: headless matplotlib picks Agg itself, notebooks keep theirs
 import numpy as np
 
-from dwcp_lstm.tables import first_line, log
+from dwcp_lstm.tables import atomic_path, first_line, log
 
 FILES = (
     "training_history.png",
@@ -32,16 +32,14 @@ def write_all(run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict
     }
     figs = {}
     for name, make in makers.items():
-        tmp = run_dir / f".{name}.tmp.png"
         fig = None
         try:
             fig = make()
             if fig is not None:
-                fig.savefig(tmp, dpi=110, bbox_inches="tight")
-                tmp.replace(run_dir / name)
+                with atomic_path(run_dir / name) as tmp:
+                    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
                 figs[name] = fig
         except Exception as exc:  # noqa: BLE001 (any failure of an optional figure)
-            tmp.unlink(missing_ok=True)
             log.warning("%s: %s skipped (%s: %s)", run_dir, name, type(exc).__name__, first_line(exc))
         finally:
             if fig is not None:

@@ -7,7 +7,6 @@ Every problem is a :class:`~dwcp_lstm.tables.DataError` with a one-line message;
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import uuid
@@ -21,7 +20,7 @@ from lightning.fabric.utilities.cloud_io import _load as lightning_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 
-from dwcp_lstm.tables import DataError, atomic_write, first_line
+from dwcp_lstm.tables import DataError, atomic_path, atomic_write, first_line
 
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
 CONTRACT_HPARAMS = ("feature_names", "target_names", "window_size", "target_mode", "lstm_sizes", "head_sizes")
@@ -184,21 +183,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         get_filesystem(str(path)).makedirs(str(path.parent), exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             why = exc.strerror or first_line(exc)
             msg = f"cannot write checkpoint ({why}); the previous one is intact"
             raise OSError(exc.errno, msg, str(path)) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
 
 class AtomicSaveConfig(SaveConfigCallback):

@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,22 +107,28 @@ def _unique_header(path: Path, names: Sequence[str]) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
-            raise DataError(f"{path}: column {_short(name)} appears twice (columns {seen[name] + 1} and {i + 1})")
+            raise DataError(f"{path}: column {short_repr(name)} appears twice (columns {seen[name] + 1} and {i + 1})")
         seen[name] = i
 
 
 def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> None:
     missing = [c for c in (columns or []) if c not in set(present)]
     if missing:
-        has = ", ".join(_short(c) for c in present)
+        has = ", ".join(short_repr(c) for c in present)
         has = has if len(has) <= 300 else has[:300] + " ..."
-        raise DataError(f"{path}: missing required column {_short(missing[0])} (has: {has})")
+        raise DataError(f"{path}: missing required column {short_repr(missing[0])} (has: {has})")
 
 
-def _short(value, limit: int = 80) -> str:
-    """repr of a name or id, cut to ``limit`` characters: messages stay one short line whatever the file holds."""
-    text = repr(value.item() if isinstance(value, np.generic) else value)
-    return text if len(text) <= limit else text[: limit - 4] + "...'"
+def short_repr(value, limit: int = 100) -> str:
+    """repr of a name, id or value, cut to ``limit`` characters (repr escapes newlines): a message must stay one short
+    line whatever the file holds."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
@@ -134,7 +141,7 @@ def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, al
         bad = values.isna() & df[col].notna()
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{path}: column {col!r} row {i + 1}: non-numeric value {_short(df[col].iloc[i])}")
+            raise DataError(f"{path}: column {col!r} row {i + 1}: non-numeric value {short_repr(df[col].iloc[i])}")
         arr = values.to_numpy(dtype=np.float64)
         nonfinite = np.isinf(arr) if allow_nan else ~np.isfinite(arr)
         if nonfinite.any():
@@ -180,7 +187,7 @@ def order_series(
         n_dup = int(dup.sum())
         if duplicates == "error":
             i = int(np.flatnonzero(dup)[0])
-            who = ", ".join(f"{c}={_short(df[c].iloc[i])}" for c in series)
+            who = ", ".join(f"{c}={short_repr(df[c].iloc[i])}" for c in series)
             raise DataError(
                 f"{path}: row {i + 1}: duplicated ({who}, {time}={df[time].iloc[i]}) "
                 f"({n_dup} duplicates; set duplicates: first or mean to accept them)"
@@ -281,18 +288,26 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers see the old file or the new one."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for the block to write; when the block succeeds the file is fsynced and
+    renamed over ``path``, so readers see the old file or the new one, never half of one. On any failure the
+    temporary file is removed and ``path`` is untouched. The one implementation every writer of an artifact uses."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:  # the writer may have been a library (torch.onnx, matplotlib, pandas)
             os.fsync(f.fileno())
-        tmp.replace(path)
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write bytes or text to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:
@@ -301,15 +316,11 @@ def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = N
     if path.suffix.lower() not in (".csv", ".parquet"):
         raise DataError(f"{path}: output must end in .csv or .parquet")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        if path.suffix.lower() == ".csv":
-            df.to_csv(tmp, index=False, lineterminator="\n", float_format=float_format)
-        else:
-            df.to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            if path.suffix.lower() == ".csv":
+                df.to_csv(tmp, index=False, lineterminator="\n", float_format=float_format)
+            else:
+                df.to_parquet(tmp, index=False)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None

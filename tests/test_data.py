@@ -32,7 +32,7 @@ def test_no_window_or_batch_mixes_two_links(tmp_path):
     dm = make_dm(two_link_csv(tmp_path), batch_size=16)
     fs = dm.feature_scaler
     for stage in ("train", "val", "test"):
-        for x, _ in dm._loader(stage):
+        for x, _ in dm.loader(stage):
             raw = x.numpy() * fs.scale_ + fs.mean_  # [B, W, F]
             low = raw[..., 0] < 500
             assert (low.all(axis=1) | (~low).all(axis=1)).all(), f"a {stage} window mixes links"
@@ -88,7 +88,7 @@ def test_module_unscale_recovers_raw_targets(small_csv, mode):
 
     dm = make_dm(small_csv, target_mode=mode)
     module = DwcpForecaster(target_mode=mode)
-    module.adopt_scalers(dm)
+    module.set_scalers(dm.scalers)
     x, y = next(iter(dm.val_dataloader()))
     rows = dm.target_rows("val")[: len(y)]
     np.testing.assert_allclose(module.unscale(y, x).numpy(), dm.raw_targets[rows], rtol=1e-5)

@@ -1,0 +1,87 @@
+"""The evaluation pieces against numpy: head-to-head figures, skill and gap closed from the report's own MSEs, strict
+JSON (undefined = null), and the oracle join."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dwcp_lstm import evaluate as E
+from dwcp_lstm import synthetic
+from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.module import DwcpForecaster
+
+
+def test_head_to_head_matches_numpy():
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(50, 2))
+    pred = y + 0.1 * rng.normal(size=(50, 2))
+    base = y + 0.3 * rng.normal(size=(50, 2))
+    mask = np.arange(50) % 2 == 0
+    out = E.head_to_head(pred, y, {"b": (base, mask)}, ["t0", "t1"])
+    for j, t in enumerate(["t0", "t1"]):
+        h = out[t]["b"]
+        assert h["model_rmse"] == pytest.approx(np.sqrt(np.mean((pred[mask, j] - y[mask, j]) ** 2)))
+        assert h["rmse"] == pytest.approx(np.sqrt(np.mean((base[mask, j] - y[mask, j]) ** 2)))
+        assert h["mae"] == pytest.approx(np.mean(np.abs(base[mask, j] - y[mask, j])))
+        assert h["rmse_change"] == pytest.approx(h["model_rmse"] / h["rmse"] - 1)
+        assert h["beats"] == (h["model_rmse"] < h["rmse"] and h["model_mae"] < h["mae"])
+
+
+def test_finite_or_null_makes_strict_json():
+    report = {"a": float("nan"), "b": [1.0, float("inf"), {"c": np.float64("nan")}], "d": 2}
+    text = json.dumps(E.finite_or_null(report))
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [1.0, None, {"c": None}],
+                                                                         "d": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    path = tmp / "d.csv"
+    df, oracle = synthetic.generate_with_oracle(samples=1200, seed=2, links=2)
+    synthetic.write_frame(df, path)
+    synthetic.write_frame(oracle, synthetic.oracle_path(path))
+    dm = DwcpDataModule(data_path=str(path), batch_size=64)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = DwcpForecaster(lstm_sizes=(16,), head_sizes=(8,), head_dropouts=())
+    module.set_scalers(dm.scalers)
+    return E.evaluate(module, dm, tmp), dm, tmp, oracle
+
+
+def test_report_figures_follow_from_its_own_mse(evaluated):
+    report, dm, run, _ = evaluated
+    mse = report["mse"]
+    for t in dm.targets:
+        m, p, o = mse["model"][t], mse["persistence"][t], mse["oracle"][t]
+        assert report["skill"][t] == pytest.approx(1 - m / p)
+        assert report["gap_closed"][t] == pytest.approx((p - m) / (p - o))
+        assert report["per_target"][t]["rmse"] == pytest.approx(np.sqrt(m))
+    json.loads((run / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert (run / "report.md").read_text().startswith("# Evaluation report")
+    assert set(report["baselines"]) >= {"persistence", "ewma", "harmonic_mean_5", "ridge", "gbt", "window_mean"}
+
+
+def test_oracle_join_matches_the_sidecar_row_by_row(evaluated):
+    _, dm, _, oracle = evaluated
+    rows = dm.target_rows("test")
+    got = E.oracle_forecasts(dm, rows)
+    keys = dm.frame_keys.iloc[rows - 1].reset_index(drop=True)  # the oracle at the window's last row
+    for i in (0, len(rows) // 2, len(rows) - 1):
+        k = keys.iloc[i]
+        match = oracle[(oracle["node_id"].astype(str) == str(k["node_id"])) &
+                       (oracle["peer_id"].astype(str) == str(k["peer_id"])) &
+                       (oracle["timestamp"] == k["timestamp"])]  # fmt: skip
+        assert len(match) == 1
+        np.testing.assert_allclose(got[i], match[[f"oracle_{t}" for t in dm.targets]].to_numpy()[0])
+
+
+def test_per_link_splits_the_windows_by_link(evaluated):
+    report, dm, _, _ = evaluated
+    names = pd.Series(dm.series_names(dm.target_rows("test")))
+    assert {k: v["windows"] for k, v in report["per_link"].items()} == names.value_counts().to_dict()
