@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dwcp_lstm.tables import DataError, atomic_write
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.tables import atomic_write
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
     from dwcp_lstm.data import DwcpDataModule
@@ -118,7 +119,7 @@ def build_model(
         module, dm, _ = load_run(run, "fit")
         path = model_path_of(run)
         if not path.exists():
-            raise DataError(f"{path}: file not found (the run has no ONNX export)")
+            raise ModelFileError(f"{path}: file not found (the run has no ONNX export)")
         meta = load_metadata(Path(run) / METADATA_NAME)
         return module.cpu().eval(), dm, path, meta
     dm = train_dm
@@ -306,7 +307,7 @@ def bench_training(dm: DwcpDataModule, s: dict) -> dict[str, Any]:
     warm, k = s["train_warmup"], s["train_warmup"] + s["train_batches"]
     dm.batch_size = BATCH_SIZE
     if len(dm.datasets["train"]) < k * BATCH_SIZE:
-        raise DataError(f"bench: {len(dm.datasets['train'])} training windows, need {k * BATCH_SIZE} for {k} batches")
+        raise ConfigError(f"bench: {len(dm.datasets['train'])} training windows, need {k * BATCH_SIZE} for {k} batches")
 
     def fresh() -> DwcpForecaster:
         return _fresh_model(dm)
@@ -421,12 +422,12 @@ def run_bench(
     s = dict(QUICK if quick else FULL)
     if rows is not None:
         if rows < 1000:
-            raise DataError(f"bench: --rows must be >= 1000, got {rows}")
+            raise ConfigError(f"bench: --rows must be >= 1000, got {rows}")
         s["rows"] = rows
     if threads is None and quick:
         threads = 1  # a smoke test must not depend on how busy the machine's cores are
     if threads is not None and threads < 1:
-        raise DataError(f"bench: --threads must be >= 1, got {threads}")
+        raise ConfigError(f"bench: --threads must be >= 1, got {threads}")
     load = os.getloadavg()
     t0 = time.perf_counter()
     default_threads = torch.get_num_threads()
@@ -519,5 +520,5 @@ def cmd_bench(argv: list[str]) -> None:
     if a.output:
         out = Path(a.output)
         if not out.parent.is_dir():
-            raise DataError(f"{out}: folder {out.parent} does not exist")
+            raise ConfigError(f"{out}: folder {out.parent} does not exist")
         atomic_write(out, text + "\n")

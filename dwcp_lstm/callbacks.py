@@ -25,8 +25,9 @@ from dwcp_lstm.contract import (
     external_data_hashes,
     make_contract,
 )
+from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.model import count_parameters
-from dwcp_lstm.tables import DataError, atomic_path, atomic_write, sha256_of
+from dwcp_lstm.tables import atomic_path, atomic_write, sha256_of
 
 UNITS = {
     "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
@@ -148,7 +149,7 @@ class EMA(WeightAveraging):
 
     def __init__(self, decay: float = 0.999) -> None:
         if not 0.0 < decay < 1.0:
-            raise DataError(f"EMA decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must be in (0, 1), got {decay}")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -170,13 +171,13 @@ class OnnxExport(L.Callback):
 
     def __init__(self, opset: int = 17, filename: str = "model.onnx", parity_windows: int | None = 2048) -> None:
         if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
-            raise DataError(f"--onnx.opset must be an integer >= 17, got {opset!r}")
+            raise ConfigError(f"--onnx.opset must be an integer >= 17, got {opset!r}")
         # a plain file name: "../x.onnx" would write outside the run directory, and the predictor finds the model
         # beside its metadata
         if Path(filename).name != filename or not filename.endswith(".onnx") or filename.startswith("."):
-            raise DataError(f"--onnx.filename must be a plain file name ending in .onnx, got {filename!r}")
+            raise ConfigError(f"--onnx.filename must be a plain file name ending in .onnx, got {filename!r}")
         if parity_windows is not None and (isinstance(parity_windows, bool) or parity_windows < 1):
-            raise DataError(f"--onnx.parity_windows must be >= 1 or null (all), got {parity_windows!r}")
+            raise ConfigError(f"--onnx.parity_windows must be >= 1 or null (all), got {parity_windows!r}")
         self.opset, self.filename, self.parity_windows = opset, filename, parity_windows
         self.metadata: dict | None = None
 

@@ -13,13 +13,17 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-from jsonargparse import ArgumentError, ArgumentParser
-
 if TYPE_CHECKING:
     from lightning.pytorch.cli import ArgsType
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The built-in configs: the package dwcp_lstm.configs, which pyproject.toml maps to the repository's configs/ folder
+# (in a wheel and in the editable install alike); a source tree run without installing falls back to the folder.
+try:
+    from importlib.resources import files
+
+    CONFIG_DIR = Path(str(files("dwcp_lstm.configs")))
+except ModuleNotFoundError:
+    CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # name -> (help, "module:function"); each takes the remaining argv. Imported lazily: `forecast` stays torch-free.
@@ -173,6 +177,8 @@ def _lightning_cli_class():
             # Resuming restores the model, optimizer, scheduler, loops and callbacks from the checkpoint: a changed
             # value would be written to config.yaml and report.json while the run kept the old one.
             if run_config is not None:
+                import yaml
+
                 old = yaml.safe_load(run_config.read_text()) or {}
                 new = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
                 changes = preflight.config_changes(old, new)
@@ -285,6 +291,8 @@ def run_lightning(args: list[str]) -> None:
 
 
 def cmd_generate(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
     from dwcp_lstm import synthetic
 
     p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0])
@@ -313,6 +321,8 @@ def cmd_generate(argv: list[str]) -> None:
 
 
 def cmd_report(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
     from dwcp_lstm.evaluate import evaluate
     from dwcp_lstm.runs import load_run
 
@@ -325,6 +335,8 @@ def cmd_report(argv: list[str]) -> None:
 
 
 def cmd_export(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
     from dwcp_lstm.callbacks import export_run
     from dwcp_lstm.runs import load_run
 
@@ -341,9 +353,10 @@ def cmd_export(argv: list[str]) -> None:
 
 
 def _data_error(msg: str):
-    from dwcp_lstm.tables import DataError
+    """A configuration problem found by the CLI (the name predates :mod:`dwcp_lstm.errors`)."""
+    from dwcp_lstm.errors import ConfigError
 
-    return DataError(msg)
+    return ConfigError(msg)
 
 
 class _StderrHandler(logging.Handler):
@@ -372,18 +385,39 @@ def cli_main(args: ArgsType = None) -> None:
         for c, (h, _) in OWN_COMMANDS.items():
             print(f"  {c:10s} {h}")
         return
-    from dwcp_lstm.tables import DataError
+    from importlib.util import find_spec
+
+    from dwcp_lstm.errors import ConfigError, DwcpError
 
     try:
+        from jsonargparse import ArgumentError  # a bad flag or config value (absent from a serving install)
+    except ImportError:  # pragma: no cover (then only `forecast` runs, whose parser raises ConfigError)
+        ArgumentError = ConfigError  # noqa: N806
+
+    try:
+        # A serving install (`pip install dwcp_lstm`, no extras) runs `forecast` only; the rest needs the extra `train`
+        # (`generate` just its scipy). Looked up by name, before anything heavy is imported.
+        if argv[0] != "forecast":
+            stack = ["torch", "lightning", "torchmetrics", "scipy", "sklearn", "onnx", "onnxscript", "matplotlib",
+                     "jsonargparse", "yaml"]  # fmt: skip
+            needs = ["scipy", "jsonargparse"] if argv[0] == "generate" else stack
+            missing = [m for m in needs if find_spec(m) is None]
+            if missing:
+                known = argv[0] in (*LIGHTNING_COMMANDS, *OWN_COMMANDS)
+                what = "needs" if known else "is unknown here: this install runs 'forecast' only; the rest needs"
+                raise ConfigError(
+                    f"{argv[0]!r} {what} the training stack (missing: {', '.join(missing)}): "
+                    "pip install -c constraints.txt 'dwcp_lstm[train]'"
+                )
         if argv[0] in OWN_COMMANDS:
             module, func = OWN_COMMANDS[argv[0]][1].split(":")
             getattr(importlib.import_module(module), func)(argv[1:])
         else:
             run_lightning(argv)
-    except DataError as exc:
+    except DwcpError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except ArgumentError as exc:  # a bad flag or config value: jsonargparse's message, on one line
+    except ArgumentError as exc:  # jsonargparse's message, on one line
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as exc:  # the machine, not the input: a full disk, a folder that vanished (exit 1)

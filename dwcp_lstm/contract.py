@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from dwcp_lstm.tables import DataError, atomic_write, first_line, sha256_of, short_repr
+from dwcp_lstm.errors import ModelFileError
+from dwcp_lstm.tables import atomic_write, first_line, sha256_of, short_repr
 
 MODEL_NAME = "model.onnx"
 METADATA_NAME = "model_metadata.json"
@@ -55,22 +56,23 @@ def model_path_of(run_dir: str | Path) -> Path:
 
 def _check_model_file(name: Any, path: str | Path) -> None:
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx") or name.startswith("."):
-        raise DataError(f"{path}: key 'model_file' must be a plain file name ending in .onnx, got {short_repr(name)}")
+        what = f"a plain file name ending in .onnx, got {short_repr(name)}"
+        raise ModelFileError(f"{path}: key 'model_file' must be {what}")
 
 
 def load_metadata(path: str | Path) -> dict[str, Any]:
-    """Read and validate ``model_metadata.json``; every problem is a :class:`DataError` naming the file and key."""
+    """Read and validate ``model_metadata.json``; every problem is a :class:`ModelFileError` naming the file and key."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
+        raise ModelFileError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
     try:
         meta = json.loads(path.read_bytes())
     except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # ValueError: bad JSON, or an int too long
-        raise DataError(f"{path}: not valid JSON ({first_line(exc)})") from None
+        raise ModelFileError(f"{path}: not valid JSON ({first_line(exc)})") from None
     if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+        raise ModelFileError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     validate_metadata(meta, path)
     return meta
 
@@ -81,66 +83,66 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
 
     def need(key: str, kind: type | tuple[type, ...], where: Mapping[str, Any] = meta, prefix: str = "") -> Any:
         if key not in where:
-            raise DataError(f"{path}: missing key {prefix + key!r}")
+            raise ModelFileError(f"{path}: missing key {prefix + key!r}")
         value = where[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int subclass: a JSON true must not pass as a window size or a gap
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = "number" if float in kinds else " or ".join(_json_type(k) for k in kinds)
-            raise DataError(f"{path}: key {prefix + key!r} must be {names}, got {_json_type(type(value))}")
+            raise ModelFileError(f"{path}: key {prefix + key!r} must be {names}, got {_json_type(type(value))}")
         return value
 
     def name_list(key: str, value: list, allow_empty: bool) -> list[str]:
         if not value and not allow_empty:
-            raise DataError(f"{path}: key {key!r} must not be empty")
+            raise ModelFileError(f"{path}: key {key!r} must not be empty")
         if not all(isinstance(c, str) and c for c in value):
-            raise DataError(f"{path}: key {key!r} must list non-empty strings, got {short_repr(value)}")
+            raise ModelFileError(f"{path}: key {key!r} must list non-empty strings, got {short_repr(value)}")
         if len(set(value)) != len(value):
-            raise DataError(f"{path}: key {key!r} lists a column twice: {short_repr(value)}")
+            raise ModelFileError(f"{path}: key {key!r} lists a column twice: {short_repr(value)}")
         return value
 
     fmt = need("format", str)
     if not fmt.startswith(FORMAT_PREFIX):
-        raise DataError(f"{path}: key 'format' is {fmt!r}, expected {FORMAT_PREFIX}<n> (not a dwcp_lstm model?)")
+        raise ModelFileError(f"{path}: key 'format' is {fmt!r}, expected {FORMAT_PREFIX}<n> (not a dwcp_lstm model?)")
     if fmt != FORMAT:
-        raise DataError(
+        raise ModelFileError(
             f"{path}: key 'format' is {fmt!r}, this version reads {FORMAT!r} only (the model and metadata carry no "
             "matching contract): export the model again with this version (python -m dwcp_lstm export --run RUN_DIR)"
         )
     window = need("window_size", int)
     if window <= 0:
-        raise DataError(f"{path}: key 'window_size' must be > 0, got {window}")
+        raise ModelFileError(f"{path}: key 'window_size' must be > 0, got {window}")
     names: dict[str, list[str]] = {}
     for key in ("features", "targets"):
         cols = need(key, list)
         if not cols:
-            raise DataError(f"{path}: key {key!r} must not be empty")
+            raise ModelFileError(f"{path}: key {key!r} must not be empty")
         for i, c in enumerate(cols):
             if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not c["name"]:
-                raise DataError(f"{path}: key '{key}[{i}]' must be an object with a non-empty string 'name'")
+                raise ModelFileError(f"{path}: key '{key}[{i}]' must be an object with a non-empty string 'name'")
             if "unit" in c and not isinstance(c["unit"], str):
-                raise DataError(f"{path}: key '{key}[{i}].unit' must be str, got {type(c['unit']).__name__}")
+                raise ModelFileError(f"{path}: key '{key}[{i}].unit' must be str, got {type(c['unit']).__name__}")
         names[key] = name_list(key, [c["name"] for c in cols], allow_empty=False)
     mode = need("target_mode", str)
     if mode not in TARGET_MODES:
-        raise DataError(f"{path}: key 'target_mode' must be one of {', '.join(TARGET_MODES)}, got {mode!r}")
+        raise ModelFileError(f"{path}: key 'target_mode' must be one of {', '.join(TARGET_MODES)}, got {mode!r}")
     if mode == "delta" and not set(names["targets"]) <= set(names["features"]):
         missing = [t for t in names["targets"] if t not in names["features"]]
-        raise DataError(f"{path}: key 'target_mode' is delta but targets {missing} are not among the features")
+        raise ModelFileError(f"{path}: key 'target_mode' is delta but targets {missing} are not among the features")
     series = need("series", dict)
     columns = name_list("series.columns", need("columns", list, series, "series."), allow_empty=True)
     time = need("time_column", str, series, "series.")
     if not time or time in columns:
-        raise DataError(
+        raise ModelFileError(
             f"{path}: key 'series.time_column' must be a non-empty name not in series.columns, got {time!r}"
         )
     max_gap = need("max_gap", (int, float), series, "series.")
     if not math.isfinite(max_gap):
-        raise DataError(f"{path}: key 'series.max_gap' must be a finite number, got {max_gap}")
+        raise ModelFileError(f"{path}: key 'series.max_gap' must be a finite number, got {max_gap}")
     external = need("external_data", dict)
     for location, digest in external.items():
         if not location or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise DataError(
+            raise ModelFileError(
                 f"{path}: key 'external_data' must map file names to 64 lowercase hex digits, got "
                 f"{short_repr(location)}: {short_repr(digest)}"
             )
@@ -148,22 +150,22 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         _check_model_file(meta["model_file"], path)
     sha = need("model_sha256", str)
     if not _SHA256.fullmatch(sha):
-        raise DataError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
+        raise ModelFileError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
     for key, expected in (
         ("input", ["batch", window, len(names["features"])]),
         ("output", ["batch", len(names["targets"])]),
     ):
         io = need(key, dict)
         if not need("name", str, io, f"{key}."):
-            raise DataError(f"{path}: key '{key}.name' must not be empty")
+            raise ModelFileError(f"{path}: key '{key}.name' must not be empty")
         shape = need("shape", list, io, f"{key}.")
         if shape[1:] != expected[1:] or len(shape) != len(expected):
-            raise DataError(
+            raise ModelFileError(
                 f"{path}: key '{key}.shape' is {short_repr(shape)}, expected {expected} (from window_size/{key}s)"
             )
         dtype = need("dtype", str, io, f"{key}.")
         if dtype != "float32":
-            raise DataError(f"{path}: key '{key}.dtype' is {dtype!r}, only float32 is supported")
+            raise ModelFileError(f"{path}: key '{key}.dtype' is {dtype!r}, only float32 is supported")
 
 
 # -- the contract --------------------------------------------------------------------------------------------------
@@ -205,16 +207,16 @@ def parse_embedded(props: Mapping[str, str], model_path: str | Path) -> dict[str
     """The contract from a graph's ``metadata_props`` (onnxruntime's ``custom_metadata_map``)."""
     text = props.get(CONTRACT_KEY)
     if text is None:
-        raise DataError(
+        raise ModelFileError(
             f"{model_path}: no embedded contract ({CONTRACT_KEY!r}): exported before {FORMAT} or by another tool; "
             "export the model again with this version (python -m dwcp_lstm export --run RUN_DIR)"
         )
     try:
         contract = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise DataError(f"{model_path}: embedded contract is not valid JSON ({first_line(exc)})") from None
+        raise ModelFileError(f"{model_path}: embedded contract is not valid JSON ({first_line(exc)})") from None
     if not isinstance(contract, dict):
-        raise DataError(f"{model_path}: embedded contract must be a JSON object, got {type(contract).__name__}")
+        raise ModelFileError(f"{model_path}: embedded contract must be a JSON object, got {type(contract).__name__}")
     return contract
 
 
@@ -226,7 +228,7 @@ def compare_contract(
         a, b = declared.get(key, _MISSING), embedded.get(key, _MISSING)
         if a is _MISSING or b is _MISSING or canonical(a) != canonical(b):
             where, x, y = _first_difference(a, b, key)
-            raise DataError(
+            raise ModelFileError(
                 f"{metadata_path}: key {where!r} is {_show(x)} but the contract embedded in {Path(model_path).name} "
                 f"says {_show(y)}: the metadata was edited or belongs to another model"
             )
@@ -246,7 +248,7 @@ def external_path(folder: str | Path, location: str, source: str | Path) -> Path
         or PureWindowsPath(location).drive
         or ".." in PurePosixPath(location).parts
     ):
-        raise DataError(
+        raise ModelFileError(
             f"{source}: external-data location {location!r} escapes the model's folder (absolute, '..' or a backslash)"
         )
     folder = Path(folder)
@@ -256,7 +258,8 @@ def external_path(folder: str | Path, location: str, source: str | Path) -> Path
     except (OSError, RuntimeError):  # a link loop
         inside = False
     if not inside:
-        raise DataError(f"{source}: external-data location {location!r} escapes the model's folder (a link outside)")
+        where = f"external-data location {location!r}"
+        raise ModelFileError(f"{source}: {where} escapes the model's folder (a link outside)")
     return path
 
 
@@ -265,13 +268,13 @@ def check_external_data(external: Mapping[str, str], folder: str | Path, metadat
     for location, digest in external.items():
         path = external_path(folder, location, metadata_path)
         if not path.is_file():
-            raise DataError(f"{path}: external-data file not found (listed in {Path(metadata_path).name})")
+            raise ModelFileError(f"{path}: external-data file not found (listed in {Path(metadata_path).name})")
         try:
             sha = sha256_of(path)
         except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
         if sha != digest:
-            raise DataError(
+            raise ModelFileError(
                 f"{path}: sha256 {sha[:12]}... does not match {Path(metadata_path).name} key 'external_data' "
                 f"({digest[:12]}...): the side file was altered or belongs to another model"
             )

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dwcp_lstm import synthetic
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
+    ConfigError,
     DataError,
     check_numeric,
     fill_missing,
@@ -226,7 +227,7 @@ class DwcpDataModule(L.LightningDataModule):
         try:
             df, oracle = synthetic.generate_with_oracle(s.samples, s.seed, s.profile, s.links, s.noise)
         except ValueError as exc:  # the generator's own argument checks
-            raise DataError(f"--data.synthetic: {exc}") from None
+            raise ConfigError(f"--data.synthetic: {exc}") from None
         synthetic.write_frame(oracle, synthetic.oracle_path(self.path))
         synthetic.write_frame(df, self.path)
         rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
@@ -331,7 +332,7 @@ class DwcpDataModule(L.LightningDataModule):
         if (list(scalers.features), list(scalers.targets), scalers.target_mode) != (
             self.features, self.targets, self.target_mode
         ):
-            raise DataError(f"{self.path}: the model's features/targets/target_mode differ from this data's")
+            raise ConfigError(f"{self.path}: the model's features/targets/target_mode differ from this data's")
         fs, ts = self.feature_scaler, self.target_scaler
         new = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
         own = (fs.mean_, fs.scale_, ts.mean_, ts.scale_)
@@ -443,32 +444,32 @@ def _check_config(
     target_mode: str,
 ) -> None:
     if target_mode not in ("delta", "level"):
-        raise DataError(f"--data.target_mode must be delta or level, got {target_mode!r}")
+        raise ConfigError(f"--data.target_mode must be delta or level, got {target_mode!r}")
     if target_mode == "delta" and not set(targets) <= set(features):
         missing = [t for t in targets if t not in features]
-        raise DataError(f"--data.target_mode delta needs every target among the features; missing {missing}")
+        raise ConfigError(f"--data.target_mode delta needs every target among the features; missing {missing}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise DataError(f"--data.window_size must be >= 2 (a change needs two rows), got {window}")
+        raise ConfigError(f"--data.window_size must be >= 2 (a change needs two rows), got {window}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
-        raise DataError(f"--data.batch_size must be >= 2 (batch norm needs two windows per batch), got {batch}")
+        raise ConfigError(f"--data.batch_size must be >= 2 (batch norm needs two windows per batch), got {batch}")
     # written as "not >=" so that NaN fails too
     if len(split) != 3 or any(not f >= 0 for f in split) or not abs(sum(split) - 1.0) <= 1e-6:
-        raise DataError(f"--data.split must be three non-negative fractions that sum to 1, got {list(split)}")
+        raise ConfigError(f"--data.split must be three non-negative fractions that sum to 1, got {list(split)}")
     if not features or not targets:
-        raise DataError("--data.features and --data.targets must not be empty")
+        raise ConfigError("--data.features and --data.targets must not be empty")
     for name, cols in (("features", features), ("targets", targets)):
         if len(set(cols)) != len(cols):
-            raise DataError(f"--data.{name} lists a column twice: {list(cols)}")
+            raise ConfigError(f"--data.{name} lists a column twice: {list(cols)}")
     if workers < 0:
-        raise DataError(f"--data.num_workers must be >= 0, got {workers}")
+        raise ConfigError(f"--data.num_workers must be >= 0, got {workers}")
 
 
 def _check_series_config(series: Sequence[str], time: str, duplicates: str, max_gap: float) -> None:
     if len(set(series)) != len(series):
-        raise DataError(f"--data.series_columns lists a column twice: {list(series)}")
+        raise ConfigError(f"--data.series_columns lists a column twice: {list(series)}")
     if not time or time in series:
-        raise DataError(f"--data.time_column must be a column other than the series columns, got {time!r}")
+        raise ConfigError(f"--data.time_column must be a column other than the series columns, got {time!r}")
     if duplicates not in DUPLICATE_POLICIES:
-        raise DataError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
+        raise ConfigError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     if not np.isfinite(max_gap):
-        raise DataError(f"--data.max_gap must be a finite number (<= 0 turns gap splitting off), got {max_gap}")
+        raise ConfigError(f"--data.max_gap must be a finite number (<= 0 turns gap splitting off), got {max_gap}")

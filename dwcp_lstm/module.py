@@ -13,9 +13,9 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
 from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, Scalers
+from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.metrics import ForecastMetrics, summarize
 from dwcp_lstm.model import StackedLSTM
-from dwcp_lstm.tables import DataError
 
 LOSSES = ("mse", "huber", "l1")
 
@@ -44,21 +44,21 @@ class RawForecaster(nn.Module):
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
     """Architecture values that would otherwise reach PyTorch unchecked (and fail there, or mid-training)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise DataError(f"--data.window_size must be >= 2 (a change needs two rows), got {window!r}")  # linked
+        raise ConfigError(f"--data.window_size must be >= 2 (a change needs two rows), got {window!r}")  # linked
     for flag, sizes, allow_empty in (("lstm_sizes", lstm_sizes, False), ("head_sizes", head_sizes, True)):
         if not allow_empty and len(sizes) == 0:
-            raise DataError(f"--model.{flag} must list at least one layer size, got {list(sizes)}")
+            raise ConfigError(f"--model.{flag} must list at least one layer size, got {list(sizes)}")
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-            raise DataError(f"--model.{flag} must be positive integers, got {list(sizes)}")
+            raise ConfigError(f"--model.{flag} must be positive integers, got {list(sizes)}")
     need = max(len(head_sizes) - 1, 0)
     if len(head_dropouts) != need:
-        raise DataError(
+        raise ConfigError(
             f"--model.head_dropouts needs {need} entries (one per head layer but the last), got {list(head_dropouts)}"
         )
     if any(not (0.0 <= float(p) < 1.0) for p in head_dropouts):
-        raise DataError(f"--model.head_dropouts must be in [0, 1), got {list(head_dropouts)}")
+        raise ConfigError(f"--model.head_dropouts must be in [0, 1), got {list(head_dropouts)}")
     if not (mape_floor >= 0.0 and math.isfinite(mape_floor)):
-        raise DataError(f"--model.mape_floor must be a finite number >= 0, got {mape_floor}")
+        raise ConfigError(f"--model.mape_floor must be a finite number >= 0, got {mape_floor}")
 
 
 class DwcpForecaster(L.LightningModule):
@@ -106,18 +106,18 @@ class DwcpForecaster(L.LightningModule):
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
         if w.shape != (n_t,) or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
-            raise DataError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, got {loss_weights}")
+            raise ConfigError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, got {loss_weights}")
         self.register_buffer("loss_weights", w / w.mean())
         if loss not in LOSSES:
-            raise DataError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+            raise ConfigError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not (huber_delta > 0 and math.isfinite(huber_delta)):
-            raise DataError(f"--model.huber_delta must be > 0, got {huber_delta}")
+            raise ConfigError(f"--model.huber_delta must be > 0, got {huber_delta}")
         self.loss_name, self.huber_delta = loss, float(huber_delta)
         if target_mode not in ("delta", "level"):
-            raise DataError(f"--model.target_mode must be delta or level, got {target_mode!r}")
+            raise ConfigError(f"--model.target_mode must be delta or level, got {target_mode!r}")
         self.delta = target_mode == "delta"
         if self.delta and not set(target_names) <= set(feature_names):
-            raise DataError("--data.target_mode delta needs every target among the features")
+            raise ConfigError("--data.target_mode delta needs every target among the features")
         idx = [list(feature_names).index(t) for t in target_names] if self.delta else []
         self.target_index = idx  # feature column of each target (delta mode)
         # Scaler parameters: copied from the DataModule in setup(), saved in every checkpoint.
@@ -171,7 +171,7 @@ class DwcpForecaster(L.LightningModule):
         if (list(scalers.features), list(scalers.targets), scalers.target_mode) != (
             list(h.feature_names), list(h.target_names), h.target_mode
         ):
-            raise DataError("the model's feature/target names or target_mode differ from the data's (link them)")
+            raise ConfigError("the model's feature/target names or target_mode differ from the data's (link them)")
         values = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
         for name, v in zip(("fmean", "fscale", "tmean", "tscale"), values, strict=True):
             getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))

@@ -2,7 +2,7 @@
 finish: the checkpoint (loadable without unpickling code, compatible with the model), the optimizer settings, the
 splits, the output folder, and on resume the config against the run's own.
 
-Every problem is a :class:`~dwcp_lstm.tables.DataError` with a one-line message; the CLI turns it into exit code 2.
+Every problem is a :class:`~dwcp_lstm.errors.DwcpError` with a one-line message; the CLI turns it into exit code 2.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from lightning.fabric.utilities.cloud_io import _load as lightning_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 
-from dwcp_lstm.tables import DataError, atomic_path, atomic_write, first_line
+from dwcp_lstm.errors import CheckpointError, ConfigError
+from dwcp_lstm.tables import atomic_path, atomic_write, first_line
 
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
 CONTRACT_HPARAMS = ("feature_names", "target_names", "window_size", "target_mode", "lstm_sizes", "head_sizes")
@@ -45,9 +46,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not is_remote(path):
         p = Path(path)
         if not p.exists():
-            raise DataError(f"{p}: checkpoint not found")
+            raise CheckpointError(f"{p}: checkpoint not found")
         if p.is_dir():
-            raise DataError(f"{p}: is a directory, expected a .ckpt file")
+            raise CheckpointError(f"{p}: is a directory, expected a .ckpt file")
     try:
         ckpt = lightning_load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -55,16 +56,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if found:
             why = f"it references {found.group(1)}"
-            raise DataError(f"{path}: refused to load: {why} (checkpoints are loaded with weights_only=True)") from None
+            msg = f"{path}: refused to load: {why} (checkpoints are loaded with weights_only=True)"
+            raise CheckpointError(msg) from None
         detail = re.search(r"WeightsUnpickler error: (.*)", str(exc))
         why = detail.group(1).strip() if detail else first_line(exc)
-        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({why})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({why})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(exc)})") from None
     except Exception as exc:  # fsspec/urllib raise their own types for unreachable URLs
-        raise DataError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise DataError(f"{path}: not a Lightning checkpoint (no state_dict)")
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return ckpt
 
 
@@ -73,7 +75,7 @@ def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | P
     saved = ckpt.get("hyper_parameters") or {}
     for key in CONTRACT_HPARAMS:
         if key in saved and _plain(saved[key]) != _plain(model.hparams.get(key)):
-            raise DataError(
+            raise CheckpointError(
                 f"{path}: checkpoint has {key}={_plain(saved[key])}, this config has {_plain(model.hparams.get(key))}"
             )
     own = model.state_dict()
@@ -82,11 +84,12 @@ def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | P
     unexpected = [k for k in theirs if k not in own]
     if missing or unexpected:
         what = f"lacks {missing[0]!r}" if missing else f"has unknown {unexpected[0]!r}"
-        raise DataError(f"{path}: checkpoint does not fit this model: it {what} (not a dwcp_lstm checkpoint?)")
+        raise CheckpointError(f"{path}: checkpoint does not fit this model: it {what} (not a dwcp_lstm checkpoint?)")
     for k, v in own.items():
         if not isinstance(theirs[k], torch.Tensor) or theirs[k].shape != v.shape:
             shape = tuple(theirs[k].shape) if isinstance(theirs[k], torch.Tensor) else type(theirs[k]).__name__
-            raise DataError(f"{path}: checkpoint's {k} has shape {shape}, this model's {tuple(v.shape)} (other sizes?)")
+            msg = f"{path}: checkpoint's {k} has shape {shape}, this model's {tuple(v.shape)} (other sizes?)"
+            raise CheckpointError(msg)
 
 
 def _plain(v: Any) -> Any:
@@ -101,7 +104,7 @@ def check_optimizer(model) -> None:
         if model.scheduler_factory is not None:
             model.scheduler_factory(optimizer)
     except (ValueError, TypeError) as exc:
-        raise DataError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
+        raise ConfigError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
 
 
 def logged_metrics(model) -> set[str]:
@@ -125,7 +128,7 @@ def check_monitors(trainer, model) -> None:
         if isinstance(cb, ModelCheckpoint | EarlyStopping) and cb.monitor is not None and cb.monitor not in known:
             flag = "early_stopping" if isinstance(cb, EarlyStopping) else "checkpoint"
             val = sorted(k for k in known if k.startswith("val"))
-            raise DataError(
+            raise ConfigError(
                 f"--{flag}.monitor {cb.monitor!r} is not a metric this model logs (e.g. {', '.join(val[:3])}, ...)"
             )
 
@@ -134,7 +137,7 @@ def check_splits(dm) -> None:
     """Every split has windows: validation drives early stopping and checkpoints, test the report."""
     for stage, what in (("train", "training"), ("val", "validation"), ("test", "test")):
         if len(dm.starts[stage]) == 0:
-            raise DataError(
+            raise ConfigError(
                 f"{dm.path}: no {what} windows with window_size {dm.window_size} and split {list(dm.split)} "
                 f"(longest series segment: {int((dm.bounds[:, 1] - dm.bounds[:, 0]).max())} rows)"
             )
@@ -149,7 +152,7 @@ def check_writable(folder: str | Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise DataError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
+        raise ConfigError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

@@ -8,8 +8,9 @@ import yaml
 from jsonargparse import ArgumentParser
 
 from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.module import DwcpForecaster
-from dwcp_lstm.tables import DataError
+from dwcp_lstm.tables import first_line
 
 
 def find_checkpoint(run_dir: Path) -> Path:
@@ -18,7 +19,7 @@ def find_checkpoint(run_dir: Path) -> Path:
         path = run_dir / "checkpoints" / name
         if path.exists():
             return path
-    raise DataError(f"{run_dir}: no checkpoints/best.ckpt or checkpoints/last.ckpt (not a finished fit run?)")
+    raise CheckpointError(f"{run_dir}: no checkpoints/best.ckpt or checkpoints/last.ckpt (not a finished fit run?)")
 
 
 def datamodule_from_config(config_path: Path) -> DwcpDataModule:
@@ -26,11 +27,11 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
     try:
         cfg = yaml.safe_load(config_path.read_text())
     except yaml.YAMLError as exc:
-        raise DataError(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{config_path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(cfg, dict) or "data" not in cfg:
-        raise DataError(f"{config_path}: no 'data' section")
+        raise ConfigError(f"{config_path}: no 'data' section")
     if not isinstance(cfg["data"], dict):  # anything else would silently fall back to the default data
-        raise DataError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
+        raise ConfigError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DwcpDataModule, "data")
     ns = parser.parse_object({"data": cfg["data"]})
@@ -51,7 +52,7 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     try:
         module = DwcpForecaster.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, not a traceback
-        raise DataError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
     h = module.hparams
     for key, ours, theirs in (
         ("features", dm.features, h.get("feature_names")),
@@ -60,5 +61,5 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         ("target_mode", dm.target_mode, h.get("target_mode")),
     ):
         if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
-            raise DataError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
+            raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
     return module.eval(), dm, ckpt

@@ -22,15 +22,16 @@ import pandas as pd
 
 from dwcp_lstm.contract import (
     METADATA_NAME,
-    MODEL_NAME,
     check_external_data,
     compare_contract,
     contract_of,
     external_path,
     load_metadata,
+    model_path_of,
     parse_embedded,
 )
-from dwcp_lstm.tables import DataError, check_numeric, order_series, read_table, segment_bounds, write_frame
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.tables import check_numeric, order_series, read_table, segment_bounds, write_frame
 
 CHUNK = 4096  # windows per session.run: bounds the [B, W, F] copy on long rolling series
 # onnxruntime resolves external data of a graph given as bytes against this folder (else the working directory)
@@ -57,18 +58,18 @@ class Predictor:
         self.model_path = Path(model_path)
         self.metadata_path = Path(metadata_path) if metadata_path else self.model_path.with_name(METADATA_NAME)
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
-            raise DataError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {threads!r}")
+            raise ConfigError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {threads!r}")
         if not self.model_path.is_file():
-            raise DataError(f"{self.model_path}: file not found")
+            raise ModelFileError(f"{self.model_path}: file not found")
         self.metadata = load_metadata(self.metadata_path)
         # Hash the very bytes the session is built from: no window for the file to change between check and load.
         try:
             model_bytes = self.model_path.read_bytes()
         except OSError as exc:
-            raise DataError(f"{self.model_path}: cannot read ({exc.strerror or exc})") from None
+            raise ModelFileError(f"{self.model_path}: cannot read ({exc.strerror or exc})") from None
         sha = hashlib.sha256(model_bytes).hexdigest()
         if sha != self.metadata["model_sha256"]:
-            raise DataError(
+            raise ModelFileError(
                 f"{self.model_path}: sha256 {sha[:12]}... does not match {self.metadata_path.name} "
                 f"({self.metadata['model_sha256'][:12]}...): the model was altered or belongs to another run"
             )
@@ -91,7 +92,7 @@ class Predictor:
             self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for a malformed graph
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{self.model_path}: onnxruntime cannot load it ({first})") from None
+            raise ModelFileError(f"{self.model_path}: onnxruntime cannot load it ({first})") from None
         embedded = parse_embedded(self.session.get_modelmeta().custom_metadata_map, self.model_path)
         compare_contract(contract_of(self.metadata), embedded, self.metadata_path, self.model_path)
         self._check_session()
@@ -104,11 +105,12 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, threads: int | None = None) -> Predictor:
-        """The predictor of a finished fit run: ``<run_dir>/model.onnx`` and ``<run_dir>/model_metadata.json``."""
+        """The predictor of a finished fit run: its model file (see :func:`~dwcp_lstm.contract.model_path_of`) and
+        ``<run_dir>/model_metadata.json``."""
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
-            raise DataError(f"{run_dir}: run directory not found")
-        return cls(run_dir / MODEL_NAME, run_dir / METADATA_NAME, threads)
+            raise ModelFileError(f"{run_dir}: run directory not found")
+        return cls(model_path_of(run_dir), run_dir / METADATA_NAME, threads)
 
     def _check_session(self) -> None:
         """The graph's single input and output must be the metadata's names, float32, with the same fixed dims."""
@@ -118,12 +120,12 @@ class Predictor:
         ):
             names = [a.name for a in args]
             if names != [name]:
-                raise DataError(
+                raise ModelFileError(
                     f"{self.model_path}: graph {kind}s are {names}, {self.metadata_path.name} says {name!r}"
                 )
             arg = args[0]
             if arg.type != "tensor(float)" or list(arg.shape[1:]) != expected or len(arg.shape) != len(expected) + 1:
-                raise DataError(
+                raise ModelFileError(
                     f"{self.model_path}: graph {kind} {name!r} is {arg.type} {arg.shape}, "
                     f"{self.metadata_path.name} says float32 ['batch', {', '.join(map(str, expected))}]"
                 )
@@ -300,14 +302,19 @@ def forecast_table(
 
 def cmd_forecast(argv: list[str]) -> None:
     """``python -m dwcp_lstm forecast``: forecasts per link (or per window) from an exported model."""
+    import argparse
     import sys
 
-    from jsonargparse import ArgumentParser
+    class ArgumentParser(argparse.ArgumentParser):
+        """stdlib argparse (a serving install has no jsonargparse); a bad flag is a ConfigError, which the
+        CLI prints as one ``error:`` line with exit code 2, instead of argparse's usage text."""
+
+        def error(self, message: str):
+            raise ConfigError(" ".join(message.split()))
 
     p = ArgumentParser(
         prog="python -m dwcp_lstm forecast",
         description="Next-step forecasts per link from model.onnx + model_metadata.json (no torch needed).",
-        exit_on_error=False,
     )
     p.add_argument("--model", required=True, help="model.onnx of a run, or the run directory")
     p.add_argument("--metadata", default=None, help="model_metadata.json; default: beside the model")
@@ -325,19 +332,19 @@ def cmd_forecast(argv: list[str]) -> None:
     output = Path(a.output) if a.output else None
     if output is not None:
         if output.suffix.lower() not in (".csv", ".parquet"):
-            raise DataError(f"{output}: output must end in .csv or .parquet")
+            raise ConfigError(f"{output}: output must end in .csv or .parquet")
         if not output.parent.is_dir():
-            raise DataError(f"{output}: folder {output.parent} does not exist")
+            raise ConfigError(f"{output}: folder {output.parent} does not exist")
     model = Path(a.model)
     if model.is_dir():
-        model, metadata = model / MODEL_NAME, a.metadata or model / METADATA_NAME
+        model, metadata = model_path_of(model), a.metadata or model / METADATA_NAME
     else:
         metadata = a.metadata
     predictor = Predictor(model, metadata, a.threads)
     if output is not None:
         for path in [Path(a.input), *predictor.protected_paths()]:
             if same_file(output, path):
-                raise DataError(f"{output}: --output is the same file as {path}; refusing to overwrite an input")
+                raise ConfigError(f"{output}: --output is the same file as {path}; refusing to overwrite an input")
     trained = predictor.metadata["series"]  # how the training data defined a series
     if a.series_columns is None:
         series = list(trained["columns"])
@@ -345,7 +352,7 @@ def cmd_forecast(argv: list[str]) -> None:
         series = [c.strip() for c in str(a.series_columns).split(",") if c.strip()]
     time = a.time_column or trained["time_column"]
     if len(set(series)) != len(series) or time in series:
-        raise DataError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
+        raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
     columns = list(dict.fromkeys([*series, time, *predictor.features]))
     df = read_table(a.input, columns, text_columns=series)
     out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]))

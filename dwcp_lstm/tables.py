@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dwcp_lstm.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported: its old home)
+
 log = logging.getLogger("dwcp_lstm")
 DUPLICATE_POLICIES = ("error", "first", "mean")
 # Physical ranges checked when the column is present: (low, high, inclusive-high).
@@ -39,8 +41,6 @@ RANGES = {
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class DataError(ValueError):
-    """A problem with the user's data or configuration; the CLI prints its one-line message and exits with 2."""
 
 
 def first_line(exc: BaseException) -> str:
@@ -75,8 +75,7 @@ def read_table(
             text = {c: str for c in text_columns if c in header}
             df = pd.read_csv(path, usecols=list(columns) if columns else None, dtype=text or None)
         else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+            pa, pq = _pyarrow(path)
 
             names = pq.read_schema(path).names
             _unique_header(path, names)
@@ -94,6 +93,16 @@ def read_table(
     if df.empty:
         raise DataError(f"{path}: file has a header but no rows")
     return df
+
+
+def _pyarrow(path: Path):
+    """pyarrow and pyarrow.parquet; a serving install without the ``parquet`` extra gets one line instead."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: Parquet needs pyarrow: pip install 'dwcp_lstm[parquet]' (or use CSV)") from None
+    return pa, pq
 
 
 def _raw_csv_header(path: Path) -> list[str]:
@@ -171,7 +180,7 @@ def order_series(
 ) -> pd.DataFrame:
     """Sort by (series, time) when needed and apply the duplicate policy. Returns a frame with a fresh index."""
     if duplicates not in DUPLICATE_POLICIES:
-        raise DataError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
+        raise ConfigError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     keys = [*series, time]
     check_series_ids(df, series, path)
     codes = _series_codes(df, series)
@@ -321,6 +330,7 @@ def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = N
             if path.suffix.lower() == ".csv":
                 df.to_csv(tmp, index=False, lineterminator="\n", float_format=float_format)
             else:
+                _pyarrow(path)
                 df.to_parquet(tmp, index=False)
     except OSError as exc:
         raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None

@@ -12,9 +12,9 @@ import torch
 
 from dwcp_lstm.callbacks import EMA, OnnxExport, StepSeed, export_run, onnx_parity, raw_windows, unit_of
 from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.serve import Predictor
-from dwcp_lstm.tables import DataError
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +58,13 @@ def test_onnx_parity_reports_the_largest_difference(small_module, tmp_path):
     ],
 )
 def test_onnx_export_settings_are_checked_when_built(kwargs, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(ConfigError, match=message):
         OnnxExport(**kwargs)
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5])
 def test_ema_decay_must_be_inside_0_1(decay):
-    with pytest.raises(DataError, match="EMA decay must be in"):
+    with pytest.raises(ConfigError, match="EMA decay must be in"):
         EMA(decay)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.contract import CONTRACT_KEY, CONTRACT_KEYS, embed_contract, external_data_hashes, external_path
+from dwcp_lstm.errors import ModelFileError
 from dwcp_lstm.serve import Predictor, cmd_forecast, load_metadata
 from dwcp_lstm.tables import DataError, sha256_of
 
@@ -139,7 +140,7 @@ def test_model_whose_sha256_differs_is_refused(smoke_run, tmp_path):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(DataError, match=r"model\.onnx: sha256 .* does not match model_metadata\.json"):
+    with pytest.raises(ModelFileError, match=r"model\.onnx: sha256 .* does not match model_metadata\.json"):
         Predictor.from_run(run)
 
 
@@ -178,17 +179,17 @@ def test_bad_metadata_is_refused(smoke_run, tmp_path, edit, message):
     meta = json.loads((run / "model_metadata.json").read_text())
     edit(meta)
     (run / "model_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"model_metadata\.json: " + message):
+    with pytest.raises(ModelFileError, match=r"model_metadata\.json: " + message):
         Predictor.from_run(run)
 
 
 def test_unreadable_metadata_is_refused(smoke_run, tmp_path):
     run = copy_run(smoke_run, tmp_path / "run")
     (run / "model_metadata.json").write_text("{not json")
-    with pytest.raises(DataError, match=r"model_metadata\.json: not valid JSON"):
+    with pytest.raises(ModelFileError, match=r"model_metadata\.json: not valid JSON"):
         Predictor.from_run(run)
     (run / "model_metadata.json").unlink()
-    with pytest.raises(DataError, match=r"model_metadata\.json: file not found"):
+    with pytest.raises(ModelFileError, match=r"model_metadata\.json: file not found"):
         load_metadata(run / "model_metadata.json")
 
 
@@ -234,7 +235,7 @@ def test_metadata_that_differs_from_the_embedded_contract_is_refused(smoke_run, 
     meta = json.loads((run / "model_metadata.json").read_text())
     edit(meta)
     (run / "model_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"model_metadata\.json: " + message):
+    with pytest.raises(ModelFileError, match=r"model_metadata\.json: " + message):
         Predictor.from_run(run)
 
 
@@ -254,10 +255,10 @@ def rewrite_model(run: Path, change) -> dict:
 def test_model_without_an_embedded_contract_is_refused(smoke_run, tmp_path):
     run = copy_run(smoke_run, tmp_path / "run")
     rewrite_model(run, lambda m: m.ClearField("metadata_props"))  # as exported before dwcp_lstm.onnx/2
-    with pytest.raises(DataError, match=r"model\.onnx: no embedded contract .*export the model again"):
+    with pytest.raises(ModelFileError, match=r"model\.onnx: no embedded contract .*export the model again"):
         Predictor.from_run(run)
     rewrite_model(run, lambda m: m.metadata_props.add(key=CONTRACT_KEY, value="[1, 2"))
-    with pytest.raises(DataError, match=r"model\.onnx: embedded contract is not valid JSON"):
+    with pytest.raises(ModelFileError, match=r"model\.onnx: embedded contract is not valid JSON"):
         Predictor.from_run(run)
 
 
@@ -311,11 +312,11 @@ def test_external_data_is_hashed_and_checked(smoke_run, predictor, history, tmp_
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0x01]))
     with pytest.raises(
-        DataError, match=r"weights\.bin: sha256 .* does not match model_metadata\.json key 'external_data'"
+        ModelFileError, match=r"weights\.bin: sha256 .* does not match model_metadata\.json key 'external_data'"
     ):
         Predictor.from_run(run)
     (run / "weights.bin").unlink()
-    with pytest.raises(DataError, match=r"weights\.bin: external-data file not found"):
+    with pytest.raises(ModelFileError, match=r"weights\.bin: external-data file not found"):
         Predictor.from_run(run)
 
     # the side file is intact but the metadata no longer lists it: the graph's contract does
@@ -323,7 +324,7 @@ def test_external_data_is_hashed_and_checked(smoke_run, predictor, history, tmp_
     meta = json.loads((run / "model_metadata.json").read_text())
     meta["external_data"] = {}
     (run / "model_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"key 'external_data\.weights\.bin' is absent but the contract embedded"):
+    with pytest.raises(ModelFileError, match=r"key 'external_data\.weights\.bin' is absent but the contract embedded"):
         Predictor.from_run(run)
 
 
@@ -333,20 +334,20 @@ def test_external_data_outside_the_model_folder_is_refused(smoke_run, tmp_path, 
     outside.mkdir()
     location = "../outside/weights.bin" if where == "parent" else str(outside / "weights.bin")
     run = external_run(smoke_run, tmp_path / "run", location, side_folder=outside)
-    with pytest.raises(DataError, match=r"model_metadata\.json: external-data location .* escapes the model's folder"):
+    with pytest.raises(ModelFileError, match=r"model_metadata\.json: external-data location .* escapes the model"):
         Predictor.from_run(run)
-    with pytest.raises(DataError, match=r"escapes the model's folder"):  # the exporter refuses such a graph too
+    with pytest.raises(ModelFileError, match=r"escapes the model's folder"):  # the exporter refuses such a graph too
         external_data_hashes(run / "model.onnx")
 
 
 @pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "sub/../w.bin", "C:w.bin", "a\\w.bin", "a\x00b"])
 def test_external_data_locations_must_stay_inside_the_folder(tmp_path, location):
-    with pytest.raises(DataError, match=r"meta\.json: external-data location .* escapes the model's folder"):
+    with pytest.raises(ModelFileError, match=r"meta\.json: external-data location .* escapes the model's folder"):
         external_path(tmp_path, location, "meta.json")
     (tmp_path / "sub").mkdir()
     assert external_path(tmp_path, "sub/w.bin", "meta.json") == tmp_path / "sub" / "w.bin"
     (tmp_path / "link").symlink_to(tmp_path.parent)
-    with pytest.raises(DataError, match=r"escapes the model's folder \(a link outside\)"):
+    with pytest.raises(ModelFileError, match=r"escapes the model's folder \(a link outside\)"):
         external_path(tmp_path, "link/w.bin", "meta.json")
 
 
@@ -501,7 +502,7 @@ def test_export_command_rewrites_an_older_export(smoke_run, tmp_path, history):
     meta = json.loads(meta_path.read_text())
     meta["format"] = "dwcp_lstm.onnx/1"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DataError, match=r"export --run"):
+    with pytest.raises(ModelFileError, match=r"export --run"):
         Predictor.from_run(run)
     cli_main(["export", "--run", str(run)])
     got = Predictor.from_run(run).predict(one_link(history))

@@ -27,8 +27,8 @@ from hypothesis.control import currently_in_test_context
 
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.contract import CONTRACT_KEYS, canonical
+from dwcp_lstm.errors import DwcpError
 from dwcp_lstm.serve import Predictor
-from dwcp_lstm.tables import DataError
 
 SETTINGS = {
     "deadline": None,
@@ -193,7 +193,7 @@ def test_corrupted_metadata_is_refused_or_harmless(run, predictor, clean_meta, b
     windows = base[predictor.features].to_numpy(np.float32)[None, -predictor.window :]
     try:
         p = Predictor(run / "model.onnx", meta_path)
-    except DataError as exc:
+    except DwcpError as exc:  # any refusal (DataError, ModelFileError)
         assert "\n" not in str(exc)
         refused = True
     else:
@@ -486,7 +486,7 @@ def test_predict_on_a_corrupted_frame(predictor, base, data):
     try:
         y = predictor.predict(df)
         rolling = predictor.predict_rolling(df)
-    except DataError as exc:
+    except DwcpError as exc:  # any refusal (DataError, ModelFileError)
         assert "\n" not in str(exc)
         return
     finally:

@@ -1,0 +1,25 @@
+"""The project's error types: every one is a problem the user can fix, and the CLI prints its one-line message with
+exit code 2 (never a traceback). Standard library only, so that any module, the torch-free predictor included, can
+import them without pulling pandas or torch."""
+
+from __future__ import annotations
+
+
+class DwcpError(ValueError):
+    """Base: a refusal with a one-line message that names the file, key, column or row and what is wrong."""
+
+
+class DataError(DwcpError):
+    """A telemetry file (CSV or Parquet) that cannot be used as it is: a missing column, a bad cell, a broken split."""
+
+
+class ConfigError(DwcpError):
+    """A configuration value (a flag or a YAML key) that cannot work: found before the first training step."""
+
+
+class CheckpointError(DwcpError):
+    """A checkpoint that cannot be used: missing, truncated, foreign, for another model, or needing code to load."""
+
+
+class ModelFileError(DwcpError):
+    """An exported model pair (model.onnx + model_metadata.json) that is missing, altered, or invalid."""
