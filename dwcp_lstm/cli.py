@@ -98,7 +98,11 @@ def _lightning_cli_class():
         def _parse_ckpt_path(self) -> None:
             """Lightning would copy the checkpoint's hyperparameters over the config here, silently overriding the
             user's flags (and unpickling the file before any check). The pre-flight checks compare them instead and
-            name any difference."""
+            name any difference. What runs here instead: the Trainer values that would fail only mid-training, and
+            the seed, which Lightning applies right after this."""
+            cfg = self.config.get(self.config.get("subcommand") or "", None)
+            if cfg is not None:
+                preflight.check_trainer_config(dict(cfg.get("trainer") or {}), cfg.get("seed_everything"))
 
         def instantiate_trainer(self, **kwargs):
             # checkpoints are written to a temporary name and renamed (see preflight.AtomicCheckpointIO)

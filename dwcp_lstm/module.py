@@ -100,6 +100,8 @@ class DwcpForecaster(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if not feature_names or not target_names:
+            raise ConfigError("--data.features and --data.targets must not be empty")
         _check_sizes(window_size, lstm_sizes, head_sizes, head_dropouts, mape_floor)
         self.net = StackedLSTM(len(feature_names), len(target_names), lstm_sizes, head_sizes, head_dropouts)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler

@@ -133,6 +133,24 @@ def check_monitors(trainer, model) -> None:
             )
 
 
+def check_trainer_config(trainer: dict, seed) -> None:
+    """Trainer values that Lightning accepts at construction and fails on mid-training (a modulo by zero at the first
+    batch or validation check), and a seed numpy refuses."""
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch"):
+        value = trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"--trainer.{key} must be an integer >= 1, got {value!r}")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (
+        (isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1)
+        or (isinstance(interval, float) and 0.0 < interval <= 1.0)
+    ):
+        what = "an integer >= 1 or a fraction in (0, 1]"
+        raise ConfigError(f"--trainer.val_check_interval must be {what}, got {interval!r}")
+    if not isinstance(seed, bool) and seed is not None and not (0 <= seed <= 2**32 - 1):
+        raise ConfigError(f"--seed_everything must be in [0, 2**32 - 1] (numpy's range), got {seed}")
+
+
 def check_splits(dm) -> None:
     """Every split has windows: validation drives early stopping and checkpoints, test the report."""
     for stage, what in (("train", "training"), ("val", "validation"), ("test", "test")):

@@ -196,9 +196,9 @@ def order_series(
         n_dup = int(dup.sum())
         if duplicates == "error":
             i = int(np.flatnonzero(dup)[0])
-            who = ", ".join(f"{c}={short_repr(df[c].iloc[i])}" for c in series)
+            who = "".join(f"{c}={short_repr(df[c].iloc[i])}, " for c in series)
             raise DataError(
-                f"{path}: row {i + 1}: duplicated ({who}, {time}={df[time].iloc[i]}) "
+                f"{path}: row {i + 1}: duplicated ({who}{time}={df[time].iloc[i]}) "
                 f"({n_dup} duplicates; set duplicates: first or mean to accept them)"
             )
         log.warning("%s: %d rows repeat a (%s); policy %r", path, n_dup, ", ".join(keys), duplicates)
