@@ -175,6 +175,11 @@ def test_model_whose_sha256_differs_is_refused(smoke_run, tmp_path):
     ],
 )
 def test_bad_metadata_is_refused(smoke_run, tmp_path, edit, message):
+    assert_edited_metadata_is_refused(smoke_run, tmp_path, edit, message)
+
+
+def assert_edited_metadata_is_refused(smoke_run: Path, tmp_path: Path, edit, message: str) -> None:
+    """Copy the run, apply ``edit`` to its metadata, and expect the predictor to refuse it with ``message``."""
     run = copy_run(smoke_run, tmp_path / "run")
     meta = json.loads((run / "model_metadata.json").read_text())
     edit(meta)
@@ -231,12 +236,7 @@ def swap(items: list, i: int = 0, j: int = 1) -> None:
     ],
 )
 def test_metadata_that_differs_from_the_embedded_contract_is_refused(smoke_run, tmp_path, edit, message):
-    run = copy_run(smoke_run, tmp_path / "run")
-    meta = json.loads((run / "model_metadata.json").read_text())
-    edit(meta)
-    (run / "model_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFileError, match=r"model_metadata\.json: " + message):
-        Predictor.from_run(run)
+    assert_edited_metadata_is_refused(smoke_run, tmp_path, edit, message)
 
 
 def rewrite_model(run: Path, change) -> dict:
