@@ -120,6 +120,7 @@ def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]
             onnx_out.append(sess.run(None, {INPUT_NAME: xb})[0])
             torch_out.append(raw(torch.from_numpy(xb)).numpy())
     a, b = np.concatenate(onnx_out), np.concatenate(torch_out)
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)  # [N, H * T], the order of the target scales
     floor = 1e-3 * module.tscale.cpu().numpy()
     return {
         "max_abs_diff": float(np.abs(a - b).max()),
@@ -220,6 +221,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         target_mode=dm.target_mode,
         series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap)},
         external_data=external_data_hashes(onnx_path),
+        horizon=dm.horizon,
     )
     embed_contract(onnx_path, contract)
     return {

@@ -51,6 +51,7 @@ def _lightning_cli_class():
             parser.link_arguments("data.features", "model.feature_names")
             parser.link_arguments("data.targets", "model.target_names")
             parser.link_arguments("data.window_size", "model.window_size")
+            parser.link_arguments("data.horizon", "model.horizon")
             parser.link_arguments("data.target_mode", "model.target_mode")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults(
@@ -135,6 +136,7 @@ def _lightning_cli_class():
             preflight.check_writable(root or self.trainer.default_root_dir)
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
+            preflight.check_calibration(self.datamodule, self.model)
             preflight.check_optimizer(self.model)
             preflight.check_monitors(self.trainer, self.model)
 

@@ -151,9 +151,14 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
     sha = need("model_sha256", str)
     if not _SHA256.fullmatch(sha):
         raise ModelFileError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
+    out_shape = meta.get("output", {}).get("shape") if isinstance(meta.get("output"), dict) else None
+    horizon = out_shape[1] if isinstance(out_shape, list) and len(out_shape) == 3 else 1
+    if len(out_shape or []) == 3 and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 2):
+        what = f"an integer >= 2 (the horizon), got {short_repr(horizon)}"
+        raise ModelFileError(f"{path}: key 'output.shape[1]' must be {what}")
     for key, expected in (
         ("input", ["batch", window, len(names["features"])]),
-        ("output", ["batch", len(names["targets"])]),
+        ("output", output_shape(horizon, len(names["targets"]))),
     ):
         io = need(key, dict)
         if not need("name", str, io, f"{key}."):
@@ -169,6 +174,17 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
 
 
 # -- the contract --------------------------------------------------------------------------------------------------
+def output_shape(horizon: int, n_targets: int) -> list:
+    """``["batch", T]`` for a one-step model (the original contract), ``["batch", H, T]`` for H steps."""
+    return ["batch", n_targets] if horizon == 1 else ["batch", horizon, n_targets]
+
+
+def horizon_of(meta: Mapping[str, Any]) -> int:
+    """The number of steps a (validated) model forecasts, from its output shape."""
+    shape = meta["output"]["shape"]
+    return shape[1] if len(shape) == 3 else 1
+
+
 def make_contract(
     window_size: int,
     features: list[dict[str, str]],
@@ -176,6 +192,7 @@ def make_contract(
     target_mode: str,
     series: dict[str, Any],
     external_data: dict[str, str],
+    horizon: int = 1,
 ) -> dict[str, Any]:
     """The contract of an export; the metadata JSON carries the same keys with the same values."""
     return {
@@ -185,7 +202,7 @@ def make_contract(
         "targets": targets,
         "target_mode": target_mode,
         "input": {"name": INPUT_NAME, "shape": ["batch", window_size, len(features)], "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(targets)], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": output_shape(horizon, len(targets)), "dtype": "float32"},
         "series": series,
         "external_data": external_data,
     }

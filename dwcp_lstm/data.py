@@ -68,7 +68,7 @@ class WindowDataset(Dataset):
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch in two gathers (the DataLoader calls this instead of __getitem__ per item)."""
         s = self.starts[torch.as_tensor(idx, dtype=torch.int64)]  # [B]
-        return self.x[s[:, None] + self._offsets], self.y[s + self.window]  # [B, W, F], [B, T]
+        return self.x[s[:, None] + self._offsets], self.y[s + self.window]  # [B, W, F], [B, H * T] step-major
 
 
 def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +110,9 @@ class Scalers:
     target_mode: str
     feature_mean: np.ndarray  # [F]
     feature_scale: np.ndarray  # [F]
-    target_mean: np.ndarray  # [T]
-    target_scale: np.ndarray  # [T]
+    target_mean: np.ndarray  # [H * T], step-major
+    target_scale: np.ndarray  # [H * T]
+    horizon: int = 1
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class DwcpDataModule(L.LightningDataModule):
         self,
         data_path: str | None = None,
         window_size: int = 20,
+        horizon: int = 1,
         batch_size: int = 64,
         split: tuple[float, float, float] = (0.70, 0.15, 0.15),
         features: list[str] = FEATURES,  # noqa: B006 (jsonargparse needs the literal default; never mutated)
@@ -160,6 +162,8 @@ class DwcpDataModule(L.LightningDataModule):
             data_path: CSV or Parquet telemetry; null = the built-in synthetic dataset under ``data_dir``, generated
                 on first use. A path you name must exist.
             window_size: rows of history per forecast.
+            horizon: rows forecast at once (direct multi-output): the targets of the ``horizon`` rows after the
+                window. Every one of them lies in the window's split.
             batch_size: windows per batch.
             split: train / val / test fractions of each series, in time order; must sum to 1.
             features: input columns, in order (the model's input width follows).
@@ -181,8 +185,11 @@ class DwcpDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         _check_config(window_size, batch_size, split, features, targets, num_workers, target_mode)
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
         _check_series_config(series_columns, time_column, duplicates, max_gap)
         self.data_path, self.window_size, self.batch_size = data_path, window_size, batch_size
+        self.horizon = horizon
         self.split, self.features, self.targets = tuple(split), list(features), list(targets)
         self.series_columns, self.time_column = list(series_columns), time_column
         self.duplicates, self.max_gap, self.num_workers, self.seed = duplicates, max_gap, num_workers, seed
@@ -200,7 +207,7 @@ class DwcpDataModule(L.LightningDataModule):
             return None
         fs, ts = self.feature_scaler, self.target_scaler
         return Scalers(tuple(self.features), tuple(self.targets), self.target_mode,
-                       fs.mean_.copy(), fs.scale_.copy(), ts.mean_.copy(), ts.scale_.copy())  # fmt: skip
+                       fs.mean_.copy(), fs.scale_.copy(), ts.mean_.copy(), ts.scale_.copy(), self.horizon)  # fmt: skip
 
     @property
     def n_features(self) -> int:
@@ -286,13 +293,15 @@ class DwcpDataModule(L.LightningDataModule):
             cuts = [a, a + n_train, a + n_train + n_val, b]
             for i, stage in enumerate(STAGES):
                 lo = max(cuts[i], a + w)  # the first target of a segment needs w rows before it
-                starts[stage].append(np.arange(lo, cuts[i + 1], dtype=np.int64) - w)
+                hi = cuts[i + 1] - (self.horizon - 1)  # and its last target lies in the same split
+                starts[stage].append(np.arange(lo, max(lo, hi), dtype=np.int64) - w)
             train_ranges.append((a, a + n_train))
         self.starts = {s: np.concatenate(v) for s, v in starts.items()}
         self.train_ranges = np.array(train_ranges, dtype=np.int64).reshape(-1, 2)  # [S, 2] contiguous per segment
         if len(self.starts["train"]) == 0:
             raise DataError(
-                f"{self.path}: no training windows (series too short for window {w} and split {self.split})"
+                f"{self.path}: no training windows (series too short for window {w}, horizon {self.horizon} and "
+                f"split {list(self.split)})"
             )
 
     def _fit_scalers(self) -> None:
@@ -308,13 +317,43 @@ class DwcpDataModule(L.LightningDataModule):
             np.subtract(self.raw_targets[1:], self.raw_targets[:-1], out=self.target_values[1:])  # no temporaries
             self.target_values[self.bounds[:, 0]] = 0.0  # no previous row in the segment; never a target
             self.target_fit_ranges = self.train_ranges + np.array([1, 0])
+        if self.horizon > 1:
+            self.target_values = self._step_targets()
+            self.target_fit_ranges = self.target_fit_ranges - np.array([0, self.horizon - 1])
         # partial_fit over each segment's contiguous slice: views, never a copy of all training rows
         self.feature_scaler = _fit_on_ranges(self.raw_features, self.train_ranges)
         self.target_scaler = _fit_on_ranges(self.target_values, self.target_fit_ranges)
-        for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.targets)):
+        for scaler, names in ((self.feature_scaler, self.features), (self.target_scaler, self.step_names)):
             for name in np.asarray(names)[scaler.var_ == 0]:  # sklearn leaves them unscaled (scale 1): harmless
                 log.warning("%s: column %r is constant on the training rows; the model cannot learn from it",
                             self.path, str(name))  # fmt: skip
+
+    def _step_targets(self) -> np.ndarray:
+        """[rows, H * T]: for the first target row t of a window, the targets of rows t .. t + H - 1, each as the
+        change from the window's last row t - 1 (delta) or as the value (level), step-major (h0 t0, h0 t1, ...).
+        Rows whose steps leave their segment are never a window's first target row; they hold 0."""
+        v, n, h_max = self.raw_targets, len(self.raw_targets), self.horizon
+        out = np.zeros((n, h_max * self.n_targets), dtype=np.float64)
+        seg = self.segment_of_row
+        for h in range(h_max):
+            block = out[:, h * self.n_targets : (h + 1) * self.n_targets]
+            if self.target_mode == "delta":
+                rows = np.arange(1, n - h)
+                ok = (seg[rows + h] == seg[rows - 1])  # the window's last row and the target in one segment
+                block[rows[ok]] = v[rows[ok] + h] - v[rows[ok] - 1]
+            else:
+                rows = np.arange(0, n - h)
+                ok = seg[rows + h] == seg[rows]
+                block[rows[ok]] = v[rows[ok] + h]
+        return out
+
+    @property
+    def step_names(self) -> list[str]:
+        """Names of the target columns in the step-major order the network predicts: ``rtt_ms`` for H = 1,
+        ``rtt_ms_h1`` .. ``rtt_ms_hH`` otherwise."""
+        if self.horizon == 1:
+            return list(self.targets)
+        return [f"{t}_h{h + 1}" for h in range(self.horizon) for t in self.targets]
 
     def _make_datasets(self) -> None:
         x, y = self._scaled_tensors()
@@ -329,10 +368,10 @@ class DwcpDataModule(L.LightningDataModule):
     def use_scalers(self, scalers: Scalers) -> None:
         """Scale with a trained model's scalers instead of this data's own (evaluating a checkpoint on other data).
         A no-op when they are the ones fitted here, as during and after fit."""
-        if (list(scalers.features), list(scalers.targets), scalers.target_mode) != (
-            self.features, self.targets, self.target_mode
+        if (list(scalers.features), list(scalers.targets), scalers.target_mode, scalers.horizon) != (
+            self.features, self.targets, self.target_mode, self.horizon
         ):
-            raise ConfigError(f"{self.path}: the model's features/targets/target_mode differ from this data's")
+            raise ConfigError(f"{self.path}: the model's features/targets/target_mode/horizon differ from this data's")
         fs, ts = self.feature_scaler, self.target_scaler
         new = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
         own = (fs.mean_, fs.scale_, ts.mean_, ts.scale_)
@@ -356,17 +395,19 @@ class DwcpDataModule(L.LightningDataModule):
             if scaler.n_samples_seen_ != count or not np.allclose(scaler.mean_, total / count, rtol=1e-5, atol=1e-6):
                 raise LeakageError(f"{name} scaler was not fitted on exactly the {count} training rows")
         seg = self.segment_of_row
+        reach = self.window_size + self.horizon - 1  # a window's last target row, from its start
         for stage, s in self.starts.items():
-            if np.any(seg[s] != seg[s + self.window_size]):
+            if np.any(seg[s] != seg[s + reach]):
                 raise LeakageError(f"a {stage} window spans two series")
-        # Split order per segment: max train target < min val target < min test target (in time).
+        # Split order per segment: the last target of every train window < the first target of any val window, and
+        # the same for val before test (in time): no target of an earlier split lies in a later one.
         t = self.timestamps
         targets = {stage: self.starts[stage] + self.window_size for stage in STAGES}
         for earlier, later in (("train", "val"), ("val", "test"), ("train", "test")):
             a, b = targets[earlier], targets[later]
             if len(a) == 0 or len(b) == 0:
                 continue
-            last = pd.Series(t[a]).groupby(seg[a]).max()
+            last = pd.Series(t[a + self.horizon - 1]).groupby(seg[a]).max()
             first = pd.Series(t[b]).groupby(seg[b]).min()
             both = last.index.intersection(first.index)
             if np.any(last[both].to_numpy() >= first[both].to_numpy()):

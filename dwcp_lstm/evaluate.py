@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from dwcp_lstm import baselines as B
+from dwcp_lstm import intervals as I
 from dwcp_lstm import plots, synthetic
 from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
@@ -22,13 +23,18 @@ GOAL_BASELINES = ("persistence", "harmonic_mean_5", "window_mean", "ridge")
 
 
 def predict_raw(module, dm, stage: str = "test") -> np.ndarray:
-    """Model forecasts in original units [N, T] for a split's windows, in loader order."""
+    """Model forecasts in original units [N, H, T] for a split's windows, in loader order."""
     module = module.cpu().eval()
     out = []
     with torch.no_grad():
         for x, _ in dm.loader(stage):
             out.append(module.unscale(module(x), x).double().numpy())
-    return np.concatenate(out) if out else np.empty((0, dm.n_targets))
+    return np.concatenate(out) if out else np.empty((0, dm.horizon, dm.n_targets))
+
+
+def step_targets(dm, stage: str) -> np.ndarray:
+    """The actual targets of a split's windows, every step: [N, H, T] (step h at row first target + h)."""
+    return dm.raw_targets[dm.target_rows(stage)[:, None] + np.arange(dm.horizon)]
 
 
 def target_history(dm, starts: np.ndarray) -> np.ndarray:
@@ -66,30 +72,44 @@ def fit_baselines(dm) -> tuple[B.RidgeBaseline, B.BoostingBaseline, np.ndarray]:
     """Ridge, boosted trees and the EWMA alpha, fit on (at most 100,000 evenly spaced) training windows."""
     train_starts = dm.starts["train"]
     pick = train_starts[B._even_subset(len(train_starts), 100_000)]
-    train_hist, train_y = target_history(dm, pick), dm.raw_targets[pick + dm.window_size]
-    ts = dm.target_scaler
+    rows = pick + dm.window_size
+    train_hist = target_history(dm, pick)
+    train_y = dm.raw_targets[rows[:, None] + np.arange(dm.horizon)].reshape(len(pick), -1)  # [N, H * T] step-major
+    ts = dm.target_scaler  # any fixed affine map of the targets: here the model's, so the scales are comparable
     x_train = scaled_windows(dm, pick)
-    ridge = B.RidgeBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)
-    gbt = B.BoostingBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)
-    return ridge, gbt, B.fit_ewma_alpha(train_hist, train_y)
+    ridge = B.RidgeBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)  # one output per step and target
+    gbt = B.BoostingBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)  # direct: one model per step and target
+    return ridge, gbt, B.fit_ewma_alpha(train_hist, train_y[:, : dm.n_targets])
 
 
 def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fitted=None) -> tuple[dict, dict]:
-    """Forecasts and metrics of every baseline on a split's windows; ``fitted`` (from :func:`fit_baselines`) is
-    reused when given, so that the test and validation comparisons share one fit."""
-    starts, rows = dm.starts[stage], dm.target_rows(stage)
+    """Forecasts of every baseline on a split's windows, every step: ``preds[name] = (p [N, H, T], mask [N])``, and
+    their step-1 metrics (``y`` [N, H, T]). ``fitted`` (from :func:`fit_baselines`) is reused when given, so that the
+    test and validation comparisons share one fit. Flat forecasters (persistence, the means) repeat their value at
+    every step; ridge and boosted trees are direct (one output per step); seasonal naive looks a period back from
+    each step's own row."""
+    starts, rows, h_max = dm.starts[stage], dm.target_rows(stage), dm.horizon
     hist = target_history(dm, starts)
     ridge, gbt, alpha = fitted if fitted is not None else fit_baselines(dm)
     ts = dm.target_scaler
     x_test = scaled_windows(dm, starts)
+
+    def flat(p: np.ndarray) -> tuple[np.ndarray, None]:
+        return np.repeat(p[:, None], h_max, axis=1), None  # [N, T] -> [N, H, T]
+
+    def direct(p: np.ndarray) -> tuple[np.ndarray, None]:
+        return (p * ts.scale_ + ts.mean_).reshape(len(p), h_max, -1), None  # [N, H * T] -> [N, H, T]
+
+    times = dm.timestamps.astype(np.float64)
+    seasonal = [B.seasonal_naive(dm.raw_targets, times, dm.segment_of_row, rows + h) for h in range(h_max)]
     forecasts = {
-        "persistence": (B.persistence(hist), None),
-        "seasonal_naive": B.seasonal_naive(dm.raw_targets, dm.timestamps.astype(np.float64), dm.segment_of_row, rows),
-        "window_mean": (B.window_mean(hist), None),
-        "ewma": (B.ewma(hist, alpha), None),
-        "harmonic_mean_5": (B.harmonic_mean(hist), None),
-        "ridge": (ridge.predict(x_test) * ts.scale_ + ts.mean_, None),
-        "gbt": (gbt.predict(x_test) * ts.scale_ + ts.mean_, None),
+        "persistence": flat(B.persistence(hist)),
+        "seasonal_naive": (np.stack([p for p, _ in seasonal], axis=1), np.all([f for _, f in seasonal], axis=0)),
+        "window_mean": flat(B.window_mean(hist)),
+        "ewma": flat(B.ewma(hist, alpha)),
+        "harmonic_mean_5": flat(B.harmonic_mean(hist)),
+        "ridge": direct(ridge.predict(x_test)),
+        "gbt": direct(gbt.predict(x_test)),
     }
     notes = {
         "persistence": "last value of the window",
@@ -106,7 +126,7 @@ def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fit
         m = np.ones(len(y), dtype=bool) if mask is None else mask
         if not m.any():
             continue
-        per_target = compute_metrics(p[m], y[m], dm.targets, mape_floor)
+        per_target = compute_metrics(p[m, 0], y[m, 0], dm.targets, mape_floor)  # step 1: the one-step figures
         results[name] = {
             "per_target": per_target,
             "overall": summarize(per_target, TARGET_CORR, TARGET_MAPE),
@@ -122,8 +142,8 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
     run_dir = Path(run_dir)
     mape_floor = float(module.hparams.get("mape_floor", 0.0))
     rows = dm.target_rows("test")
-    y = dm.raw_targets[rows]
-    pred = predict_raw(module, dm)
+    y_steps, pred_steps = step_targets(dm, "test"), predict_raw(module, dm)  # [N, H, T] each
+    y, pred = y_steps[:, 0], pred_steps[:, 0]  # step 1: every one-step figure below
     per_target = compute_metrics(pred, y, dm.targets, mape_floor)
     report: dict = {
         "run_dir": str(run_dir),
@@ -134,7 +154,8 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
         "overall": summarize(per_target, TARGET_CORR, TARGET_MAPE),
     }
     fitted = fit_baselines(dm)
-    base, base_preds = run_baselines(dm, y, mape_floor, "test", fitted)
+    base, base_steps = run_baselines(dm, y_steps, mape_floor, "test", fitted)
+    base_preds = {name: (p[:, 0], m) for name, (p, m) in base_steps.items()}  # step 1
     report["baselines"] = base
     oracle = oracle_forecasts(dm, rows)
     if oracle is not None:
@@ -156,8 +177,13 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
         if oracle is not None
         else None
     )
+    if dm.horizon > 1:
+        report["horizon"] = per_step(pred_steps, y_steps, base_steps, dm.targets)
     report["head_to_head"] = head_to_head(pred, y, base_preds, dm.targets)
-    report["validation"] = validation_head_to_head(module, dm, mape_floor, fitted)
+    val = validation_split(module, dm, mape_floor, fitted)
+    report["validation"] = validation_head_to_head(dm, val, mape_floor)
+    levels = module.hparams.get("interval_levels", I.DEFAULT_LEVELS)
+    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, levels)
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
     report["data"] = {
@@ -173,6 +199,33 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
     atomic_write(run_dir / "report.json", json.dumps(finite_or_null(report), indent=2, default=_json_default))
     atomic_write(run_dir / "report.md", markdown(report, dm.targets))
     return report
+
+
+def per_step(pred: np.ndarray, y: np.ndarray, base_steps: dict, targets: list[str]) -> dict:
+    """RMSE and MAE per horizon step (and averaged over steps) of the model and every baseline, on the windows each
+    baseline covers; ``beats_every_baseline_on_rmse`` per target and step. ``pred``/``y`` [N, H, T]."""
+
+    def errors(p: np.ndarray, m: np.ndarray) -> dict:
+        e = p[m] - y[m]  # [n, H, T]
+        rmse, mae = np.sqrt((e**2).mean(axis=0)), np.abs(e).mean(axis=0)  # [H, T]
+        return {t: {"rmse": rmse[:, j].tolist(), "mae": mae[:, j].tolist(),
+                    "rmse_mean_over_steps": float(rmse[:, j].mean()), "mae_mean_over_steps": float(mae[:, j].mean())}
+                for j, t in enumerate(targets)}  # fmt: skip
+
+    every = np.ones(len(y), dtype=bool)
+    out = {"steps": int(y.shape[1]), "model": errors(pred, every), "baselines": {}, "model_on_baseline_windows": {}}
+    beats = np.ones(y.shape[1:], dtype=bool)  # [H, T]
+    for name, (p, m) in base_steps.items():
+        if not m.any():
+            continue
+        out["baselines"][name] = errors(p, m)
+        mine = errors(pred, m)
+        if not m.all():
+            out["model_on_baseline_windows"][name] = mine
+        beats &= np.array([[mine[t]["rmse"][h] < out["baselines"][name][t]["rmse"][h] for t in targets]
+                           for h in range(y.shape[1])])  # fmt: skip
+    out["beats_every_baseline_on_rmse"] = {t: beats[:, j].tolist() for j, t in enumerate(targets)}
+    return out
 
 
 def per_link(dm, rows, pred, y, persist, mape_floor: float) -> dict:
@@ -212,19 +265,92 @@ def head_to_head(pred: np.ndarray, y: np.ndarray, base_preds: dict, targets: lis
     return out
 
 
-def validation_head_to_head(module, dm, mape_floor: float, fitted=None) -> dict | None:
-    """The same comparison on the validation split: where settings (loss, window, epochs) get chosen, so that the
-    test split stays an untouched verdict."""
+def validation_split(module, dm, mape_floor: float, fitted) -> dict | None:
+    """The model's and the baselines' forecasts on the validation split, every step (None without val windows):
+    shared by the validation head-to-head and the interval calibration."""
     if len(dm.starts["val"]) == 0:
         return None
-    y = dm.raw_targets[dm.target_rows("val")]
-    pred = predict_raw(module, dm, "val")
-    _, base_preds = run_baselines(dm, y, mape_floor, "val", fitted)
+    y_steps = step_targets(dm, "val")
+    _, base_steps = run_baselines(dm, y_steps, mape_floor, "val", fitted)
+    return {"y": y_steps, "pred": predict_raw(module, dm, "val"), "baselines": base_steps,
+            "hist": target_history(dm, dm.starts["val"])}  # fmt: skip
+
+
+def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | None:
+    """The same comparison on the validation split: where settings (loss, window, epochs) get chosen, so that the
+    test split stays an untouched verdict."""
+    if val is None:
+        return None
+    y, pred = val["y"][:, 0], val["pred"][:, 0]
+    base_preds = {name: (p[:, 0], m) for name, (p, m) in val["baselines"].items()}
     return {
         "windows": len(y),
         "per_target": compute_metrics(pred, y, dm.targets, mape_floor),
         "head_to_head": head_to_head(pred, y, base_preds, dm.targets),
     }
+
+
+def interval_report(dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, levels) -> dict | None:
+    """Split conformal intervals calibrated on the validation split, judged on the test split: per target and
+    level, coverage, mean width and Winkler score pooled over steps and per step, the same for the mean over the
+    first k steps, coverage per link (the worst named), conformal persistence and ridge built the same way, and a
+    reliability curve. None when the validation split cannot calibrate the widest level."""
+    levels = I.check_levels(levels)
+    if val is None or len(val["y"]) < I.windows_needed(levels):
+        return None
+    hist = target_history(dm, dm.starts["test"])
+    cal, choice = I.choose(val["pred"], val["y"], val["hist"], levels)
+    b = I.intervals(cal, pred, hist)
+    steps = I.interval_scores(b["lower"], b["upper"], y, levels)  # [L, H, T] each
+    mean_y = np.cumsum(y, axis=1) / np.arange(1, y.shape[1] + 1)[None, :, None]
+    means = I.interval_scores(b["mean_lower"], b["mean_upper"], mean_y, levels)
+    names = dm.series_names(dm.target_rows("test"))
+    inside = (y[:, None] >= b["lower"]) & (y[:, None] <= b["upper"])  # [N, L, H, T]
+    links = {str(n): inside[names == n].mean(axis=(0, 2)) for n in pd.unique(names)}  # [L, T] each
+
+    baselines = {}
+    for name in ("persistence", "ridge"):
+        (vp, vm), (tp, tm) = val["baselines"][name], base_steps[name]
+        bcal, _ = I.choose(vp[vm], val["y"][vm], val["hist"][vm], levels)
+        bb = I.intervals(bcal, tp[tm], hist[tm])
+        baselines[name] = I.interval_scores(bb["lower"], bb["upper"], y[tm], levels)
+
+    grid = [v for v in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if I.windows_needed([v]) <= len(val["y"])]
+    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive)
+    rb = I.intervals(rcal, pred, hist)
+    reliability = I.interval_scores(rb["lower"], rb["upper"], y, grid)["coverage"].mean(axis=1)  # [G, T]
+
+    out: dict = {"calibration": cal.to_dict(), "choice_winkler": choice, "windows": len(y), "per_target": {}}
+    for j, t in enumerate(dm.targets):
+        out["per_target"][t] = {}
+        for i, level in enumerate(levels):
+            worst = min(links, key=lambda n, i=i, j=j: links[n][i, j])
+            out["per_target"][t][f"{100 * level:g}"] = {
+                "coverage": float(steps["coverage"][i, :, j].mean()),
+                "width": float(steps["width"][i, :, j].mean()),
+                "winkler": float(steps["winkler"][i, :, j].mean()),
+                "coverage_per_step": steps["coverage"][i, :, j].tolist(),
+                "width_per_step": steps["width"][i, :, j].tolist(),
+                "mean_over_k_coverage": means["coverage"][i, :, j].tolist(),
+                "mean_over_k_width": means["width"][i, :, j].tolist(),
+                "worst_link": worst,
+                "worst_link_coverage": float(links[worst][i, j]),
+                **{f"{name}_winkler": float(sc["winkler"][i, :, j].mean()) for name, sc in baselines.items()},
+                **{f"{name}_coverage": float(sc["coverage"][i, :, j].mean()) for name, sc in baselines.items()},
+            }
+    out["reliability"] = {"nominal": grid, "empirical": {t: reliability[:, j].tolist() for j, t in
+                                                         enumerate(dm.targets)}}  # fmt: skip
+    out["checks"] = {
+        "coverage_within_2_points": {t: all(abs(v["coverage"] - float(k) / 100) <= 0.02 for k, v in m.items())
+                                     for t, m in out["per_target"].items()},
+        "worst_link_within_10_points": {t: all(abs(v["worst_link_coverage"] - float(k) / 100) <= 0.10
+                                               for k, v in m.items()) for t, m in out["per_target"].items()},
+        "winkler_below_conformal_persistence_and_ridge": {
+            t: all(v["winkler"] < v["persistence_winkler"] and v["winkler"] < v["ridge_winkler"] for v in m.values())
+            for t, m in out["per_target"].items()
+        },
+    }  # fmt: skip
+    return out
 
 
 def checks(report: dict, mse: dict, targets: list[str]) -> dict:
@@ -403,6 +529,36 @@ def markdown(report: dict, targets: list[str]) -> str:
     for link, m in report["per_link"].items():
         cells = " | ".join(f"{_fmt(m[t]['rmse'])} | {_fmt(m[t]['skill'])}" for t in targets)
         lines.append(f"| {link} | {m['windows']} | {cells} |")
+    if report.get("horizon"):
+        steps = report["horizon"]
+        lines += ["", f"## Per horizon step (RMSE, steps 1..{steps['steps']})", "",
+                  "Every figure above is step 1. Model RMSE per step, the best baseline's beside it:", "",
+                  "| target | step | model | best baseline | beats every baseline |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for t in targets:
+            for h in range(steps["steps"]):
+                best = min(steps["baselines"], key=lambda b, h=h, t=t: steps["baselines"][b][t]["rmse"][h])
+                lines.append(
+                    f"| {t} | {h + 1} | {_fmt(steps['model'][t]['rmse'][h])} | "
+                    f"{_fmt(steps['baselines'][best][t]['rmse'][h])} ({best}) | "
+                    f"{_fmt(steps['beats_every_baseline_on_rmse'][t][h])} |"
+                )
+    if report.get("intervals"):
+        iv = report["intervals"]
+        cal = iv["calibration"]
+        lines += ["", f"## Prediction intervals (split conformal, {cal['windows']} validation windows)", "",
+                  "Pooled over steps; persistence and ridge get conformal intervals built the same way. Scale per "
+                  "target: " + ", ".join(f"{t} {'adaptive' if a else 'plain'}"
+                                         for t, a in zip(targets, cal["adaptive"], strict=True)) + ".", "",
+                  "| target | level | coverage | width | Winkler | persistence Winkler | ridge Winkler | worst link |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for t in targets:
+            for level, v in iv["per_target"][t].items():
+                lines.append(
+                    f"| {t} | {level} % | {100 * v['coverage']:.1f} % | {_fmt(v['width'])} | {_fmt(v['winkler'])} | "
+                    f"{_fmt(v['persistence_winkler'])} | {_fmt(v['ridge_winkler'])} | "
+                    f"{v['worst_link']} {100 * v['worst_link_coverage']:.1f} % |"
+                )
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots.FILES if (Path(report["run_dir"]) / p).exists()]
     lines += ["", "## Production readiness", ""]

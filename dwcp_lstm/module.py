@@ -14,6 +14,7 @@ from torchmetrics import MeanMetric
 
 from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, Scalers
 from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.intervals import check_levels
 from dwcp_lstm.metrics import ForecastMetrics, summarize
 from dwcp_lstm.model import StackedLSTM
 
@@ -21,24 +22,27 @@ LOSSES = ("mse", "huber", "l1")
 
 
 class RawForecaster(nn.Module):
-    """Raw metrics [B, W, F] -> raw forecasts [B, T]: the train-fit scalers baked in on both sides (what ONNX ships).
+    """Raw metrics [B, W, F] -> raw forecasts [B, H, T] ([B, T] for H = 1): the train-fit scalers baked in on both
+    sides (what ONNX ships).
 
     With ``target_index`` (delta mode) the network's output is the change from the window's last raw value of each
     target, which is added back inside the graph.
     """
 
-    def __init__(self, net: nn.Module, fmean, fscale, tmean, tscale, target_index=None) -> None:
+    def __init__(self, net: nn.Module, fmean, fscale, tmean, tscale, target_index=None, horizon: int = 1) -> None:
         super().__init__()
         self.net = net
         for name, v in (("fmean", fmean), ("fscale", fscale), ("tmean", tmean), ("tscale", tscale)):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
         self.target_index = None if target_index is None else [int(i) for i in target_index]
+        self.horizon = horizon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, T]
+        out = self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, H * T]
+        out = out.reshape(out.shape[0], self.horizon, -1)  # [B, H, T], step-major
         if self.target_index is not None:
-            out = out + x[:, -1, self.target_index]  # + last raw value of each target [B, T]
-        return out
+            out = out + x[:, -1, self.target_index].unsqueeze(1)  # + last raw value of each target
+        return out[:, 0] if self.horizon == 1 else out  # H = 1: [B, T], the one-step contract
 
 
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
@@ -68,6 +72,7 @@ class DwcpForecaster(L.LightningModule):
         feature_names: input columns in order (linked from ``data.features``; sets the input width).
         target_names: forecast columns in order (linked from ``data.targets``; sets the output width).
         window_size: rows per window (linked from ``data.window_size``; fixes the exported input shape).
+        horizon: rows forecast at once (linked from ``data.horizon``): the head has ``horizon x targets`` outputs.
         target_mode: ``delta`` or ``level`` (linked from ``data.target_mode``): what the network's output means.
         lstm_sizes: hidden sizes of the stacked LSTM layers.
         head_sizes: widths of the dense head's hidden layers.
@@ -78,6 +83,8 @@ class DwcpForecaster(L.LightningModule):
         huber_delta: where Huber turns from quadratic to linear, in target standard deviations.
         loss_weights: per-target weights of the loss on scaled targets; null = equal.
         mape_floor: MAPE skips targets with ``|y| <= mape_floor`` (see :mod:`dwcp_lstm.metrics`).
+        interval_levels: nominal coverage of the prediction intervals, calibrated on the validation split after
+            training (see :mod:`dwcp_lstm.intervals`); the validation split must hold enough windows for the widest.
         optimizer: optimizer factory (Adam, lr 1e-3 by default).
         scheduler: LR scheduler factory; null = ReduceLROnPlateau(factor 0.5, patience 5) on val_loss.
     """
@@ -87,6 +94,7 @@ class DwcpForecaster(L.LightningModule):
         feature_names: list[str] = FEATURES,  # noqa: B006 (literal defaults for the CLI; never mutated)
         target_names: list[str] = TARGETS,  # noqa: B006
         window_size: int = 20,
+        horizon: int = 1,
         target_mode: str = "delta",
         lstm_sizes: tuple[int, ...] = (256, 128, 64),
         head_sizes: tuple[int, ...] = (128, 64, 32),
@@ -95,6 +103,7 @@ class DwcpForecaster(L.LightningModule):
         huber_delta: float = 1.0,
         loss_weights: list[float] | None = None,
         mape_floor: float = 0.0,
+        interval_levels: list[float] = [0.8, 0.95],  # noqa: B006 (literal default for the CLI; never mutated)
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -103,13 +112,18 @@ class DwcpForecaster(L.LightningModule):
         if not feature_names or not target_names:
             raise ConfigError("--data.features and --data.targets must not be empty")
         _check_sizes(window_size, lstm_sizes, head_sizes, head_dropouts, mape_floor)
-        self.net = StackedLSTM(len(feature_names), len(target_names), lstm_sizes, head_sizes, head_dropouts)
+        check_levels(interval_levels)
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
+        self.horizon = horizon
+        n_out = len(target_names) * horizon  # step-major: all targets of step 1, then of step 2, ...
+        self.net = StackedLSTM(len(feature_names), n_out, lstm_sizes, head_sizes, head_dropouts)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
         if w.shape != (n_t,) or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
             raise ConfigError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, got {loss_weights}")
-        self.register_buffer("loss_weights", w / w.mean())
+        self.register_buffer("loss_weights", (w / w.mean()).repeat(horizon))  # the same weight at every step
         if loss not in LOSSES:
             raise ConfigError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not (huber_delta > 0 and math.isfinite(huber_delta)):
@@ -125,8 +139,8 @@ class DwcpForecaster(L.LightningModule):
         # Scaler parameters: copied from the DataModule in setup(), saved in every checkpoint.
         self.register_buffer("fmean", torch.zeros(n_f))
         self.register_buffer("fscale", torch.ones(n_f))
-        self.register_buffer("tmean", torch.zeros(n_t))
-        self.register_buffer("tscale", torch.ones(n_t))
+        self.register_buffer("tmean", torch.zeros(n_t * horizon))
+        self.register_buffer("tscale", torch.ones(n_t * horizon))
         # keys are "<stage>_metrics": a bare "train" would shadow nn.Module.train
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": ForecastMetrics(target_names, mape_floor) for s in ("train", "val", "test")}
@@ -165,15 +179,15 @@ class DwcpForecaster(L.LightningModule):
         """The scalers in the buffers (those of the training data once fitted or restored)."""
         h = self.hparams
         values = (getattr(self, n).double().cpu().numpy() for n in ("fmean", "fscale", "tmean", "tscale"))
-        return Scalers(tuple(h.feature_names), tuple(h.target_names), h.target_mode, *values)
+        return Scalers(tuple(h.feature_names), tuple(h.target_names), h.target_mode, *values, self.horizon)
 
     def set_scalers(self, scalers: Scalers) -> None:
         """Copy a dataset's train-fit scalers into the buffers (they travel in every checkpoint and the export)."""
         h = self.hparams
-        if (list(scalers.features), list(scalers.targets), scalers.target_mode) != (
-            list(h.feature_names), list(h.target_names), h.target_mode
+        if (list(scalers.features), list(scalers.targets), scalers.target_mode, scalers.horizon) != (
+            list(h.feature_names), list(h.target_names), h.target_mode, self.horizon
         ):
-            raise ConfigError("the model's feature/target names or target_mode differ from the data's (link them)")
+            raise ConfigError("the model's features/targets/target_mode/horizon differ from the data's (link them)")
         values = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
         for name, v in zip(("fmean", "fscale", "tmean", "tscale"), values, strict=True):
             getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
@@ -181,19 +195,19 @@ class DwcpForecaster(L.LightningModule):
     def raw_forecaster(self) -> RawForecaster:
         """The network with its scalers baked in, for export and raw-unit inference."""
         index = self.target_index if self.delta else None
-        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index)
+        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index, self.horizon)
 
     def unscale(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Scaled network output (or target) [B, T] of scaled windows x [B, W, F] -> original units [B, T]."""
-        out = y * self.tscale + self.tmean
+        """Scaled network output (or target) [B, H * T] of scaled windows x [B, W, F] -> original units [B, H, T]."""
+        out = (y * self.tscale + self.tmean).reshape(len(y), self.horizon, -1)  # [B, H, T]
         if self.delta:
             i = self.target_index
-            out = out + x[:, -1, i] * self.fscale[i] + self.fmean[i]  # + the window's last raw value
+            out = out + (x[:, -1, i] * self.fscale[i] + self.fmean[i]).unsqueeze(1)  # + the window's last raw value
         return out
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch  # [B, W, F], [B, T] (scaled)
+        x, y = batch  # [B, W, F], [B, H * T] (scaled, step-major)
         pred = self(x)
         loss = (self._elementwise_loss(pred, y) * self.loss_weights).mean()
         if stage == "train" and not torch.isfinite(loss):
@@ -201,7 +215,10 @@ class DwcpForecaster(L.LightningModule):
                 f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}; "
                 "lower the learning rate or set trainer.gradient_clip_val"
             )
-        self.metrics[f"{stage}_metrics"].update(self.unscale(pred.detach(), x), self.unscale(y, x))
+        n_t = len(self.hparams.target_names)  # metrics pooled over the horizon's steps: [B * H, T]
+        self.metrics[f"{stage}_metrics"].update(
+            self.unscale(pred.detach(), x).reshape(-1, n_t), self.unscale(y, x).reshape(-1, n_t)
+        )
         # val/test losses are averaged over ranks under DDP: checkpointing and early stopping must agree on them
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x),
                  sync_dist=stage != "train")  # fmt: skip
@@ -245,7 +262,8 @@ class DwcpForecaster(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        return self.unscale(self(x), x)  # raw units [B, T]
+        out = self.unscale(self(x), x)  # raw units [B, H, T]
+        return out[:, 0] if self.horizon == 1 else out
 
     def _log_metrics(self, stage: str) -> None:
         per_target = self.metrics[f"{stage}_metrics"].compute()  # syncs across ranks under DDP

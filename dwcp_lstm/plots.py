@@ -15,6 +15,8 @@ FILES = (
     "timeseries.png",
     "error_distribution.png",
     "baselines.png",
+    "horizon.png",
+    "reliability.png",
 )
 
 
@@ -29,6 +31,8 @@ def write_all(run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict
         "timeseries.png": lambda: timeseries(dm, y, pred, base_preds["persistence"][0]),
         "error_distribution.png": lambda: errors(y, pred, dm.targets),
         "baselines.png": lambda: comparison(report, dm.targets),
+        "horizon.png": lambda: horizon_errors(report, dm.targets),
+        "reliability.png": lambda: reliability(report, dm.targets),
     }
     figs = {}
     for name, make in makers.items():
@@ -139,5 +143,39 @@ def comparison(report: dict, targets: list[str]) -> plt.Figure:
         ax.axvline(1.0, color="k", lw=1, ls="--")
         ax.set(title=t, xlabel="RMSE / RMSE of persistence")
         ax.invert_yaxis()
+    fig.tight_layout()
+    return fig
+
+
+def horizon_errors(report: dict, targets: list[str]) -> plt.Figure | None:
+    """RMSE per horizon step of the model and every baseline (multi-step runs only)."""
+    steps = report.get("horizon")
+    if not steps:
+        return None
+    n = len(targets)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
+    h = np.arange(1, steps["steps"] + 1)
+    for t, ax in zip(targets, axes[0], strict=True):
+        for name, errs in steps["baselines"].items():
+            ax.plot(h, errs[t]["rmse"], lw=1, alpha=0.7, label=name)
+        ax.plot(h, steps["model"][t]["rmse"], color="k", lw=2, label="model")
+        ax.set(title=t, xlabel="horizon step", ylabel="RMSE")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def reliability(report: dict, targets: list[str]) -> plt.Figure | None:
+    """Nominal vs empirical coverage of the conformal intervals on the test split, per target."""
+    iv = report.get("intervals")
+    if not iv:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    nominal = np.asarray(iv["reliability"]["nominal"])
+    ax.plot([0, 1], [0, 1], color="k", lw=1, ls="--")
+    for t in targets:
+        ax.plot(nominal, iv["reliability"]["empirical"][t], marker="o", ms=3, label=t)
+    ax.set(xlabel="nominal coverage", ylabel="test coverage", title="Reliability", xlim=(0.45, 1), ylim=(0.45, 1))
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -20,11 +20,13 @@ from lightning.fabric.utilities.cloud_io import _load as lightning_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 
-from dwcp_lstm.errors import CheckpointError, ConfigError
+from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.tables import atomic_path, atomic_write, first_line
 
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
-CONTRACT_HPARAMS = ("feature_names", "target_names", "window_size", "target_mode", "lstm_sizes", "head_sizes")
+CONTRACT_HPARAMS = (
+    "feature_names", "target_names", "window_size", "horizon", "target_mode", "lstm_sizes", "head_sizes",
+)  # fmt: skip
 # Config keys a resumed run may change: how long and how verbosely it runs, where, and which extra callbacks it has.
 # Everything else (model, data, optimizer, seeds, early stopping, checkpointing) is restored from the checkpoint's
 # state, so a changed value would be recorded in config.yaml while the run kept the old one.
@@ -149,6 +151,20 @@ def check_trainer_config(trainer: dict, seed) -> None:
         raise ConfigError(f"--trainer.val_check_interval must be {what}, got {interval!r}")
     if not isinstance(seed, bool) and seed is not None and not (0 <= seed <= 2**32 - 1):
         raise ConfigError(f"--seed_everything must be in [0, 2**32 - 1] (numpy's range), got {seed}")
+
+
+def check_calibration(dm, model) -> None:
+    """The validation split holds enough windows to calibrate the widest interval level (found now, not after the
+    training compute)."""
+    from dwcp_lstm.intervals import windows_needed
+
+    levels = model.hparams.get("interval_levels") or ()
+    need, have = windows_needed(levels), len(dm.starts["val"])
+    if levels and have < need:
+        raise DataError(
+            f"{dm.path}: the validation split has {have} windows; calibrating {100 * max(levels):g} % intervals "
+            f"needs at least {need} (more data, a larger validation fraction, or lower --model.interval_levels)"
+        )
 
 
 def check_splits(dm) -> None:

@@ -58,6 +58,7 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         ("features", dm.features, h.get("feature_names")),
         ("targets", dm.targets, h.get("target_names")),
         ("window_size", dm.window_size, h.get("window_size")),
+        ("horizon", dm.horizon, h.get("horizon", 1)),
         ("target_mode", dm.target_mode, h.get("target_mode")),
     ):
         if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):

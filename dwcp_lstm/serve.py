@@ -26,8 +26,10 @@ from dwcp_lstm.contract import (
     compare_contract,
     contract_of,
     external_path,
+    horizon_of,
     load_metadata,
     model_path_of,
+    output_shape,
     parse_embedded,
 )
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
@@ -79,6 +81,12 @@ class Predictor:
         self.window: int = self.metadata["window_size"]
         self.features: list[str] = [c["name"] for c in self.metadata["features"]]
         self.targets: list[str] = [c["name"] for c in self.metadata["targets"]]
+        self.horizon: int = horizon_of(self.metadata)
+        # output columns: the targets for a one-step model, else <target>_h1 .. <target>_hH (step-major)
+        self.columns: list[str] = (
+            list(self.targets) if self.horizon == 1
+            else [f"{t}_h{h + 1}" for h in range(self.horizon) for t in self.targets]
+        )  # fmt: skip
         self.units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["targets"]}
         self.feature_units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["features"]}
         self.input_name: str = self.metadata["input"]["name"]
@@ -116,7 +124,7 @@ class Predictor:
         """The graph's single input and output must be the metadata's names, float32, with the same fixed dims."""
         for kind, args, name, expected in (
             ("input", self.session.get_inputs(), self.input_name, [self.window, len(self.features)]),
-            ("output", self.session.get_outputs(), self.output_name, [len(self.targets)]),
+            ("output", self.session.get_outputs(), self.output_name, output_shape(self.horizon, len(self.targets))[1:]),
         ):
             names = [a.name for a in args]
             if names != [name]:
@@ -151,12 +159,14 @@ class Predictor:
             self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})[0]
             for i in range(0, len(x), CHUNK)
         ]
-        y = np.concatenate(out) if out else np.empty((0, len(self.targets)), np.float32)  # [B, T]
-        bad = ~np.isfinite(y)
+        shape = (0, *output_shape(self.horizon, len(self.targets))[1:])
+        y = np.concatenate(out) if out else np.empty(shape, np.float32)  # [B, T] or [B, H, T]
+        flat = y.reshape(len(y), -1)  # [B, H * T], the order of self.columns
+        bad = ~np.isfinite(flat)
         if bad.any():  # float32 overflow inside the graph: a NaN/inf forecast must not pass as a number
             b, j = (int(i) for i in np.argwhere(bad)[0])
             raise DataError(
-                f"{source}: window {b + 1}: the forecast of {self.targets[j]!r} is {y[b, j]} "
+                f"{source}: window {b + 1}: the forecast of {self.columns[j]!r} is {flat[b, j]} "
                 "(inputs far outside the range the model was trained on)"
             )
         return y
@@ -175,8 +185,9 @@ class Predictor:
             source: how error messages name the input.
 
         Returns:
-            one series: ``{target: value}`` in raw units (see :attr:`units`); a batch: a DataFrame [B, T] with one
-            column per target and the units in ``.attrs["units"]``.
+            one series: ``{column: value}`` in raw units (see :attr:`units`; the columns are the targets, or
+            ``<target>_h<k>`` for the k-th step of a multi-step model); a batch: a DataFrame with those columns and
+            the units in ``.attrs["units"]``.
         """
         if isinstance(history, np.ndarray) and history.ndim == 3:
             self._check_columns(columns, source)
@@ -184,8 +195,8 @@ class Predictor:
         x = self._series_array(history, columns, source)  # [rows, F]
         if len(x) < self.window:
             raise DataError(f"{source}: {len(x)} rows given, the model needs at least {self.window} (window_size)")
-        y = self.predict_windows(x[None, -self.window :], source)[0]  # [T]
-        return {t: float(v) for t, v in zip(self.targets, y, strict=True)}
+        y = self.predict_windows(x[None, -self.window :], source).reshape(-1)  # [H * T]
+        return {c: float(v) for c, v in zip(self.columns, y, strict=True)}
 
     def predict_rolling(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -258,8 +269,8 @@ class Predictor:
         return x.astype(np.float32, copy=False)
 
     def _frame(self, y: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
-        df = pd.DataFrame(y, columns=self.targets, index=index)
-        df.attrs["units"] = dict(self.units)
+        df = pd.DataFrame(y.reshape(len(y), -1), columns=self.columns, index=index)
+        df.attrs["units"] = {c: self.units[c.rsplit("_h", 1)[0] if c not in self.units else c] for c in self.columns}
         return df
 
 
@@ -295,8 +306,9 @@ def forecast_table(
         windows = np.stack([x[b - w : b] for _, b in bounds])  # [S, W, F]
         y = predictor.predict_windows(windows, str(path))  # [S, T]
     out = df.loc[last_rows, [*series, time]].reset_index(drop=True)
-    for j, t in enumerate(predictor.targets):
-        out[t] = y[:, j]
+    flat = y.reshape(len(y), -1)  # [S, H * T] in the order of predictor.columns
+    for j, c in enumerate(predictor.columns):
+        out[c] = flat[:, j]
     return out
 
 

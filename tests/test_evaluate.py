@@ -51,11 +51,11 @@ def evaluated(tmp_path_factory):
     torch.manual_seed(0)
     module = DwcpForecaster(lstm_sizes=(16,), head_sizes=(8,), head_dropouts=())
     module.set_scalers(dm.scalers)
-    return E.evaluate(module, dm, tmp), dm, tmp, oracle
+    return E.evaluate(module, dm, tmp), dm, tmp, oracle, module
 
 
 def test_report_figures_follow_from_its_own_mse(evaluated):
-    report, dm, run, _ = evaluated
+    report, dm, run, *_ = evaluated
     mse = report["mse"]
     for t in dm.targets:
         m, p, o = mse["model"][t], mse["persistence"][t], mse["oracle"][t]
@@ -68,7 +68,7 @@ def test_report_figures_follow_from_its_own_mse(evaluated):
 
 
 def test_oracle_join_matches_the_sidecar_row_by_row(evaluated):
-    _, dm, _, oracle = evaluated
+    _, dm, _, oracle, _ = evaluated
     rows = dm.target_rows("test")
     got = E.oracle_forecasts(dm, rows)
     keys = dm.frame_keys.iloc[rows - 1].reset_index(drop=True)  # the oracle at the window's last row
@@ -82,6 +82,38 @@ def test_oracle_join_matches_the_sidecar_row_by_row(evaluated):
 
 
 def test_per_link_splits_the_windows_by_link(evaluated):
-    report, dm, _, _ = evaluated
+    report, dm, *_ = evaluated
     names = pd.Series(dm.series_names(dm.target_rows("test")))
     assert {k: v["windows"] for k, v in report["per_link"].items()} == names.value_counts().to_dict()
+
+
+def test_interval_report_figures_follow_from_its_calibration(evaluated):
+    """Coverage recomputed by hand from the calibration the report records: forecast + scale x [lo, hi]."""
+    report, dm, run, *_ = evaluated
+    iv = report["intervals"]
+    cal = iv["calibration"]
+    assert cal["levels"] == [0.8, 0.95] and cal["windows"] == len(dm.starts["val"])
+    for t in dm.targets:
+        for level in ("80", "95"):
+            v = iv["per_target"][t][level]
+            assert 0.0 <= v["coverage"] <= 1.0 and v["width"] > 0 and v["winkler"] >= v["width"]
+            assert len(v["coverage_per_step"]) == dm.horizon and v["worst_link_coverage"] <= v["coverage"] + 1e-12
+    # by hand for one target and level
+    from dwcp_lstm.intervals import volatility
+
+    hist = E.target_history(dm, dm.starts["test"])
+    y = E.step_targets(dm, "test")
+    module_pred = E.predict_raw(evaluated_module(evaluated), dm)
+    j, i = 1, 0
+    scale = np.maximum(volatility(hist)[:, j], cal["floor"][j]) if cal["adaptive"][j] else np.ones(len(y))
+    lower = module_pred[:, 0, j] + scale * cal["lo"][i][0][j]
+    upper = module_pred[:, 0, j] + scale * cal["hi"][i][0][j]
+    coverage = ((y[:, 0, j] >= lower) & (y[:, 0, j] <= upper)).mean()
+    assert iv["per_target"][dm.targets[j]]["80"]["coverage"] == pytest.approx(coverage)
+    assert "## Prediction intervals" in (run / "report.md").read_text() and (run / "reliability.png").exists()
+    assert set(iv["checks"]) == {"coverage_within_2_points", "worst_link_within_10_points",
+                                 "winkler_below_conformal_persistence_and_ridge"}  # fmt: skip
+
+
+def evaluated_module(evaluated):
+    return evaluated[4]

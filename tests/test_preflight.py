@@ -163,6 +163,8 @@ CONFIG_CASES = [
     ("zero-val-every", ["--trainer.check_val_every_n_epoch=0"], "--trainer.check_val_every_n_epoch must be"),
     ("zero-val-interval", ["--trainer.val_check_interval=0"], "--trainer.val_check_interval must be"),
     ("negative-seed", ["--seed_everything=-5"], "--seed_everything must be in [0, 2**32 - 1]"),
+    ("too-few-to-calibrate", ["--data.split=[0.94,0.01,0.05]"], "calibrating 95 % intervals needs at least 39"),
+    ("bad-levels", ["--model.interval_levels=[0.8,1.2]"], "--model.interval_levels must be distinct numbers"),
     ("batch-of-one", ["--data.batch_size=1"], "--data.batch_size must be >= 2"),
     ("empty-lstm", ["--model.lstm_sizes=[]"], "--model.lstm_sizes must list at least one layer size"),
     ("zero-lstm", ["--model.lstm_sizes=[64,0]"], "--model.lstm_sizes must be positive integers"),

@@ -1,0 +1,166 @@
+"""Prediction intervals by split conformal calibration on the validation split (numpy only, no torch).
+
+For each target and horizon step the signed residual ``y - forecast`` of every validation window is divided by a
+scale and its empirical quantiles give the interval ``forecast + scale * [q_lo, q_hi]`` at each nominal level:
+equal tails, ``q_lo`` the ``floor((n + 1) alpha / 2)``-th smallest score and ``q_hi`` the
+``ceil((n + 1) (1 - alpha / 2))``-th, so that each tail holds at most ``alpha / 2`` of exchangeable new windows
+(Vovk et al. 2005; Lei et al., JASA 2018). Asymmetric bounds follow skewed targets (loss and jitter cannot go far
+below zero).
+
+Two scales are tried: 1 (plain split conformal) and, *locally adaptive*, the standard deviation of the target's
+one-step changes inside the window itself (floored at 5 % of its median), so that a volatile window gets a wider
+interval. The one with the lower interval (Winkler) score in a two-fold split of the validation windows is used,
+then calibrated on all of them. A transfer sees the *average* throughput over its duration, and the bound of an
+average is not the average of per-step bounds: the mean over the first k steps (k = 1..H) is calibrated the same way,
+on its own residuals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dwcp_lstm.errors import ConfigError, DataError
+
+DEFAULT_LEVELS = (0.8, 0.95)
+
+
+def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
+    """Nominal coverage levels: each in (0, 1), no repeats."""
+    levels = tuple(float(v) for v in levels)
+    if not levels or any(not (0.0 < v < 1.0) for v in levels) or len(set(levels)) != len(levels):
+        raise ConfigError(f"--model.interval_levels must be distinct numbers in (0, 1), got {list(levels)}")
+    return levels
+
+
+def windows_needed(levels: Sequence[float]) -> int:
+    """Calibration windows that the widest level needs: ``floor((n + 1) alpha / 2) >= 1``."""
+    alpha = 1.0 - max(levels)
+    return math.ceil(round(2.0 / alpha, 9)) - 1  # rounded: 1 - 0.8 is 0.19999999999999996 in floating point
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Everything needed to turn forecasts into intervals; arrays are [L, H, T] (levels, steps, targets)."""
+
+    levels: tuple[float, ...]
+    adaptive: np.ndarray  # [T] bool: the target's scale is the window's volatility (else 1)
+    lo: np.ndarray  # quantile of the scaled residual for the lower bound, per level, step, target
+    hi: np.ndarray
+    mean_lo: np.ndarray  # the same for the mean over the first k steps (the H axis is k - 1)
+    mean_hi: np.ndarray
+    floor: np.ndarray  # [T] smallest scale (adaptive only)
+    windows: int  # calibration windows
+
+    def to_dict(self) -> dict:
+        return {
+            "levels": list(self.levels),
+            "adaptive": self.adaptive.tolist(),
+            "scale": "adaptive: std of the window's one-step changes (floored at floor); else 1",
+            "windows": self.windows,
+            "floor": self.floor.tolist(),
+            "lo": self.lo.tolist(),
+            "hi": self.hi.tolist(),
+            "mean_lo": self.mean_lo.tolist(),
+            "mean_hi": self.mean_hi.tolist(),
+        }
+
+
+def volatility(hist: np.ndarray) -> np.ndarray:
+    """[N, W, T] raw target history -> [N, T]: the standard deviation of the one-step changes in the window."""
+    return np.diff(hist, axis=1).std(axis=1)
+
+
+def _scale(hist: np.ndarray, adaptive: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """[N, 1, T] scale of each window's residuals: its volatility for adaptive targets, 1 for the others."""
+    return np.where(adaptive, np.maximum(volatility(hist), floor), 1.0)[:, None, :]
+
+
+def _quantiles(scores: np.ndarray, levels: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """[n, H, T] scores -> lower and upper conformal quantiles [L, H, T] (finite-sample ranks, equal tails)."""
+    n = len(scores)
+    s = np.sort(scores, axis=0)
+    lo, hi = [], []
+    for level in levels:
+        alpha = 1.0 - level
+        k_lo = math.floor(round((n + 1) * alpha / 2, 9))  # 1-based ranks; rounded against 1 - 0.8 = 0.1999...
+        k_hi = math.ceil(round((n + 1) * (1 - alpha / 2), 9))
+        if k_lo < 1 or k_hi > n:
+            raise DataError(
+                f"{n} validation windows cannot calibrate a {100 * level:g} % interval: it needs at least "
+                f"{windows_needed([level])}"
+            )
+        lo.append(s[k_lo - 1])
+        hi.append(s[k_hi - 1])
+    return np.stack(lo), np.stack(hi)
+
+
+def _running_mean(a: np.ndarray) -> np.ndarray:
+    """[N, H, T] -> [N, H, T]: entry k - 1 is the mean of steps 1..k."""
+    return np.cumsum(a, axis=1) / np.arange(1, a.shape[1] + 1)[None, :, None]
+
+
+def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float],
+              adaptive: np.ndarray | bool) -> Calibration:  # fmt: skip
+    """Calibrate on windows with forecasts ``pred`` and actuals ``y`` [n, H, T] and target history ``hist``
+    [n, W, T]; ``adaptive`` per target [T] (or one flag for all)."""
+    levels = check_levels(levels)
+    adaptive = np.broadcast_to(np.asarray(adaptive, dtype=bool), (y.shape[2],)).copy()
+    vol = volatility(hist)
+    floor = np.maximum(0.05 * np.median(vol, axis=0), 1e-12)  # [T]
+    scale = _scale(hist, adaptive, floor)
+    lo, hi = _quantiles((y - pred) / scale, levels)
+    mean_lo, mean_hi = _quantiles((_running_mean(y) - _running_mean(pred)) / scale, levels)
+    return Calibration(levels, adaptive, lo, hi, mean_lo, mean_hi, floor, len(y))
+
+
+def intervals(cal: Calibration, pred: np.ndarray, hist: np.ndarray) -> dict[str, np.ndarray]:
+    """Bounds [N, L, H, T] of each step (``lower``/``upper``) and of the mean over the first k steps
+    (``mean_lower``/``mean_upper``, the H axis is k - 1), with the mean forecast itself (``mean`` [N, H, T])."""
+    scale = _scale(hist, cal.adaptive, cal.floor)[:, None]  # [N, 1, 1, T]
+    mean = _running_mean(pred)
+    return {
+        "lower": pred[:, None] + scale * cal.lo[None],
+        "upper": pred[:, None] + scale * cal.hi[None],
+        "mean": mean,
+        "mean_lower": mean[:, None] + scale * cal.mean_lo[None],
+        "mean_upper": mean[:, None] + scale * cal.mean_hi[None],
+    }
+
+
+def interval_scores(lower: np.ndarray, upper: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> dict:
+    """Coverage, mean width and mean interval (Winkler) score per level, step and target: arrays [L, H, T].
+
+    Winkler score of a (1 - alpha) interval: width + (2 / alpha) x the distance by which ``y`` falls outside it;
+    lower is better, and it rewards narrow intervals only when they still cover (Gneiting & Raftery 2007).
+    """
+    y = y[:, None]  # [N, 1, H, T]
+    alpha = (1.0 - np.asarray(levels))[None, :, None, None]
+    width = upper - lower
+    below, above = np.maximum(lower - y, 0.0), np.maximum(y - upper, 0.0)
+    return {
+        "coverage": ((y >= lower) & (y <= upper)).mean(axis=0),
+        "width": width.mean(axis=0),
+        "winkler": (width + 2.0 / alpha * (below + above)).mean(axis=0),
+    }
+
+
+def choose(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float]) -> tuple[Calibration, dict]:
+    """Per target, plain or locally adaptive, by the mean Winkler score (over levels and steps) in a two-fold split
+    of the calibration windows (even / odd), then calibrated on all of them. Returns the calibration and the
+    scores of both choices per target."""
+    levels = check_levels(levels)
+    folds = (np.arange(len(y)) % 2 == 0, np.arange(len(y)) % 2 == 1)
+    score = {}
+    for name, adaptive in (("plain", False), ("adaptive", True)):
+        total = np.zeros(y.shape[2])
+        for fit, held in (folds, folds[::-1]):
+            cal = calibrate(pred[fit], y[fit], hist[fit], levels, adaptive)
+            b = intervals(cal, pred[held], hist[held])
+            total += interval_scores(b["lower"], b["upper"], y[held], levels)["winkler"].mean(axis=(0, 1))  # [T]
+        score[name] = (total / 2).tolist()
+    adaptive = np.asarray(score["adaptive"]) < np.asarray(score["plain"])
+    return calibrate(pred, y, hist, levels, adaptive), score

@@ -1,0 +1,145 @@
+"""Multi-step forecasts (``data.horizon`` H > 1): leak-free windows whose every target lies in the window's split,
+a direct head of H x T outputs, the ONNX graph, the predictor and the report per step. H = 1 keeps the one-step
+contract exactly (tested everywhere else)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import fit_args, run_dir_of
+
+from dwcp_lstm.cli import cli_main
+from dwcp_lstm.data import DwcpDataModule, LeakageError
+from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.serve import Predictor
+
+H = 4
+
+
+@pytest.fixture(scope="module")
+def dm(small_csv) -> DwcpDataModule:
+    dm = DwcpDataModule(data_path=str(small_csv), horizon=H, batch_size=16)
+    dm.setup("fit")
+    return dm
+
+
+def test_every_target_of_a_window_lies_in_its_split_and_segment(dm):
+    w = dm.window_size
+    split_of = np.full(len(dm.raw_targets), -1)
+    for a, b in dm.bounds:  # the split of each row, per segment, by the same cut as the DataModule
+        n = b - a
+        n_train, n_val = int(n * dm.split[0]), int(n * dm.split[1])
+        split_of[a : a + n_train] = 0
+        split_of[a + n_train : a + n_train + n_val] = 1
+        split_of[a + n_train + n_val : b] = 2
+    for k, stage in enumerate(("train", "val", "test")):
+        first = dm.starts[stage] + w
+        rows = first[:, None] + np.arange(H)  # [N, H]
+        assert (split_of[rows] == k).all(), f"a {stage} window has a target outside its split"
+        seg = dm.segment_of_row
+        assert (seg[rows] == seg[dm.starts[stage]][:, None]).all(), f"a {stage} window crosses a series"
+    dm.audit()
+
+
+def test_step_targets_are_the_changes_from_the_last_window_row(dm):
+    x, y = next(iter(dm.loader("val")))  # y [B, H * T], scaled, step-major
+    ts = dm.target_scaler
+    raw = y.double().numpy() * ts.scale_ + ts.mean_  # [B, H * T]
+    first = dm.target_rows("val")[: len(y)]
+    last = dm.raw_targets[first - 1]  # the window's last row
+    for h in range(H):
+        expected = dm.raw_targets[first + h] - last
+        np.testing.assert_allclose(raw[:, h * dm.n_targets : (h + 1) * dm.n_targets], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_per_step_scaler_sees_training_rows_only(dm):
+    assert dm.target_scaler.mean_.shape == (H * dm.n_targets,)
+    n = sum(b - a - 1 - (H - 1) for a, b in dm.train_ranges)  # delta: rows a+1 .. b-H of each training range
+    assert dm.target_scaler.n_samples_seen_ == n
+    # a spread that grows with the step: a change over 4 rows moves more than over 1
+    scale = dm.target_scaler.scale_.reshape(H, dm.n_targets)
+    assert (scale[-1] > scale[0]).all()
+
+
+def test_the_audit_catches_a_target_in_the_next_split(dm, small_csv):
+    bad = DwcpDataModule(data_path=str(small_csv), horizon=H, batch_size=16)
+    bad.setup("fit")
+    bad.starts["train"] = np.r_[bad.starts["train"], bad.starts["val"][:1] - 1]  # its last target is in val
+    with pytest.raises(LeakageError, match="val target is not later"):
+        bad.audit()
+
+
+def test_module_outputs_every_step(dm):
+    module = DwcpForecaster(horizon=H, lstm_sizes=(16,), head_sizes=(8,), head_dropouts=())
+    module.set_scalers(dm.scalers)
+    x, y = next(iter(dm.loader("val")))
+    assert module(x).shape == (len(x), H * dm.n_targets)
+    raw = module.unscale(y, x)  # [B, H, T]
+    first = dm.target_rows("val")[: len(y)]
+    np.testing.assert_allclose(raw.numpy(), dm.raw_targets[first[:, None] + np.arange(H)], rtol=1e-4, atol=1e-3)
+    out = module.raw_forecaster()(torch.from_numpy(dm.windows(dm.raw_features, dm.starts["val"][:3])))
+    assert out.shape == (3, H, dm.n_targets)
+
+
+@pytest.mark.parametrize("horizon", [0, -2, 1.5])
+def test_a_bad_horizon_is_refused(horizon, small_csv):
+    with pytest.raises(ConfigError, match="--data.horizon must be an integer >= 1"):
+        DwcpDataModule(data_path=str(small_csv), horizon=horizon)
+
+
+def test_a_horizon_longer_than_the_splits_allow_is_refused_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--data.horizon=200"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ("no validation windows" in err or "no training windows" in err), err
+
+
+@pytest.fixture(scope="module")
+def horizon_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("horizon")
+    cli_main(fit_args(tmp, f"--data.horizon={H}", "--trainer.max_epochs=1"))
+    return run_dir_of(tmp)
+
+
+def test_fit_exports_a_multi_step_graph_the_predictor_reads(horizon_run, small_csv):
+    meta = json.loads((horizon_run / "model_metadata.json").read_text())
+    assert meta["output"]["shape"] == ["batch", H, 4] and meta["parity"]["max_rel_diff"] < 1e-4
+    p = Predictor.from_run(horizon_run)
+    assert p.horizon == H and p.columns[:5] == ["throughput_mbps_h1", "rtt_ms_h1", "packet_loss_h1", "jitter_ms_h1",
+                                                "throughput_mbps_h2"]  # fmt: skip
+    link = pd.read_csv(small_csv).query("node_id == 'node-0'").sort_values("timestamp")
+    one = p.predict(link)
+    assert list(one) == p.columns and all(np.isfinite(list(one.values())))
+    module = DwcpForecaster.load_from_checkpoint(horizon_run / "checkpoints" / "best.ckpt", weights_only=True).eval()
+    x = link[p.features].to_numpy(np.float32)[-20:][None]
+    with torch.no_grad():
+        expected = module.raw_forecaster()(torch.from_numpy(x)).numpy().reshape(-1)
+    np.testing.assert_allclose(list(one.values()), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_forecast_command_writes_one_column_per_step_and_target(horizon_run, small_csv, tmp_path):
+    out = tmp_path / "f.csv"
+    cli_main(["forecast", "--model", str(horizon_run), "--input", str(small_csv), "--output", str(out)])
+    df = pd.read_csv(out)
+    assert list(df.columns[3:]) == Predictor.from_run(horizon_run).columns and len(df) == 4
+
+
+def test_report_has_every_step_for_model_and_baselines(horizon_run):
+    report = json.loads((horizon_run / "report.json").read_text())
+    steps = report["horizon"]
+    assert steps["steps"] == H
+    for name in ("persistence", "ewma", "ridge", "gbt", "window_mean", "harmonic_mean_5"):
+        assert len(steps["baselines"][name]["rtt_ms"]["rmse"]) == H
+    assert len(steps["model"]["throughput_mbps"]["rmse"]) == H
+    # step 1 of the per-step table is the one-step figure of the report
+    assert steps["model"]["rtt_ms"]["rmse"][0] == pytest.approx(report["per_target"]["rtt_ms"]["rmse"], rel=1e-6)
+    assert steps["baselines"]["persistence"]["rtt_ms"]["rmse"][0] == pytest.approx(
+        report["baselines"]["persistence"]["per_target"]["rtt_ms"]["rmse"], rel=1e-6
+    )
+    assert (horizon_run / "horizon.png").exists()
+    assert "## Per horizon step" in (horizon_run / "report.md").read_text()

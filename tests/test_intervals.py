@@ -1,0 +1,79 @@
+"""Split conformal intervals: finite-sample ranks, coverage on exchangeable data, the adaptive scale, the mean over k
+steps, the Winkler score, and the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dwcp_lstm.errors import ConfigError, DataError
+from dwcp_lstm.intervals import calibrate, check_levels, choose, interval_scores, intervals, windows_needed
+
+LEVELS = (0.8, 0.95)
+
+
+def heteroscedastic(n: int, seed: int, h: int = 1):
+    """Windows whose noise sd equals the sd of their own one-step changes: the adaptive scale is the right one."""
+    rng = np.random.default_rng(seed)
+    sd = rng.uniform(0.2, 5.0, size=(n, 1, 2))  # [n, 1, T]
+    hist = np.cumsum(rng.normal(size=(n, 40, 2)) * sd, axis=1)  # changes with sd `sd`
+    pred = rng.normal(size=(n, h, 2))
+    y = pred + rng.normal(size=(n, h, 2)) * sd
+    return pred, y, hist
+
+
+def test_coverage_holds_on_new_exchangeable_windows_for_both_scales():
+    pred, y, hist = heteroscedastic(4000, 1)
+    tp, ty, th = heteroscedastic(40000, 2)
+    widths = {}
+    for adaptive in (False, True):
+        cal = calibrate(pred, y, hist, LEVELS, adaptive)
+        b = intervals(cal, tp, th)
+        s = interval_scores(b["lower"], b["upper"], ty, LEVELS)
+        for i, level in enumerate(LEVELS):
+            assert s["coverage"][i].mean() == pytest.approx(level, abs=0.015), (adaptive, level)
+        widths[adaptive] = s["width"].mean()
+    assert widths[True] < 0.9 * widths[False]  # the adaptive scale narrows intervals at the same coverage
+    cal, scores = choose(pred, y, hist, LEVELS)
+    assert cal.adaptive.all() and all(a < p for a, p in zip(scores["adaptive"], scores["plain"], strict=True))
+
+
+def test_quantiles_are_the_finite_sample_ranks():
+    rng = np.random.default_rng(3)
+    n = 99
+    r = rng.normal(size=(n, 1, 1))
+    cal = calibrate(np.zeros((n, 1, 1)), r, np.zeros((n, 5, 1)), [0.8], adaptive=False)
+    s = np.sort(r[:, 0, 0])
+    assert cal.lo[0, 0, 0] == s[int(np.floor(100 * 0.1)) - 1]  # the 10th smallest
+    assert cal.hi[0, 0, 0] == s[int(np.ceil(100 * 0.9)) - 1]  # the 90th smallest
+
+
+def test_the_mean_over_k_steps_has_its_own_calibration():
+    pred, y, hist = heteroscedastic(3000, 4, h=6)
+    tp, ty, th = heteroscedastic(30000, 5, h=6)
+    cal = calibrate(pred, y, hist, LEVELS, adaptive=True)
+    b = intervals(cal, tp, th)
+    np.testing.assert_allclose(b["mean"][:, 2], tp[:, :3].mean(axis=1))
+    mean_y = np.cumsum(ty, axis=1) / np.arange(1, 7)[None, :, None]
+    s = interval_scores(b["mean_lower"], b["mean_upper"], mean_y, LEVELS)
+    assert np.abs(s["coverage"].mean(axis=(1, 2)) - np.array(LEVELS)).max() < 0.015
+    # the mean of independent errors is tighter than its steps: its bound is not the average of per-step bounds
+    assert (b["mean_upper"][:, :, -1] - b["mean_lower"][:, :, -1]).mean() < (b["upper"] - b["lower"]).mean()
+
+
+def test_winkler_score_by_hand():
+    lower, upper = np.array([[[[0.0]]]]), np.array([[[[1.0]]]])  # [N=1, L=1, H=1, T=1]
+    s = interval_scores(lower, upper, np.array([[[1.5]]]), [0.8])
+    assert s["winkler"][0, 0, 0] == pytest.approx(1.0 + 2 / 0.2 * 0.5)
+    assert s["coverage"][0, 0, 0] == 0.0 and s["width"][0, 0, 0] == 1.0
+
+
+def test_too_few_windows_and_bad_levels_are_refused():
+    assert windows_needed([0.95]) == 39 and windows_needed([0.8]) == 9
+    z = np.zeros((39, 1, 1))
+    calibrate(z, z, np.zeros((39, 3, 1)), [0.95], adaptive=False)  # exactly enough
+    with pytest.raises(DataError, match="38 validation windows cannot calibrate a 95 % interval: it needs at least 39"):
+        calibrate(z[:38], z[:38], np.zeros((38, 3, 1)), [0.95], adaptive=False)
+    for bad in ([], [0.0], [1.0], [0.8, 0.8], [1.5]):
+        with pytest.raises(ConfigError, match="interval_levels must be distinct numbers in"):
+            check_levels(bad)
