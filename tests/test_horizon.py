@@ -102,7 +102,8 @@ def test_a_horizon_longer_than_the_splits_allow_is_refused_before_training(tmp_p
 @pytest.fixture(scope="module")
 def horizon_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("horizon")
-    cli_main(fit_args(tmp, f"--data.horizon={H}", "--trainer.max_epochs=1"))
+    # a non-default model file name too: one fit serves both checks
+    cli_main(fit_args(tmp, f"--data.horizon={H}", "--trainer.max_epochs=1", "--onnx.filename=net.onnx"))
     return run_dir_of(tmp)
 
 
@@ -143,3 +144,17 @@ def test_report_has_every_step_for_model_and_baselines(horizon_run):
     )
     assert (horizon_run / "horizon.png").exists()
     assert "## Per horizon step" in (horizon_run / "report.md").read_text()
+
+
+def test_another_model_file_name_is_found_by_every_reader(horizon_run, tmp_path):
+    """``--onnx.filename`` other than model.onnx: the metadata names the file, and the predictor, the report and the
+    bench all find it (they ask dwcp_lstm.contract.model_path_of)."""
+    from dwcp_lstm.bench import build_model
+
+    assert (horizon_run / "net.onnx").is_file() and not (horizon_run / "model.onnx").exists()
+    assert json.loads((horizon_run / "model_metadata.json").read_text())["model_file"] == "net.onnx"
+    assert Predictor.from_run(horizon_run).model_path == horizon_run / "net.onnx"
+    report = json.loads((horizon_run / "report.json").read_text())
+    assert report["onnx"] is not None and report["onnx"]["sha256_matches_metadata"] is True
+    _, _, path, _ = build_model(str(horizon_run), tmp_path, None, 16)
+    assert path == horizon_run / "net.onnx"

@@ -214,20 +214,3 @@ def test_ema_averages_weights_and_keeps_the_scalers_exact(tmp_path):
     logged = read_scalars(run)["test/rtt_ms/rmse"][-1][1]
     assert logged == pytest.approx(report["per_target"]["rtt_ms"]["rmse"], rel=1e-4)
 
-
-def test_another_model_file_name_is_found_by_every_reader(tmp_path):
-    """``--onnx.filename`` other than model.onnx: the metadata names the file, and the predictor, the report and the
-    bench all find it (they ask dwcp_lstm.contract.model_path_of)."""
-    from dwcp_lstm.bench import build_model
-    from dwcp_lstm.serve import Predictor
-
-    cli_main(fit_args(tmp_path, "--onnx.filename=net.onnx", "--trainer.max_epochs=1"))
-    run = run_dir_of(tmp_path)
-    assert (run / "net.onnx").is_file() and not (run / "model.onnx").exists()
-    meta = json.loads((run / "model_metadata.json").read_text())
-    assert meta["model_file"] == "net.onnx"
-    assert Predictor.from_run(run).model_path == run / "net.onnx"
-    report = json.loads((run / "report.json").read_text())
-    assert report["onnx"] is not None and report["onnx"]["sha256_matches_metadata"] is True
-    _, _, path, _ = build_model(str(run), tmp_path, None, 16)
-    assert path == run / "net.onnx"
