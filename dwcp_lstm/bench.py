@@ -139,7 +139,7 @@ def bench_inference(
     import onnxruntime as ort
     import torch
 
-    from dwcp_lstm.callbacks import onnx_parity, raw_windows
+    from dwcp_lstm.callbacks import export_onnx, onnx_parity, raw_windows
     from dwcp_lstm.serve import Predictor
 
     x = np.ascontiguousarray(raw_windows(dm, "test", max(256, s["parity_windows"])), dtype=np.float32)  # [N, W, F]
@@ -174,6 +174,17 @@ def bench_inference(
     def onnx_b1() -> None:
         sess1.run([name_out], {name_in: singles[nxt()]})
 
+    # The same model without the interval outputs, exported beside it: their cost, measured side by side.
+    plain_path = model_path.with_name("forecast_only.onnx")
+    export_onnx(module, plain_path, dm.window_size)
+    sess_plain = ort.InferenceSession(str(plain_path), one, providers=["CPUExecutionProvider"])
+
+    def onnx_b1_all() -> None:
+        sess1.run(None, {name_in: singles[nxt()]})  # forecast and every bound
+
+    def onnx_b1_plain() -> None:
+        sess_plain.run(None, {name_in: singles[nxt()]})
+
     def predictor_b1() -> None:
         predictor.predict_windows(singles[nxt()])
 
@@ -188,17 +199,19 @@ def bench_inference(
         with torch.inference_mode():
             raw(batch_t)
 
-    ns: dict[str, list[int]] = {"onnx": [], "predictor": [], "torch": []}
+    ns: dict[str, list[int]] = {"onnx": [], "predictor": [], "torch": [], "onnx_all": [], "onnx_plain": []}
     b256: dict[str, list[int]] = {"onnx": [], "torch": []}
     per_round = max(1, s["b1_iters"] // s["rounds"])
     try:
         torch.set_num_threads(1)  # batch-1 latency: one intra-op thread for both runtimes
-        for fn in (onnx_b1, predictor_b1, torch_b1):  # warm-up, excluded
+        for fn in (onnx_b1, predictor_b1, torch_b1, onnx_b1_all, onnx_b1_plain):  # warm-up, excluded
             time_calls(fn, 20)
         for _ in range(s["rounds"]):  # alternate so that background load hits both alike
             ns["onnx"] += time_calls(onnx_b1, per_round)
             ns["predictor"] += time_calls(predictor_b1, per_round)
             ns["torch"] += time_calls(torch_b1, per_round)
+            ns["onnx_all"] += time_calls(onnx_b1_all, per_round)
+            ns["onnx_plain"] += time_calls(onnx_b1_plain, per_round)
     finally:
         torch.set_num_threads(default_threads)
     time_calls(onnx_b256, 2)
@@ -210,6 +223,9 @@ def bench_inference(
     onnx_p50, torch_p50 = percentile_ms(ns["onnx"], 50), percentile_ms(ns["torch"], 50)
     return {
         "onnx_b1_p50_ms": onnx_p50,
+        "onnx_b1_with_intervals_p50_ms": percentile_ms(ns["onnx_all"], 50),
+        "onnx_b1_forecast_only_graph_p50_ms": percentile_ms(ns["onnx_plain"], 50),
+        "interval_latency_overhead": percentile_ms(ns["onnx_all"], 50) / percentile_ms(ns["onnx_plain"], 50) - 1,
         "onnx_b1_p99_ms": percentile_ms(ns["onnx"], 99),
         "torch_b1_p50_ms": torch_p50,
         "torch_b1_p99_ms": percentile_ms(ns["torch"], 99),

@@ -26,6 +26,7 @@ from dwcp_lstm.contract import (
     make_contract,
 )
 from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.intervals import BOUND_NAMES
 from dwcp_lstm.model import count_parameters
 from dwcp_lstm.tables import atomic_path, atomic_write, sha256_of
 
@@ -80,53 +81,78 @@ def best_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Lightning
     return module.cpu().eval()
 
 
-def export_onnx(module, path: str | Path, window: int, opset: int = 17) -> None:
-    """Export raw-in/raw-out (scalers baked in), batch axis dynamic, window fixed, to ``path`` atomically.
+def export_onnx(module, path: str | Path, window: int, opset: int = 17, calibration=None) -> None:
+    """Export raw-in/raw-out (scalers baked in), batch axis dynamic, window fixed, to ``path`` atomically; with a
+    ``calibration`` (:mod:`dwcp_lstm.intervals`) the graph also returns the interval bounds (``interval_outputs``).
 
     The TorchScript-based exporter (``dynamo=False``) is chosen deliberately: it maps ``nn.LSTM`` to ONNX's fused
     ``LSTM`` operator in well under a second and needs no onnxscript; the dynamo exporter also works for this model
     but takes ~10 s and specialises the batch axis unless given dynamic shapes.
     """
     path = Path(path)
-    raw = module.raw_forecaster().cpu().eval()
+    graph, outputs = _graph(module, calibration)
     example = torch.zeros(2, window, module.fmean.numel())
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice about dynamo=False
         torch.onnx.export(
-            raw,
+            graph,
             (example,),
             str(tmp),
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
         )
 
 
-def onnx_parity(path: str | Path, module, x_raw: np.ndarray) -> dict[str, float]:
-    """Largest difference between onnxruntime and PyTorch on raw windows [N, W, F], absolute and relative.
+def interval_outputs(horizon: int, calibration) -> list[str]:
+    """The graph's bound outputs: lower/upper, and the mean over the first k steps for a multi-step model."""
+    if calibration is None:
+        return []
+    return list(BOUND_NAMES if horizon > 1 else BOUND_NAMES[:2])
+
+
+def _graph(module, calibration) -> tuple[torch.nn.Module, list[str]]:
+    """The module to export (or to compare with onnxruntime) and its output names."""
+    if calibration is None:
+        return module.raw_forecaster().cpu().eval(), [OUTPUT_NAME]
+    graph = module.interval_forecaster(calibration).cpu().eval()
+    return graph, [OUTPUT_NAME, *interval_outputs(module.horizon, calibration)]
+
+
+def onnx_parity(path: str | Path, module, x_raw: np.ndarray, calibration=None) -> dict[str, float]:
+    """Largest difference between onnxruntime and PyTorch on raw windows [N, W, F], absolute and relative, of the
+    forecast (and, with a calibration, of the interval bounds: ``bounds_max_rel_diff``).
 
     Relative = |onnx - torch| / max(|torch|, 1e-3 x the target's training sd), so values near zero do not explode.
     """
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    raw = module.raw_forecaster().cpu().eval()
-    onnx_out, torch_out = [], []
+    graph, names = _graph(module, calibration)
+    got: dict[str, list] = {n: [] for n in names}
+    want: dict[str, list] = {n: [] for n in names}
     with torch.no_grad():
         for i in range(0, len(x_raw), 512):
             xb = np.ascontiguousarray(x_raw[i : i + 512], dtype=np.float32)
-            onnx_out.append(sess.run(None, {INPUT_NAME: xb})[0])
-            torch_out.append(raw(torch.from_numpy(xb)).numpy())
-    a, b = np.concatenate(onnx_out), np.concatenate(torch_out)
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)  # [N, H * T], the order of the target scales
-    floor = 1e-3 * module.tscale.cpu().numpy()
-    return {
-        "max_abs_diff": float(np.abs(a - b).max()),
-        "max_rel_diff": float((np.abs(a - b) / np.maximum(np.abs(b), floor)).max()),
-        "windows": len(a),
-    }
+            out = graph(torch.from_numpy(xb))
+            out = out if isinstance(out, tuple) else (out,)
+            for n, a, b in zip(names, sess.run(names, {INPUT_NAME: xb}), out, strict=True):
+                got[n].append(a)
+                want[n].append(b.numpy())
+    floor = 1e-3 * module.tscale.cpu().numpy()  # [H * T], the step-major order of every output's last axes
+
+    def diff(n: str) -> tuple[float, float]:
+        a, b = np.concatenate(got[n]), np.concatenate(want[n])
+        a, b = a.reshape(-1, floor.size), b.reshape(-1, floor.size)
+        return float(np.abs(a - b).max()), float((np.abs(a - b) / np.maximum(np.abs(b), floor)).max())
+
+    abs_f, rel_f = diff(OUTPUT_NAME)
+    out = {"max_abs_diff": abs_f, "max_rel_diff": rel_f, "windows": len(x_raw)}
+    if len(names) > 1:
+        out["bounds_max_rel_diff"] = max(diff(n)[1] for n in names[1:])
+    return out
 
 
 def raw_windows(dm, stage: str = "test", limit: int | None = None) -> np.ndarray:
@@ -181,32 +207,45 @@ class OnnxExport(L.Callback):
             raise ConfigError(f"--onnx.parity_windows must be >= 1 or null (all), got {parity_windows!r}")
         self.opset, self.filename, self.parity_windows = opset, filename, parity_windows
         self.metadata: dict | None = None
+        self.val_pred = None  # set at fit end, with the calibration: the report reuses both
+        self.calibration: tuple = (None, None)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = run_dir_of(trainer)
         if not trainer.is_global_zero or run_dir is None:
             return
+        from dwcp_lstm.evaluate import validation_calibration
+
         run_dir.mkdir(parents=True, exist_ok=True)
         module = best_module(trainer, pl_module)
-        self.metadata = export_run(module, trainer.datamodule, run_dir, self.opset, self.filename, self.parity_windows)
+        # kept for the report that follows (the same module and data): one pass over the validation split
+        self.val_pred, self.calibration = validation_calibration(module, trainer.datamodule)
+        self.metadata = export_run(module, trainer.datamodule, run_dir, self.opset, self.filename, self.parity_windows,
+                                   self.calibration[0])  # fmt: skip
         parity = self.metadata["parity"]["max_rel_diff"]
         rank_zero_info(f"ONNX model -> {run_dir / self.filename} (max rel diff vs PyTorch {parity:.2e})")
 
 
 def export_run(
-    module, dm, run_dir: Path, opset: int = 17, filename: str = MODEL_NAME, parity_windows: int | None = 2048
+    module, dm, run_dir: Path, opset: int = 17, filename: str = MODEL_NAME, parity_windows: int | None = 2048,
+    calibration=None,
 ) -> dict:
-    """Export ``module`` to ``run_dir/filename``, check it against PyTorch on the test windows and write
+    """Export ``module`` to ``run_dir/filename`` with its interval ``calibration`` (None: calibrated here on the
+    validation split, as the report does), check it against PyTorch on the test windows and write
     ``model_metadata.json`` beside it; both files atomically. Returns the metadata."""
+    from dwcp_lstm.evaluate import calibration_of
+
     path = Path(run_dir) / filename
-    export_onnx(module, path, dm.window_size, opset)
-    parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows))
-    metadata = build_metadata(module, dm, path, opset, parity, Path(run_dir))
+    if calibration is None:
+        calibration, _ = calibration_of(module, dm)
+    export_onnx(module, path, dm.window_size, opset, calibration)
+    parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows), calibration)
+    metadata = build_metadata(module, dm, path, opset, parity, Path(run_dir), calibration)
     atomic_write(Path(run_dir) / METADATA_NAME, json.dumps(metadata, indent=2))
     return metadata
 
 
-def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_dir: Path) -> dict:
+def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_dir: Path, calibration=None) -> dict:
     """The metadata of an export; first embeds its contract in ``onnx_path`` (atomically), so the JSON's contract keys
     and the graph's copy are equal by construction and ``model_sha256`` covers the final file.
 
@@ -222,6 +261,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap)},
         external_data=external_data_hashes(onnx_path),
         horizon=dm.horizon,
+        interval_levels=list(calibration.levels) if calibration is not None else None,
     )
     embed_contract(onnx_path, contract)
     return {
@@ -241,6 +281,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         "model_sha256": sha256_of(onnx_path),
         "model_bytes": onnx_path.stat().st_size,
         "parity": parity,
+        "calibration": calibration.to_dict() if calibration is not None else None,  # applied inside the graph
         "data": {"path": str(dm.path.resolve()), "sha256": sha256_of(dm.path)},
         "config": config,
     }

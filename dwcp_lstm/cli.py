@@ -224,7 +224,9 @@ def _lightning_cli_class():
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None, weights_only=True)
             if not trainer.is_global_zero:
                 return
-            report = evaluate(best_module(trainer, self.model), self.datamodule, run_dir, best or None)
+            export = next((cb for cb in trainer.callbacks if isinstance(cb, OnnxExport)), None)
+            reuse = {"val_pred": export.val_pred, "val_calibration": export.calibration} if export else {}
+            report = evaluate(best_module(trainer, self.model), self.datamodule, run_dir, best or None, **reuse)
             log_to_tensorboard(trainer, self.model, report, run_dir)
             print_summary(report, str(run_dir))
 

@@ -30,6 +30,7 @@ INPUT_NAME, OUTPUT_NAME = "metrics", "forecast"
 CONTRACT_KEY = "dwcp_lstm.contract"
 CONTRACT_KEYS = (
     "format", "window_size", "features", "targets", "target_mode", "input", "output", "series", "external_data",
+    "intervals",
 )  # fmt: skip
 TARGET_MODES = ("delta", "level")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -171,6 +172,18 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         dtype = need("dtype", str, io, f"{key}.")
         if dtype != "float32":
             raise ModelFileError(f"{path}: key '{key}.dtype' is {dtype!r}, only float32 is supported")
+    intervals = meta.get("intervals")
+    if intervals is not None:
+        levels = need("levels", list, need("intervals", dict), "intervals.")
+        numbers = all(not isinstance(v, bool) and isinstance(v, int | float) and 0 < v < 1 for v in levels)
+        if not levels or not numbers or len(set(levels)) != len(levels):
+            what = f"distinct numbers in (0, 1), got {short_repr(levels)}"
+            raise ModelFileError(f"{path}: key 'intervals.levels' must be {what}")
+        expected = interval_contract(levels, horizon, len(names["targets"]))["outputs"]
+        if intervals.get("outputs") != expected:
+            raise ModelFileError(
+                f"{path}: key 'intervals.outputs' is {short_repr(intervals.get('outputs'))}, expected {expected}"
+            )
 
 
 # -- the contract --------------------------------------------------------------------------------------------------
@@ -193,6 +206,7 @@ def make_contract(
     series: dict[str, Any],
     external_data: dict[str, str],
     horizon: int = 1,
+    interval_levels: list[float] | None = None,
 ) -> dict[str, Any]:
     """The contract of an export; the metadata JSON carries the same keys with the same values."""
     return {
@@ -205,7 +219,21 @@ def make_contract(
         "output": {"name": OUTPUT_NAME, "shape": output_shape(horizon, len(targets)), "dtype": "float32"},
         "series": series,
         "external_data": external_data,
+        "intervals": interval_contract(interval_levels, horizon, len(targets)),
     }
+
+
+def interval_contract(levels: list[float] | None, horizon: int, n_targets: int) -> dict[str, Any] | None:
+    """The interval outputs: their nominal levels and, per output, its shape (None: a graph without intervals).
+
+    ``lower``/``upper`` are ``[batch, L, T]`` for a one-step model and ``[batch, L, H, T]`` otherwise; a multi-step
+    model adds ``mean_lower``/``mean_upper`` ``[batch, L, H, T]`` for the mean over the first k steps (axis 2 is k - 1).
+    """
+    if not levels:
+        return None
+    shape = ["batch", len(levels), *output_shape(horizon, n_targets)[1:]]
+    names = ["lower", "upper", "mean_lower", "mean_upper"] if horizon > 1 else ["lower", "upper"]
+    return {"levels": [float(v) for v in levels], "outputs": {n: shape for n in names}}
 
 
 def contract_of(meta: Mapping[str, Any]) -> dict[str, Any]:

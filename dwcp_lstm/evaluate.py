@@ -137,8 +137,14 @@ def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fit
     return results, preds
 
 
-def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> dict:
-    """Evaluate on the test split, write ``report.json``, ``report.md`` and the plots into ``run_dir``."""
+def evaluate(
+    module, dm, run_dir: str | Path, checkpoint: str | None = None, val_pred: np.ndarray | None = None,
+    val_calibration: tuple | None = None,
+) -> dict:
+    """Evaluate on the test split, write ``report.json``, ``report.md`` and the plots into ``run_dir``.
+
+    ``val_pred`` and ``val_calibration`` (the export's, at fit end: the same module and data) spare a second pass over
+    the validation split; without them both are computed here."""
     run_dir = Path(run_dir)
     mape_floor = float(module.hparams.get("mape_floor", 0.0))
     rows = dm.target_rows("test")
@@ -180,10 +186,10 @@ def evaluate(module, dm, run_dir: str | Path, checkpoint: str | None = None) -> 
     if dm.horizon > 1:
         report["horizon"] = per_step(pred_steps, y_steps, base_steps, dm.targets)
     report["head_to_head"] = head_to_head(pred, y, base_preds, dm.targets)
-    val = validation_split(module, dm, mape_floor, fitted)
+    val = validation_split(module, dm, mape_floor, fitted, val_pred)
     report["validation"] = validation_head_to_head(dm, val, mape_floor)
-    levels = module.hparams.get("interval_levels", I.DEFAULT_LEVELS)
-    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, levels)
+    cal, choice = calibration_of(module, dm, val) if val_calibration is None else val_calibration
+    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice)
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
     report["data"] = {
@@ -265,15 +271,37 @@ def head_to_head(pred: np.ndarray, y: np.ndarray, base_preds: dict, targets: lis
     return out
 
 
-def validation_split(module, dm, mape_floor: float, fitted) -> dict | None:
+def validation_split(module, dm, mape_floor: float, fitted, pred: np.ndarray | None = None) -> dict | None:
     """The model's and the baselines' forecasts on the validation split, every step (None without val windows):
     shared by the validation head-to-head and the interval calibration."""
     if len(dm.starts["val"]) == 0:
         return None
     y_steps = step_targets(dm, "val")
     _, base_steps = run_baselines(dm, y_steps, mape_floor, "val", fitted)
-    return {"y": y_steps, "pred": predict_raw(module, dm, "val"), "baselines": base_steps,
-            "hist": target_history(dm, dm.starts["val"])}  # fmt: skip
+    pred = predict_raw(module, dm, "val") if pred is None else pred
+    return {"y": y_steps, "pred": pred, "baselines": base_steps, "hist": target_history(dm, dm.starts["val"])}
+
+
+def calibration_of(module, dm, val: dict | None = None) -> tuple[I.Calibration | None, dict | None]:
+    """The model's interval calibration on the validation split (see :mod:`dwcp_lstm.intervals`), and the two-fold
+    scores behind its plain/adaptive choice; (None, None) when the split cannot calibrate the widest level. The export
+    bakes it into the graph and the report judges it on the test split: both call this, with the same inputs."""
+    levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
+    if len(dm.starts["val"]) < I.windows_needed(levels):
+        return None, None
+    if val is None:
+        val = {"pred": predict_raw(module, dm, "val"), "y": step_targets(dm, "val"),
+               "hist": target_history(dm, dm.starts["val"])}  # fmt: skip
+    return I.choose(val["pred"], val["y"], val["hist"], levels, allow_adaptive=bool(module.delta))
+
+
+def validation_calibration(module, dm) -> tuple[np.ndarray | None, tuple]:
+    """The model's validation forecasts and its calibration from them (one pass over the split)."""
+    if len(dm.starts["val"]) == 0:
+        return None, (None, None)
+    pred = predict_raw(module, dm, "val")
+    val = {"pred": pred, "y": step_targets(dm, "val"), "hist": target_history(dm, dm.starts["val"])}
+    return pred, calibration_of(module, dm, val)
 
 
 def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | None:
@@ -290,16 +318,17 @@ def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | N
     }
 
 
-def interval_report(dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, levels) -> dict | None:
+def interval_report(
+    dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, cal, choice
+) -> dict | None:
     """Split conformal intervals calibrated on the validation split, judged on the test split: per target and
     level, coverage, mean width and Winkler score pooled over steps and per step, the same for the mean over the
     first k steps, coverage per link (the worst named), conformal persistence and ridge built the same way, and a
     reliability curve. None when the validation split cannot calibrate the widest level."""
-    levels = I.check_levels(levels)
-    if val is None or len(val["y"]) < I.windows_needed(levels):
+    if cal is None or val is None:
         return None
+    levels = cal.levels
     hist = target_history(dm, dm.starts["test"])
-    cal, choice = I.choose(val["pred"], val["y"], val["hist"], levels)
     b = I.intervals(cal, pred, hist)
     steps = I.interval_scores(b["lower"], b["upper"], y, levels)  # [L, H, T] each
     mean_y = np.cumsum(y, axis=1) / np.arange(1, y.shape[1] + 1)[None, :, None]
@@ -325,7 +354,7 @@ def interval_report(dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_
         out["per_target"][t] = {}
         for i, level in enumerate(levels):
             worst = min(links, key=lambda n, i=i, j=j: links[n][i, j])
-            out["per_target"][t][f"{100 * level:g}"] = {
+            out["per_target"][t][I.level_tag(level)] = {
                 "coverage": float(steps["coverage"][i, :, j].mean()),
                 "width": float(steps["width"][i, :, j].mean()),
                 "winkler": float(steps["winkler"][i, :, j].mean()),

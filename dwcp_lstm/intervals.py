@@ -26,6 +26,12 @@ import numpy as np
 from dwcp_lstm.errors import ConfigError, DataError
 
 DEFAULT_LEVELS = (0.8, 0.95)
+BOUND_NAMES = ("lower", "upper", "mean_lower", "mean_upper")  # the graph's interval outputs (mean_* for H > 1)
+
+
+def level_tag(level: float) -> str:
+    """``80`` for 0.8, ``97.5`` for 0.975: how columns and report keys name a level."""
+    return f"{100 * level:g}"
 
 
 def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
@@ -148,10 +154,12 @@ def interval_scores(lower: np.ndarray, upper: np.ndarray, y: np.ndarray, levels:
     }
 
 
-def choose(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float]) -> tuple[Calibration, dict]:
+def choose(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float],
+           allow_adaptive: bool = True) -> tuple[Calibration, dict]:  # fmt: skip
     """Per target, plain or locally adaptive, by the mean Winkler score (over levels and steps) in a two-fold split
     of the calibration windows (even / odd), then calibrated on all of them. Returns the calibration and the
-    scores of both choices per target."""
+    scores of both choices per target. ``allow_adaptive=False`` keeps every target plain (a model whose targets are
+    not among its inputs cannot compute the window's volatility in its graph)."""
     levels = check_levels(levels)
     folds = (np.arange(len(y)) % 2 == 0, np.arange(len(y)) % 2 == 1)
     score = {}
@@ -162,5 +170,5 @@ def choose(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[f
             b = intervals(cal, pred[held], hist[held])
             total += interval_scores(b["lower"], b["upper"], y[held], levels)["winkler"].mean(axis=(0, 1))  # [T]
         score[name] = (total / 2).tolist()
-    adaptive = np.asarray(score["adaptive"]) < np.asarray(score["plain"])
+    adaptive = (np.asarray(score["adaptive"]) < np.asarray(score["plain"])) & allow_adaptive
     return calibrate(pred, y, hist, levels, adaptive), score

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
@@ -43,6 +44,43 @@ class RawForecaster(nn.Module):
         if self.target_index is not None:
             out = out + x[:, -1, self.target_index].unsqueeze(1)  # + last raw value of each target
         return out[:, 0] if self.horizon == 1 else out  # H = 1: [B, T], the one-step contract
+
+
+class IntervalForecaster(nn.Module):
+    """:class:`RawForecaster` plus calibrated prediction intervals, in one graph: raw windows [B, W, F] in;
+    ``forecast`` [B, (H,) T], ``lower`` / ``upper`` [B, L, (H,) T] per level and step, and for H > 1 ``mean_lower``
+    / ``mean_upper`` [B, L, H, T] for the mean over the first k steps (the H axis is k - 1). The scale of a target's
+    interval is 1, or for adaptive targets the standard deviation of its one-step changes inside the window (floored),
+    computed in the graph from the raw input, exactly as :mod:`dwcp_lstm.intervals` does in numpy.
+    """
+
+    def __init__(self, raw: RawForecaster, calibration, target_index: list[int] | None) -> None:
+        super().__init__()
+        self.raw, self.horizon = raw, raw.horizon
+        adaptive = np.asarray(calibration.adaptive, dtype=bool)
+        if adaptive.any() and target_index is None:
+            raise ConfigError("adaptive intervals need every target among the features (delta mode)")
+        self.target_index = list(target_index) if target_index is not None else []
+        for name in ("lo", "hi", "mean_lo", "mean_hi", "floor"):
+            self.register_buffer(name, torch.as_tensor(np.asarray(getattr(calibration, name)), dtype=torch.float32))
+        self.register_buffer("adaptive", torch.as_tensor(adaptive))
+        self.register_buffer("steps", torch.arange(1, self.horizon + 1, dtype=torch.float32).view(1, -1, 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        forecast = self.raw(x)
+        f = forecast.reshape(x.shape[0], self.horizon, -1)  # [B, H, T] (x.shape, not len(x): the batch stays dynamic)
+        if bool(self.adaptive.any()):
+            changes = x[:, 1:, self.target_index] - x[:, :-1, self.target_index]  # [B, W - 1, T]
+            vol = torch.maximum(changes.std(dim=1, unbiased=False), self.floor)  # [B, T]
+            scale = torch.where(self.adaptive, vol, torch.ones_like(vol))
+        else:
+            scale = torch.ones_like(f[:, 0])  # [B, T]
+        scale = scale[:, None, None, :]  # [B, 1, 1, T]
+        lower, upper = f[:, None] + scale * self.lo, f[:, None] + scale * self.hi  # [B, L, H, T]
+        if self.horizon == 1:
+            return forecast, lower[:, :, 0], upper[:, :, 0]  # the one-step contract: [B, L, T]
+        mean = torch.cumsum(f, dim=1) / self.steps  # [B, H, T], entry k - 1: the mean of steps 1..k
+        return forecast, lower, upper, mean[:, None] + scale * self.mean_lo, mean[:, None] + scale * self.mean_hi
 
 
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
@@ -196,6 +234,11 @@ class DwcpForecaster(L.LightningModule):
         """The network with its scalers baked in, for export and raw-unit inference."""
         index = self.target_index if self.delta else None
         return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index, self.horizon)
+
+    def interval_forecaster(self, calibration) -> IntervalForecaster:
+        """:meth:`raw_forecaster` with the calibrated intervals of ``calibration`` (see :mod:`dwcp_lstm.intervals`)."""
+        index = self.target_index if self.delta else None
+        return IntervalForecaster(self.raw_forecaster(), calibration, index)
 
     def unscale(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Scaled network output (or target) [B, H * T] of scaled windows x [B, W, F] -> original units [B, H, T]."""

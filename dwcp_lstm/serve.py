@@ -87,6 +87,10 @@ class Predictor:
             list(self.targets) if self.horizon == 1
             else [f"{t}_h{h + 1}" for h in range(self.horizon) for t in self.targets]
         )  # fmt: skip
+        intervals = self.metadata.get("intervals") or {}
+        self.levels: list[float] = list(intervals.get("levels", []))  # nominal coverage of the bounds, if any
+        self.bound_outputs: list[str] = list(intervals.get("outputs", {}))
+        self.all_columns: list[str] = self.columns + self._bound_columns()  # forecast, then every bound
         self.units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["targets"]}
         self.feature_units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["features"]}
         self.input_name: str = self.metadata["input"]["name"]
@@ -120,23 +124,39 @@ class Predictor:
             raise ModelFileError(f"{run_dir}: run directory not found")
         return cls(model_path_of(run_dir), run_dir / METADATA_NAME, threads)
 
+    def _bound_columns(self) -> list[str]:
+        """``<column>_lo80`` / ``_hi80`` per level for every forecast column, then (multi-step)
+        ``<target>_mean<k>_lo80`` / ``_hi80`` for the mean over the first k steps: the order of :meth:`_table`."""
+        tags = [f"{100 * v:g}" for v in self.levels]
+        out = []
+        for name in self.bound_outputs:
+            side = "lo" if name.endswith("lower") else "hi"
+            cols = self.columns if not name.startswith("mean") else [
+                f"{t}_mean{k + 1}" for k in range(self.horizon) for t in self.targets
+            ]  # fmt: skip
+            out += [f"{c}_{side}{tag}" for tag in tags for c in cols]
+        return out
+
     def _check_session(self) -> None:
-        """The graph's single input and output must be the metadata's names, float32, with the same fixed dims."""
-        for kind, args, name, expected in (
-            ("input", self.session.get_inputs(), self.input_name, [self.window, len(self.features)]),
-            ("output", self.session.get_outputs(), self.output_name, output_shape(self.horizon, len(self.targets))[1:]),
+        """The graph's input and outputs must be the metadata's names, float32, with the same fixed dims."""
+        outputs = {self.output_name: output_shape(self.horizon, len(self.targets))[1:]}
+        outputs.update({n: shape[1:] for n, shape in (self.metadata.get("intervals") or {}).get("outputs", {}).items()})
+        for kind, args, expected in (
+            ("input", self.session.get_inputs(), {self.input_name: [self.window, len(self.features)]}),
+            ("output", self.session.get_outputs(), outputs),
         ):
             names = [a.name for a in args]
-            if names != [name]:
+            if names != list(expected):
                 raise ModelFileError(
-                    f"{self.model_path}: graph {kind}s are {names}, {self.metadata_path.name} says {name!r}"
+                    f"{self.model_path}: graph {kind}s are {names}, {self.metadata_path.name} says {list(expected)}"
                 )
-            arg = args[0]
-            if arg.type != "tensor(float)" or list(arg.shape[1:]) != expected or len(arg.shape) != len(expected) + 1:
-                raise ModelFileError(
-                    f"{self.model_path}: graph {kind} {name!r} is {arg.type} {arg.shape}, "
-                    f"{self.metadata_path.name} says float32 ['batch', {', '.join(map(str, expected))}]"
-                )
+            for arg in args:
+                dims = expected[arg.name]
+                if arg.type != "tensor(float)" or list(arg.shape[1:]) != dims or len(arg.shape) != len(dims) + 1:
+                    raise ModelFileError(
+                        f"{self.model_path}: graph {kind} {arg.name!r} is {arg.type} {arg.shape}, "
+                        f"{self.metadata_path.name} says float32 ['batch', {', '.join(map(str, dims))}]"
+                    )
 
     # -- inference ------------------------------------------------------------------------------------------------
     def predict_windows(self, windows: np.ndarray, source: str = "windows") -> np.ndarray:
@@ -191,12 +211,23 @@ class Predictor:
         """
         if isinstance(history, np.ndarray) and history.ndim == 3:
             self._check_columns(columns, source)
-            return self._frame(self.predict_windows(history, source))
+            return self._frame(self._table(history, source))
         x = self._series_array(history, columns, source)  # [rows, F]
         if len(x) < self.window:
             raise DataError(f"{source}: {len(x)} rows given, the model needs at least {self.window} (window_size)")
-        y = self.predict_windows(x[None, -self.window :], source).reshape(-1)  # [H * T]
-        return {c: float(v) for c, v in zip(self.columns, y, strict=True)}
+        y = self._table(x[None, -self.window :], source)[0]  # [C]
+        return {c: float(v) for c, v in zip(self.all_columns, y, strict=True)}
+
+    def _table(self, windows: np.ndarray, source: str) -> np.ndarray:
+        """Raw windows [B, W, F] -> [B, C]: the forecast and every interval bound, in the order of
+        :attr:`all_columns` (the forecast alone when the model has no intervals)."""
+        y = self.predict_windows(windows, source)
+        flat = [y.reshape(len(y), -1)]
+        if self.bound_outputs:
+            x = np.ascontiguousarray(self._as_float32(windows, source)[:, -self.window :])
+            bounds = self.session.run(self.bound_outputs, {self.input_name: x})  # [B, L, ...] each
+            flat += [b.reshape(len(b), -1) for b in bounds]
+        return np.concatenate(flat, axis=1)
 
     def predict_rolling(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -217,10 +248,8 @@ class Predictor:
     def _rolling(self, x: np.ndarray, source: str) -> np.ndarray:
         """Every window of a [rows, F] array -> [rows - W + 1, T], a chunk at a time (the views copy on demand)."""
         views = np.lib.stride_tricks.sliding_window_view(x, self.window, axis=0)  # [N, F, W], no copy
-        out = [
-            self.predict_windows(views[i : i + CHUNK].transpose(0, 2, 1), source) for i in range(0, len(views), CHUNK)
-        ]
-        return np.concatenate(out)
+        out = [self._table(views[i : i + CHUNK].transpose(0, 2, 1), source) for i in range(0, len(views), CHUNK)]
+        return np.concatenate(out)  # [N, C]
 
     # -- input checks ---------------------------------------------------------------------------------------------
     def _series_array(
@@ -269,8 +298,9 @@ class Predictor:
         return x.astype(np.float32, copy=False)
 
     def _frame(self, y: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
-        df = pd.DataFrame(y.reshape(len(y), -1), columns=self.columns, index=index)
-        df.attrs["units"] = {c: self.units[c.rsplit("_h", 1)[0] if c not in self.units else c] for c in self.columns}
+        df = pd.DataFrame(y.reshape(len(y), -1), columns=self.all_columns, index=index)
+        df.attrs["units"] = {c: next(u for t, u in self.units.items() if c == t or c.startswith(t + "_"))
+                             for c in self.all_columns}  # fmt: skip
         return df
 
 
@@ -304,12 +334,10 @@ def forecast_table(
     else:
         last_rows = bounds[:, 1] - 1
         windows = np.stack([x[b - w : b] for _, b in bounds])  # [S, W, F]
-        y = predictor.predict_windows(windows, str(path))  # [S, T]
+        y = predictor._table(windows, str(path))  # [S, C]: forecasts and interval bounds
     out = df.loc[last_rows, [*series, time]].reset_index(drop=True)
-    flat = y.reshape(len(y), -1)  # [S, H * T] in the order of predictor.columns
-    for j, c in enumerate(predictor.columns):
-        out[c] = flat[:, j]
-    return out
+    values = pd.DataFrame(y.reshape(len(y), -1), columns=predictor.all_columns)  # [S, C]: forecasts, then bounds
+    return pd.concat([out, values], axis=1)
 
 
 def cmd_forecast(argv: list[str]) -> None:

@@ -17,6 +17,7 @@ KEYS = [
     "torch_b256_samples_per_s", "lightning_samples_per_s", "plain_samples_per_s", "lightning_vs_plain",
     "datamodule_rows", "datamodule_setup_s", "datamodule_peak_rss_mb", "onnx_file_mb", "onnx_parity_max_rel",
     "load_project_default_slowdown", "load_one_per_core_slowdown", "load_project_default_loaded_samples_per_s",
+    "onnx_b1_with_intervals_p50_ms", "onnx_b1_forecast_only_graph_p50_ms",
 ]  # fmt: skip
 
 

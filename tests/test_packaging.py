@@ -129,14 +129,14 @@ def test_serving_install_forecasts_without_torch(smoke_run, small_csv, tmp_path)
     assert proc.returncode == 0, proc.stderr
     got = pd.read_csv(io.StringIO(proc.stdout))
     predictor = Predictor.from_run(smoke_run)
-    assert list(got.columns) == ["node_id", "peer_id", "timestamp", *predictor.targets]
+    assert list(got.columns) == ["node_id", "peer_id", "timestamp", *predictor.all_columns]
     src_df = pd.read_csv(small_csv).sort_values(["node_id", "peer_id", "timestamp"])
     links = list(src_df.groupby(["node_id", "peer_id"]))
     assert len(got) == len(links) == 4
     for row, ((node, peer), link) in zip(got.itertuples(), links, strict=True):
         assert (row.node_id, row.peer_id, row.timestamp) == (node, peer, link["timestamp"].max())
         expected = predictor.predict(link)
-        assert [getattr(row, t) for t in predictor.targets] == pytest.approx(list(expected.values()), rel=1e-5)
+        assert [getattr(row, c) for c in predictor.all_columns] == pytest.approx(list(expected.values()), rel=1e-5)
 
     parquet = tmp_path / "telemetry.parquet"
     pd.read_csv(small_csv).to_parquet(parquet)  # here, with the test's pyarrow

@@ -69,21 +69,26 @@ def test_predictor_matches_torch_on_real_windows(predictor, history, torch_forec
     # one series as a DataFrame: the last window, by column name (extra columns and column order do not matter)
     shuffled = link[list(reversed(link.columns))]
     single = predictor.predict(shuffled)
-    assert list(single) == predictor.targets
+    assert list(single) == predictor.all_columns  # the forecast, then the bounds of every level
+    assert predictor.all_columns[: len(predictor.targets)] == predictor.targets
+    assert predictor.all_columns[len(predictor.targets)] == "throughput_mbps_lo80"
     with torch.no_grad():
         last = raw(torch.from_numpy(x[None, -w:])).numpy()[0]
-    assert rel_err(np.array(list(single.values())), last, tscale) < 1e-4
+    point = np.array([single[t] for t in predictor.targets])
+    assert rel_err(point, last, tscale) < 1e-4
+    for level in ("80", "95"):  # a bound on each side of the forecast
+        assert all(single[f"{t}_lo{level}"] <= single[t] <= single[f"{t}_hi{level}"] for t in predictor.targets)
 
     # rolling: one forecast per window, indexed by the window's last row
     rolling = predictor.predict_rolling(link)
     assert len(rolling) == len(link) - w + 1
-    assert rolling.index[0] == w - 1 and list(rolling.columns) == predictor.targets
+    assert rolling.index[0] == w - 1 and list(rolling.columns) == predictor.all_columns
     assert rolling.attrs["units"]["rtt_ms"] == "ms"
     np.testing.assert_allclose(rolling.iloc[-1].to_numpy(), list(single.values()), rtol=1e-6)
 
     # a batch [B, W, F] gives a DataFrame, an array [rows, F] a dict
     batch = predictor.predict(windows[:3], columns=predictor.features)
-    assert isinstance(batch, pd.DataFrame) and batch.shape == (3, len(predictor.targets))
+    assert isinstance(batch, pd.DataFrame) and batch.shape == (3, len(predictor.all_columns))
     assert predictor.predict(x, columns=predictor.features) == pytest.approx(single, rel=1e-6)
 
 
@@ -233,6 +238,7 @@ def swap(items: list, i: int = 0, j: int = 1) -> None:
         (lambda m: m["series"].update(max_gap=3), r"key 'series\.max_gap' is 3 .* says 3\.0"),  # compared as JSON text
         (lambda m: m["input"].update(name="x"), r"key 'input\.name' is 'x'"),
         (lambda m: m["input"].update(shape=[None, 20, 9]), r"key 'input\.shape\[0\]' is None"),
+        (lambda m: m["intervals"].update(levels=[0.8, 0.9]), r"key 'intervals\.levels\[1\]' is 0\.9"),
     ],
 )
 def test_metadata_that_differs_from_the_embedded_contract_is_refused(smoke_run, tmp_path, edit, message):
@@ -393,11 +399,11 @@ def test_forecast_gives_one_row_per_link(smoke_run, predictor, two_links, tmp_pa
     src = pd.read_csv(two_links).sort_values(["node_id", "peer_id", "timestamp"])
     full = src.groupby(["node_id", "peer_id"]).filter(lambda g: len(g) >= predictor.window)
     last = full.groupby(["node_id", "peer_id"], as_index=False)["timestamp"].max()
-    assert list(got.columns) == ["node_id", "peer_id", "timestamp", *predictor.targets]
+    assert list(got.columns) == ["node_id", "peer_id", "timestamp", *predictor.all_columns]
     pd.testing.assert_frame_equal(got[["node_id", "peer_id", "timestamp"]], last)
     for row, (_, link) in zip(got.itertuples(), full.groupby(["node_id", "peer_id"]), strict=True):
         expected = predictor.predict(link)
-        assert [getattr(row, t) for t in predictor.targets] == pytest.approx(list(expected.values()), rel=1e-5)
+        assert [getattr(row, c) for c in predictor.all_columns] == pytest.approx(list(expected.values()), rel=1e-5)
     assert not list(tmp_path.glob(".*tmp"))  # written atomically: no temporary file left behind
 
 
@@ -508,3 +514,22 @@ def test_export_command_rewrites_an_older_export(smoke_run, tmp_path, history):
     got = Predictor.from_run(run).predict(one_link(history))
     assert got == pytest.approx(expected, rel=1e-6)
     assert not list(run.glob(".*.tmp"))
+
+
+def test_onnx_interval_bounds_are_the_reports_calibration(smoke_run):
+    """The bounds the graph returns are those the report judged: the same calibration, the same test coverage."""
+    from dwcp_lstm.runs import load_run
+
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    assert meta["intervals"]["levels"] == [0.8, 0.95] and meta["parity"]["bounds_max_rel_diff"] < 1e-4
+    assert meta["intervals"]["outputs"] == {"lower": ["batch", 2, 4], "upper": ["batch", 2, 4]}
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert meta["calibration"] == report["intervals"]["calibration"]
+    _, dm, _ = load_run(smoke_run)
+    x = dm.windows(dm.raw_features, dm.starts["test"])
+    got = Predictor.from_run(smoke_run).predict(x, columns=dm.features)
+    y = dm.raw_targets[dm.target_rows("test")]
+    for j, t in enumerate(dm.targets):
+        for level in ("80", "95"):
+            covered = ((y[:, j] >= got[f"{t}_lo{level}"]) & (y[:, j] <= got[f"{t}_hi{level}"])).mean()
+            assert covered == pytest.approx(report["intervals"]["per_target"][t][level]["coverage"], abs=2 / len(y))
