@@ -160,11 +160,15 @@ class Predictor:
 
     # -- inference ------------------------------------------------------------------------------------------------
     def predict_windows(self, windows: np.ndarray, source: str = "windows") -> np.ndarray:
-        """Raw windows [B, W, F] (feature order of the metadata) -> raw forecasts [B, T], float32.
+        """Raw windows [B, W, F] (feature order of the metadata) -> raw forecasts [B, T] ([B, H, T]), float32.
 
         The fast path: checks shape and finiteness only. Windows longer than the model's are cut to their last
         ``window`` steps.
         """
+        return self._run(windows, [self.output_name], source)[0]
+
+    def _run(self, windows: np.ndarray, names: list[str], source: str) -> list[np.ndarray]:
+        """The graph's outputs ``names`` (the forecast first) for raw windows, a chunk at a time, in one pass each."""
         x = self._as_float32(windows, source)
         if x.ndim != 3 or x.shape[2] != len(self.features):
             raise DataError(f"{source}: expected an array [batch, {self.window}, {len(self.features)}], got {x.shape}")
@@ -175,13 +179,16 @@ class Predictor:
         if bad.any():
             b, t, f = (int(i) for i in np.argwhere(bad)[0])
             raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {x[b, t, f]}")
-        out = [
-            self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})[0]
+        chunks = [
+            self.session.run(names, {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})
             for i in range(0, len(x), CHUNK)
         ]
-        shape = (0, *output_shape(self.horizon, len(self.targets))[1:])
-        y = np.concatenate(out) if out else np.empty(shape, np.float32)  # [B, T] or [B, H, T]
-        flat = y.reshape(len(y), -1)  # [B, H * T], the order of self.columns
+        if not chunks:  # no windows: empty outputs of the right shapes
+            shapes = {self.output_name: output_shape(self.horizon, len(self.targets))}
+            shapes.update((self.metadata.get("intervals") or {}).get("outputs", {}))
+            return [np.empty((0, *shapes[n][1:]), np.float32) for n in names]
+        outs = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
+        flat = outs[0].reshape(len(outs[0]), -1)  # [B, H * T], the order of self.columns
         bad = ~np.isfinite(flat)
         if bad.any():  # float32 overflow inside the graph: a NaN/inf forecast must not pass as a number
             b, j = (int(i) for i in np.argwhere(bad)[0])
@@ -189,7 +196,7 @@ class Predictor:
                 f"{source}: window {b + 1}: the forecast of {self.columns[j]!r} is {flat[b, j]} "
                 "(inputs far outside the range the model was trained on)"
             )
-        return y
+        return outs
 
     def predict(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -221,13 +228,8 @@ class Predictor:
     def _table(self, windows: np.ndarray, source: str) -> np.ndarray:
         """Raw windows [B, W, F] -> [B, C]: the forecast and every interval bound, in the order of
         :attr:`all_columns` (the forecast alone when the model has no intervals)."""
-        y = self.predict_windows(windows, source)
-        flat = [y.reshape(len(y), -1)]
-        if self.bound_outputs:
-            x = np.ascontiguousarray(self._as_float32(windows, source)[:, -self.window :])
-            bounds = self.session.run(self.bound_outputs, {self.input_name: x})  # [B, L, ...] each
-            flat += [b.reshape(len(b), -1) for b in bounds]
-        return np.concatenate(flat, axis=1)
+        outs = self._run(windows, [self.output_name, *self.bound_outputs], source)  # one pass: [B, (L,) ...] each
+        return np.concatenate([o.reshape(len(o), -1) for o in outs], axis=1)
 
     def predict_rolling(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
