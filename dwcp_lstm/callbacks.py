@@ -233,11 +233,11 @@ def export_run(
     """Export ``module`` to ``run_dir/filename`` with its interval ``calibration`` (None: calibrated here on the
     validation split, as the report does), check it against PyTorch on the test windows and write
     ``model_metadata.json`` beside it; both files atomically. Returns the metadata."""
-    from dwcp_lstm.evaluate import calibration_of
+    from dwcp_lstm.evaluate import validation_calibration
 
     path = Path(run_dir) / filename
     if calibration is None:
-        calibration, _ = calibration_of(module, dm)
+        _, (calibration, _) = validation_calibration(module, dm)
     export_onnx(module, path, dm.window_size, opset, calibration)
     parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows), calibration)
     metadata = build_metadata(module, dm, path, opset, parity, Path(run_dir), calibration)

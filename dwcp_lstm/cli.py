@@ -190,9 +190,7 @@ def _lightning_cli_class():
                 changes = preflight.config_changes(old, new)
                 where = run_config
             else:
-                saved = ckpt.get("hyper_parameters") or {}
-                changes = [f"model.{k}: {saved[k]!r} -> {v!r}" for k, v in self.model.hparams.items()
-                           if k in saved and preflight._plain(saved[k]) != preflight._plain(v)]  # fmt: skip
+                changes = [f"model.{k}: {a!r} -> {b!r}" for k, a, b in preflight.hparam_differences(ckpt, self.model)]
                 where = path
             if changes:
                 raise _data_error(

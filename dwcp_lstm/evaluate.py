@@ -271,37 +271,38 @@ def head_to_head(pred: np.ndarray, y: np.ndarray, base_preds: dict, targets: lis
     return out
 
 
-def validation_split(module, dm, mape_floor: float, fitted, pred: np.ndarray | None = None) -> dict | None:
-    """The model's and the baselines' forecasts on the validation split, every step (None without val windows):
-    shared by the validation head-to-head and the interval calibration."""
+def validation_inputs(module, dm, pred: np.ndarray | None = None) -> dict | None:
+    """The model's forecasts (``pred``, computed unless given), the actuals and the target history of every
+    validation window: ``{"pred", "y"}`` [N, H, T] and ``"hist"`` [N, W, T]; None without validation windows."""
     if len(dm.starts["val"]) == 0:
         return None
-    y_steps = step_targets(dm, "val")
-    _, base_steps = run_baselines(dm, y_steps, mape_floor, "val", fitted)
     pred = predict_raw(module, dm, "val") if pred is None else pred
-    return {"y": y_steps, "pred": pred, "baselines": base_steps, "hist": target_history(dm, dm.starts["val"])}
+    return {"pred": pred, "y": step_targets(dm, "val"), "hist": target_history(dm, dm.starts["val"])}
 
 
-def calibration_of(module, dm, val: dict | None = None) -> tuple[I.Calibration | None, dict | None]:
-    """The model's interval calibration on the validation split (see :mod:`dwcp_lstm.intervals`), and the two-fold
-    scores behind its plain/adaptive choice; (None, None) when the split cannot calibrate the widest level. The export
-    bakes it into the graph and the report judges it on the test split: both call this, with the same inputs."""
+def validation_split(module, dm, mape_floor: float, fitted, pred: np.ndarray | None = None) -> dict | None:
+    """:func:`validation_inputs` plus the baselines' forecasts: shared by the validation head-to-head and the
+    interval calibration."""
+    val = validation_inputs(module, dm, pred)
+    if val is not None:
+        _, val["baselines"] = run_baselines(dm, val["y"], mape_floor, "val", fitted)
+    return val
+
+
+def calibration_of(module, dm, val: dict | None) -> tuple[I.Calibration | None, dict | None]:
+    """The model's interval calibration from its validation forecasts (see :mod:`dwcp_lstm.intervals`), and the
+    two-fold scores behind its plain/adaptive choice; (None, None) when the split cannot calibrate the widest level.
+    The export bakes it into the graph and the report judges it on the test split: both call this, same inputs."""
     levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
-    if len(dm.starts["val"]) < I.windows_needed(levels):
+    if val is None or len(val["y"]) < I.windows_needed(levels):
         return None, None
-    if val is None:
-        val = {"pred": predict_raw(module, dm, "val"), "y": step_targets(dm, "val"),
-               "hist": target_history(dm, dm.starts["val"])}  # fmt: skip
     return I.choose(val["pred"], val["y"], val["hist"], levels, allow_adaptive=bool(module.delta))
 
 
 def validation_calibration(module, dm) -> tuple[np.ndarray | None, tuple]:
     """The model's validation forecasts and its calibration from them (one pass over the split)."""
-    if len(dm.starts["val"]) == 0:
-        return None, (None, None)
-    pred = predict_raw(module, dm, "val")
-    val = {"pred": pred, "y": step_targets(dm, "val"), "hist": target_history(dm, dm.starts["val"])}
-    return pred, calibration_of(module, dm, val)
+    val = validation_inputs(module, dm)
+    return (None if val is None else val["pred"]), calibration_of(module, dm, val)
 
 
 def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | None:

@@ -74,12 +74,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | Path) -> None:
     """The checkpoint was trained for this model: same contract hyperparameters, same parameter names and shapes."""
-    saved = ckpt.get("hyper_parameters") or {}
-    for key in CONTRACT_HPARAMS:
-        if key in saved and _plain(saved[key]) != _plain(model.hparams.get(key)):
-            raise CheckpointError(
-                f"{path}: checkpoint has {key}={_plain(saved[key])}, this config has {_plain(model.hparams.get(key))}"
-            )
+    differences = hparam_differences(ckpt, model, CONTRACT_HPARAMS)
+    if differences:
+        key, theirs, ours = differences[0]
+        raise CheckpointError(f"{path}: checkpoint has {key}={theirs}, this config has {ours}")
     own = model.state_dict()
     theirs = ckpt["state_dict"]
     missing = [k for k in own if k not in theirs]
@@ -92,6 +90,15 @@ def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | P
             shape = tuple(theirs[k].shape) if isinstance(theirs[k], torch.Tensor) else type(theirs[k]).__name__
             msg = f"{path}: checkpoint's {k} has shape {shape}, this model's {tuple(v.shape)} (other sizes?)"
             raise CheckpointError(msg)
+
+
+def hparam_differences(ckpt: dict[str, Any], model, keys=None) -> list[tuple[str, Any, Any]]:
+    """``(key, checkpoint's value, model's value)`` for each hyperparameter (of ``keys``, default all the model's)
+    that the checkpoint records with another value; lists and tuples compare equal."""
+    saved = ckpt.get("hyper_parameters") or {}
+    keys = model.hparams.keys() if keys is None else keys
+    return [(k, _plain(saved[k]), _plain(model.hparams.get(k))) for k in keys
+            if k in saved and _plain(saved[k]) != _plain(model.hparams.get(k))]  # fmt: skip
 
 
 def _plain(v: Any) -> Any:
