@@ -31,9 +31,9 @@ if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
 
 # Sizes: full run vs --quick (a few seconds, for the test suite).
 FULL = {"rows": 1_000_000, "b1_iters": 2000, "b256_iters": 20, "rounds": 5, "train_batches": 60, "train_warmup": 5,
-        "train_reps": 2, "train_rows": 15_000, "parity_windows": 2048}  # fmt: skip
+        "train_reps": 2, "train_rows": 15_000, "parity_windows": 2048, "plan_links": 1000}  # fmt: skip
 QUICK = {"rows": 20_000, "b1_iters": 40, "b256_iters": 2, "rounds": 2, "train_batches": 3, "train_warmup": 1,
-         "train_reps": 1, "train_rows": 3_000, "parity_windows": 256}  # fmt: skip
+         "train_reps": 1, "train_rows": 3_000, "parity_windows": 256, "plan_links": 50}  # fmt: skip
 BATCH_SIZE, LR = 64, 1e-3
 
 # Run in a fresh interpreter so that the parent's imports and data generation do not count towards the peak. On Linux
@@ -242,6 +242,33 @@ def bench_inference(
         "b256_iterations": len(b256["onnx"]),
         "torch_threads_b256": default_threads,
     }
+
+
+def bench_plan(model_path: Path, work: Path, links: int, threads: int | None, reps: int = 5) -> dict[str, Any]:
+    """``plan`` for ``links`` links (a 64 GiB migration at 100 Mbit/s dirty rate): the telemetry CSV read, every
+    link's latest window forecast in batched ONNX calls, the pre-copy replay of both plans; median of ``reps``."""
+    from dwcp_lstm import synthetic
+    from dwcp_lstm.planner import Migration, plan_table
+    from dwcp_lstm.serve import Predictor
+    from dwcp_lstm.tables import read_table
+
+    predictor = Predictor(model_path, threads=threads)
+    if not predictor.levels:
+        return {"plan_links": links, "plan_s": None, "plan_note": "the model has no intervals"}
+    rows = links * (predictor.window + 4)
+    path = work / "plan_telemetry.csv"
+    synthetic.write_frame(synthetic.generate(samples=rows, links=links), path)
+    series, time_col = predictor.metadata["series"]["columns"], predictor.metadata["series"]["time_column"]
+    columns = list(dict.fromkeys([*series, time_col, *predictor.features]))
+
+    def once() -> int:
+        df = read_table(path, columns, text_columns=series)
+        out, _ = plan_table(predictor, df, series, time_col, path, Migration(64, 100.0), 0.9)
+        return len(out)
+
+    planned = once()  # warm-up, and the count of links it planned
+    ns = time_calls(once, reps)
+    return {"plan_links": planned, "plan_s": float(np.median(ns) / 1e9), "plan_rows_read": rows}
 
 
 def _fresh_model(dm: DwcpDataModule) -> DwcpForecaster:
@@ -465,6 +492,8 @@ def run_bench(
             lap("setup_and_export")
             result: dict[str, Any] = bench_inference(module, dm, model_path, s, threads)
             lap("inference")
+            result.update(bench_plan(model_path, work, s["plan_links"], threads))
+            lap("plan")
             result.update(bench_training(train_dm, s))
             lap("training")
             if not skip_load:

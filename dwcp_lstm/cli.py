@@ -32,6 +32,7 @@ OWN_COMMANDS = {
     "report": ("rebuild report.json/.md and plots of a run from its best checkpoint", "dwcp_lstm.cli:cmd_report"),
     "export": ("export a run's best checkpoint again to model.onnx + model_metadata.json", "dwcp_lstm.cli:cmd_export"),
     "forecast": ("next-step forecasts per link from model.onnx (no torch needed)", "dwcp_lstm.serve:cmd_forecast"),
+    "plan": ("live-migration time per link from model.onnx (no torch needed)", "dwcp_lstm.planner:cmd_plan"),
     "bench": ("latency, throughput and memory figures as JSON", "dwcp_lstm.bench:cmd_bench"),
 }
 
@@ -309,14 +310,25 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--links", type=int, default=None, help="number of links (dynamic); default samples / 3000")
     p.add_argument("--noise", type=float, default=0.02, help="relative measurement noise of the targets (dynamic)")
     p.add_argument("--oracle", type=bool, default=True, help="also write the oracle sidecar <output>.oracle.<ext>")
+    p.add_argument(
+        "--oracle-steps",
+        type=int,
+        default=1,
+        help="steps the sidecar forecasts: oracle_<target> (step 1) and oracle_<target>_h<k> for k = 2..K, the "
+        "Monte Carlo of the h-step forecast (dynamic: about 4 s per 15,000 rows x 12 steps); for data.horizon K",
+    )
     p.add_argument("--card", action="store_true", help="print the data card's oracle/persistence table and exit")
     a = p.parse_args(argv)
     if a.card:
         print(synthetic.card_markdown(a.samples, a.seed))
         return
+    if a.oracle_steps < 1:
+        raise _data_error(f"--oracle-steps must be >= 1, got {a.oracle_steps}")
     out = Path(a.output)
     try:
-        df, oracle = synthetic.generate_with_oracle(a.samples, a.seed, a.profile, a.links, a.noise)
+        df, oracle = synthetic.generate_with_oracle(
+            a.samples, a.seed, a.profile, a.links, a.noise, oracle_steps=a.oracle_steps if a.oracle else 1
+        )
     except ValueError as exc:
         raise _data_error(str(exc)) from None
     synthetic.write_frame(df, out)  # checks the suffix before anything is written
@@ -401,16 +413,17 @@ def cli_main(args: ArgsType = None) -> None:
         ArgumentError = ConfigError  # noqa: N806
 
     try:
-        # A serving install (`pip install dwcp_lstm`, no extras) runs `forecast` only; the rest needs the extra `train`
-        # (`generate` just its scipy). Looked up by name, before anything heavy is imported.
-        if argv[0] != "forecast":
+        # A serving install (`pip install dwcp_lstm`, no extras) runs `forecast` and `plan` only; the rest needs the
+        # extra `train` (`generate` just its scipy). Looked up by name, before anything heavy is imported.
+        if argv[0] not in ("forecast", "plan"):
             stack = ["torch", "lightning", "torchmetrics", "scipy", "sklearn", "onnx", "onnxscript", "matplotlib",
                      "jsonargparse", "yaml"]  # fmt: skip
             needs = ["scipy", "jsonargparse"] if argv[0] == "generate" else stack
             missing = [m for m in needs if find_spec(m) is None]
             if missing:
                 known = argv[0] in (*LIGHTNING_COMMANDS, *OWN_COMMANDS)
-                what = "needs" if known else "is unknown here: this install runs 'forecast' only; the rest needs"
+                serving = "this install runs 'forecast' and 'plan' only; the rest needs"
+                what = "needs" if known else f"is unknown here: {serving}"
                 raise ConfigError(
                     f"{argv[0]!r} {what} the training stack (missing: {', '.join(missing)}): "
                     "pip install -c constraints.txt 'dwcp_lstm[train]'"

@@ -271,6 +271,8 @@ def compare_contract(
     """Refuse metadata whose contract keys differ from the graph's copy, naming the first key path that differs."""
     for key in CONTRACT_KEYS:
         a, b = declared.get(key, _MISSING), embedded.get(key, _MISSING)
+        if a is _MISSING and b is _MISSING:  # an optional key (e.g. intervals) that neither has
+            continue
         if a is _MISSING or b is _MISSING or canonical(a) != canonical(b):
             where, x, y = _first_difference(a, b, key)
             raise ModelFileError(

@@ -17,10 +17,13 @@ FILES = (
     "baselines.png",
     "horizon.png",
     "reliability.png",
+    "planner.png",
 )
 
 
-def write_all(run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict) -> dict[str, plt.Figure]:
+def write_all(
+    run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict, plan_points: list | None = None
+) -> dict[str, plt.Figure]:
     """Write every figure; return them too (TensorBoard logs the same figures as images).
 
     A figure is an extra, not the result: one that cannot be drawn or written (odd data, a full disk) is skipped with
@@ -33,6 +36,7 @@ def write_all(run_dir: Path, dm, y, pred, base_preds: dict, oracle, report: dict
         "baselines.png": lambda: comparison(report, dm.targets),
         "horizon.png": lambda: horizon_errors(report, dm.targets),
         "reliability.png": lambda: reliability(report, dm.targets),
+        "planner.png": lambda: planner_backtest(report, plan_points or []),
     }
     figs = {}
     for name, make in makers.items():
@@ -148,16 +152,20 @@ def comparison(report: dict, targets: list[str]) -> plt.Figure:
 
 
 def horizon_errors(report: dict, targets: list[str]) -> plt.Figure | None:
-    """RMSE per horizon step of the model and every baseline (multi-step runs only)."""
+    """RMSE per horizon step of the model, every baseline and the oracle (multi-step runs only). The oracle is green
+    as in the baselines figure, so the baselines take the other colours of the cycle."""
     steps = report.get("horizon")
     if not steps:
         return None
     n = len(targets)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.6), squeeze=False)
     h = np.arange(1, steps["steps"] + 1)
+    colors = [f"C{i}" for i in range(10) if i != 2]
     for t, ax in zip(targets, axes[0], strict=True):
-        for name, errs in steps["baselines"].items():
-            ax.plot(h, errs[t]["rmse"], lw=1, alpha=0.7, label=name)
+        for i, (name, errs) in enumerate(steps["baselines"].items()):
+            ax.plot(h, errs[t]["rmse"], color=colors[i % len(colors)], lw=1, alpha=0.7, label=name)
+        if steps.get("oracle"):
+            ax.plot(h, steps["oracle"][t]["rmse"], color="C2", lw=2, ls="--", label="oracle")
         ax.plot(h, steps["model"][t]["rmse"], color="k", lw=2, label="model")
         ax.set(title=t, xlabel="horizon step", ylabel="RMSE")
     axes[0][0].legend(fontsize=7)
@@ -177,5 +185,27 @@ def reliability(report: dict, targets: list[str]) -> plt.Figure | None:
         ax.plot(nominal, iv["reliability"]["empirical"][t], marker="o", ms=3, label=t)
     ax.set(xlabel="nominal coverage", ylabel="test coverage", title="Reliability", xlim=(0.45, 1), ylim=(0.45, 1))
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def planner_backtest(report: dict, points: list) -> plt.Figure | None:
+    """Predicted vs realised migration time on the test split, per VM size (no dirtying): the median plan and the
+    plan at the backtest's confidence, with the diagonal where they would be exact."""
+    plan = report.get("planner") or {}
+    runs = [(r, p) for r, p in zip(plan.get("runs", []), points, strict=False) if r["dirty_rate_mbps"] == 0]
+    runs = [(r, p) for r, p in runs if r["migrations"] > 0]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.6 * len(runs), 3.6), squeeze=False)
+    for (r, (real, med, conf)), ax in zip(runs, axes[0], strict=True):
+        k = slice(None, None, max(1, len(real) // 1500))  # a readable scatter
+        ax.scatter(real[k] / 60, med[k] / 60, s=4, alpha=0.5, label="median plan")
+        ax.scatter(real[k] / 60, conf[k] / 60, s=4, alpha=0.5, label=f"{100 * plan['confidence']:g} % plan")
+        top = np.nanmax(np.r_[real, med[np.isfinite(med)], conf[np.isfinite(conf)]]) / 60
+        ax.plot([0, top], [0, top], color="k", lw=1, ls="--")
+        ax.set(xlabel="realised time (min)", ylabel="planned time (min)",
+               title=f"{r['memory_gib']:g} GiB: {100 * r['model']['coverage']:.1f} % done by the plan")  # fmt: skip
+    axes[0][0].legend(fontsize=7, markerscale=3)
     fig.tight_layout()
     return fig

@@ -17,7 +17,7 @@ KEYS = [
     "torch_b256_samples_per_s", "lightning_samples_per_s", "plain_samples_per_s", "lightning_vs_plain",
     "datamodule_rows", "datamodule_setup_s", "datamodule_peak_rss_mb", "onnx_file_mb", "onnx_parity_max_rel",
     "load_project_default_slowdown", "load_one_per_core_slowdown", "load_project_default_loaded_samples_per_s",
-    "onnx_b1_with_intervals_p50_ms", "onnx_b1_forecast_only_graph_p50_ms",
+    "onnx_b1_with_intervals_p50_ms", "onnx_b1_forecast_only_graph_p50_ms", "plan_s",
 ]  # fmt: skip
 
 
@@ -35,6 +35,7 @@ def test_bench_quick_emits_every_figure(tmp_path: Path, capsys):
         assert math.isfinite(value) and value > 0, (key, value)
     assert printed["onnx_parity_max_rel"] < 1e-4
     assert printed["datamodule_rows"] == 20_000
+    assert printed["plan_links"] == 50  # every link of the telemetry got a plan
     assert printed["onnx_speedup_b1"] == pytest.approx(printed["torch_b1_p50_ms"] / printed["onnx_b1_p50_ms"])
     assert "1 intra-op thread" in printed["threads"]["b1_latency"]
     assert printed["settings"]["quick"] is True and printed["settings"]["train_batch_size"] == 64

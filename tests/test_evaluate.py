@@ -70,7 +70,8 @@ def test_report_figures_follow_from_its_own_mse(evaluated):
 def test_oracle_join_matches_the_sidecar_row_by_row(evaluated):
     _, dm, _, oracle, _ = evaluated
     rows = dm.target_rows("test")
-    got = E.oracle_forecasts(dm, rows)
+    got = E.oracle_forecasts(dm, rows)  # [N, H, T], H = 1 here
+    assert got.shape == (len(rows), 1, dm.n_targets)
     keys = dm.frame_keys.iloc[rows - 1].reset_index(drop=True)  # the oracle at the window's last row
     for i in (0, len(rows) // 2, len(rows) - 1):
         k = keys.iloc[i]
@@ -78,7 +79,7 @@ def test_oracle_join_matches_the_sidecar_row_by_row(evaluated):
                        (oracle["peer_id"].astype(str) == str(k["peer_id"])) &
                        (oracle["timestamp"] == k["timestamp"])]  # fmt: skip
         assert len(match) == 1
-        np.testing.assert_allclose(got[i], match[[f"oracle_{t}" for t in dm.targets]].to_numpy()[0])
+        np.testing.assert_allclose(got[i, 0], match[[f"oracle_{t}" for t in dm.targets]].to_numpy()[0])
 
 
 def test_per_link_splits_the_windows_by_link(evaluated):
@@ -117,3 +118,23 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
 
 def evaluated_module(evaluated):
     return evaluated[4]
+
+
+def test_per_step_gap_closed_matches_numpy():
+    rng = np.random.default_rng(4)
+    y = rng.normal(size=(200, 3, 2))  # [N, H, T]
+    oracle = y + 0.1 * rng.normal(size=y.shape) * np.arange(1, 4)[None, :, None]  # worse with the step
+    pred = y + 0.3 * rng.normal(size=y.shape)
+    persist = y + 0.5 * rng.normal(size=y.shape)
+    out = E.per_step(pred, y, {"persistence": (persist, np.ones(len(y), dtype=bool))}, ["a", "b"], oracle)
+    for j, t in enumerate(["a", "b"]):
+        m, p, o = (((f[..., j] - y[..., j]) ** 2).mean(axis=0) for f in (pred, persist, oracle))  # [H]
+        np.testing.assert_allclose(out["gap_closed"][t], (p - m) / (p - o))
+        np.testing.assert_allclose(out["oracle"][t]["rmse"], np.sqrt(o))
+        assert out["gap_closed_ge_0.8"][t] == [bool(g >= 0.8) for g in (p - m) / (p - o)]
+    report = {"overall": {"average_correlation": 0.0, "average_mape": 1.0, "target_met": False}, "baselines": {},
+              "head_to_head": {"a": {}, "b": {}}, "gap_closed": None, "horizon": out}  # fmt: skip
+    mse = {"model": np.zeros(2)}
+    assert E.checks(report, mse, ["a", "b"])["horizon_gap_closed_ge_0.8_every_step"] == {
+        t: all(out["gap_closed_ge_0.8"][t]) for t in ("a", "b")
+    }

@@ -160,3 +160,86 @@ def test_another_model_file_name_is_found_by_every_reader(horizon_run, tmp_path)
     assert report["onnx"] is not None and report["onnx"]["sha256_matches_metadata"] is True
     _, _, path, _ = build_model(str(horizon_run), tmp_path, None, 16)
     assert path == horizon_run / "net.onnx"
+
+
+def test_report_has_the_oracle_and_gap_closed_per_step(horizon_run):
+    report = json.loads((horizon_run / "report.json").read_text())
+    steps, targets = report["horizon"], list(report["per_target"])
+    assert steps["oracle"] is not None and len(steps["oracle"]["rtt_ms"]["rmse"]) == H
+    # step 1 of the per-step oracle is the report's one-step oracle
+    assert steps["oracle"]["rtt_ms"]["rmse"][0] == pytest.approx(report["oracle"]["per_target"]["rtt_ms"]["rmse"])
+    for t in targets:
+        gap = steps["gap_closed"][t]
+        assert len(gap) == H and gap[0] == pytest.approx(report["gap_closed"][t], rel=1e-9)
+        assert steps["gap_closed_ge_0.8"][t] == [g is not None and g >= 0.8 for g in gap]
+        # from the per-step RMSEs: (MSE_persistence - MSE_model) / (MSE_persistence - MSE_oracle)
+        m, p, o = (
+            np.square(e[t]["rmse"]) for e in (steps["model"], steps["baselines"]["persistence"], steps["oracle"])
+        )
+        np.testing.assert_allclose(gap, (p - m) / (p - o), rtol=1e-9)
+        assert (np.array(steps["oracle"][t]["rmse"]) < steps["baselines"]["persistence"][t]["rmse"]).all()
+    assert report["checks"]["horizon_gap_closed_ge_0.8_every_step"] == {
+        t: all(steps["gap_closed_ge_0.8"][t]) for t in targets
+    }
+    md = (horizon_run / "report.md").read_text()
+    assert "gap closed >= 0.8 at every horizon step" in md and "| oracle | gap closed |" in md
+
+
+def test_oracle_join_gives_each_step_from_the_sidecar_at_the_windows_last_row(horizon_run):
+    from dwcp_lstm import synthetic
+    from dwcp_lstm.evaluate import oracle_forecasts
+    from dwcp_lstm.runs import datamodule_from_config
+
+    dm = datamodule_from_config(horizon_run / "config.yaml")
+    dm.setup("test")
+    rows = dm.target_rows("test")
+    got = oracle_forecasts(dm, rows)  # [N, H, T]
+    assert got.shape == (len(rows), H, dm.n_targets)
+    sidecar = pd.read_csv(synthetic.oracle_path(dm.path))
+    keys = ["node_id", "peer_id", "timestamp"]
+    at = sidecar.set_index(keys)
+    last = dm.frame_keys.iloc[rows - 1]  # each window's last input row
+    for i in (0, len(rows) // 2, len(rows) - 1):
+        row = at.loc[tuple(last.iloc[i][keys])]
+        for h in range(1, H + 1):
+            cols = [f"oracle_{t}" if h == 1 else f"oracle_{t}_h{h}" for t in dm.targets]
+            np.testing.assert_array_equal(got[i, h - 1], row[cols].to_numpy(np.float64))
+
+
+def test_a_sidecar_without_the_h_step_columns_gives_step_one_only(dm):
+    from dwcp_lstm.evaluate import oracle_forecasts, per_step
+
+    rows = dm.target_rows("test")
+    assert oracle_forecasts(dm, rows) is None  # the small file's sidecar has step 1 only
+    assert oracle_forecasts(dm, rows, steps=1).shape == (len(rows), 1, dm.n_targets)
+    y = np.zeros((4, H, 2))
+    out = per_step(y + 1, y, {"persistence": (y + 2, np.ones(4, dtype=bool))}, ["a", "b"], None)
+    assert out["oracle"] is None and out["gap_closed"] is None and "not available" in out["oracle_note"]
+
+
+def test_prepare_data_adds_the_h_step_oracle_to_an_old_sidecar_and_leaves_the_data_alone(tmp_path):
+    from dwcp_lstm import synthetic
+    from dwcp_lstm.data import SyntheticSpec
+
+    spec = SyntheticSpec(samples=1200, links=2)
+    old = DwcpDataModule(horizon=1, data_dir=str(tmp_path), synthetic=spec)
+    old.prepare_data()  # the built-in dataset: the oracle for 12 steps whatever the horizon
+    sidecar = synthetic.oracle_path(old.path)
+    assert set(synthetic.oracle_columns(synthetic.TARGETS, 12)) <= set(pd.read_csv(sidecar, nrows=0).columns)
+    data = old.path.read_bytes()
+    full = pd.read_csv(sidecar)
+    synthetic.write_frame(full[["node_id", "peer_id", "timestamp", *(f"oracle_{t}" for t in synthetic.TARGETS)]],
+                          sidecar)  # fmt: skip  # as written before the h-step oracle
+    DwcpDataModule(horizon=1, data_dir=str(tmp_path), synthetic=spec).prepare_data()
+    assert "oracle_rtt_ms_h2" not in pd.read_csv(sidecar, nrows=0).columns  # step 1 is all H = 1 needs
+    DwcpDataModule(horizon=H, data_dir=str(tmp_path), synthetic=spec).prepare_data()
+    assert old.path.read_bytes() == data
+    pd.testing.assert_frame_equal(pd.read_csv(sidecar), full)
+
+
+@pytest.mark.parametrize(("samples", "horizon", "steps"), [(15_000, 3, 12), (15_000, 20, 20), (500_000, 3, 3),
+                                                           (10_000_000, 3, 1), (10_000_000, 1, 1)])  # fmt: skip
+def test_the_built_in_oracle_steps_are_capped_on_huge_data(samples, horizon, steps):
+    from dwcp_lstm.data import SyntheticSpec
+
+    assert DwcpDataModule(horizon=horizon, synthetic=SyntheticSpec(samples=samples)).oracle_steps == steps

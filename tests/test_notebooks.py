@@ -21,7 +21,7 @@ ipykernel_spec = pytest.importorskip("ipykernel.kernelspec")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ["01_data", "02_results", "03_onnx_inference"]
+NAMES = ["01_data", "02_results", "03_onnx_inference", "04_migration_planning"]
 KERNEL = "python3"
 ENV_VARS = ("DWCP_RUNS", "DWCP_RUN", "DWCP_DATA")
 MAX_BYTES = 60_000  # stored notebooks are source only
@@ -122,6 +122,13 @@ def test_onnx_notebook(tmp_path, jupyter_dirs, smoke_run, small_csv, monkeypatch
     text = printed(nb)
     assert str(smoke_run) in text
     assert "is not the file this model was trained on" in text  # small.csv is not the smoke run's data
+
+
+def test_planning_notebook(tmp_path, jupyter_dirs, smoke_run, monkeypatch):
+    nb = execute("04_migration_planning", tmp_path, {**jupyter_dirs, "DWCP_RUN": str(smoke_run)}, monkeypatch)
+    assert_rendered(nb, "04_migration_planning", figures=2, tables=2)
+    text = printed(nb)
+    assert str(smoke_run) in text and "pre-copy (Clark et al." in text and "coverage_within_3_points" in text
 
 
 def test_notebooks_find_the_newest_run(tmp_path, jupyter_dirs, smoke_run, monkeypatch):

@@ -51,7 +51,7 @@ def test_builtin_configs_are_the_package_dwcp_lstm_configs():
         (["fit", "--trainer.max_epochs=1"], {"torch", "lightning"}, "'fit' needs the training stack (missing: torch"),
         (["export", "--run", "x"], {"onnx"}, "'export' needs the training stack (missing: onnx):"),
         (["generate", "--samples", "10"], {"scipy"}, "'generate' needs the training stack (missing: scipy):"),
-        (["bogus"], {"torch"}, "'bogus' is unknown here: this install runs 'forecast' only"),
+        (["bogus"], {"torch"}, "'bogus' is unknown here: this install runs 'forecast' and 'plan' only"),
     ],
 )
 def test_a_missing_training_stack_is_one_line(monkeypatch, capsys, argv, missing, message):

@@ -533,3 +533,13 @@ def test_onnx_interval_bounds_are_the_reports_calibration(smoke_run):
         for level in ("80", "95"):
             covered = ((y[:, j] >= got[f"{t}_lo{level}"]) & (y[:, j] <= got[f"{t}_hi{level}"])).mean()
             assert covered == pytest.approx(report["intervals"]["per_target"][t][level]["coverage"], abs=2 / len(y))
+
+
+def test_contracts_that_both_lack_an_optional_key_agree():
+    """Exports from before prediction intervals have no ``intervals`` key in the metadata or the graph: they load."""
+    from dwcp_lstm.contract import compare_contract
+
+    old = {"format": "dwcp_lstm.onnx/2", "window_size": 20}
+    compare_contract(old, dict(old), "m.json", "model.onnx")
+    with pytest.raises(ModelFileError, match="key 'intervals' is absent but the contract embedded in model.onnx says"):
+        compare_contract(old, {**old, "intervals": None}, "m.json", "model.onnx")

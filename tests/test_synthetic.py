@@ -1,3 +1,6 @@
+import hashlib
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,3 +111,149 @@ def test_generate_command_writes_data_and_sidecar(tmp_path, capsys):
     assert len(df) == 1200 and list(df.columns) == COLUMNS
     assert synthetic.oracle_path(out).exists()
     assert "wrote 1200 rows, 2 links" in capsys.readouterr().out
+
+
+# -- the h-step oracle ------------------------------------------------------------------------------------------------
+
+
+def _reference_link(samples: int, seed: int) -> tuple[dict, list[dict]]:
+    """The dynamic profile of a one-link dataset re-derived in plain Python from the module docstring's dynamics and
+    the generator's draw order: the link's constants and, per state index, the latent state and the four target
+    means. Independent of the module's code (no lfilter, no shared helpers)."""
+    rng = np.random.default_rng(seed)
+    metro = synthetic.LINK_TYPES[0]  # link 0
+    names = ("capacity_mbps", "base_rtt_ms", "utilisation", "loss_floor", "jitter_floor_ms", "max_queue_delay_ms")
+    link = {name: getattr(metro, name) * float(rng.uniform(0.9, 1.1, 1)[0]) for name in names}
+    burn = 200
+    total = samples + burn + 1
+    eps = 0.07 * rng.standard_normal((1, total))[0]
+    kicks = (rng.random((1, total)) < 1 / 144)[0] * rng.uniform(0.15, 0.4, (1, total))[0]
+    t0 = int(synthetic.DEFAULT_START.timestamp())
+    link["calendar"] = []
+    for i in range(total + 20):  # beyond the end too: the reference forecasts past the last row
+        ts = t0 + 300 * (i - burn - 1)
+        hour = (ts % 86_400) / 3600.0
+        weekend = ((ts // 86_400) + 3) % 7 >= 5
+        link["calendar"].append((1.0 + 0.28 * math.sin(2 * math.pi * (hour - 8.0) / 24.0)) * (0.78 if weekend else 1.0))
+    states, z, build, episode, delay = [], 0.0, 0.0, 0.0, None
+    for i in range(total):
+        z, build = 0.9 * z + eps[i], 0.8 * build + kicks[i]
+        episode = 0.85 * episode + 0.2 * build
+        state = _reference_step(link, i, z, episode, delay)
+        states.append({"z": z, "build": build, "episode": episode, **state})
+        delay = state["delay"]
+    return link, states
+
+
+def _reference_step(link: dict, i: int, z: float, episode: float, prev_delay: float | None) -> dict:
+    """rho, the queue and the targets' means at state index ``i`` (the docstring's formulas, scalar Python)."""
+    rho = min(max(link["utilisation"] * link["calendar"][i] * math.exp(z) + episode, 0.05), 1.25)
+    h = rho**4 / (rho**4 + 0.9**4)
+    delay = link["max_queue_delay_ms"] * h
+    loss = link["loss_floor"] + 0.09 * h**3
+    jump = 0.0 if prev_delay is None else abs(delay - prev_delay)
+    return {
+        "rho": rho,
+        "delay": delay,
+        "throughput_mbps": min(rho, 1.0) * link["capacity_mbps"] * (1 - loss),
+        "rtt_ms": link["base_rtt_ms"] + delay,
+        "packet_loss": loss,
+        "jitter_ms": link["jitter_floor_ms"] + 0.25 * delay + 0.6 * jump,
+    }
+
+
+def _reference_forecast(link: dict, s: int, start: dict, steps: int, draws: int, seed: int) -> np.ndarray:
+    """[draws, steps, 4]: the targets' means at state indices s + 1 .. s + steps of ``draws`` simulated futures."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((draws, steps, 4))
+    for d in range(draws):
+        z, build, episode, delay = start["z"], start["build"], start["episode"], start["delay"]
+        for j in range(steps):
+            z = 0.9 * z + 0.07 * rng.standard_normal()
+            build = 0.8 * build + (rng.uniform(0.15, 0.4) if rng.random() < 1 / 144 else 0.0)
+            episode = 0.85 * episode + 0.2 * build
+            state = _reference_step(link, s + j + 1, z, episode, delay)
+            delay = state["delay"]
+            out[d, j] = [state[t] for t in TARGETS]
+    return out
+
+
+def test_h_step_oracle_matches_an_independent_plain_python_monte_carlo():
+    samples, burn = 600, 200
+    _, oracle = synthetic.generate_with_oracle(samples=samples, links=1, seed=21, oracle_steps=6)
+    link, states = _reference_link(samples, 21)
+    # the reference's latent path is the generator's: its step-1 oracle is the module's exact one
+    ref = np.array([[states[burn + 1 + r][t] for t in TARGETS] for r in range(samples - 1)])
+    np.testing.assert_allclose(oracle[[f"oracle_{t}" for t in TARGETS]].to_numpy()[:-1], ref, rtol=1e-9)
+    # a row where an episode is building up on a loaded link: the mean moves fast and the queue is non-linear
+    rows = np.arange(samples - 6)
+    r = int(rows[np.argmax([states[burn + 1 + k]["build"] - states[burn + 1 + k]["episode"] for k in rows])])
+    s = burn + 1 + r
+    assert states[s]["build"] > 0.15 and states[s + 5]["rho"] > 0.8, "the chosen row has an episode under way"
+    draws = 6000
+    paths = _reference_forecast(link, s, states[s], 5, draws, seed=99)  # step h = state index s + h - 1
+    for h in (2, 6):
+        mean, sd = paths[:, h - 2].mean(axis=0), paths[:, h - 2].std(axis=0)
+        got = oracle.loc[r, [f"oracle_{t}_h{h}" for t in TARGETS]].to_numpy(np.float64)
+        # 4 sd of the difference of two Monte Carlos; the module's 1000 draws (antithetic: at most) sd / sqrt(1000)
+        tol = 4 * sd * np.sqrt(1 / draws + 1 / synthetic.ORACLE_DRAWS)
+        assert np.all(np.abs(got - mean) <= tol), (h, got, mean, tol)
+    # and a forecast that the state drives: rtt's mean moves over the steps far more than the tolerance
+    assert abs(paths[:, 4, 1].mean() - states[s]["rtt_ms"]) > 5 * tol[1]
+    assert np.isnan(oracle.loc[samples - 6 :, "oracle_rtt_ms_h6"]).all()  # row + 6 beyond the link's end
+    assert np.isfinite(oracle.loc[: samples - 7, "oracle_rtt_ms_h6"]).all()
+
+
+def test_h_step_oracle_beats_persistence_at_every_step_and_worsens_with_the_step():
+    df, oracle = synthetic.generate_with_oracle(samples=6000, links=2, seed=11, oracle_steps=6)
+    y = df[TARGETS].to_numpy()
+    link = df["node_id"].astype(str).to_numpy()
+    mse_oracle, mse_persist = [], []
+    for h in range(1, 7):
+        ok = np.flatnonzero(link[h:] == link[:-h])  # rows whose row + h is in the same link
+        f = oracle[synthetic.oracle_columns(TARGETS, h)[-len(TARGETS) :]].to_numpy()[ok]  # step h's columns
+        mse_oracle.append(((f - y[ok + h]) ** 2).mean(axis=0))
+        mse_persist.append(((y[ok] - y[ok + h]) ** 2).mean(axis=0))
+    mse_oracle, mse_persist = np.array(mse_oracle), np.array(mse_persist)  # [6, 4]
+    assert (mse_oracle < mse_persist).all()
+    assert (np.diff(mse_oracle, axis=0) > 0).all(), mse_oracle  # every step is harder than the one before
+
+
+def test_oracle_steps_leave_the_data_bytes_alone_and_the_sidecar_is_deterministic(tmp_path):
+    def written(name: str, frame: pd.DataFrame) -> str:
+        synthetic.write_frame(frame, tmp_path / name)
+        return hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+
+    df1, o1 = synthetic.generate_with_oracle(samples=1200, links=2, seed=2)
+    df12, o12 = synthetic.generate_with_oracle(samples=1200, links=2, seed=2, oracle_steps=12)
+    _, again = synthetic.generate_with_oracle(samples=1200, links=2, seed=2, oracle_steps=12)
+    assert written("a.csv", df1) == written("b.csv", df12)
+    assert written("a.oracle.csv", o12) == written("b.oracle.csv", again)
+    assert list(o12.columns[: o1.shape[1]]) == list(o1.columns)
+    pd.testing.assert_frame_equal(o12[o1.columns], o1)  # step 1 as before
+    assert list(o12.columns[o1.shape[1] :]) == synthetic.oracle_columns(TARGETS, 12)[len(TARGETS) :]
+
+
+def test_seed_profile_h_step_oracle_is_the_next_rows_exact_mean():
+    _, oracle = synthetic.generate_with_oracle(samples=500, profile="seed", oracle_steps=4)
+    step1 = oracle["oracle_rtt_ms"].to_numpy()
+    for k in (2, 4):  # the calendar is the only state: step k at row r is step 1 at row r + k - 1
+        got = oracle[f"oracle_rtt_ms_h{k}"].to_numpy()
+        np.testing.assert_array_equal(got[:-k], step1[k - 1 : -1])
+        assert np.isnan(got[-k:]).all()
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_a_bad_oracle_steps_is_refused(steps, tmp_path, capsys):
+    with pytest.raises(ValueError, match="--oracle-steps must be an integer >= 1"):
+        synthetic.generate_with_oracle(samples=400, oracle_steps=steps)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["generate", "--output", str(tmp_path / "d.csv"), "--samples", "400", "--oracle-steps", str(steps)])
+    assert exc.value.code == 2 and "--oracle-steps must be >= 1" in capsys.readouterr().err
+
+
+def test_generate_command_writes_the_h_step_oracle(tmp_path):
+    out = tmp_path / "d.csv"
+    cli_main(["generate", "--output", str(out), "--samples", "800", "--links", "2", "--oracle-steps", "3"])
+    sidecar = pd.read_csv(synthetic.oracle_path(out))
+    assert set(synthetic.oracle_columns(TARGETS, 3)) <= set(sidecar.columns) and "oracle_rtt_ms_h4" not in sidecar

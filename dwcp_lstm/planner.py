@@ -1,0 +1,571 @@
+"""Live-migration planning: how long will moving a VM take on each link, and how sure are we (numpy only).
+
+The pre-copy model (Clark et al., "Live Migration of Virtual Machines", NSDI 2005; its analytic form in Akoush et
+al., "Predicting the Performance of Virtual Machine Migration", MASCOTS 2010): round 0 sends the VM's memory M;
+each later round sends the pages dirtied during the previous one, ``min(M, D x its duration)`` at dirty rate D;
+once what is left fits in the downtime limit at the bandwidth of that moment (``left <= B x downtime``) the VM is
+paused and the rest copied (stop-and-copy): that pause is the downtime. Pre-copy converges only when the bandwidth
+exceeds the dirty rate, otherwise every round is as long as the last and the migration never ends (QEMU then needs
+auto-converge or post-copy). A migration that has not met the stop condition after :data:`MAX_ROUNDS` rounds is
+reported as not converging.
+
+The bandwidth is a curve of per-step rates (Mbit/s over steps of the telemetry's cadence), and the transfer time is
+where the curve's cumulative volume reaches what must be sent (linear within a step):
+
+* median: the point forecast of every step (the model's forecasts are conditional means);
+* at confidence c: the *lower bound of the mean throughput over the first k steps* at the two-sided level
+  ``2c - 1`` (its lower tail holds ``1 - c``: the mean over k steps exceeds it with probability c), as a
+  guaranteed cumulative volume ``k x step x bound_k``, made non-decreasing. A transfer done by time t in the
+  realised data is one whose realised volume by t reaches what had to be sent, so the time read off this curve is
+  the c-quantile of the transfer time at every whole step;
+* beyond the model's horizon nothing is forecast: the mean over the horizon (and its bound) is assumed to hold,
+  and the plan says so (``beyond_horizon``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dwcp_lstm.errors import ConfigError
+
+MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
+MAX_ROUNDS = 100  # pre-copy rounds before a migration is called non-converging
+DEFAULT_DOWNTIME_MS = 300.0  # QEMU's default downtime-limit
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration to plan.
+
+    Args:
+        memory_gib: the VM's memory (GiB, > 0): what round 0 sends.
+        dirty_rate_mbps: how fast the running VM dirties memory (Mbit/s, >= 0): what each later round sends.
+        downtime_ms: the longest pause allowed for the stop-and-copy (ms, > 0).
+    """
+
+    memory_gib: float
+    dirty_rate_mbps: float = 0.0
+    downtime_ms: float = DEFAULT_DOWNTIME_MS
+
+    def __post_init__(self) -> None:
+        for name, value, ok, need in (
+            ("--memory-gib", self.memory_gib, lambda v: v > 0, "> 0"),
+            ("--dirty-rate-mbps", self.dirty_rate_mbps, lambda v: v >= 0, ">= 0"),
+            ("--downtime-ms", self.downtime_ms, lambda v: v > 0, "> 0"),
+        ):
+            if not (isinstance(value, int | float) and np.isfinite(value) and ok(value)):
+                raise ConfigError(f"{name} must be a finite number {need}, got {value}")
+
+    @property
+    def memory_mbit(self) -> float:
+        return self.memory_gib * MBIT_PER_GIB
+
+
+def level_for(confidence: float, levels: list[float]) -> float:
+    """The calibrated two-sided level whose lower bound is a one-sided ``confidence`` bound: ``2 c - 1``."""
+    if not (isinstance(confidence, int | float) and 0.0 < confidence < 1.0):
+        raise ConfigError(f"--confidence must be a number in (0, 1), got {confidence}")
+    have = [round((1 + v) / 2, 9) for v in levels]
+    for level, c in zip(levels, have, strict=True):
+        if abs(c - confidence) < 1e-9:
+            return level
+    offered = ", ".join(f"{c:g}" for c in have) or "none"
+    raise ConfigError(
+        f"--confidence {confidence:g}: the model is calibrated for confidences {offered} "
+        f"(its interval levels {[float(v) for v in levels]}); a confidence c needs the level 2c - 1"
+    )
+
+
+# -- bandwidth curves --------------------------------------------------------------------------------------------
+def lower_rates(mean_lower: np.ndarray) -> np.ndarray:
+    """[N, H] lower bounds of the mean rate over the first k steps -> [N, H] per-step rates whose cumulative volume
+    is the guaranteed one, ``k x step x bound_k``, made non-decreasing (a volume already sent stays sent)."""
+    k = np.arange(1, mean_lower.shape[1] + 1)
+    volume = np.maximum.accumulate(np.maximum(mean_lower, 0.0) * k, axis=1)  # [N, H], in rate x steps
+    return np.diff(volume, axis=1, prepend=0.0)
+
+
+def _cumulative(rates: np.ndarray, step_s: np.ndarray) -> np.ndarray:
+    """[N, K] rates -> [N, K + 1] volume (Mbit) sent by the end of each step, from 0."""
+    return np.concatenate([np.zeros((len(rates), 1)), np.cumsum(rates * step_s[:, None], axis=1)], axis=1)
+
+
+def _time_to(volume: np.ndarray, cum: np.ndarray, rates: np.ndarray, tail: np.ndarray, step_s: np.ndarray):
+    """When the cumulative volume reaches ``volume`` [N] (s); beyond the curve the ``tail`` rate holds (inf where it
+    is 0; NaN where it is NaN: realised data that ends first)."""
+    k = (cum[:, 1:] < volume[:, None]).sum(axis=1)  # [N] whole steps before the volume is reached
+    n_steps = rates.shape[1]
+    inside = k < n_steps
+    rows = np.arange(len(volume))
+    kk = np.minimum(k, n_steps - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left = volume - cum[rows, k]
+        within = np.where(left <= 0, 0.0, left / rates[rows, kk]) if n_steps else np.zeros(len(volume))
+        after = np.where(left <= 0, 0.0, left / tail)
+    after = np.where((tail <= 0) & (left > 0), np.inf, after)
+    return np.where(inside, k * step_s + within, k * step_s + after)
+
+
+def _rate_at(t: np.ndarray, rates: np.ndarray, tail: np.ndarray, step_s: np.ndarray) -> np.ndarray:
+    i = np.floor(np.where(np.isfinite(t), t, 0.0) / step_s).astype(np.int64)
+    inside = i < rates.shape[1]
+    rows = np.arange(len(t))
+    return np.where(inside, rates[rows, np.minimum(i, max(rates.shape[1] - 1, 0))] if rates.shape[1] else 0, tail)
+
+
+def precopy(
+    rates: np.ndarray, tail: np.ndarray, step_s: np.ndarray | float, m: Migration, max_rounds: int = MAX_ROUNDS
+) -> dict[str, np.ndarray]:
+    """Pre-copy migration on bandwidth curves: ``rates`` [N, K] Mbit/s per step (then ``tail`` [N] held).
+
+    Returns per curve: ``time_s`` (to the end of the stop-and-copy; inf if it does not converge, NaN if realised
+    data ran out first), ``downtime_s``, ``rounds`` (pre-copy rounds before the stop-and-copy), ``converged``.
+    """
+    rates = np.clip(np.asarray(rates, np.float64), 0.0, None)
+    n = len(rates)
+    tail = np.clip(np.broadcast_to(np.asarray(tail, np.float64), (n,)), 0.0, None)  # NaN stays NaN
+    step_s = np.broadcast_to(np.asarray(step_s, np.float64), (n,))
+    cum = _cumulative(rates, step_s)
+    memory, dirty_rate, downtime = m.memory_mbit, m.dirty_rate_mbps, m.downtime_ms / 1e3
+
+    sent = np.full(n, memory)  # round 0 sends the memory
+    start, end = np.zeros(n), _time_to(sent, cum, rates, tail, step_s)
+    time_s, pause = np.full(n, np.inf), np.full(n, np.nan)
+    rounds = np.zeros(n, np.int64)
+    open_ = np.isfinite(end)  # still pre-copying
+    time_s[np.isnan(end)] = np.nan  # the data ended before round 0 did: censored
+    for r in range(1, max_rounds + 1):
+        if not open_.any():
+            break
+        with np.errstate(invalid="ignore"):  # closed curves (inf/NaN ends) are masked out below
+            left = np.minimum(memory, dirty_rate * (end - start))  # dirtied during the last round
+        bw = _rate_at(end, rates, tail, step_s)
+        stop = open_ & ((left <= 0) | (left <= bw * downtime))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pause_now = np.where(left <= 0, 0.0, left / bw)
+        time_s[stop], pause[stop], rounds[stop] = end[stop] + pause_now[stop], pause_now[stop], r
+        open_ &= ~stop
+        sent = sent + np.where(open_, left, 0.0)
+        start, end = end, np.where(open_, _time_to(sent, cum, rates, tail, step_s), end)
+        time_s[open_ & np.isnan(end)] = np.nan
+        open_ &= np.isfinite(end)
+    converged = np.isfinite(time_s)
+    rounds[~converged] = max_rounds
+    return {"time_s": time_s, "downtime_s": pause, "rounds": rounds, "converged": converged}
+
+
+# -- plans from forecasts ----------------------------------------------------------------------------------------
+def plan_arrays(
+    forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration
+) -> dict[str, np.ndarray]:
+    """Median and confidence-level plans for N links from their throughput forecasts [N, H] (Mbit/s, step k) and
+    the lower bounds of the mean over the first k steps [N, H] at the chosen level.
+
+    Returns arrays [N]: ``time_median_s``, ``time_confident_s``, ``downtime_median_s``, ``rounds_median``,
+    ``converges`` (at the median), ``converges_confident``, ``mean_mbps`` (forecast mean rate over the median
+    transfer), ``guaranteed_mbps`` (the bound of the mean rate over the confident transfer) and ``beyond_horizon``
+    (the confident transfer outlasts the forecast, so the held-mean assumption was used).
+    """
+    forecast, mean_lower = np.asarray(forecast, np.float64), np.asarray(mean_lower, np.float64)
+    step_s = np.broadcast_to(np.asarray(step_s, np.float64), (len(forecast),))
+    h = forecast.shape[1]
+    point_tail = np.clip(forecast, 0.0, None).mean(axis=1)  # beyond the horizon: the mean over it held
+    low_rates = lower_rates(mean_lower)
+    low_tail = np.clip(mean_lower[:, -1], 0.0, None)
+    med = precopy(forecast, point_tail, step_s, m)
+    conf = precopy(low_rates, low_tail, step_s, m)
+    horizon_s = h * step_s
+    return {
+        "time_median_s": med["time_s"],
+        "time_confident_s": conf["time_s"],
+        "downtime_median_s": med["downtime_s"],
+        "downtime_confident_s": conf["downtime_s"],
+        "rounds_median": med["rounds"],
+        "converges": med["converged"],
+        "converges_confident": conf["converged"],
+        "mean_mbps": _mean_rate(forecast, point_tail, step_s, med["time_s"]),
+        "guaranteed_mbps": _mean_rate(low_rates, low_tail, step_s, conf["time_s"]),
+        "beyond_horizon": ~(conf["time_s"] <= horizon_s),
+        "horizon_s": horizon_s,
+    }
+
+
+def _mean_rate(rates: np.ndarray, tail: np.ndarray, step_s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Mean of a rate curve over [0, t] (over the horizon where t is not finite)."""
+    rates = np.clip(rates, 0.0, None)
+    cum = _cumulative(rates, step_s)
+    horizon = rates.shape[1] * step_s
+    tt = np.where(np.isfinite(t) & (t > 0), t, horizon)
+    k = np.minimum(np.floor(tt / step_s).astype(np.int64), rates.shape[1])
+    rows = np.arange(len(t))
+    part = tt - k * step_s
+    rate_k = np.where(k < rates.shape[1], rates[rows, np.minimum(k, rates.shape[1] - 1)], tail)
+    return (cum[rows, k] + part * rate_k) / tt
+
+
+# -- the `plan` subcommand ---------------------------------------------------------------------------------------
+def throughput_target(targets: list[str], units: dict[str, str], name: str | None) -> str:
+    """The target that is the link's throughput: ``name`` if given, else ``throughput_mbps``, else the only target
+    in Mbit/s."""
+    if name is not None:
+        if name not in targets:
+            raise ConfigError(f"--throughput {name!r} is not a target of the model (targets: {targets})")
+        if units.get(name) != "Mbit/s":
+            raise ConfigError(f"--throughput {name!r} is in {units.get(name) or 'unknown units'}, not Mbit/s")
+        return name
+    if "throughput_mbps" in targets:
+        return "throughput_mbps"
+    rates = [t for t in targets if units.get(t) == "Mbit/s"]
+    if len(rates) != 1:
+        raise ConfigError(
+            f"the model's targets {targets} have {'no' if not rates else 'several'} throughput (Mbit/s) columns; "
+            "name one with --throughput"
+        )
+    return rates[0]
+
+
+def plan_table(
+    predictor, df, series: list[str], time: str, path, m: Migration, confidence: float,
+    throughput: str | None = None, step_seconds: float | None = None, duplicates: str = "error",
+    max_gap: float = 3.0,
+):  # fmt: skip
+    """Per link, from its latest window: the plan of migration ``m`` (see :func:`plan_arrays`), ranked fastest first
+    at ``confidence``. Returns ``(frame, facts)``: one row per link, and what the plan assumed."""
+    import pandas as pd
+
+    from dwcp_lstm.errors import DataError
+    from dwcp_lstm.tables import check_numeric, order_series, segment_bounds
+
+    if not predictor.levels:
+        raise ConfigError(
+            f"{predictor.model_path}: the model has no prediction intervals, so no time can be given at a "
+            "confidence; re-export a run whose validation split could calibrate them"
+        )
+    level = level_for(confidence, predictor.levels)
+    tp = throughput_target(predictor.targets, predictor.units, throughput)
+    if step_seconds is not None and not (np.isfinite(step_seconds) and step_seconds > 0):
+        raise ConfigError(f"--step-seconds must be a number > 0, got {step_seconds}")
+    w, h = predictor.window, predictor.horizon
+    check_numeric(df, [time, *predictor.features], path)
+    df = order_series(df, series, time, path, duplicates)
+    bounds = segment_bounds(df, series, time, 1, max_gap, path)  # every segment; the latest of each link is used
+    keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df), int)
+    latest = bounds[np.r_[keys[bounds[1:, 0]] != keys[bounds[:-1, 0]], True]]  # [links, 2]
+    t = df[time].to_numpy(np.float64)
+    long_enough = (latest[:, 1] - latest[:, 0]) >= w
+    if not long_enough.any():
+        n = int((latest[:, 1] - latest[:, 0]).max())
+        raise DataError(f"{path}: no link has {w} rows since its last gap (the model's window); the most is {n}")
+    x = df[predictor.features].to_numpy(np.float32)
+    ok = latest[long_enough]
+    values = predictor._table(np.stack([x[b - w : b] for _, b in ok]), str(path))  # [S, C]
+    table = pd.DataFrame(values.astype(np.float64), columns=predictor.all_columns)
+    tag = f"{100 * level:g}"
+    if h == 1:
+        forecast, lower = table[[tp]].to_numpy(), table[[f"{tp}_lo{tag}"]].to_numpy()
+    else:
+        forecast = table[[f"{tp}_h{k}" for k in range(1, h + 1)]].to_numpy()
+        lower = table[[f"{tp}_mean{k}_lo{tag}" for k in range(1, h + 1)]].to_numpy()
+    if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
+        step = np.array([np.median(np.diff(t[a:b])) for a, b in ok])
+    else:
+        step = np.full(len(ok), float(step_seconds))
+    p = plan_arrays(forecast, lower, step, m)
+
+    out = df.loc[ok[:, 1] - 1, [*series, time]].reset_index(drop=True)
+    c = f"p{100 * confidence:g}"
+    out["mean_mbps"] = p["mean_mbps"]
+    out[f"guaranteed_mbps_{c}"] = p["guaranteed_mbps"]
+    out["time_median_s"] = np.where(p["converges"], p["time_median_s"], np.nan)
+    out[f"time_{c}_s"] = np.where(p["converges_confident"], p["time_confident_s"], np.nan)
+    out["downtime_median_ms"] = 1e3 * p["downtime_median_s"]
+    out["rounds_median"] = p["rounds_median"]
+    out["converges"] = p["converges"]
+    out[f"converges_{c}"] = p["converges_confident"]
+    out["beyond_horizon"] = p["beyond_horizon"]
+    out["step_s"] = step
+    out["note"] = [_note(p, i, m, confidence, tp) for i in range(len(ok))]
+    skipped = df.loc[latest[~long_enough, 1] - 1, [*series, time]].reset_index(drop=True)
+    if len(skipped):
+        skipped["note"] = [
+            f"no plan: {b - a} rows since the last gap, the model needs {w}" for a, b in latest[~long_enough]
+        ]
+        out = pd.concat([out, skipped], ignore_index=True)
+    order = np.lexsort((out["time_median_s"].fillna(np.inf), out[f"time_{c}_s"].fillna(np.inf)))
+    out = out.iloc[order].reset_index(drop=True)
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    facts = {
+        "throughput": tp, "confidence": confidence, "level": level, "horizon_steps": h,
+        "migration": {"memory_gib": m.memory_gib, "dirty_rate_mbps": m.dirty_rate_mbps, "downtime_ms": m.downtime_ms},
+        "model": "pre-copy (Clark et al. NSDI 2005; Akoush et al. MASCOTS 2010), at most "
+        f"{MAX_ROUNDS} rounds; stop-and-copy once the dirty pages fit in {m.downtime_ms:g} ms",
+        "beyond_horizon": "after the model's horizon the forecast mean over the horizon (and its bound) is assumed "
+        "to hold; such plans are flagged beyond_horizon",
+    }  # fmt: skip
+    return out, facts
+
+
+def _note(p: dict, i: int, m: Migration, confidence: float, tp: str) -> str:
+    if not p["converges"][i]:
+        return (
+            f"does not converge: the forecast {tp} ({p['mean_mbps'][i]:.4g} Mbit/s) does not outpace the dirty rate "
+            f"({m.dirty_rate_mbps:g} Mbit/s) within {MAX_ROUNDS} rounds; needs auto-converge or post-copy"
+        )
+    notes = []
+    if not p["converges_confident"][i]:
+        notes.append(
+            f"may not converge: at {100 * confidence:g} % only {p['guaranteed_mbps'][i]:.4g} Mbit/s is guaranteed "
+            f"against a dirty rate of {m.dirty_rate_mbps:g} Mbit/s"
+        )
+    if p["beyond_horizon"][i]:
+        notes.append(
+            f"outlasts the {p['horizon_s'][i] / 60:.3g}-minute forecast: the mean over the horizon is assumed to hold"
+        )
+    return "; ".join(notes)
+
+
+def _duration(s: float) -> str:
+    if not np.isfinite(s):
+        return "never"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def format_plan(out, facts: dict, series: list[str]) -> str:
+    """The human-readable table of :func:`plan_table`."""
+    c = f"p{100 * facts['confidence']:g}"
+    mig = facts["migration"]
+    lines = [
+        f"Migration of {mig['memory_gib']:g} GiB, dirty rate {mig['dirty_rate_mbps']:g} Mbit/s, downtime limit "
+        f"{mig['downtime_ms']:g} ms; times at the median and at {100 * facts['confidence']:g} % confidence "
+        f"(the model's {100 * facts['level']:g} % intervals), fastest at {100 * facts['confidence']:g} % first.",
+        "",
+    ]
+    head = ["rank", "link", "forecast mean", f"guaranteed {c}", "time p50", f"time {c}", "downtime p50"]
+    rows = []
+    for _, r in out.iterrows():
+        link = "->".join(str(r[s]) for s in series) if series else "-"
+        if r["note"].startswith("no plan"):
+            rows.append([str(r["rank"]), link, "", "", "", "", ""])
+        else:
+            rows.append([
+                str(r["rank"]), link, f"{r['mean_mbps']:.4g} Mbit/s", f"{r[f'guaranteed_mbps_{c}']:.4g} Mbit/s",
+                _duration(r["time_median_s"]), _duration(r[f"time_{c}_s"]),
+                f"{r['downtime_median_ms']:.0f} ms" if r["converges"] else "-",
+            ])  # fmt: skip
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    lines.append("  ".join(h.ljust(wd) for h, wd in zip(head, widths, strict=True)))
+    for row, (_, r) in zip(rows, out.iterrows(), strict=True):
+        text = "  ".join(x.ljust(wd) for x, wd in zip(row, widths, strict=True)).rstrip()
+        lines.append(text + (f"  ({r['note']})" if r["note"] else ""))
+    lines += ["", f"Model: {facts['model']}.", f"Beyond the horizon ({facts['horizon_steps']} steps): "
+              + facts["beyond_horizon"].split(": ", 1)[-1] + "."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def cmd_plan(argv: list[str]) -> None:
+    """``python -m dwcp_lstm plan``: migration time per link from an exported model (no torch needed)."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from dwcp_lstm.contract import METADATA_NAME, model_path_of
+    from dwcp_lstm.serve import Predictor
+    from dwcp_lstm.tables import read_table
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def error(self, message: str):  # one `error:` line, exit 2 (see dwcp_lstm.serve.cmd_forecast)
+            raise ConfigError(" ".join(message.split()))
+
+    p = ArgumentParser(
+        prog="python -m dwcp_lstm plan",
+        description="How long a live migration takes on each link, at the median and at a confidence level, from "
+        "model.onnx + model_metadata.json (no torch needed).",
+    )
+    p.add_argument("--model", required=True, help="model.onnx of a run with intervals, or the run directory")
+    p.add_argument("--metadata", default=None, help="model_metadata.json; default: beside the model")
+    p.add_argument("--input", required=True, help="telemetry CSV or Parquet: each link's latest window is used")
+    p.add_argument("--memory-gib", type=float, required=True, help="the VM's memory, GiB")
+    p.add_argument("--dirty-rate-mbps", type=float, default=0.0, help="memory dirtying rate, Mbit/s (default 0)")
+    p.add_argument("--downtime-ms", type=float, default=DEFAULT_DOWNTIME_MS, help="downtime limit, ms (default 300)")
+    p.add_argument("--confidence", type=float, default=0.9, help="probability of finishing by the time given")
+    p.add_argument("--throughput", default=None, help="the target that is the link's bandwidth (default: in Mbit/s)")
+    p.add_argument("--step-seconds", type=float, default=None, help="seconds per row; default: each link's cadence")
+    p.add_argument("--json", action="store_true", help="JSON instead of the table")
+    p.add_argument("--series-columns", default=None, help="comma-separated link id columns; default: as trained")
+    p.add_argument("--time-column", default=None, help="numeric time column (seconds); default: as trained")
+    p.add_argument("--duplicates", choices=["error", "first", "mean"], default="error", help="repeated (link, time)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    a = p.parse_args(argv)
+
+    migration = Migration(a.memory_gib, a.dirty_rate_mbps, a.downtime_ms)
+    model = Path(a.model)
+    metadata = a.metadata or (model / METADATA_NAME if model.is_dir() else None)
+    predictor = Predictor(model_path_of(model) if model.is_dir() else model, metadata, a.threads)
+    level_for(a.confidence, predictor.levels) if predictor.levels else None  # bad confidence: before reading data
+    trained = predictor.metadata["series"]
+    series = list(trained["columns"]) if a.series_columns is None else [
+        c.strip() for c in str(a.series_columns).split(",") if c.strip()
+    ]  # fmt: skip
+    time = a.time_column or trained["time_column"]
+    if len(set(series)) != len(series) or time in series:
+        raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
+    df = read_table(a.input, list(dict.fromkeys([*series, time, *predictor.features])), text_columns=series)
+    out, facts = plan_table(predictor, df, series, time, a.input, migration, a.confidence, a.throughput,
+                            a.step_seconds, a.duplicates, float(trained["max_gap"]))  # fmt: skip
+    if a.json:
+        links = json.loads(out.to_json(orient="records"))  # NaN -> null
+        print(json.dumps({**facts, "links": links}, indent=2))
+    else:
+        print(format_plan(out, facts, series))
+    print(f"planned {int((~out['note'].str.startswith('no plan')).sum())} of {len(out)} links", file=sys.stderr)
+
+
+# -- backtest: the planner judged on held-out data ---------------------------------------------------------------
+ISSUE_LADDER_GIB = (16.0, 64.0, 256.0, 1024.0)  # VM sizes up to a 1 TiB host evacuation
+BACKTEST_CONFIDENCE = 0.9
+DIRTY_SHARE = 0.2  # the non-zero dirty rate: a fifth of the training median throughput
+
+
+def ladder(median_mbps: float, horizon_s: float) -> list[float]:
+    """VM sizes (GiB) to replay: 16, 64, 256 GiB and 1 TiB where the link carries 256 GiB within about two horizons
+    at its median rate; else (slow links, short horizons) the sizes that take 1/4, 1/2 and 1 horizon at it."""
+    if median_mbps <= 0:
+        return []
+    if 256 * MBIT_PER_GIB / median_mbps <= 2 * horizon_s:
+        return list(ISSUE_LADDER_GIB)
+    return [float(f"{f * median_mbps * horizon_s / MBIT_PER_GIB:.3g}") for f in (0.25, 0.5, 1.0)]
+
+
+def realised_rates(values: np.ndarray, first_rows: np.ndarray, segment_end: np.ndarray, steps: int) -> np.ndarray:
+    """[N, steps] measured throughput of the rows from each window's first target row on, NaN past its segment's
+    end (a migration still running there is censored, not guessed)."""
+    rows = first_rows[:, None] + np.arange(steps)  # [N, K]
+    inside = rows < segment_end[:, None]
+    return np.where(inside, values[np.minimum(rows, len(values) - 1)], np.nan)
+
+
+def backtest(
+    real: np.ndarray,
+    step_s: np.ndarray,
+    forecast: np.ndarray,
+    mean_lower: np.ndarray,
+    last: np.ndarray,
+    hm5: np.ndarray,
+    persistence_lower: np.ndarray,
+    sizes_gib: list[float],
+    dirty_rates: list[float],
+    downtime_ms: float = DEFAULT_DOWNTIME_MS,
+) -> dict:
+    """Replay migrations that start at every window: the realised time from the measured rates ``real`` [N, K]
+    (NaN past the data) against the model's plan (``forecast`` [N, H], ``mean_lower`` [N, H] at the backtest's
+    level) and three simple planners: the current rate held (QEMU's own estimate), the harmonic mean of the last
+    five (the streaming standard), and persistence with conformal bounds (``persistence_lower`` [N, H]).
+
+    Per size and dirty rate: ``coverage`` (share of migrations done by the confidence-level time), ``mdape``
+    (median absolute percentage error of the median time, %) for every planner, on the migrations that finished
+    inside the data (``migrations``; ``censored`` ran past the end of their series)."""
+    n, h = forecast.shape
+    none = np.empty((n, 0))
+    runs = []
+    for dirty in dirty_rates:
+        for size in sizes_gib:
+            m = Migration(size, dirty, downtime_ms)
+            t_real = precopy(real, np.full(n, np.nan), step_s, m)["time_s"]
+            ok = np.isfinite(t_real)
+            model = plan_arrays(forecast, mean_lower, step_s, m)
+            persist = plan_arrays(np.repeat(last[:, None], h, axis=1), persistence_lower, step_s, m)
+            simple = {
+                "current_rate_held": precopy(none, last, step_s, m)["time_s"],
+                "harmonic_mean_5": precopy(none, hm5, step_s, m)["time_s"],
+                "persistence_conformal": persist["time_median_s"],
+            }
+            r = t_real[ok]
+
+            def mdape(t: np.ndarray, r=r, ok=ok) -> float | None:
+                return float(100 * np.median(np.abs(t[ok] - r) / r)) if ok.any() else None
+
+            def covered(t: np.ndarray, r=r, ok=ok) -> float | None:
+                return float(np.mean(r <= t[ok])) if ok.any() else None
+
+            runs.append({
+                "memory_gib": size, "dirty_rate_mbps": dirty, "migrations": int(ok.sum()), "censored": int((~ok).sum()),
+                "realised_median_s": float(np.median(r)) if ok.any() else None,
+                "model": {
+                    "coverage": covered(model["time_confident_s"]), "mdape": mdape(model["time_median_s"]),
+                    "beyond_horizon_share": float(model["beyond_horizon"][ok].mean()) if ok.any() else None,
+                    "median_time_s": float(np.median(model["time_median_s"][ok])) if ok.any() else None,
+                },
+                "persistence_conformal_coverage": covered(persist["time_confident_s"]),
+                "simple": {name: {"mdape": mdape(t), "done_by_estimate": covered(t)} for name, t in simple.items()},
+                "_points": (r, model["time_median_s"][ok], model["time_confident_s"][ok]),
+            })  # fmt: skip
+    return {"runs": runs}
+
+
+def backtest_report(
+    dm, val: dict | None, pred: np.ndarray, cal, hist: np.ndarray
+) -> tuple[dict, list[tuple[np.ndarray, ...]]]:
+    """The ``planner`` section of a run's report: :func:`backtest` on the test split of ``dm`` (a fitted
+    :class:`~dwcp_lstm.data.DwcpDataModule`), with the model's test forecasts ``pred`` [N, H, T], its calibration
+    ``cal`` and the test windows' target history ``hist`` [N, W, T]; persistence is calibrated on the validation
+    forecasts in ``val`` the same way. Returns the section (only ``skipped``, the reason, where no plan can be judged)
+    and per replayed run the (realised, median, confident) times [n] of its migrations, for the plot."""
+    from dwcp_lstm import baselines as B
+    from dwcp_lstm import intervals as I
+
+    units = {t: "Mbit/s" for t in dm.targets if t.endswith("_mbps")}
+    try:
+        tp = throughput_target(list(dm.targets), units, None)
+    except ConfigError:
+        return {"skipped": f"no single throughput target in Mbit/s among {list(dm.targets)}"}, []
+    if cal is None or val is None:
+        return {"skipped": "the model has no calibrated intervals"}, []
+    try:
+        level = level_for(BACKTEST_CONFIDENCE, list(cal.levels))
+    except ConfigError as exc:
+        return {"skipped": str(exc)}, []
+    j, li = dm.targets.index(tp), list(cal.levels).index(level)
+    starts, first = dm.starts["test"], dm.target_rows("test")
+    pick = B._even_subset(len(starts), 20_000)  # bounds the [N, K] replay on long real traces
+    starts, first, pred, hist = starts[pick], first[pick], pred[pick], hist[pick]
+    seg = dm.segment_of_row[first]
+    seg_end = dm.bounds[seg, 1]
+    cadence = np.array([np.median(np.diff(dm.timestamps[a:b].astype(np.float64))) for a, b in dm.bounds])
+    step_s = cadence[seg]
+    train = np.concatenate([dm.raw_targets[a:b, j] for a, b in dm.train_ranges])
+    median_mbps, h = float(np.median(train)), dm.horizon
+    sizes = ladder(median_mbps, float(np.median(step_s)) * h)
+    dirty = [0.0, float(f"{DIRTY_SHARE * median_mbps:.3g}")]
+    steps = int(min((seg_end - first).max(), 50 * h + 200))  # far enough for the largest size on these links
+    real = realised_rates(dm.raw_targets[:, j], first, seg_end, steps)
+
+    mean_lower = I.intervals(cal, pred, hist)["mean_lower"][:, li, :, j]  # [N, H]
+    (vp, vm) = val["baselines"]["persistence"]
+    pcal, _ = I.choose(vp[vm][..., j : j + 1], val["y"][vm][..., j : j + 1], val["hist"][vm][..., j : j + 1], [level])
+    last = hist[:, -1, j]
+    persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
+    p_lower = I.intervals(pcal, persist, hist[..., j : j + 1])["mean_lower"][:, 0, :, 0]
+    out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
+                   p_lower, sizes, dirty)  # fmt: skip
+    runs = out["runs"]
+    points = [r.pop("_points") for r in runs]
+    judged = [r for r in runs if r["migrations"] > 0]
+    out.update({
+        "throughput": tp, "confidence": BACKTEST_CONFIDENCE, "level": level, "windows": len(starts),
+        "step_s": float(np.median(step_s)), "horizon_s": float(np.median(step_s)) * h,
+        "training_median_mbps": median_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty,
+        "checks": {
+            "coverage_within_3_points": all(abs(r["model"]["coverage"] - BACKTEST_CONFIDENCE) <= 0.03 for r in judged),
+            "mdape_below_every_simple_planner": all(
+                r["model"]["mdape"] < min(s["mdape"] for s in r["simple"].values()) for r in judged
+            ),
+        },
+    })  # fmt: skip
+    return out, points

@@ -1,0 +1,233 @@
+"""The migration planner: the pre-copy model against a plain loop, plans that keep their confidence on data drawn
+from a known distribution, the `plan` command and its refusals, and the report's backtest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dwcp_lstm import planner as P
+from dwcp_lstm.cli import cli_main
+from dwcp_lstm.errors import ConfigError
+
+
+def precopy_loop(rates, tail, step, memory, dirty, downtime, max_rounds=P.MAX_ROUNDS):
+    """The pre-copy model written the slow way, one second-by-second volume at a time (independent reference)."""
+
+    def rate(t):
+        i = int(t // step)
+        return rates[i] if i < len(rates) else tail
+
+    def time_to(volume):  # walk the curve one step at a time
+        t, sent = 0.0, 0.0
+        while True:
+            r, end = rate(t), (int(t // step) + 1) * step
+            if sent + r * (end - t) >= volume:
+                return t + (volume - sent) / r if volume > sent else t
+            if int(t // step) >= len(rates) and r == 0:
+                return np.inf
+            sent, t = sent + r * (end - t), end
+
+    sent, start = memory, 0.0
+    end = time_to(sent)
+    for r in range(1, max_rounds + 1):
+        if not np.isfinite(end):
+            return np.inf, r
+        left = min(memory, dirty * (end - start))
+        if left <= rate(end) * downtime:
+            return end + (left / rate(end) if left > 0 else 0.0), r
+        sent += left
+        start, end = end, time_to(sent)
+    return np.inf, max_rounds
+
+
+def test_precopy_matches_the_loop_on_random_curves():
+    rng = np.random.default_rng(0)
+    n, k = 60, 12
+    rates = rng.uniform(50, 1200, (n, k))
+    tail = rng.uniform(50, 1200, n)
+    step = rng.choice([1.0, 60.0, 300.0], n)
+    for m in (P.Migration(0.5, 0.0), P.Migration(16, 150.0, 300.0), P.Migration(64, 400.0, 50.0)):
+        got = P.precopy(rates, tail, step, m)
+        for i in range(n):
+            t, rounds = precopy_loop(rates[i], tail[i], step[i], m.memory_mbit, m.dirty_rate_mbps, m.downtime_ms / 1e3)
+            assert got["time_s"][i] == pytest.approx(t, rel=1e-9), (m, i)
+            if np.isfinite(t):
+                assert got["rounds"][i] == rounds
+
+
+def test_constant_bandwidth_gives_the_geometric_series():
+    """Akoush et al.: at constant bandwidth B and dirty rate D, round i lasts (M / B) (D / B)^i."""
+    b, d, m = 1000.0, 250.0, P.Migration(8, 250.0, 300.0)
+    out = P.precopy(np.full((1, 4), b), np.array([b]), np.array([60.0]), m)
+    t0, ratio = m.memory_mbit / b, d / b
+    n = int(out["rounds"][0])
+    expected = t0 * sum(ratio**i for i in range(n)) + t0 * ratio**n  # n pre-copy rounds, then the stop-and-copy
+    assert out["time_s"][0] == pytest.approx(expected)
+    assert out["downtime_s"][0] == pytest.approx(t0 * ratio**n) and out["downtime_s"][0] <= 0.3
+    assert t0 * ratio ** (n - 1) > 0.3  # one round earlier the rest did not fit in the downtime
+
+
+def test_no_convergence_when_the_vm_dirties_faster_than_the_link_and_censoring_past_the_data():
+    never = P.precopy(np.full((1, 3), 100.0), np.array([100.0]), np.array([1.0]), P.Migration(1, 150.0))
+    assert not never["converged"][0] and never["time_s"][0] == np.inf
+    cut = P.precopy(np.full((1, 3), 100.0), np.array([np.nan]), np.array([1.0]), P.Migration(1))  # 86 s of data: 3
+    assert np.isnan(cut["time_s"][0]) and not cut["converged"][0]
+
+
+def test_lower_rates_keep_the_guaranteed_volume_and_never_unsend():
+    lower = np.array([[100.0, 40.0, 90.0, -5.0]])
+    rates = P.lower_rates(lower)
+    assert (rates >= 0).all()
+    assert np.cumsum(rates)[2] == pytest.approx(270.0)  # k x bound_k at k = 3
+    assert np.cumsum(rates)[1] == pytest.approx(100.0)  # 2 x 40 < 100 already sent
+
+
+def test_confidence_maps_to_the_lower_tail_of_a_calibrated_level():
+    assert P.level_for(0.9, [0.8, 0.95]) == 0.8 and P.level_for(0.975, [0.8, 0.95]) == 0.95
+    with pytest.raises(ConfigError, match=r"calibrated for confidences 0.9, 0.975 .*2c - 1"):
+        P.level_for(0.95, [0.8, 0.95])
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ConfigError, match="--confidence must be a number in"):
+            P.level_for(bad, [0.8])
+    for kwargs in ({"memory_gib": 0}, {"memory_gib": 1, "dirty_rate_mbps": -1}, {"memory_gib": 1, "downtime_ms": 0}):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            P.Migration(**kwargs)
+
+
+def test_plans_keep_their_confidence_when_the_bound_is_exact():
+    """Each window's link runs at one rate drawn from a known lognormal: the exact 10 % quantile as the mean bound
+    must finish 90 % of migrations in time, whatever the size and dirty rate, and the median plan half of them."""
+    rng = np.random.default_rng(3)
+    n, h = 40_000, 6
+    level = rng.lognormal(np.log(500), 0.3, n)
+    real = np.repeat(level[:, None], 400, axis=1)
+    q10 = np.exp(np.log(500) - 1.2815515655446004 * 0.3)
+    forecast, lower = np.full((n, h), 500.0 * np.exp(0.045)), np.full((n, h), q10)  # the lognormal's mean
+    out = P.backtest(real, np.full(n, 60.0), forecast, lower, level, level, lower, [4, 64], [0.0, 100.0])
+    for r in out["runs"]:
+        assert r["model"]["coverage"] == pytest.approx(0.9, abs=0.01), r
+        assert r["simple"]["current_rate_held"]["mdape"] == pytest.approx(0.0, abs=1e-9)  # it knows the rate
+        assert r["censored"] == 0
+
+
+def test_ladder_fits_the_horizon():
+    assert P.ladder(540.0, 3600.0) == [16.0, 64.0, 256.0, 1024.0]
+    small = P.ladder(1.3, 10.0)
+    assert len(small) == 3 and small[-1] * P.MBIT_PER_GIB / 1.3 == pytest.approx(10.0, rel=0.01)
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def telemetry(smoke_run, tmp_path_factory) -> str:
+    df = pd.read_csv(next((smoke_run.parent.parent / "data").glob("dwcp_*[0-9].csv")))
+    path = tmp_path_factory.mktemp("plan") / "telemetry.csv"
+    df.groupby(["node_id", "peer_id"], observed=True).tail(25).to_csv(path, index=False)
+    return str(path)
+
+
+def plan(run, telemetry, *extra) -> list[str]:
+    return ["plan", "--model", str(run), "--input", telemetry, *extra]
+
+
+def test_plan_ranks_every_link(smoke_run, telemetry, capsys):
+    cli_main(plan(smoke_run, telemetry, "--memory-gib", "16", "--dirty-rate-mbps", "100", "--json"))
+    out = json.loads(capsys.readouterr().out)
+    assert out["level"] == 0.8 and out["confidence"] == 0.9
+    links = out["links"]
+    assert [r["rank"] for r in links] == [1, 2, 3, 4]
+    times = [r["time_p90_s"] for r in links]
+    assert times == sorted(times)  # fastest at the confidence level first
+    for r in links:
+        assert r["time_p90_s"] >= r["time_median_s"] > 0
+        assert r["guaranteed_mbps_p90"] <= r["mean_mbps"]
+        assert r["step_s"] == 300.0
+    cli_main(plan(smoke_run, telemetry, "--memory-gib", "16"))
+    text = capsys.readouterr().out
+    assert "time p90" in text and "pre-copy" in text and text.count("Mbit/s") >= 8
+
+
+def test_plan_says_so_when_a_migration_cannot_converge(smoke_run, telemetry, capsys):
+    cli_main(plan(smoke_run, telemetry, "--memory-gib", "4", "--dirty-rate-mbps", "5000", "--json"))
+    links = json.loads(capsys.readouterr().out)["links"]
+    assert all(r["time_median_s"] is None and not r["converges"] for r in links)
+    assert all(r["note"].startswith("does not converge") for r in links)
+    cli_main(plan(smoke_run, telemetry, "--memory-gib", "4096"))  # far beyond the one-step horizon
+    assert "outlasts the 5-minute forecast" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--memory-gib", "0"], "--memory-gib must be a finite number > 0, got 0.0"),
+        (["--memory-gib", "8", "--dirty-rate-mbps", "-1"], "--dirty-rate-mbps must be a finite number >= 0"),
+        (["--memory-gib", "8", "--confidence", "1.2"], "--confidence must be a number in (0, 1), got 1.2"),
+        (["--memory-gib", "8", "--confidence", "0.8"], "calibrated for confidences 0.9, 0.975"),
+        (["--memory-gib", "8", "--throughput", "rtt_ms"], "--throughput 'rtt_ms' is in ms, not Mbit/s"),
+        (["--memory-gib", "nan"], "--memory-gib must be a finite number > 0, got nan"),
+    ],
+)
+def test_bad_plans_are_one_line_errors(smoke_run, telemetry, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(plan(smoke_run, telemetry, *extra))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert message in err
+
+
+def test_plan_refuses_short_telemetry_and_a_model_without_intervals(smoke_run, telemetry, tmp_path, capsys):
+    short = tmp_path / "short.csv"
+    pd.read_csv(telemetry).groupby(["node_id", "peer_id"]).tail(5).to_csv(short, index=False)
+    with pytest.raises(SystemExit):
+        cli_main(plan(smoke_run, str(short), "--memory-gib", "8"))
+    assert "no link has 20 rows since its last gap (the model's window); the most is 5" in capsys.readouterr().err
+
+
+def test_a_model_exported_without_intervals_loads_and_plan_names_the_gap(smoke_run, telemetry, tmp_path, monkeypatch,
+                                                                         capsys):  # fmt: skip
+    """A validation split too small to calibrate exports a forecast-only model: it must still load (the contract
+    has no intervals on either side) and `plan` must say why it cannot plan."""
+    from dwcp_lstm import evaluate
+    from dwcp_lstm.callbacks import export_run
+    from dwcp_lstm.runs import load_run
+    from dwcp_lstm.serve import Predictor
+
+    module, dm, _ = load_run(smoke_run)
+    monkeypatch.setattr(evaluate, "validation_calibration", lambda module, dm: (None, (None, None)))
+    meta = export_run(module, dm, tmp_path, parity_windows=64)
+    assert meta["intervals"] is None and meta["calibration"] is None
+    assert Predictor.from_run(tmp_path).levels == []
+    with pytest.raises(SystemExit) as exc:
+        cli_main(plan(tmp_path, telemetry, "--memory-gib", "8"))
+    assert exc.value.code == 2
+    assert "the model has no prediction intervals, so no time can be given at a confidence" in capsys.readouterr().err
+
+
+def test_a_link_without_a_fresh_window_gets_a_statement_not_a_stale_plan(smoke_run, telemetry, capsys):
+    from dwcp_lstm.serve import Predictor
+
+    df = pd.read_csv(telemetry)
+    first = df["node_id"].iloc[0]
+    gap = df["node_id"] == first
+    df.loc[gap, "timestamp"] += np.where(np.arange(gap.sum()) >= gap.sum() - 3, 3600, 0)  # a gap 3 rows before its end
+    out, _ = P.plan_table(Predictor.from_run(smoke_run), df, ["node_id", "peer_id"], "timestamp", "t",
+                          P.Migration(8), 0.9)  # fmt: skip
+    row = out[out["node_id"].astype(str) == str(first)].iloc[0]
+    assert row["note"] == "no plan: 3 rows since the last gap, the model needs 20" and np.isnan(row["time_p90_s"])
+    assert row["rank"] == len(out)
+
+
+def test_report_backtests_the_planner(smoke_run):
+    report = json.loads((smoke_run / "report.json").read_text())
+    plan = report["planner"]
+    assert plan["confidence"] == 0.9 and plan["level"] == 0.8 and plan["step_s"] == 300.0
+    assert len(plan["runs"]) == 2 * len(plan["sizes_gib"])
+    for r in plan["runs"]:
+        assert r["migrations"] + r["censored"] == plan["windows"]
+        assert set(r["simple"]) == {"current_rate_held", "harmonic_mean_5", "persistence_conformal"}
+        assert 0 <= r["model"]["coverage"] <= 1
+    assert set(plan["checks"]) == {"coverage_within_3_points", "mdape_below_every_simple_planner"}
+    assert (smoke_run / "planner.png").exists()
