@@ -34,6 +34,9 @@ UNITS = {
     "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
     "time_of_day": "hour of day 0-23 (UTC)", "day_of_week": "0 = Monday .. 6 = Sunday",
     "congestion_window": "packets per stream", "queue_depth": "packets", "retransmits": "packets/s",
+    # the Starlink traces (configs/real_starlink_fjord.yaml): names no suffix below can read
+    "loss_rate": "fraction of pings dropped (0-1)", "obstructed": "1 while the sky view is blocked, else 0",
+    "fraction_obstructed": "fraction of the sky view blocked (0-1)",
 }  # fmt: skip
 SUFFIX_UNITS = {"_mbps": "Mbit/s", "_ms": "ms", "_dbm": "dBm", "_db": "dB", "_kmh": "km/h"}
 

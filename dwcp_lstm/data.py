@@ -268,12 +268,16 @@ class DwcpDataModule(L.LightningDataModule):
         rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
 
     def setup(self, stage: str | None = None) -> None:
+        """Read, window, scale and audit the data (once; later calls reuse it). ``fit`` (or None) also refuses a
+        target that is constant on the training split: see :meth:`_check_targets_vary`."""
         if self.datasets:  # cached: fit, then test, reuse the same arrays
             return
         if self.data_path is None and not self.path.exists():
             self.prepare_data()  # setup may run without prepare_data (e.g. a notebook calling it directly)
         self._load()
         self._split_windows()
+        if stage in (None, "fit"):  # evaluating a trained model on other data scales with the model's own scalers
+            self._check_targets_vary()
         self._fit_scalers()
         self._make_datasets()
         self.audit()
@@ -330,6 +334,24 @@ class DwcpDataModule(L.LightningDataModule):
             raise DataError(
                 f"{self.path}: no training windows (series too short for window {w}, horizon {self.horizon} and "
                 f"split {list(self.split)})"
+            )
+
+    def _check_targets_vary(self) -> None:
+        """Refuse a target that takes one value on every training row (a clean link's loss, a column of zeros): the
+        model could learn nothing about it, and finding that after the training compute wastes it. A target constant
+        on the *test* split only is fine: the report marks the figures that are undefined there (null). A constant
+        *feature* is only warned about (:meth:`_fit_scalers`): the other inputs still carry the signal."""
+        ranges = [(a, b) for a, b in self.train_ranges if b > a]
+        if not ranges:
+            return  # no training rows at all: _split_windows has refused that already
+        lo = np.min([self.raw_targets[a:b].min(axis=0) for a, b in ranges], axis=0)  # [T], per-range: no copy
+        hi = np.max([self.raw_targets[a:b].max(axis=0) for a, b in ranges], axis=0)
+        constant = np.flatnonzero(lo == hi)
+        if len(constant):  # the first one named: one line, as every data error
+            j, rows = int(constant[0]), sum(b - a for a, b in ranges)
+            raise DataError(
+                f"{self.path}: column {self.targets[j]!r}: target is constant on the training split (all {rows} "
+                f"training rows are {lo[j]:g}): there is nothing to learn; drop it from --data.targets"
             )
 
     def _fit_scalers(self) -> None:

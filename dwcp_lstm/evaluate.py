@@ -583,6 +583,13 @@ def markdown(report: dict, targets: list[str]) -> str:
         avg = summarize(pt)
         cells = " | ".join(_fmt(pt[t]["rmse"]) for t in targets)
         lines.append(f"| {name} | {cells} | {avg['average_correlation']:.4f} | {avg['average_mape']:.2f} |")
+    # the unitless form papers report, so that figures compare across targets and sources
+    lines += ["", "Relative errors: RMSE / mean and MAE / mean of the test targets each forecaster was judged on.", "",
+              "| forecaster | " + " | ".join(f"{t} RMSE/mean | {t} MAE/mean" for t in targets) + " |",
+              "|---" * (2 * len(targets) + 1) + "|"]  # fmt: skip
+    for name, pt in rows.items():
+        cells = " | ".join(f"{_fmt(pt[t]['rmse_over_mean'])} | {_fmt(pt[t]['mae_over_mean'])}" for t in targets)
+        lines.append(f"| {name} | {cells} |")
     lines += ["", "Baselines: " + "; ".join(f"**{k}**: {v['note']} ({v['windows']} windows)"
                                            for k, v in report["baselines"].items())]  # fmt: skip
     lines += [

@@ -5,6 +5,11 @@ exact zeros are skipped). torchmetrics' own MAPE divides by ``max(|y|, 1.17e-6)`
 adds ~1e6 % and swamps the mean; neuralforecast drops such terms to 0, which flatters the model. Skipping them keeps
 MAPE the average relative error of the rows where it is defined; WAPE (``sum |y - p| / sum |y|``) and MAE are the
 figures to trust on series with many zeros (real throughput traces idle at 0).
+
+Relative errors, the form papers report: ``rmse_over_mean`` = RMSE / |mean of y| and ``mae_over_mean`` = MAE /
+|mean of y|, with the mean taken over the same rows as the error (in the report: the split's targets; for a baseline
+that covers some windows only, those windows). Unitless, so comparable across targets and sources; NaN when the mean
+is 0. For a target that is never negative, MAE / mean equals WAPE.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torchmetrics.regression import (
     WeightedMeanAbsolutePercentageError,
 )
 
-METRICS = ("mae", "rmse", "mape", "wape", "r2", "correlation")
+METRICS = ("mae", "rmse", "mape", "wape", "r2", "correlation", "rmse_over_mean", "mae_over_mean")
 
 
 class MaskedMAPE(Metric):
@@ -57,8 +62,47 @@ class MaskedMAPE(Metric):
         return 100.0 * self.sum_rel / self.count
 
 
+class MeanNormalizedError(Metric):
+    """RMSE (``kind="rmse"``) or MAE (``kind="mae"``) divided by |mean of the targets|, from summed states (so that
+    batches and DDP ranks add up exactly); NaN without rows or when the mean is 0.
+
+    Example:
+        >>> m = MeanNormalizedError("mae")
+        >>> m.update(torch.tensor([11.0, 18.0]), torch.tensor([10.0, 20.0]))  # MAE 1.5, mean 15
+        >>> round(float(m.compute()), 3)
+        0.1
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, kind: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if kind not in ("rmse", "mae"):
+            raise ValueError(f"kind must be rmse or mae, got {kind!r}")
+        self.kind = kind
+        for name in ("sum_error", "sum_target"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        e = (preds.double() - target.double()).abs()
+        self.sum_error += (e * e if self.kind == "rmse" else e).sum()
+        self.sum_target += target.double().sum()
+        self.count += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        mean = self.sum_target / self.count if self.count > 0 else torch.tensor(0.0, dtype=torch.float64)
+        if mean == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64)
+        error = self.sum_error / self.count
+        return (error.sqrt() if self.kind == "rmse" else error) / mean.abs()
+
+
 def target_metrics(mape_floor: float = 0.0, sync: bool = True) -> MetricCollection:
-    """The six metrics of one target (scalar inputs [N]); ``sync=False`` computes on this process's data only."""
+    """The metrics of one target (scalar inputs [N], names in :data:`METRICS`); ``sync=False`` computes on this
+    process's data only."""
     kw = {"sync_on_compute": sync}
     return MetricCollection(
         {
@@ -68,6 +112,8 @@ def target_metrics(mape_floor: float = 0.0, sync: bool = True) -> MetricCollecti
             "wape": WeightedMeanAbsolutePercentageError(**kw),
             "r2": R2Score(**kw),
             "correlation": PearsonCorrCoef(**kw),
+            "rmse_over_mean": MeanNormalizedError("rmse", **kw),
+            "mae_over_mean": MeanNormalizedError("mae", **kw),
         },
         compute_groups=False,  # WAPE's and MAE's states look alike but must not be shared
     ).set_dtype(torch.float64)  # float32 states lose ~1e-7 in Pearson and R2 over many batches
@@ -91,7 +137,8 @@ class ForecastMetrics(torch.nn.Module):
     def compute(self) -> dict[str, dict[str, float]]:
         """``{target: {metric: value}}``; NaN where a metric is undefined on the data: R2 and correlation of a target
         that never changes (torchmetrics returns 0 for R2 there), WAPE of a target that is 0 throughout (torchmetrics
-        divides by an epsilon and returns ~1e7), MAPE when no target exceeds the floor."""
+        divides by an epsilon and returns ~1e7), MAPE when no target exceeds the floor, the relative errors when the
+        targets' mean is 0."""
         out = {}
         for name, m in zip(self.target_names, self.per_target, strict=True):
             values = {k: float(v) for k, v in m.compute().items()}

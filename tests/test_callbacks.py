@@ -84,3 +84,4 @@ def test_step_seed_repeats_the_draws_of_a_step():
 def test_units_by_name_and_suffix():
     assert unit_of("rtt_ms") == "ms" and unit_of("dl_mbps") == "Mbit/s" and unit_of("rsrp_dbm") == "dBm"
     assert unit_of("mystery") == "as in the training data"
+    assert unit_of("loss_rate") == "fraction of pings dropped (0-1)"  # Starlink: no suffix says it

@@ -67,6 +67,25 @@ def test_report_figures_follow_from_its_own_mse(evaluated):
     assert set(report["baselines"]) >= {"persistence", "ewma", "harmonic_mean_5", "ridge", "gbt", "window_mean"}
 
 
+def test_relative_errors_of_the_model_and_every_baseline_match_numpy(evaluated):
+    """RMSE / mean and MAE / mean of the test targets, recomputed by hand from each forecaster's own test forecasts
+    (the model's and every baseline's: they share compute_metrics, so none may lack them)."""
+    report, dm, run, _, module = evaluated
+    y = E.step_targets(dm, "test")[:, 0]  # [N, T]
+    _, base_steps = E.run_baselines(dm, E.step_targets(dm, "test"), 0.0)
+    forecasts = {"model": (E.predict_raw(module, dm)[:, 0], np.ones(len(y), dtype=bool))}
+    forecasts |= {name: (p[:, 0], m) for name, (p, m) in base_steps.items()}
+    assert set(forecasts) == {"model", *report["baselines"]}
+    for name, (p, m) in forecasts.items():
+        got = report["per_target"] if name == "model" else report["baselines"][name]["per_target"]
+        for j, t in enumerate(dm.targets):
+            e, mean = p[m, j] - y[m, j], y[m, j].mean()
+            assert got[t]["rmse_over_mean"] == pytest.approx(np.sqrt(np.mean(e**2)) / mean, rel=1e-6), (name, t)
+            assert got[t]["mae_over_mean"] == pytest.approx(np.mean(np.abs(e)) / mean, rel=1e-6), (name, t)
+    header = "| forecaster | " + " | ".join(f"{t} RMSE/mean | {t} MAE/mean" for t in dm.targets) + " |"
+    assert header in (run / "report.md").read_text()
+
+
 def test_oracle_join_matches_the_sidecar_row_by_row(evaluated):
     _, dm, _, oracle, _ = evaluated
     rows = dm.target_rows("test")

@@ -132,6 +132,34 @@ def test_forecast_command_writes_one_column_per_step_and_target(horizon_run, sma
     assert list(df.columns[3:]) == Predictor.from_run(horizon_run).all_columns and len(df) == 4
 
 
+def test_plan_reads_every_step_and_the_mean_bounds(horizon_run, small_csv, capsys):
+    """A multi-step plan by hand: the median transfer walks the per-step forecasts, the confident one the guaranteed
+    volume k x step x mean_lower_k; a VM that needs 2.5 steps' worth of the forecast ends halfway into step 3."""
+    from dwcp_lstm.planner import MBIT_PER_GIB
+
+    p = Predictor.from_run(horizon_run)
+    df = pd.read_csv(small_csv)
+    link = df[(df["node_id"] == "node-0") & (df["peer_id"] == "node-1")]
+    f = p.predict(link)  # the latest window of that link
+    step = 300.0
+    rates = [f[f"throughput_mbps_h{k}"] for k in (1, 2, 3)]
+    memory_mbit = step * (rates[0] + rates[1] + 0.5 * rates[2])
+    cli_main(["plan", "--model", str(horizon_run), "--input", str(small_csv), "--json",
+              "--memory-gib", repr(memory_mbit / MBIT_PER_GIB)])  # fmt: skip
+    row = next(r for r in json.loads(capsys.readouterr().out)["links"] if r["node_id"] == "node-0")
+    assert row["time_median_s"] == pytest.approx(2.5 * step, rel=1e-5)
+    # the guaranteed volume after k steps (step x Mbit/s), never decreasing; linear within a step, then held
+    volume = np.maximum.accumulate([0.0] + [k * step * f[f"throughput_mbps_mean{k}_lo80"] for k in (1, 2, 3)])
+    k = int(np.searchsorted(volume, memory_mbit))  # the step in which the bound reaches the memory (4: beyond)
+    if k <= H:
+        expected = (k - 1) * step + (memory_mbit - volume[k - 1]) / (volume[k] - volume[k - 1]) * step
+    else:
+        expected = H * step + (memory_mbit - volume[H]) / f["throughput_mbps_mean3_lo80"]
+    assert row["time_p90_s"] == pytest.approx(expected, rel=1e-5)
+    assert row["beyond_horizon"] == (k > H) and row["time_p90_s"] >= row["time_median_s"]
+    assert row["guaranteed_mbps_p90"] == pytest.approx(memory_mbit / expected, rel=1e-5)  # no dirtying: M / time
+
+
 def test_report_has_every_step_for_model_and_baselines(horizon_run):
     report = json.loads((horizon_run / "report.json").read_text())
     steps = report["horizon"]

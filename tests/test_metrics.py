@@ -26,9 +26,26 @@ def test_each_metric_matches_a_numpy_scipy_reference(data):
             "wape": np.abs(e).sum() / np.abs(y[:, j]).sum(),
             "r2": 1 - (e**2).sum() / ((y[:, j] - y[:, j].mean()) ** 2).sum(),
             "correlation": stats.pearsonr(y[:, j], p[:, j]).statistic,
+            # relative errors as papers write them: divided by the mean of the actual values
+            "rmse_over_mean": np.sqrt((e**2).mean()) / y[:, j].mean(),
+            "mae_over_mean": np.abs(e).mean() / y[:, j].mean(),
         }
+        assert set(got[name]) == set(ref)
         for k, v in ref.items():
             assert got[name][k] == pytest.approx(v, rel=1e-6), (name, k)
+
+
+def test_relative_errors_by_hand():
+    """Small enough to check on paper: errors 1, -2, 3, 0 on actuals with mean 10 (|mean| for a negative one)."""
+    y = np.array([[8.0], [9.0], [11.0], [12.0]])
+    p = y + np.array([[1.0], [-2.0], [3.0], [0.0]])
+    got = compute_metrics(torch.tensor(p), torch.tensor(y), ["a"])["a"]
+    assert got["mae_over_mean"] == pytest.approx(6 / 4 / 10)
+    assert got["rmse_over_mean"] == pytest.approx(np.sqrt(14 / 4) / 10)
+    neg = compute_metrics(torch.tensor(-p), torch.tensor(-y), ["a"])["a"]  # e.g. a target in dBm
+    assert neg["rmse_over_mean"] == pytest.approx(got["rmse_over_mean"])
+    zero_mean = compute_metrics(torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [-1.0]]), ["a"])["a"]
+    assert np.isnan(zero_mean["rmse_over_mean"]) and np.isnan(zero_mean["mae_over_mean"])
 
 
 def test_metrics_accumulate_over_batches_like_one_pass(data):
@@ -57,11 +74,13 @@ def test_mape_skips_targets_at_or_below_the_floor():
 
 
 def test_summary_means_and_target_check():
+    rel = {"rmse_over_mean": 0.1, "mae_over_mean": 0.05}
     per_target = {
-        "a": {"mae": 1, "rmse": 1, "mape": 4.0, "wape": 0.1, "r2": 0.9, "correlation": 0.99},
-        "b": {"mae": 1, "rmse": 1, "mape": 5.0, "wape": 0.1, "r2": 0.9, "correlation": 0.975},
+        "a": {"mae": 1, "rmse": 1, "mape": 4.0, "wape": 0.1, "r2": 0.9, "correlation": 0.99, **rel},
+        "b": {"mae": 1, "rmse": 1, "mape": 5.0, "wape": 0.1, "r2": 0.9, "correlation": 0.975, **rel},
     }
     s = summarize(per_target)
+    assert s["average_rmse_over_mean"] == pytest.approx(0.1)
     assert s["average_correlation"] == pytest.approx(0.9825) and s["average_mape"] == pytest.approx(4.5)
     assert s["accuracy_percent"] == pytest.approx(98.25) and s["target_met"] is True
     per_target["b"]["mape"] = 7.0
@@ -93,7 +112,7 @@ def test_metrics_undefined_on_the_data_are_nan():
     y[:, 1] = np.linspace(1, 2, 50)
     p = y + 0.01
     m = compute_metrics(p, y, ["flat", "ramp"])
-    assert all(math.isnan(m["flat"][k]) for k in ("r2", "correlation", "wape", "mape"))
+    assert all(math.isnan(m["flat"][k]) for k in ("r2", "correlation", "wape", "mape", "rmse_over_mean"))
     assert m["flat"]["rmse"] == pytest.approx(0.01) and not math.isnan(m["ramp"]["r2"])
     s = summarize(m)
     assert s["average_correlation"] == pytest.approx(m["ramp"]["correlation"])

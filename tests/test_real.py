@@ -10,6 +10,7 @@ from dwcp_lstm.cli import cli_main
 CONFIGS = {
     "real_norway_hsdpa.yaml": (REAL_DATA / "norway_hsdpa" / "traces.csv", ["throughput_mbps"], 1),
     "real_irish_5g.yaml": (REAL_DATA / "irish_5g" / "traces.csv", ["dl_mbps"], 7),
+    "real_starlink_fjord.yaml": (REAL_DATA / "starlink_fjord" / "traces.parquet", ["rtt_ms", "loss_rate"], 6),
 }
 
 
@@ -34,5 +35,25 @@ def test_real_trace_config_trains_and_reports(tmp_path, name):
     assert list(report["per_target"]) == targets
     assert {"persistence", "harmonic_mean_5", "window_mean", "ridge"} <= set(report["baselines"])
     assert report["oracle"] is None and report["gap_closed"] is None  # no ceiling for real data
+    # relative errors for the model and every baseline; those judged on every test window share one denominator
+    full = [report] + [b for b in report["baselines"].values() if b["windows"] == report["windows"]]
+    for t in targets:
+        means = [f["per_target"][t]["rmse"] / f["per_target"][t]["rmse_over_mean"] for f in full]
+        assert means == pytest.approx([means[0]] * len(means), rel=1e-9), t
     meta = json.loads((run / "model_metadata.json").read_text())
     assert meta["input"]["shape"][2] == n_features and meta["series"]["columns"] == ["series_id"]
+
+
+def test_a_real_config_pointed_at_another_sources_file_is_refused(tmp_path, capsys):
+    """The Starlink config on the Norway file (no rtt_ms, loss_rate, ...): one line naming the file and a missing
+    column, exit 2, before any training."""
+    data = CONFIGS["real_norway_hsdpa.yaml"][0]
+    if not data.exists():
+        pytest.skip(f"{data} not present")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--config", str(ROOT / "configs" / "real_starlink_fjord.yaml"),
+                          f"--data.data_path={data}"))  # fmt: skip
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and str(data) in err[0] and "missing required column 'rtt_ms'" in err[0], err
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))

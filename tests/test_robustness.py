@@ -58,7 +58,18 @@ FIT_CASES = [
     ("bad-duplicates-policy", None, ["--data.duplicates=keep"], "duplicates policy must be one of"),
     ("bad-loss", None, ["--model.loss=mae"], "--model.loss must be one of mse, huber, l1, got 'mae'"),
     ("bad-huber-delta", None, ["--model.huber_delta=0"], "--model.huber_delta must be > 0, got 0"),
+    # a clean link's loss: nothing to learn, refused before training (a constant *feature* only warns, below)
+    ("constant-target", lambda df: df.assign(packet_loss=0.0), [],
+     "column 'packet_loss': target is constant on the training split (all 420 training rows are 0)"),
+    ("constant-on-training-rows", lambda df: _constant_while_training(df, "jitter_ms"), [],
+     "column 'jitter_ms': target is constant on the training split (all 420 training rows are 1.5)"),
 ]
+
+
+def _constant_while_training(df: pd.DataFrame, col: str) -> pd.DataFrame:
+    """``col`` = 1.5 on the training rows of every link (the first 70 %: 210 of 300), unchanged after them."""
+    df.loc[df.groupby(synthetic.LINK_COLUMNS, observed=True).cumcount() < 210, col] = 1.5
+    return df
 
 
 @pytest.mark.parametrize(("case", "spoil", "flags", "expected"), FIT_CASES, ids=[c[0] for c in FIT_CASES])
@@ -180,6 +191,28 @@ def test_short_links_are_skipped_with_a_warning(tmp_path, caplog):
     assert len(dm.bounds) == 1 and "skipped 1 of 2" in caplog.text
 
 
+def test_a_constant_feature_only_warns(tmp_path, caplog):
+    """A feature that never changes on the training rows carries nothing, but the other inputs still do: a warning,
+    not an error (only targets are refused)."""
+    from dwcp_lstm.data import DwcpDataModule
+
+    dm = DwcpDataModule(data_path=str(write(tmp_path, base_frame().assign(queue_depth=5.0))))
+    dm.setup("fit")
+    assert "column 'queue_depth' is constant on the training rows" in caplog.text
+
+
+def test_a_constant_target_is_refused_for_training_only(tmp_path):
+    """Evaluating a trained model on other data scales with the model's scalers: a target that is constant on that
+    data's first rows is no reason to refuse (``setup("test")``), only to train on it (``setup("fit")``)."""
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.tables import DataError
+
+    path = str(write(tmp_path, base_frame().assign(packet_loss=0.0)))
+    DwcpDataModule(data_path=path).setup("test")
+    with pytest.raises(DataError, match="'packet_loss': target is constant on the training split"):
+        DwcpDataModule(data_path=path).setup("fit")
+
+
 @pytest.mark.parametrize(("policy", "rows"), [("first", 600), ("mean", 600)])
 def test_duplicate_policies(tmp_path, policy, rows):
     from dwcp_lstm.data import DwcpDataModule
@@ -216,13 +249,15 @@ def test_duplicate_parquet_columns_are_refused(tmp_path):
         read_table(path, ["rtt_ms"])
 
 
-def test_a_target_that_never_changes_is_reported_as_undefined(tmp_path):
-    """A clean link (packet_loss 0 throughout) trains, and the report calls its correlation/R2/MAPE/WAPE undefined
-    (null in strict JSON) instead of crashing after the compute is spent."""
+def test_a_target_that_never_changes_on_the_test_split_is_reported_as_undefined(tmp_path):
+    """Links whose loss goes clean after the training rows (packet_loss 0 from the validation split on; a target
+    constant on the *training* split is refused, see FIT_CASES) train, and the report calls the test figures that
+    need variance or a non-zero mean undefined (null in strict JSON) instead of crashing after the compute is spent."""
     import json
 
-    df = synthetic.generate(samples=1200, links=2, seed=3)
-    df["packet_loss"] = 0.0
+    df = synthetic.generate(samples=1200, links=2, seed=3)  # 2 links x 600 rows: training rows 0..419 of each
+    row_in_link = df.groupby(synthetic.LINK_COLUMNS, observed=True).cumcount()
+    df.loc[row_in_link >= 420, "packet_loss"] = 0.0  # the whole 20-row history of every test window is 0 too
     path = write(tmp_path, df)
     cli_main(fit_args(tmp_path, f"--data.data_path={path}", "--trainer.max_epochs=1"))
     run = sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
@@ -231,7 +266,9 @@ def test_a_target_that_never_changes_is_reported_as_undefined(tmp_path):
     loss = report["per_target"]["packet_loss"]
     assert loss["correlation"] is None and loss["r2"] is None and loss["wape"] is None and loss["mape"] is None
     assert loss["rmse"] >= 0 and report["skill"]["packet_loss"] is None
+    assert loss["rmse_over_mean"] is None and loss["mae_over_mean"] is None  # the test mean is 0
     assert report["overall"]["undefined"]["correlation"] == ["packet_loss"]
+    assert report["overall"]["undefined"]["rmse_over_mean"] == ["packet_loss"]
     assert report["overall"]["average_correlation"] is not None  # the mean of the defined ones
     assert (run / "report.md").exists() and (run / "model.onnx").exists()
 
