@@ -265,6 +265,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         external_data=external_data_hashes(onnx_path),
         horizon=dm.horizon,
         interval_levels=list(calibration.levels) if calibration is not None else None,
+        beyond_horizon=calibration.beyond_horizon() if calibration is not None else None,
     )
     embed_contract(onnx_path, contract)
     return {

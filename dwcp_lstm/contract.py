@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import numpy as np
+
 from dwcp_lstm.errors import ModelFileError
 from dwcp_lstm.tables import atomic_write, first_line, sha256_of, short_repr
 
@@ -184,6 +186,25 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
             raise ModelFileError(
                 f"{path}: key 'intervals.outputs' is {short_repr(intervals.get('outputs'))}, expected {expected}"
             )
+        if intervals.get("beyond_horizon") is not None:
+            check_beyond_horizon(intervals["beyond_horizon"], len(levels), horizon, len(names["targets"]), path)
+
+
+def check_beyond_horizon(beyond: Any, n_levels: int, horizon: int, n_targets: int, path: str | Path) -> None:
+    """``intervals.beyond_horizon``: the tail calibration the planner applies (``dwcp_lstm.intervals``)."""
+    key = "intervals.beyond_horizon"
+    steps = beyond.get("steps") if isinstance(beyond, dict) else None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= horizon:
+        raise ModelFileError(f"{path}: key '{key}.steps' must be an integer > the horizon {horizon}")
+    for name, shape in (("lo", (n_levels, steps - horizon, n_targets)), ("hi", (n_levels, steps - horizon, n_targets)),
+                        ("floor", (n_targets,)), ("adaptive", (n_targets,))):  # fmt: skip
+        try:
+            arr = np.asarray(beyond.get(name), dtype=bool if name == "adaptive" else np.float64)
+            ok = arr.shape == shape and (name == "adaptive" or np.isfinite(arr).all())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ModelFileError(f"{path}: key '{key}.{name}' must be finite numbers of shape {list(shape)}")
 
 
 # -- the contract --------------------------------------------------------------------------------------------------
@@ -207,6 +228,7 @@ def make_contract(
     external_data: dict[str, str],
     horizon: int = 1,
     interval_levels: list[float] | None = None,
+    beyond_horizon: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The contract of an export; the metadata JSON carries the same keys with the same values."""
     return {
@@ -219,12 +241,16 @@ def make_contract(
         "output": {"name": OUTPUT_NAME, "shape": output_shape(horizon, len(targets)), "dtype": "float32"},
         "series": series,
         "external_data": external_data,
-        "intervals": interval_contract(interval_levels, horizon, len(targets)),
+        "intervals": interval_contract(interval_levels, horizon, len(targets), beyond_horizon),
     }
 
 
-def interval_contract(levels: list[float] | None, horizon: int, n_targets: int) -> dict[str, Any] | None:
-    """The interval outputs: their nominal levels and, per output, its shape (None: a graph without intervals).
+def interval_contract(
+    levels: list[float] | None, horizon: int, n_targets: int, beyond_horizon: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The interval outputs: their nominal levels and, per output, its shape (None: a graph without intervals); with
+    ``beyond_horizon`` (``Calibration.beyond_horizon``) the calibration of the mean beyond the forecast, which the
+    planner applies (in the contract, so that it is as tamper-evident as the graph's own bounds).
 
     ``lower``/``upper`` are ``[batch, L, T]`` for a one-step model and ``[batch, L, H, T]`` otherwise; a multi-step
     model adds ``mean_lower``/``mean_upper`` ``[batch, L, H, T]`` for the mean over the first k steps (axis 2 is k - 1).
@@ -233,7 +259,8 @@ def interval_contract(levels: list[float] | None, horizon: int, n_targets: int) 
         return None
     shape = ["batch", len(levels), *output_shape(horizon, n_targets)[1:]]
     names = ["lower", "upper", "mean_lower", "mean_upper"] if horizon > 1 else ["lower", "upper"]
-    return {"levels": [float(v) for v in levels], "outputs": {n: shape for n in names}}
+    out = {"levels": [float(v) for v in levels], "outputs": {n: shape for n in names}}
+    return out if beyond_horizon is None else {**out, "beyond_horizon": beyond_horizon}
 
 
 def contract_of(meta: Mapping[str, Any]) -> dict[str, Any]:

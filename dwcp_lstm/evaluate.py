@@ -324,7 +324,21 @@ def calibration_of(module, dm, val: dict | None) -> tuple[I.Calibration | None, 
     levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
     if val is None or len(val["y"]) < I.windows_needed(levels):
         return None, None
-    return I.choose(val["pred"], val["y"], val["hist"], levels, allow_adaptive=bool(module.delta))
+    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, allow_adaptive=bool(module.delta))
+    pick = B._even_subset(len(val["y"]), 50_000)  # bounds the [n, 8 H, T] array on long validation splits
+    return I.calibrate_tail(cal, val["pred"][pick], tail_targets(dm, "val", pick), val["hist"][pick]), scores
+
+
+def tail_targets(dm, stage: str, pick: np.ndarray) -> np.ndarray:
+    """The actual targets of the first ``TAIL_FACTOR x H`` rows from each picked window's first target row
+    [n, K, T], NaN from the first row past the split in its segment: the tail calibration never reads the next
+    split (for validation: never the test rows)."""
+    first = dm.target_rows(stage)
+    seg = dm.segment_of_row[first]
+    end = pd.Series(first + dm.horizon - 1).groupby(seg).transform("max").to_numpy()[pick]  # the split's last row
+    rows = first[pick, None] + np.arange(I.TAIL_FACTOR * dm.horizon)  # [n, K]
+    inside = rows <= end[:, None]
+    return np.where(inside[..., None], dm.raw_targets[np.minimum(rows, len(dm.raw_targets) - 1)], np.nan)
 
 
 def validation_calibration(module, dm) -> tuple[np.ndarray | None, tuple]:

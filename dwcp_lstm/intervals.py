@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError, DataError
 
 DEFAULT_LEVELS = (0.8, 0.95)
+TAIL_FACTOR = 8  # beyond the horizon, the mean over up to 8 x H steps is calibrated (for plans that outlast it)
 BOUND_NAMES = ("lower", "upper", "mean_lower", "mean_upper")  # the graph's interval outputs (mean_* for H > 1)
 
 
@@ -60,6 +61,10 @@ class Calibration:
     mean_hi: np.ndarray
     floor: np.ndarray  # [T] smallest scale (adaptive only)
     windows: int  # calibration windows
+    # Beyond the horizon, [L, K - H, T]: the realised mean over the first k = H + 1 .. K steps against the forecast
+    # mean over the H steps held (None: not calibrated). Not in the graph: the planner applies them.
+    tail_lo: np.ndarray | None = None
+    tail_hi: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +77,19 @@ class Calibration:
             "hi": self.hi.tolist(),
             "mean_lo": self.mean_lo.tolist(),
             "mean_hi": self.mean_hi.tolist(),
+            **({"beyond_horizon": self.beyond_horizon()} if self.tail_lo is not None else {}),
+        }
+
+    def beyond_horizon(self) -> dict | None:
+        """The calibration of the mean beyond the horizon, as the contract carries it (None without one)."""
+        if self.tail_lo is None:
+            return None
+        return {
+            "steps": int(self.lo.shape[1] + self.tail_lo.shape[1]),
+            "adaptive": [bool(a) for a in self.adaptive],
+            "floor": [float(v) for v in self.floor],
+            "lo": self.tail_lo.tolist(),
+            "hi": self.tail_hi.tolist(),
         }
 
 
@@ -123,12 +141,41 @@ def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequenc
     return Calibration(levels, adaptive, lo, hi, mean_lo, mean_hi, floor, len(y))
 
 
+def calibrate_tail(cal: Calibration, pred: np.ndarray, y_long: np.ndarray, hist: np.ndarray) -> Calibration:
+    """Extend ``cal`` beyond the horizon: for spans k = H + 1 .. K, the scaled residual of the realised mean over
+    the first k steps (``y_long`` [n, K, T], NaN past the calibration split) against the forecast mean over the
+    H steps (``pred`` [n, H, T]), with the same scale and ranks as :func:`calibrate`. A transfer that outlasts the
+    forecast then gets a measured bound instead of an assumed one. Spans with fewer complete windows than the
+    widest level needs end the extension."""
+    h = pred.shape[1]
+    scale = _scale(hist, cal.adaptive, cal.floor)[:, 0, :]  # [n, T]
+    held = pred.mean(axis=1)  # [n, T]
+    running = np.cumsum(y_long, axis=1) / np.arange(1, y_long.shape[1] + 1)[None, :, None]  # NaN past the split
+    lo, hi = [], []
+    for k in range(h + 1, y_long.shape[1] + 1):
+        ok = ~np.isnan(running[:, k - 1]).any(axis=1)
+        if ok.sum() < windows_needed(cal.levels):
+            break
+        a, b = _quantiles(((running[ok, k - 1] - held[ok]) / scale[ok])[:, None, :], cal.levels)  # [L, 1, T]
+        lo.append(a[:, 0])
+        hi.append(b[:, 0])
+    if not lo:
+        return cal
+    return replace(cal, tail_lo=np.stack(lo, axis=1), tail_hi=np.stack(hi, axis=1))
+
+
 def intervals(cal: Calibration, pred: np.ndarray, hist: np.ndarray) -> dict[str, np.ndarray]:
     """Bounds [N, L, H, T] of each step (``lower``/``upper``) and of the mean over the first k steps
-    (``mean_lower``/``mean_upper``, the H axis is k - 1), with the mean forecast itself (``mean`` [N, H, T])."""
+    (``mean_lower``/``mean_upper``, the H axis is k - 1), with the mean forecast itself (``mean`` [N, H, T]); with
+    a tail calibration also ``tail_lower``/``tail_upper`` [N, L, K - H, T] for the mean over k = H + 1 .. K steps."""
     scale = _scale(hist, cal.adaptive, cal.floor)[:, None]  # [N, 1, 1, T]
     mean = _running_mean(pred)
+    tail = {}
+    if cal.tail_lo is not None:  # [N, L, K - H, T]: the mean over k > H steps, around the held forecast mean
+        held = mean[:, -1][:, None, None]  # [N, 1, 1, T]
+        tail = {"tail_lower": held + scale * cal.tail_lo[None], "tail_upper": held + scale * cal.tail_hi[None]}
     return {
+        **tail,
         "lower": pred[:, None] + scale * cal.lo[None],
         "upper": pred[:, None] + scale * cal.hi[None],
         "mean": mean,

@@ -18,8 +18,10 @@ where the curve's cumulative volume reaches what must be sent (linear within a s
   guaranteed cumulative volume ``k x step x bound_k``, made non-decreasing. A transfer done by time t in the
   realised data is one whose realised volume by t reaches what had to be sent, so the time read off this curve is
   the c-quantile of the transfer time at every whole step;
-* beyond the model's horizon nothing is forecast: the mean over the horizon (and its bound) is assumed to hold,
-  and the plan says so (``beyond_horizon``).
+* beyond the model's horizon nothing is forecast: the median plan holds the forecast mean over the horizon; the
+  confident one continues with the model's calibration of the *realised* mean over k = H + 1 .. 8 H steps against
+  that held mean (:func:`dwcp_lstm.intervals.calibrate_tail`, on the validation split, carried in the contract),
+  and past 8 H steps holds its last bound. The plan says so (``beyond_horizon``).
 """
 
 from __future__ import annotations
@@ -158,10 +160,11 @@ def precopy(
 
 # -- plans from forecasts ----------------------------------------------------------------------------------------
 def plan_arrays(
-    forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration
+    forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration, tail_lower: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Median and confidence-level plans for N links from their throughput forecasts [N, H] (Mbit/s, step k) and
-    the lower bounds of the mean over the first k steps [N, H] at the chosen level.
+    the lower bounds of the mean over the first k steps [N, H] at the chosen level; ``tail_lower`` [N, K - H] (the
+    model's calibration beyond its horizon) continues those bounds to k = K, after which the last one holds.
 
     Returns arrays [N]: ``time_median_s``, ``time_confident_s``, ``downtime_median_s``, ``rounds_median``,
     ``converges`` (at the median), ``converges_confident``, ``mean_mbps`` (forecast mean rate over the median
@@ -172,8 +175,9 @@ def plan_arrays(
     step_s = np.broadcast_to(np.asarray(step_s, np.float64), (len(forecast),))
     h = forecast.shape[1]
     point_tail = np.clip(forecast, 0.0, None).mean(axis=1)  # beyond the horizon: the mean over it held
-    low_rates = lower_rates(mean_lower)
-    low_tail = np.clip(mean_lower[:, -1], 0.0, None)
+    bounds = mean_lower if tail_lower is None else np.concatenate([mean_lower, tail_lower], axis=1)  # [N, K]
+    low_rates = lower_rates(bounds)
+    low_tail = np.clip(bounds[:, -1], 0.0, None)
     med = precopy(forecast, point_tail, step_s, m)
     conf = precopy(low_rates, low_tail, step_s, m)
     horizon_s = h * step_s
@@ -188,7 +192,9 @@ def plan_arrays(
         "mean_mbps": _mean_rate(forecast, point_tail, step_s, med["time_s"]),
         "guaranteed_mbps": _mean_rate(low_rates, low_tail, step_s, conf["time_s"]),
         "beyond_horizon": ~(conf["time_s"] <= horizon_s),
+        "beyond_calibration": ~(conf["time_s"] <= bounds.shape[1] * step_s),
         "horizon_s": horizon_s,
+        "calibrated_s": bounds.shape[1] * step_s,
     }
 
 
@@ -272,7 +278,18 @@ def plan_table(
         step = np.array([np.median(np.diff(t[a:b])) for a, b in ok])
     else:
         step = np.full(len(ok), float(step_seconds))
-    p = plan_arrays(forecast, lower, step, m)
+    beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
+    tail = None
+    if beyond is not None:  # the bound of the mean over k > H steps, around the held forecast mean
+        j = predictor.targets.index(tp)
+        lo = np.asarray(beyond["lo"], np.float64)[predictor.levels.index(level), :, j]  # [K - H]
+        scale = np.ones(len(ok))
+        if beyond["adaptive"][j]:  # the window's volatility, as the graph computes it for its own bounds
+            f = predictor.features.index(tp)
+            vol = np.array([np.diff(x[b - w : b, f].astype(np.float64)).std() for _, b in ok])
+            scale = np.maximum(vol, float(beyond["floor"][j]))
+        tail = forecast.mean(axis=1)[:, None] + scale[:, None] * lo[None]  # [S, K - H]
+    p = plan_arrays(forecast, lower, step, m, tail)
 
     out = df.loc[ok[:, 1] - 1, [*series, time]].reset_index(drop=True)
     c = f"p{100 * confidence:g}"
@@ -301,10 +318,18 @@ def plan_table(
         "migration": {"memory_gib": m.memory_gib, "dirty_rate_mbps": m.dirty_rate_mbps, "downtime_ms": m.downtime_ms},
         "model": "pre-copy (Clark et al. NSDI 2005; Akoush et al. MASCOTS 2010), at most "
         f"{MAX_ROUNDS} rounds; stop-and-copy once the dirty pages fit in {m.downtime_ms:g} ms",
-        "beyond_horizon": "after the model's horizon the forecast mean over the horizon (and its bound) is assumed "
-        "to hold; such plans are flagged beyond_horizon",
+        "beyond_horizon": BEYOND_NOTE.format(
+            bound=f"the bound of the mean is the model's own calibration for up to {beyond['steps']} steps (on its "
+            "validation split), then the last one" if beyond is not None else "so is its bound"
+        ),
     }  # fmt: skip
     return out, facts
+
+
+BEYOND_NOTE = (
+    "after the model's horizon the forecast mean over the horizon is assumed to hold for the median plan, and {bound}; "
+    "such plans are flagged beyond_horizon"
+)
 
 
 def _note(p: dict, i: int, m: Migration, confidence: float, tp: str) -> str:
@@ -320,9 +345,14 @@ def _note(p: dict, i: int, m: Migration, confidence: float, tp: str) -> str:
             f"against a dirty rate of {m.dirty_rate_mbps:g} Mbit/s"
         )
     if p["beyond_horizon"][i]:
-        notes.append(
-            f"outlasts the {p['horizon_s'][i] / 60:.3g}-minute forecast: the mean over the horizon is assumed to hold"
+        what = (
+            f"beyond {p['calibrated_s'][i] / 60:.3g} minutes the last calibrated bound is assumed to hold"
+            if p["beyond_calibration"][i] and p["calibrated_s"][i] > p["horizon_s"][i]
+            else "the forecast mean over it is held, its bound calibrated"
+            if p["calibrated_s"][i] > p["horizon_s"][i]
+            else "the mean over it (and its bound) is assumed to hold"
         )
+        notes.append(f"outlasts the {p['horizon_s'][i] / 60:.3g}-minute forecast: {what}")
     return "; ".join(notes)
 
 
@@ -430,17 +460,18 @@ def cmd_plan(argv: list[str]) -> None:
 # -- backtest: the planner judged on held-out data ---------------------------------------------------------------
 ISSUE_LADDER_GIB = (16.0, 64.0, 256.0, 1024.0)  # VM sizes up to a 1 TiB host evacuation
 BACKTEST_CONFIDENCE = 0.9
-DIRTY_SHARE = 0.2  # the non-zero dirty rate: a fifth of the training median throughput
+DIRTY_SHARE = 0.2  # the non-zero dirty rate: a fifth of the training mean throughput
 
 
-def ladder(median_mbps: float, horizon_s: float) -> list[float]:
+def ladder(mean_mbps: float, horizon_s: float) -> list[float]:
     """VM sizes (GiB) to replay: 16, 64, 256 GiB and 1 TiB where the link carries 256 GiB within about two horizons
-    at its median rate; else (slow links, short horizons) the sizes that take 1/4, 1/2 and 1 horizon at it."""
-    if median_mbps <= 0:
+    at its mean rate; else (slow links, short horizons) the sizes that take 1/4, 1/2 and 1 horizon at it. The mean,
+    not the median: a link idle half the time (a video client's traffic) has a median near zero."""
+    if mean_mbps <= 0:
         return []
-    if 256 * MBIT_PER_GIB / median_mbps <= 2 * horizon_s:
+    if 256 * MBIT_PER_GIB / mean_mbps <= 2 * horizon_s:
         return list(ISSUE_LADDER_GIB)
-    return [float(f"{f * median_mbps * horizon_s / MBIT_PER_GIB:.3g}") for f in (0.25, 0.5, 1.0)]
+    return [float(f"{f * mean_mbps * horizon_s / MBIT_PER_GIB:.3g}") for f in (0.25, 0.5, 1.0)]
 
 
 def realised_rates(values: np.ndarray, first_rows: np.ndarray, segment_end: np.ndarray, steps: int) -> np.ndarray:
@@ -462,6 +493,7 @@ def backtest(
     sizes_gib: list[float],
     dirty_rates: list[float],
     downtime_ms: float = DEFAULT_DOWNTIME_MS,
+    tail_lower: np.ndarray | None = None,
 ) -> dict:
     """Replay migrations that start at every window: the realised time from the measured rates ``real`` [N, K]
     (NaN past the data) against the model's plan (``forecast`` [N, H], ``mean_lower`` [N, H] at the backtest's
@@ -479,7 +511,7 @@ def backtest(
             m = Migration(size, dirty, downtime_ms)
             t_real = precopy(real, np.full(n, np.nan), step_s, m)["time_s"]
             ok = np.isfinite(t_real)
-            model = plan_arrays(forecast, mean_lower, step_s, m)
+            model = plan_arrays(forecast, mean_lower, step_s, m, tail_lower)
             persist = plan_arrays(np.repeat(last[:, None], h, axis=1), persistence_lower, step_s, m)
             simple = {
                 "current_rate_held": precopy(none, last, step_s, m)["time_s"],
@@ -540,27 +572,30 @@ def backtest_report(
     cadence = np.array([np.median(np.diff(dm.timestamps[a:b].astype(np.float64))) for a, b in dm.bounds])
     step_s = cadence[seg]
     train = np.concatenate([dm.raw_targets[a:b, j] for a, b in dm.train_ranges])
-    median_mbps, h = float(np.median(train)), dm.horizon
-    sizes = ladder(median_mbps, float(np.median(step_s)) * h)
-    dirty = [0.0, float(f"{DIRTY_SHARE * median_mbps:.3g}")]
+    mean_mbps, h = float(np.mean(train)), dm.horizon
+    sizes = ladder(mean_mbps, float(np.median(step_s)) * h)
+    dirty = [0.0, float(f"{DIRTY_SHARE * mean_mbps:.3g}")]
     steps = int(min((seg_end - first).max(), 50 * h + 200))  # far enough for the largest size on these links
     real = realised_rates(dm.raw_targets[:, j], first, seg_end, steps)
 
-    mean_lower = I.intervals(cal, pred, hist)["mean_lower"][:, li, :, j]  # [N, H]
+    bounds = I.intervals(cal, pred, hist)
+    mean_lower = bounds["mean_lower"][:, li, :, j]  # [N, H]
+    tail_lower = bounds["tail_lower"][:, li, :, j] if "tail_lower" in bounds else None  # [N, K - H]
     (vp, vm) = val["baselines"]["persistence"]
     pcal, _ = I.choose(vp[vm][..., j : j + 1], val["y"][vm][..., j : j + 1], val["hist"][vm][..., j : j + 1], [level])
     last = hist[:, -1, j]
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1])["mean_lower"][:, 0, :, 0]
     out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
-                   p_lower, sizes, dirty)  # fmt: skip
+                   p_lower, sizes, dirty, tail_lower=tail_lower)  # fmt: skip
     runs = out["runs"]
     points = [r.pop("_points") for r in runs]
     judged = [r for r in runs if r["migrations"] > 0]
     out.update({
         "throughput": tp, "confidence": BACKTEST_CONFIDENCE, "level": level, "windows": len(starts),
+        "calibrated_steps": h if tail_lower is None else h + tail_lower.shape[1],
         "step_s": float(np.median(step_s)), "horizon_s": float(np.median(step_s)) * h,
-        "training_median_mbps": median_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty,
+        "training_mean_mbps": mean_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty,
         "checks": {
             "coverage_within_3_points": all(abs(r["model"]["coverage"] - BACKTEST_CONFIDENCE) <= 0.03 for r in judged),
             "mdape_below_every_simple_planner": all(

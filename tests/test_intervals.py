@@ -77,3 +77,33 @@ def test_too_few_windows_and_bad_levels_are_refused():
     for bad in ([], [0.0], [1.0], [0.8, 0.8], [1.5]):
         with pytest.raises(ConfigError, match="interval_levels must be distinct numbers in"):
             check_levels(bad)
+
+
+def long_windows(n: int, seed: int, h: int = 2, k: int = 16):
+    """Like :func:`heteroscedastic`, with k future rows: a random walk around the forecast level."""
+    rng = np.random.default_rng(seed)
+    sd = rng.uniform(0.2, 5.0, size=(n, 1, 2))
+    hist = np.cumsum(rng.normal(size=(n, 40, 2)) * sd, axis=1)
+    pred = rng.normal(size=(n, h, 2))
+    y_long = pred.mean(axis=1, keepdims=True) + np.cumsum(rng.normal(size=(n, k, 2)), axis=1) * sd
+    return pred, y_long, hist
+
+
+def test_the_mean_beyond_the_horizon_is_calibrated_on_the_rows_the_split_has():
+    from dwcp_lstm.intervals import TAIL_FACTOR, calibrate_tail
+
+    pred, y_long, hist = long_windows(3000, 5)
+    y_long[::3, 10:] = np.nan  # a third of the windows run out of the split after 10 rows
+    cal = calibrate_tail(calibrate(pred, y_long[:, :2], hist, LEVELS, True), pred, y_long, hist)
+    assert cal.tail_lo.shape == (2, 14, 2) and TAIL_FACTOR == 8  # spans k = 3 .. 16
+    tp, ty, th = long_windows(40000, 6)
+    b = intervals(cal, tp, th)
+    mean_k = np.cumsum(ty, axis=1)[:, 2:] / np.arange(3, 17)[None, :, None]  # [N, 14, T]
+    for i, level in enumerate(LEVELS):
+        inside = (mean_k >= b["tail_lower"][:, i]) & (mean_k <= b["tail_upper"][:, i])
+        assert inside.mean(axis=0) == pytest.approx(np.full((14, 2), level), abs=0.02), level
+    assert cal.beyond_horizon()["steps"] == 16 and np.array(cal.beyond_horizon()["lo"]).shape == (2, 14, 2)
+    few = y_long.copy()
+    few[: len(few) - 30, 6:] = np.nan  # 30 complete windows beyond 6 rows: fewer than 95 % needs (39)
+    short = calibrate_tail(calibrate(pred, y_long[:, :2], hist, LEVELS, True), pred, few, hist)
+    assert short.tail_lo.shape[1] == 4  # spans 3 .. 6 only

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -137,6 +138,10 @@ def test_serving_install_forecasts_without_torch(smoke_run, small_csv, tmp_path)
         assert (row.node_id, row.peer_id, row.timestamp) == (node, peer, link["timestamp"].max())
         expected = predictor.predict(link)
         assert [getattr(row, c) for c in predictor.all_columns] == pytest.approx(list(expected.values()), rel=1e-5)
+
+    planned = run([script, "plan", "--model", smoke_run, "--input", small_csv, "--memory-gib", "8", "--json"], away)
+    assert planned.returncode == 0, planned.stderr  # the planner is torch-free too
+    assert len(json.loads(planned.stdout)["links"]) == 4
 
     parquet = tmp_path / "telemetry.parquet"
     pd.read_csv(small_csv).to_parquet(parquet)  # here, with the test's pyarrow

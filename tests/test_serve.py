@@ -543,3 +543,15 @@ def test_contracts_that_both_lack_an_optional_key_agree():
     compare_contract(old, dict(old), "m.json", "model.onnx")
     with pytest.raises(ModelFileError, match="key 'intervals' is absent but the contract embedded in model.onnx says"):
         compare_contract(old, {**old, "intervals": None}, "m.json", "model.onnx")
+
+
+def test_a_malformed_tail_calibration_is_refused():
+    from dwcp_lstm.contract import check_beyond_horizon
+
+    good = {"steps": 4, "adaptive": [True], "floor": [0.1], "lo": [[[-1.0], [-1.1]]], "hi": [[[1.0], [1.1]]]}
+    check_beyond_horizon(good, 1, 2, 1, "m.json")
+    cases = [({**good, "steps": 2}, "steps"), ({**good, "lo": [[[-1.0]]]}, "lo"),
+             ({**good, "hi": [[["x"], [1.0]]]}, "hi"), ({**good, "floor": [float("nan")]}, "floor")]  # fmt: skip
+    for bad, key in cases:
+        with pytest.raises(ModelFileError, match=f"key 'intervals.beyond_horizon.{key}' must be"):
+            check_beyond_horizon(bad, 1, 2, 1, "m.json")
