@@ -35,6 +35,7 @@ from dwcp_lstm.errors import ConfigError
 MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
 MAX_ROUNDS = 100  # pre-copy rounds before a migration is called non-converging
 DEFAULT_DOWNTIME_MS = 300.0  # QEMU's default downtime-limit
+MAX_MEMORY_GIB = 1e9  # an exbibyte: beyond it the volume in Mbit stops being a trustworthy float (and is a typo)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Migration:
 
     def __post_init__(self) -> None:
         for name, value, ok, need in (
-            ("--memory-gib", self.memory_gib, lambda v: v > 0, "> 0"),
+            ("--memory-gib", self.memory_gib, lambda v: 0 < v <= MAX_MEMORY_GIB, f"> 0 and <= {MAX_MEMORY_GIB:g}"),
             ("--dirty-rate-mbps", self.dirty_rate_mbps, lambda v: v >= 0, ">= 0"),
             ("--downtime-ms", self.downtime_ms, lambda v: v > 0, "> 0"),
         ):
@@ -333,6 +334,8 @@ BEYOND_NOTE = (
 
 
 def _note(p: dict, i: int, m: Migration, confidence: float, tp: str) -> str:
+    if not p["converges"][i] and not p["mean_mbps"][i] > 0:
+        return f"no plan: the forecast {tp} of this link is 0 Mbit/s (nothing would be sent)"
     if not p["converges"][i]:
         return (
             f"does not converge: the forecast {tp} ({p['mean_mbps'][i]:.4g} Mbit/s) does not outpace the dirty rate "

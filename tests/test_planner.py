@@ -78,6 +78,13 @@ def test_no_convergence_when_the_vm_dirties_faster_than_the_link_and_censoring_p
     assert np.isnan(cut["time_s"][0]) and not cut["converged"][0]
 
 
+def test_a_link_forecast_at_zero_gets_a_statement():
+    p = P.plan_arrays(np.zeros((1, 3)), np.zeros((1, 3)), np.array([60.0]), P.Migration(1))
+    assert not p["converges"][0] and P._note(p, 0, P.Migration(1), 0.9, "tp") == (
+        "no plan: the forecast tp of this link is 0 Mbit/s (nothing would be sent)"
+    )
+
+
 def test_lower_rates_keep_the_guaranteed_volume_and_never_unsend():
     lower = np.array([[100.0, 40.0, 90.0, -5.0]])
     rates = P.lower_rates(lower)
@@ -162,12 +169,13 @@ def test_plan_says_so_when_a_migration_cannot_converge(smoke_run, telemetry, cap
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--memory-gib", "0"], "--memory-gib must be a finite number > 0, got 0.0"),
+        (["--memory-gib", "0"], "--memory-gib must be a finite number > 0 and <= 1e+09, got 0.0"),
         (["--memory-gib", "8", "--dirty-rate-mbps", "-1"], "--dirty-rate-mbps must be a finite number >= 0"),
         (["--memory-gib", "8", "--confidence", "1.2"], "--confidence must be a number in (0, 1), got 1.2"),
         (["--memory-gib", "8", "--confidence", "0.8"], "calibrated for confidences 0.9, 0.975"),
         (["--memory-gib", "8", "--throughput", "rtt_ms"], "--throughput 'rtt_ms' is in ms, not Mbit/s"),
-        (["--memory-gib", "nan"], "--memory-gib must be a finite number > 0, got nan"),
+        (["--memory-gib", "nan"], "--memory-gib must be a finite number > 0 and <= 1e+09, got nan"),
+        (["--memory-gib", "1e308"], "--memory-gib must be a finite number > 0 and <= 1e+09, got 1e+308"),
     ],
 )
 def test_bad_plans_are_one_line_errors(smoke_run, telemetry, capsys, extra, message):
