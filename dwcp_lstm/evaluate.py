@@ -15,7 +15,7 @@ from dwcp_lstm import plots, synthetic
 from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
-from dwcp_lstm.planner import backtest_report
+from dwcp_lstm.planner import backtest_report, rows_ahead
 from dwcp_lstm.tables import atomic_write, sha256_of
 
 TARGET_CORR, TARGET_MAPE, TARGET_GAP = 0.98, 5.0, 0.9
@@ -335,10 +335,8 @@ def tail_targets(dm, stage: str, pick: np.ndarray) -> np.ndarray:
     split (for validation: never the test rows)."""
     first = dm.target_rows(stage)
     seg = dm.segment_of_row[first]
-    end = pd.Series(first + dm.horizon - 1).groupby(seg).transform("max").to_numpy()[pick]  # the split's last row
-    rows = first[pick, None] + np.arange(I.TAIL_FACTOR * dm.horizon)  # [n, K]
-    inside = rows <= end[:, None]
-    return np.where(inside[..., None], dm.raw_targets[np.minimum(rows, len(dm.raw_targets) - 1)], np.nan)
+    stop = pd.Series(first + dm.horizon).groupby(seg).transform("max").to_numpy()  # one past the split's last row
+    return rows_ahead(dm.raw_targets, first[pick], stop[pick], I.TAIL_FACTOR * dm.horizon)
 
 
 def validation_calibration(module, dm) -> tuple[np.ndarray | None, tuple]:

@@ -477,12 +477,15 @@ def ladder(mean_mbps: float, horizon_s: float) -> list[float]:
     return [float(f"{f * mean_mbps * horizon_s / MBIT_PER_GIB:.3g}") for f in (0.25, 0.5, 1.0)]
 
 
-def realised_rates(values: np.ndarray, first_rows: np.ndarray, segment_end: np.ndarray, steps: int) -> np.ndarray:
-    """[N, steps] measured throughput of the rows from each window's first target row on, NaN past its segment's
-    end (a migration still running there is censored, not guessed)."""
+def rows_ahead(values: np.ndarray, first_rows: np.ndarray, stop: np.ndarray, steps: int) -> np.ndarray:
+    """``values`` ([rows] or [rows, T]) of the ``steps`` rows from each window's first target row on, [N, steps]
+    (or [N, steps, T]), NaN from row ``stop`` on: what lies past a segment's end (or a split's) is never read. The
+    backtest's realised throughput (a migration still running at the end is censored, not guessed) and the tail
+    calibration's validation targets."""
     rows = first_rows[:, None] + np.arange(steps)  # [N, K]
-    inside = rows < segment_end[:, None]
-    return np.where(inside, values[np.minimum(rows, len(values) - 1)], np.nan)
+    inside = rows < stop[:, None]
+    picked = values[np.minimum(rows, len(values) - 1)]
+    return np.where(inside if values.ndim == 1 else inside[..., None], picked, np.nan)
 
 
 def backtest(
@@ -579,7 +582,7 @@ def backtest_report(
     sizes = ladder(mean_mbps, float(np.median(step_s)) * h)
     dirty = [0.0, float(f"{DIRTY_SHARE * mean_mbps:.3g}")]
     steps = int(min((seg_end - first).max(), 50 * h + 200))  # far enough for the largest size on these links
-    real = realised_rates(dm.raw_targets[:, j], first, seg_end, steps)
+    real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
 
     bounds = I.intervals(cal, pred, hist)
     mean_lower = bounds["mean_lower"][:, li, :, j]  # [N, H]
