@@ -103,7 +103,7 @@ def _time_to(volume: np.ndarray, cum: np.ndarray, rates: np.ndarray, tail: np.nd
     inside = k < n_steps
     rows = np.arange(len(volume))
     kk = np.minimum(k, n_steps - 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # a vanishing rate gives inf, like a rate of 0
         left = volume - cum[rows, k]
         within = np.where(left <= 0, 0.0, left / rates[rows, kk]) if n_steps else np.zeros(len(volume))
         after = np.where(left <= 0, 0.0, left / tail)
@@ -112,10 +112,12 @@ def _time_to(volume: np.ndarray, cum: np.ndarray, rates: np.ndarray, tail: np.nd
 
 
 def _rate_at(t: np.ndarray, rates: np.ndarray, tail: np.ndarray, step_s: np.ndarray) -> np.ndarray:
-    i = np.floor(np.where(np.isfinite(t), t, 0.0) / step_s).astype(np.int64)
-    inside = i < rates.shape[1]
+    """The rate at time ``t`` [N]: its step's, or the tail's past the curve (a huge t must not overflow the index)."""
+    n_steps = rates.shape[1]
+    inside = np.isfinite(t) & (t < n_steps * step_s)
+    i = np.floor(np.where(inside, t, 0.0) / step_s).astype(np.int64)
     rows = np.arange(len(t))
-    return np.where(inside, rates[rows, np.minimum(i, max(rates.shape[1] - 1, 0))] if rates.shape[1] else 0, tail)
+    return np.where(inside, rates[rows, np.minimum(i, max(n_steps - 1, 0))] if n_steps else 0, tail)
 
 
 def precopy(
@@ -146,7 +148,7 @@ def precopy(
             left = np.minimum(memory, dirty_rate * (end - start))  # dirtied during the last round
         bw = _rate_at(end, rates, tail, step_s)
         stop = open_ & ((left <= 0) | (left <= bw * downtime))
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             pause_now = np.where(left <= 0, 0.0, left / bw)
         time_s[stop], pause[stop], rounds[stop] = end[stop] + pause_now[stop], pause_now[stop], r
         open_ &= ~stop

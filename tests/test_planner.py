@@ -239,3 +239,35 @@ def test_report_backtests_the_planner(smoke_run):
         assert 0 <= r["model"]["coverage"] <= 1
     assert set(plan["checks"]) == {"coverage_within_3_points", "mdape_below_every_simple_planner"}
     assert (smoke_run / "planner.png").exists()
+
+
+# -- generated cases: any numbers give a plan or one refusal, never a traceback or a wrong-signed time -------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**12, 10**12))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(memory=ANY_FLOAT, dirty=ANY_FLOAT, downtime=ANY_FLOAT, confidence=ANY_FLOAT,
+       rates=st.lists(st.floats(-1e4, 1e5), min_size=3, max_size=3), shrink=st.floats(0.0, 1.0))  # fmt: skip
+def test_any_migration_numbers_give_a_plan_or_one_refusal(memory, dirty, downtime, confidence, rates, shrink):
+    try:
+        m = P.Migration(memory, dirty, downtime)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and "must be a finite number" in str(exc)
+        return
+    try:
+        level = P.level_for(confidence, [0.8, 0.95])
+        assert level in (0.8, 0.95)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and "--confidence" in str(exc)
+    forecast = np.array([rates])
+    mean_lower = np.cumsum(forecast, axis=1) / np.arange(1, 4) * shrink  # bounds at or below the forecast mean
+    with np.errstate(over="raise", invalid="raise"):  # no silent overflow, bad cast or 0/0 outside the guarded spots
+        p = P.plan_arrays(forecast, mean_lower, np.array([60.0]), m)
+    for key in ("time_median_s", "time_confident_s"):
+        t = p[key][0]
+        assert np.isinf(t) or (np.isfinite(t) and t >= 0), (key, t)
+    if p["converges"][0] and p["converges_confident"][0] and (forecast > 0).all():
+        assert p["time_confident_s"][0] >= p["time_median_s"][0] * (1 - 1e-9)
