@@ -200,8 +200,8 @@ def evaluate(
     val = validation_split(module, dm, mape_floor, fitted, val_pred)
     report["validation"] = validation_head_to_head(dm, val, mape_floor)
     cal, choice = calibration_of(module, dm, val) if val_calibration is None else val_calibration
-    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice)
-    hist = target_history(dm, dm.starts["test"])
+    hist = target_history(dm, dm.starts["test"])  # [N, W, T]: the intervals' scale and the planner's baselines
+    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice, hist)
     report["planner"], plan_points = backtest_report(dm, val, pred_steps, cal, hist)
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
@@ -360,16 +360,16 @@ def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | N
 
 
 def interval_report(
-    dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, cal, choice
+    dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, cal, choice, hist: np.ndarray
 ) -> dict | None:
     """Split conformal intervals calibrated on the validation split, judged on the test split: per target and
     level, coverage, mean width and Winkler score pooled over steps and per step, the same for the mean over the
     first k steps, coverage per link (the worst named), conformal persistence and ridge built the same way, and a
-    reliability curve. None when the validation split cannot calibrate the widest level."""
+    reliability curve. None when the validation split cannot calibrate the widest level. ``hist`` [N, W, T]: the
+    test windows' target history."""
     if cal is None or val is None:
         return None
     levels = cal.levels
-    hist = target_history(dm, dm.starts["test"])
     b = I.intervals(cal, pred, hist)
     steps = I.interval_scores(b["lower"], b["upper"], y, levels)  # [L, H, T] each
     mean_y = np.cumsum(y, axis=1) / np.arange(1, y.shape[1] + 1)[None, :, None]

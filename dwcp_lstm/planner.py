@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.intervals import volatility
 
 MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
 MAX_ROUNDS = 100  # pre-copy rounds before a migration is called non-converging
@@ -269,7 +270,8 @@ def plan_table(
         raise DataError(f"{path}: no link has {w} rows since its last gap (the model's window); the most is {n}")
     x = df[predictor.features].to_numpy(np.float32)
     ok = latest[long_enough]
-    values = predictor._table(np.stack([x[b - w : b] for _, b in ok]), str(path))  # [S, C]
+    windows = np.stack([x[b - w : b] for _, b in ok])  # [S, W, F]
+    values = predictor._table(windows, str(path))  # [S, C]
     table = pd.DataFrame(values.astype(np.float64), columns=predictor.all_columns)
     tag = f"{100 * level:g}"
     if h == 1:
@@ -289,7 +291,7 @@ def plan_table(
         scale = np.ones(len(ok))
         if beyond["adaptive"][j]:  # the window's volatility, as the graph computes it for its own bounds
             f = predictor.features.index(tp)
-            vol = np.array([np.diff(x[b - w : b, f].astype(np.float64)).std() for _, b in ok])
+            vol = volatility(windows[:, :, f : f + 1].astype(np.float64))[:, 0]  # [S]
             scale = np.maximum(vol, float(beyond["floor"][j]))
         tail = forecast.mean(axis=1)[:, None] + scale[:, None] * lo[None]  # [S, K - H]
     p = plan_arrays(forecast, lower, step, m, tail)
