@@ -25,6 +25,10 @@ class StackedLSTM(nn.Module):
         lstm_sizes: hidden sizes of the stacked LSTM layers.
         head_sizes: widths of the dense head's hidden layers.
         head_dropouts: dropout after each head layer but the last (one per entry of ``head_sizes`` minus one).
+        linear_skip: add a linear map of the whole flattened window (``window`` x F -> T) to the output, as LSTNet's
+            autoregressive highway (Lai et al., SIGIR 2018): the LSTM then learns what a linear model on the lags
+            misses. The head's last layer starts at zero, so the network starts as the linear map alone.
+        window: rows per window (the linear map's input is ``window x n_features``; used only with ``linear_skip``).
     """
 
     def __init__(
@@ -34,6 +38,8 @@ class StackedLSTM(nn.Module):
         lstm_sizes: tuple[int, ...] = (256, 128, 64),
         head_sizes: tuple[int, ...] = (128, 64, 32),
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
+        linear_skip: bool = False,
+        window: int = 20,
     ) -> None:
         super().__init__()
         if len(head_dropouts) != max(len(head_sizes) - 1, 0):
@@ -51,6 +57,10 @@ class StackedLSTM(nn.Module):
                 layers.append(nn.BatchNorm1d(o))  # the specified head: Linear -> ReLU -> Dropout -> BN after layer 1
         layers.append(nn.Linear(widths[-1], n_targets))
         self.head = nn.Sequential(*layers)
+        self.skip = nn.Linear(window * n_features, n_targets) if linear_skip else None
+        if linear_skip:
+            nn.init.zeros_(layers[-1].weight)  # start as the linear map: the LSTM adds to it only what it learns
+            nn.init.zeros_(layers[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x  # [B, T, F]
@@ -58,7 +68,10 @@ class StackedLSTM(nn.Module):
             h, _ = lstm(h)  # [B, T, H_k]
             if k < len(self.norms):
                 h = self.norms[k](h)
-        return self.head(h[:, -1])  # [B, T, H_last] -> [B, H_last] -> [B, targets]
+        out = self.head(h[:, -1])  # [B, T, H_last] -> [B, H_last] -> [B, targets]
+        if self.skip is not None:
+            out = out + self.skip(x.flatten(1))  # [B, W, F] -> [B, W * F] -> [B, targets]
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:

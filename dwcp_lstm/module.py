@@ -115,6 +115,10 @@ class DwcpForecaster(L.LightningModule):
         lstm_sizes: hidden sizes of the stacked LSTM layers.
         head_sizes: widths of the dense head's hidden layers.
         head_dropouts: dropout after each head layer but the last.
+        linear_skip: add a linear map of the whole scaled window to the output (LSTNet's autoregressive highway),
+            started at the ridge regression fit on the training windows (the report's ``ridge`` baseline, in the
+            network's own target space), with the LSTM's contribution started at zero: training starts from ridge's
+            forecast and the LSTM learns what it misses. The real-trace recipe; see docs/real_traces.md.
         loss: ``mse`` (the specified loss), ``huber`` or ``l1``, on scaled targets. MSE fits the conditional mean
             (best RMSE); L1 the median (best MAE); Huber is quadratic within ``huber_delta`` and linear beyond, so
             heavy-tailed errors (throughput bursts on real traces) pull less. See README "Real network traces".
@@ -137,6 +141,7 @@ class DwcpForecaster(L.LightningModule):
         lstm_sizes: tuple[int, ...] = (256, 128, 64),
         head_sizes: tuple[int, ...] = (128, 64, 32),
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
+        linear_skip: bool = False,
         loss: str = "mse",
         huber_delta: float = 1.0,
         loss_weights: list[float] | None = None,
@@ -155,7 +160,8 @@ class DwcpForecaster(L.LightningModule):
             raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
         self.horizon = horizon
         n_out = len(target_names) * horizon  # step-major: all targets of step 1, then of step 2, ...
-        self.net = StackedLSTM(len(feature_names), n_out, lstm_sizes, head_sizes, head_dropouts)
+        sizes = (lstm_sizes, head_sizes, head_dropouts)
+        self.net = StackedLSTM(len(feature_names), n_out, *sizes, linear_skip=linear_skip, window=window_size)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
@@ -195,6 +201,24 @@ class DwcpForecaster(L.LightningModule):
         dm = self.trainer.datamodule
         if isinstance(dm, DwcpDataModule) and dm.scalers is not None:
             self.set_scalers(dm.scalers)  # a restored checkpoint overwrites them with its own (after setup)
+            if stage == "fit" and self.net.skip is not None:
+                self.init_skip_from_ridge(dm)  # so does it these weights, when a run resumes
+
+    @torch.no_grad()
+    def init_skip_from_ridge(self, dm: DwcpDataModule) -> float:
+        """Set the linear skip to the ridge regression of the scaled targets on the flattened scaled window, fit on
+        (at most 100,000 evenly spaced) training windows with the alpha chosen by leave-one-out CV, exactly as the
+        report's ridge baseline chooses it. Returns that alpha."""
+        from dwcp_lstm.baselines import RidgeBaseline, _even_subset
+
+        ds = dm.datasets["train"]
+        starts = ds.starts[torch.as_tensor(_even_subset(len(ds), 100_000))]
+        x = ds.x[starts[:, None] + torch.arange(ds.window)].double().numpy()  # [N, W, F]
+        y = ds.y[starts + ds.window].double().numpy()  # [N, H * T], the network's own targets
+        ridge = RidgeBaseline().fit(x, y).model
+        self.net.skip.weight.copy_(torch.as_tensor(ridge.coef_.reshape(y.shape[1], -1)))
+        self.net.skip.bias.copy_(torch.as_tensor(np.broadcast_to(ridge.intercept_, (y.shape[1],)).copy()))
+        return float(ridge.alpha_)
 
     def on_validation_start(self) -> None:
         self._lend_scalers()

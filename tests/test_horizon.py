@@ -104,6 +104,7 @@ def horizon_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("horizon")
     # a non-default model file name too: one fit serves both checks
     small = ["--model.lstm_sizes=[32,16]", "--model.head_sizes=[16]", "--model.head_dropouts=[]"]  # fast, same code
+    small.append("--model.linear_skip=true")  # the real-trace recipe's skip through export, predictor and planner
     cli_main(fit_args(tmp, f"--data.horizon={H}", "--trainer.max_epochs=1", "--onnx.filename=net.onnx", *small))
     return run_dir_of(tmp)
 

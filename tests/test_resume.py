@@ -14,9 +14,12 @@ from dwcp_lstm.plots import read_scalars
 EPOCHS = "--trainer.max_epochs=3"
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--model.linear_skip=true"]], ids=["lstm", "linear_skip"])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
+    """With the linear skip, setup() starts it at ridge before Lightning restores the checkpoint: the resumed run
+    must go on from the restored weights."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    cli_main(fit_args(straight, EPOCHS))
+    cli_main(fit_args(straight, EPOCHS, *extra))
 
     kill_cfg = tmp_path / "kill.yaml"
     kill_cfg.write_text(
@@ -24,7 +27,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "dwcp_lstm", *fit_args(broken, EPOCHS), "--config", str(kill_cfg)],
+        [sys.executable, "-m", "dwcp_lstm", *fit_args(broken, EPOCHS, *extra), "--config", str(kill_cfg)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -34,7 +37,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
     run = run_dir_of(broken)
     assert (run / "checkpoints" / "last.ckpt").exists() and not (run / "report.json").exists()
 
-    cli_main(fit_args(broken, EPOCHS, "--ckpt_path=last"))
+    cli_main(fit_args(broken, EPOCHS, *extra, "--ckpt_path=last"))
     assert run_dir_of(broken) == run, "resumed in the same run directory"
 
     a, b = run_dir_of(straight), run

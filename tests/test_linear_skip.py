@@ -1,0 +1,47 @@
+"""The linear skip (``--model.linear_skip``): a linear map of the whole window added to the LSTM's output, started at
+the ridge regression of the training windows. Checked against ridge solved by hand in numpy; a killed and resumed run
+with the skip (its restored weights, not a fresh ridge, run on) is in tests/test_resume.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.model import StackedLSTM, count_parameters
+from dwcp_lstm.module import DwcpForecaster
+
+
+def test_the_skip_adds_window_times_features_inputs_and_starts_as_the_linear_map_alone():
+    plain, skip = StackedLSTM(), StackedLSTM(linear_skip=True, window=20)
+    assert count_parameters(skip) - count_parameters(plain) == 20 * 9 * 4 + 4
+    skip.eval()
+    x = torch.randn(5, 20, 9)
+    torch.testing.assert_close(skip(x), skip.skip(x.flatten(1)))  # the head's last layer starts at zero
+    assert StackedLSTM().skip is None and count_parameters(StackedLSTM()) == 540_516  # the specified model unchanged
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_the_skip_starts_at_ridge_solved_by_hand(small_csv, horizon):
+    """Forecasts of the fresh module on training windows = ridge's normal equations in numpy (centred data, the
+    alpha leave-one-out CV chose), i.e. the report's ridge baseline in the network's target space."""
+    dm = DwcpDataModule(data_path=str(small_csv), horizon=horizon, batch_size=16)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = DwcpForecaster(horizon=horizon, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), linear_skip=True)
+    module.set_scalers(dm.scalers)
+    alpha = module.init_skip_from_ridge(dm)
+    ds = dm.datasets["train"]
+    idx = ds.starts.numpy()[:, None] + np.arange(ds.window)
+    x = ds.x.double().numpy()[idx]  # [N, W, F]
+    y = ds.y.double().numpy()[ds.starts.numpy() + ds.window]  # [N, H * T]
+    a = x.reshape(len(x), -1)
+    am, ym = a.mean(0), y.mean(0)
+    coef = np.linalg.solve((a - am).T @ (a - am) + alpha * np.eye(a.shape[1]), (a - am).T @ (y - ym))
+    expected = (a - am) @ coef + ym
+    with torch.no_grad():
+        got = module.eval()(torch.from_numpy(x).float()).double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * np.abs(expected).max())
+    assert 1e-3 <= alpha <= 1e3
+
