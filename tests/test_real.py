@@ -57,3 +57,30 @@ def test_a_real_config_pointed_at_another_sources_file_is_refused(tmp_path, caps
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and str(data) in err[0] and "missing required column 'rtt_ms'" in err[0], err
     assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+
+
+# What may differ between real-trace configs: what describes the data, and the epoch budget (issue 15: one recipe).
+DESCRIBES_DATA = {
+    "data.data_path", "data.features", "data.targets", "data.series_columns", "data.time_column", "data.max_gap",
+    "data.duplicates", "data.fill_missing", "model.mape_floor", "trainer.max_epochs",
+}  # fmt: skip
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def test_every_real_config_shares_one_recipe():
+    """Model, loss, optimiser, window, normalisation and callbacks are the same for every source; a key set in one
+    config and absent in another counts as a difference."""
+    import yaml
+
+    flat = {n: _flat(yaml.safe_load((ROOT / "configs" / n).read_text())) for n in CONFIGS}
+    keys = set().union(*flat.values()) - DESCRIBES_DATA
+    for k in sorted(keys):
+        values = {n: flat[n].get(k, "<absent>") for n in flat}
+        assert len({repr(v) for v in values.values()}) == 1, f"{k} differs between real configs: {values}"
+    assert all(flat[n]["model.linear_skip"] is True for n in flat)
