@@ -124,10 +124,6 @@ class DwcpForecaster(L.LightningModule):
             heavy-tailed errors (throughput bursts on real traces) pull less. See README "Real network traces".
         huber_delta: where Huber turns from quadratic to linear, in target standard deviations.
         loss_weights: per-target weights of the loss on scaled targets; null = equal.
-        balance_loss: also divide each output's loss (every step and target) by the mean squared error that ridge
-            regression on the training windows leaves on it (weights normalised to mean 1): every output then counts
-            in units of what a linear model cannot explain. With several steps, equal weights let the far steps
-            (whose scaled changes are least predictable) drown step 1, which ridge already nearly solves.
         mape_floor: MAPE skips targets with ``|y| <= mape_floor`` (see :mod:`dwcp_lstm.metrics`).
         interval_levels: nominal coverage of the prediction intervals, calibrated on the validation split after
             training (see :mod:`dwcp_lstm.intervals`); the validation split must hold enough windows for the widest.
@@ -149,7 +145,6 @@ class DwcpForecaster(L.LightningModule):
         loss: str = "mse",
         huber_delta: float = 1.0,
         loss_weights: list[float] | None = None,
-        balance_loss: bool = False,
         mape_floor: float = 0.0,
         interval_levels: list[float] = [0.8, 0.95],  # noqa: B006 (literal default for the CLI; never mutated)
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -172,8 +167,7 @@ class DwcpForecaster(L.LightningModule):
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
         if w.shape != (n_t,) or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
             raise ConfigError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, got {loss_weights}")
-        self.user_loss_weights = (w / w.mean()).repeat(horizon)  # the same weight at every step
-        self.register_buffer("loss_weights", self.user_loss_weights.clone())  # balance_loss rescales it at fit start
+        self.register_buffer("loss_weights", (w / w.mean()).repeat(horizon))  # the same weight at every step
         if loss not in LOSSES:
             raise ConfigError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not (huber_delta > 0 and math.isfinite(huber_delta)):
@@ -207,29 +201,24 @@ class DwcpForecaster(L.LightningModule):
         dm = self.trainer.datamodule
         if isinstance(dm, DwcpDataModule) and dm.scalers is not None:
             self.set_scalers(dm.scalers)  # a restored checkpoint overwrites them with its own (after setup)
-            if stage == "fit" and (self.net.skip is not None or self.hparams.balance_loss):
-                self.init_from_ridge(dm)  # a resumed run's checkpoint then restores its own weights and buffers
+            if stage == "fit" and self.net.skip is not None:
+                self.init_skip_from_ridge(dm)  # so does it these weights, when a run resumes
 
     @torch.no_grad()
-    def init_from_ridge(self, dm: DwcpDataModule) -> float:
-        """Fit ridge regression of the scaled targets on the flattened scaled window on (at most 100,000 evenly
-        spaced) training windows, alpha by leave-one-out CV exactly as the report's ridge baseline; start the linear
-        skip at it (``linear_skip``) and weigh the loss by its residual MSE (``balance_loss``). Returns the alpha."""
+    def init_skip_from_ridge(self, dm: DwcpDataModule) -> float:
+        """Set the linear skip to the ridge regression of the scaled targets on the flattened scaled window, fit on
+        (at most 100,000 evenly spaced) training windows with the alpha chosen by leave-one-out CV, exactly as the
+        report's ridge baseline chooses it. Returns that alpha."""
         from dwcp_lstm.baselines import RidgeBaseline, _even_subset
 
         ds = dm.datasets["train"]
         starts = ds.starts[torch.as_tensor(_even_subset(len(ds), 100_000))]
         x = ds.x[starts[:, None] + torch.arange(ds.window)].double().numpy()  # [N, W, F]
         y = ds.y[starts + ds.window].double().numpy()  # [N, H * T], the network's own targets
-        ridge = RidgeBaseline().fit(x, y)
-        if self.net.skip is not None:
-            self.net.skip.weight.copy_(torch.as_tensor(ridge.model.coef_.reshape(y.shape[1], -1)))
-            self.net.skip.bias.copy_(torch.as_tensor(np.broadcast_to(ridge.model.intercept_, (y.shape[1],)).copy()))
-        if self.hparams.balance_loss:
-            residual = ((ridge.predict(x) - y) ** 2).mean(axis=0)  # [H * T]
-            w = self.user_loss_weights / torch.as_tensor(np.maximum(residual, 1e-12), dtype=torch.float32)
-            self.loss_weights.copy_(w / w.mean())
-        return float(ridge.model.alpha_)
+        ridge = RidgeBaseline().fit(x, y).model
+        self.net.skip.weight.copy_(torch.as_tensor(ridge.coef_.reshape(y.shape[1], -1)))
+        self.net.skip.bias.copy_(torch.as_tensor(np.broadcast_to(ridge.intercept_, (y.shape[1],)).copy()))
+        return float(ridge.alpha_)
 
     def on_validation_start(self) -> None:
         self._lend_scalers()

@@ -31,7 +31,7 @@ def test_the_skip_starts_at_ridge_solved_by_hand(small_csv, horizon):
     torch.manual_seed(0)
     module = DwcpForecaster(horizon=horizon, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), linear_skip=True)
     module.set_scalers(dm.scalers)
-    alpha = module.init_from_ridge(dm)
+    alpha = module.init_skip_from_ridge(dm)
     ds = dm.datasets["train"]
     idx = ds.starts.numpy()[:, None] + np.arange(ds.window)
     x = ds.x.double().numpy()[idx]  # [N, W, F]
@@ -45,26 +45,3 @@ def test_the_skip_starts_at_ridge_solved_by_hand(small_csv, horizon):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * np.abs(expected).max())
     assert 1e-3 <= alpha <= 1e3
 
-
-
-def test_balance_loss_weighs_each_output_by_ridges_residual(small_csv):
-    """Weights = user weight / ridge's training MSE per output (every step and target), normalised to mean 1;
-    recomputed here from the normal equations, independently of scikit-learn."""
-    horizon = 3
-    dm = DwcpDataModule(data_path=str(small_csv), horizon=horizon, batch_size=16)
-    dm.setup("fit")
-    user = [1.0, 2.0, 1.0, 1.0]
-    module = DwcpForecaster(horizon=horizon, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), loss_weights=user,
-                            balance_loss=True)  # fmt: skip
-    module.set_scalers(dm.scalers)
-    alpha = module.init_from_ridge(dm)
-    assert module.net.skip is None  # balancing needs no skip
-    ds = dm.datasets["train"]
-    x = ds.x.double().numpy()[ds.starts.numpy()[:, None] + np.arange(ds.window)]
-    a, y = x.reshape(len(x), -1), ds.y.double().numpy()[ds.starts.numpy() + ds.window]
-    am, ym = a.mean(0), y.mean(0)
-    coef = np.linalg.solve((a - am).T @ (a - am) + alpha * np.eye(a.shape[1]), (a - am).T @ (y - ym))
-    residual = (((a - am) @ coef + ym - y) ** 2).mean(0)  # [H * T]
-    w = np.tile(np.array(user) / np.mean(user), horizon) / residual
-    np.testing.assert_allclose(module.loss_weights.numpy(), w / w.mean(), rtol=1e-4)
-    assert module.loss_weights[0] > module.loss_weights[-4]  # step 1 is the better explained: it weighs more
