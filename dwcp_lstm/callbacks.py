@@ -169,9 +169,10 @@ class EMA(WeightAveraging):
     resuming restores both the average and the current weights.
 
     Why: on heavy-tailed real traces single batches move the weights far and the validation metrics jump from epoch
-    to epoch; the average is a smoother, usually better model. Enable it in a config's ``trainer.callbacks`` (the
-    real-trace configs do). Lightning's ``EMAWeightAveraging`` computes ``decay * a + (1 - decay) * b``, which nudges
-    constant buffers (the train-fit scalers) by rounding; torch's multi-tensor lerp used here keeps them exact.
+    to epoch; the average is smoother. Enable it in a config's ``trainer.callbacks`` (the shared real-trace recipe does
+    not: it lost on Norway's validation split; docs/real_traces.md). Lightning's ``EMAWeightAveraging`` computes
+    ``decay * a + (1 - decay) * b``, which nudges constant buffers (the train-fit scalers) by rounding; torch's
+    multi-tensor lerp used here keeps them exact.
 
     Args:
         decay: per-step weight of the running average (0.999: a horizon of about 1,000 steps).
