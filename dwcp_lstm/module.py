@@ -349,7 +349,7 @@ class DwcpForecaster(L.LightningModule):
         and skips ReduceLROnPlateau on the epoch it resumes from, so a resumed run's learning-rate schedule would
         drift from an uninterrupted run's. Stepping in on_validation_epoch_end puts the step inside the checkpoint.
         """
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)
         else:
@@ -357,6 +357,16 @@ class DwcpForecaster(L.LightningModule):
         if self._scheduler_state is not None:
             self.scheduler.load_state_dict(self._scheduler_state)
         return optimizer
+
+    def param_groups(self) -> list[dict]:
+        """The parameters for the optimizer: the linear skip in a group of its own without weight decay (ridge's
+        alpha already regularised it; decay would pull it from ridge's solution towards zero), the rest as
+        configured."""
+        if self.net.skip is None:
+            return [{"params": list(self.parameters())}]
+        skip = {id(p) for p in self.net.skip.parameters()}
+        rest = [p for p in self.parameters() if id(p) not in skip]
+        return [{"params": rest}, {"params": list(self.net.skip.parameters()), "weight_decay": 0.0}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.scheduler is not None:

@@ -110,7 +110,7 @@ def check_optimizer(model) -> None:
     """Build the optimizer and scheduler once on the model's parameters: torch checks their arguments (a negative
     learning rate, betas outside [0, 1), a ReduceLROnPlateau factor >= 1) when they are constructed."""
     try:
-        optimizer = model.optimizer_factory(model.parameters())
+        optimizer = model.optimizer_factory(model.param_groups())
         if model.scheduler_factory is not None:
             model.scheduler_factory(optimizer)
     except (ValueError, TypeError) as exc:

@@ -45,3 +45,20 @@ def test_the_skip_starts_at_ridge_solved_by_hand(small_csv, horizon):
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-4 * np.abs(expected).max())
     assert 1e-3 <= alpha <= 1e3
 
+
+
+def test_weight_decay_spares_the_skip():
+    """AdamW's decoupled decay would pull the skip from ridge's solution towards zero: one step with zero gradients
+    decays the LSTM's weights and leaves the skip exactly where it was."""
+    from functools import partial
+
+    module = DwcpForecaster(lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), linear_skip=True,
+                            optimizer=partial(torch.optim.AdamW, lr=0.1, weight_decay=0.5))  # fmt: skip
+    optimizer = module.configure_optimizers()
+    skip, lstm = module.net.skip.weight.detach().clone(), module.net.lstms[0].weight_ih_l0.detach().clone()
+    for p in module.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.equal(module.net.skip.weight, skip)
+    torch.testing.assert_close(module.net.lstms[0].weight_ih_l0, lstm * (1 - 0.1 * 0.5))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
