@@ -202,7 +202,7 @@ class DwcpForecaster(L.LightningModule):
         if isinstance(dm, DwcpDataModule) and dm.scalers is not None:
             self.set_scalers(dm.scalers)  # a restored checkpoint overwrites them with its own (after setup)
             if stage == "fit" and self.net.skip is not None:
-                self.init_skip_from_ridge(dm)  # so does it these weights, when a run resumes
+                self.init_skip_from_ridge(dm)  # on resume, the checkpoint then overwrites this start with its weights
 
     @torch.no_grad()
     def init_skip_from_ridge(self, dm: DwcpDataModule) -> float:
