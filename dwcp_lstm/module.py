@@ -211,10 +211,10 @@ class DwcpForecaster(L.LightningModule):
         report's ridge baseline chooses it. Returns that alpha."""
         from dwcp_lstm.baselines import RidgeBaseline, _even_subset
 
-        ds = dm.datasets["train"]
-        starts = ds.starts[torch.as_tensor(_even_subset(len(ds), 100_000))]
-        x = ds.x[starts[:, None] + torch.arange(ds.window)].double().numpy()  # [N, W, F]
-        y = ds.y[starts + ds.window].double().numpy()  # [N, H * T], the network's own targets
+        ds, starts = dm.datasets["train"], dm.starts["train"]
+        starts = starts[_even_subset(len(starts), 100_000)]
+        x = dm.windows(ds.x.numpy(), starts).astype(np.float64)  # [N, W, F], scaled
+        y = ds.y.numpy()[starts + dm.window_size].astype(np.float64)  # [N, H * T], the network's own targets
         ridge = RidgeBaseline().fit(x, y).model
         self.net.skip.weight.copy_(torch.as_tensor(ridge.coef_.reshape(y.shape[1], -1)))
         self.net.skip.bias.copy_(torch.as_tensor(np.broadcast_to(ridge.intercept_, (y.shape[1],)).copy()))
