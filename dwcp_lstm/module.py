@@ -364,9 +364,9 @@ class DwcpForecaster(L.LightningModule):
         configured."""
         if self.net.skip is None:
             return [{"params": list(self.parameters())}]
-        skip = {id(p) for p in self.net.skip.parameters()}
-        rest = [p for p in self.parameters() if id(p) not in skip]
-        return [{"params": rest}, {"params": list(self.net.skip.parameters()), "weight_decay": 0.0}]
+        skip = list(self.net.skip.parameters())
+        rest = [p for p in self.parameters() if all(p is not q for q in skip)]
+        return [{"params": rest}, {"params": skip, "weight_decay": 0.0}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.scheduler is not None:

@@ -46,7 +46,6 @@ def test_the_skip_starts_at_ridge_solved_by_hand(small_csv, horizon):
     assert 1e-3 <= alpha <= 1e3
 
 
-
 def test_weight_decay_spares_the_skip():
     """AdamW's decoupled decay would pull the skip from ridge's solution towards zero: one step with zero gradients
     decays the LSTM's weights and leaves the skip exactly where it was."""
