@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dwcp_lstm import online as O
 from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.intervals import volatility
 
@@ -202,6 +203,48 @@ def plan_arrays(
     }
 
 
+def confident_time(
+    forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration, tail_lower: np.ndarray | None,
+    s: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """The confidence-level time [N] with each bound's distance below the forecast mean multiplied by ``s`` [N]
+    (1: the calibrated plan; > 1: a wider margin, so a later time). Online recalibration moves ``s``."""
+    lower, tail = scaled_bounds(forecast, mean_lower, tail_lower, s)
+    return plan_arrays(forecast, lower, step_s, m, tail)["time_confident_s"]
+
+
+def scaled_bounds(
+    forecast: np.ndarray, mean_lower: np.ndarray, tail_lower: np.ndarray | None, s: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The lower bounds of the mean over k steps [N, H] (and beyond the horizon [N, K - H]) with their distance
+    below the forecast mean multiplied by ``s`` [N]."""
+    mean = np.cumsum(forecast, axis=1) / np.arange(1, forecast.shape[1] + 1)
+    lower = mean - s[:, None] * np.maximum(mean - mean_lower, 0.0)
+    if tail_lower is not None:
+        held = mean[:, -1:]
+        tail_lower = held - s[:, None] * np.maximum(held - tail_lower, 0.0)
+    return lower, tail_lower
+
+
+def scale_needed(
+    forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration, tail_lower: np.ndarray | None,
+    t_real: np.ndarray, iters: int = 24,
+) -> np.ndarray:  # fmt: skip
+    """The smallest multiplier ``s`` of :func:`confident_time` whose time covers the realised ``t_real`` [N] (0 if
+    the median plan already does, inf if no margin up to 1e3 times the calibrated one does): bisection on log s,
+    the time being non-decreasing in s."""
+    lo, hi = np.full(len(t_real), np.log(1e-3)), np.full(len(t_real), np.log(1e3))
+    covered = lambda s: confident_time(forecast, mean_lower, step_s, m, tail_lower, s) >= t_real  # noqa: E731
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        ok = covered(np.exp(mid))
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid)
+    need = np.exp(hi)
+    need[covered(np.zeros(len(t_real)))] = 0.0
+    need[~covered(np.full(len(t_real), 1e3))] = np.inf
+    return need
+
+
 def _mean_rate(rates: np.ndarray, tail: np.ndarray, step_s: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Mean of a rate curve over [0, t] (over the horizon where t is not finite)."""
     rates = np.clip(rates, 0.0, None)
@@ -239,10 +282,12 @@ def throughput_target(targets: list[str], units: dict[str, str], name: str | Non
 def plan_table(
     predictor, df, series: list[str], time: str, path, m: Migration, confidence: float,
     throughput: str | None = None, step_seconds: float | None = None, duplicates: str = "error",
-    max_gap: float = 3.0,
+    max_gap: float = 3.0, online: bool = False,
 ):  # fmt: skip
     """Per link, from its latest window: the plan of migration ``m`` (see :func:`plan_arrays`), ranked fastest first
-    at ``confidence``. Returns ``(frame, facts)``: one row per link, and what the plan assumed."""
+    at ``confidence``. Returns ``(frame, facts)``: one row per link, and what the plan assumed. ``online``: the
+    confidence-level margin recalibrated from the migrations the link's own history in ``df`` would have seen
+    (:func:`plan_online`)."""
     import pandas as pd
 
     from dwcp_lstm.errors import DataError
@@ -271,29 +316,16 @@ def plan_table(
     x = df[predictor.features].to_numpy(np.float32)
     ok = latest[long_enough]
     windows = np.stack([x[b - w : b] for _, b in ok])  # [S, W, F]
-    values = predictor._table(windows, str(path))  # [S, C]
-    table = pd.DataFrame(values.astype(np.float64), columns=predictor.all_columns)
-    tag = f"{100 * level:g}"
-    if h == 1:
-        forecast, lower = table[[tp]].to_numpy(), table[[f"{tp}_lo{tag}"]].to_numpy()
-    else:
-        forecast = table[[f"{tp}_h{k}" for k in range(1, h + 1)]].to_numpy()
-        lower = table[[f"{tp}_mean{k}_lo{tag}" for k in range(1, h + 1)]].to_numpy()
+    forecast, lower, tail = _curves(predictor, windows, tp, level, str(path))
+    beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
     if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
         step = np.array([np.median(np.diff(t[a:b])) for a, b in ok])
     else:
         step = np.full(len(ok), float(step_seconds))
-    beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
-    tail = None
-    if beyond is not None:  # the bound of the mean over k > H steps, around the held forecast mean
-        j = predictor.targets.index(tp)
-        lo = np.asarray(beyond["lo"], np.float64)[predictor.levels.index(level), :, j]  # [K - H]
-        scale = np.ones(len(ok))
-        if beyond["adaptive"][j]:  # the window's volatility, as the graph computes it for its own bounds
-            f = predictor.features.index(tp)
-            vol = volatility(windows[:, :, f : f + 1].astype(np.float64))[:, 0]  # [S]
-            scale = np.maximum(vol, float(beyond["floor"][j]))
-        tail = forecast.mean(axis=1)[:, None] + scale[:, None] * lo[None]  # [S, K - H]
+    if online:  # the margin each link's own history earned (plan_online)
+        scale, outcomes = plan_online(predictor, x, t, bounds, keys, ok, tp, level, step_seconds, m, confidence,
+                                      str(path))  # fmt: skip
+        lower, tail = scaled_bounds(forecast, lower, tail, scale)
     p = plan_arrays(forecast, lower, step, m, tail)
 
     out = df.loc[ok[:, 1] - 1, [*series, time]].reset_index(drop=True)
@@ -308,6 +340,8 @@ def plan_table(
     out[f"converges_{c}"] = p["converges_confident"]
     out["beyond_horizon"] = p["beyond_horizon"]
     out["step_s"] = step
+    if online:
+        out["online_scale"], out["online_outcomes"] = scale, outcomes
     out["note"] = [_note(p, i, m, confidence, tp) for i in range(len(ok))]
     skipped = df.loc[latest[~long_enough, 1] - 1, [*series, time]].reset_index(drop=True)
     if len(skipped):
@@ -318,7 +352,14 @@ def plan_table(
     order = np.lexsort((out["time_median_s"].fillna(np.inf), out[f"time_{c}_s"].fillna(np.inf)))
     out = out.iloc[order].reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
+    if online:
+        from dwcp_lstm.online import RATE
+
+        out_facts = {"online": {"rate": RATE, "outcomes": [int(v) for v in outcomes], "note": ONLINE_NOTE}}
+    else:
+        out_facts = {}
     facts = {
+        **out_facts,
         "throughput": tp, "confidence": confidence, "level": level, "horizon_steps": h,
         "migration": {"memory_gib": m.memory_gib, "dirty_rate_mbps": m.dirty_rate_mbps, "downtime_ms": m.downtime_ms},
         "model": "pre-copy (Clark et al. NSDI 2005; Akoush et al. MASCOTS 2010), at most "
@@ -331,6 +372,83 @@ def plan_table(
     return out, facts
 
 
+def _curves(
+    predictor, windows: np.ndarray, tp: str, level: float, source: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """From raw windows [S, W, F]: the throughput forecast [S, H], the lower bound of its mean over the first k
+    steps at ``level`` [S, H] and, where the contract calibrates the mean beyond the horizon, its continuation
+    [S, K - H] around the held forecast mean (else None)."""
+    import pandas as pd
+
+    h = predictor.horizon
+    table = pd.DataFrame(predictor._table(windows, source).astype(np.float64), columns=predictor.all_columns)
+    tag = f"{100 * level:g}"
+    if h == 1:
+        forecast, lower = table[[tp]].to_numpy(), table[[f"{tp}_lo{tag}"]].to_numpy()
+    else:
+        forecast = table[[f"{tp}_h{k}" for k in range(1, h + 1)]].to_numpy()
+        lower = table[[f"{tp}_mean{k}_lo{tag}" for k in range(1, h + 1)]].to_numpy()
+    beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
+    if beyond is None:
+        return forecast, lower, None
+    j = predictor.targets.index(tp)
+    lo = np.asarray(beyond["lo"], np.float64)[predictor.levels.index(level), :, j]  # [K - H]
+    scale = np.ones(len(windows))
+    if beyond["adaptive"][j]:  # the window's volatility, as the graph computes it for its own bounds
+        f = predictor.features.index(tp)
+        vol = volatility(windows[:, :, f : f + 1].astype(np.float64))[:, 0]  # [S]
+        scale = np.maximum(vol, float(beyond["floor"][j]))
+    return forecast, lower, forecast.mean(axis=1)[:, None] + scale[:, None] * lo[None]
+
+
+def plan_online(
+    predictor, x: np.ndarray, t: np.ndarray, bounds: np.ndarray, keys: np.ndarray, latest: np.ndarray, tp: str,
+    level: float, step_seconds: float | None, m: Migration, confidence: float, source: str,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The margin multiplier [S] for each planned link's latest window (``latest`` [S, 2] row ranges), learnt
+    online (:mod:`dwcp_lstm.online`) as the backtest does: the same migration started at every earlier window of
+    the link in the input (every segment of ``bounds``, ``x`` [rows, F] raw inputs, ``t`` times, ``keys`` link of
+    each row), its realised time from the measured throughput, its outcome known from the row it ended on. Also
+    the number of outcomes each link had learnt from [S] (0: the calibrated margin, unchanged)."""
+    from dwcp_lstm import online as O
+    from dwcp_lstm.serve import CHUNK
+
+    if tp not in predictor.features:
+        raise ConfigError(f"{source}: --online needs the realised {tp} among the model's inputs; it is not")
+    w, j = predictor.window, predictor.features.index(tp)
+    planned = set(keys[latest[:, 1] - 1].tolist())
+    rate = x[:, j].astype(np.float64)
+    issued, groups, need, known = [], [], [], []
+    for a, b in bounds:
+        if b - a < w or keys[a] not in planned:
+            continue
+        step = float(step_seconds) if step_seconds is not None else float(np.median(np.diff(t[a:b])))
+        views = np.lib.stride_tricks.sliding_window_view(x[a:b], w, axis=0)  # [n, F, W], no copy
+        rows = np.arange(a + w - 1, b)  # each window's last row
+        for i in range(0, len(views), CHUNK):
+            r = rows[i : i + CHUNK]
+            f, lo, tail = _curves(predictor, views[i : i + CHUNK].transpose(0, 2, 1), tp, level, source)
+            steps = np.full(len(r), step)
+            t_real = precopy(rows_ahead(rate, r + 1, np.full(len(r), b), b - a), np.full(len(r), np.nan), steps, m)
+            t_real = t_real["time_s"]
+            done = np.isfinite(t_real)  # ended inside the data: its outcome is known
+            nd = np.full(len(r), np.nan)
+            nd[done] = scale_needed(f[done], lo[done], steps[done], m, None if tail is None else tail[done],
+                                    t_real[done])  # fmt: skip
+            issued.append(r), groups.append(keys[r]), need.append(nd)
+            known.append(r + np.maximum(np.ceil(np.where(done, t_real, 0.0) / step), 1).astype(np.int64))
+    issued, groups, need, known = (np.concatenate(v) for v in (issued, groups, need, known))
+    s = O.track(need[:, None], issued, known, groups, 1.0 - confidence)[:, 0]
+    where = {int(r): i for i, r in enumerate(issued)}
+    at = np.array([where[int(b) - 1] for b in latest[:, 1]])  # each link's latest window
+    learnt = np.array([int(((groups == groups[i]) & np.isfinite(need) & (known <= issued[i])).sum()) for i in at])
+    return s[at], learnt
+
+
+ONLINE_NOTE = (
+    "the distance of each link's bound below its forecast is multiplied by online_scale, learnt from online_outcomes "
+    "migrations that its own history in the input would have seen and that ended before its latest row"
+)
 BEYOND_NOTE = (
     "after the model's horizon the forecast mean over the horizon is assumed to hold for the median plan, and {bound}; "
     "such plans are flagged beyond_horizon"
@@ -402,6 +520,13 @@ def format_plan(out, facts: dict, series: list[str]) -> str:
         lines.append(text + (f"  ({r['note']})" if r["note"] else ""))
     lines += ["", f"Model: {facts['model']}.", f"Beyond the horizon ({facts['horizon_steps']} steps): "
               + facts["beyond_horizon"].split(": ", 1)[-1] + "."]  # fmt: skip
+    if "online" in facts:
+        planned = out[out["online_scale"].notna()]
+        lines.append(
+            f"Online (rate {facts['online']['rate']:g}): {facts['online']['note']}; here x"
+            f"{planned['online_scale'].min():.3g} to x{planned['online_scale'].max():.3g} from "
+            f"{int(planned['online_outcomes'].min())} to {int(planned['online_outcomes'].max())} migrations."
+        )
     return "\n".join(lines)
 
 
@@ -435,6 +560,8 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--throughput", default=None, help="the target that is the link's bandwidth (default: in Mbit/s)")
     p.add_argument("--step-seconds", type=float, default=None, help="seconds per row; default: each link's cadence")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")
+    p.add_argument("--online", action="store_true", help="recalibrate the confidence-level margin per link from "
+                   "the migrations its history in the input would have seen (adaptive conformal)")  # fmt: skip
     p.add_argument("--series-columns", default=None, help="comma-separated link id columns; default: as trained")
     p.add_argument("--time-column", default=None, help="numeric time column (seconds); default: as trained")
     p.add_argument("--duplicates", choices=["error", "first", "mean"], default="error", help="repeated (link, time)")
@@ -455,7 +582,7 @@ def cmd_plan(argv: list[str]) -> None:
         raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
     df = read_table(a.input, list(dict.fromkeys([*series, time, *predictor.features])), text_columns=series)
     out, facts = plan_table(predictor, df, series, time, a.input, migration, a.confidence, a.throughput,
-                            a.step_seconds, a.duplicates, float(trained["max_gap"]))  # fmt: skip
+                            a.step_seconds, a.duplicates, float(trained["max_gap"]), a.online)  # fmt: skip
     if a.json:
         links = json.loads(out.to_json(orient="records"))  # NaN -> null
         print(json.dumps({**facts, "links": links}, indent=2))
@@ -504,6 +631,9 @@ def backtest(
     dirty_rates: list[float],
     downtime_ms: float = DEFAULT_DOWNTIME_MS,
     tail_lower: np.ndarray | None = None,
+    issued: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    confidence: float = 0.9,
 ) -> dict:
     """Replay migrations that start at every window: the realised time from the measured rates ``real`` [N, K]
     (NaN past the data) against the model's plan (``forecast`` [N, H], ``mean_lower`` [N, H] at the backtest's
@@ -512,7 +642,9 @@ def backtest(
 
     Per size and dirty rate: ``coverage`` (share of migrations done by the confidence-level time), ``mdape``
     (median absolute percentage error of the median time, %) for every planner, on the migrations that finished
-    inside the data (``migrations``; ``censored`` ran past the end of their series)."""
+    inside the data (``migrations``; ``censored`` ran past the end of their series). With ``issued`` [N] (each
+    window's first forecast row) and ``groups`` [N] (its link), also ``online_coverage``: the confidence-level
+    time recalibrated online (:mod:`dwcp_lstm.online`), each migration's outcome used from the row it ended on."""
     n, h = forecast.shape
     none = np.empty((n, 0))
     runs = []
@@ -529,6 +661,15 @@ def backtest(
                 "persistence_conformal": persist["time_median_s"],
             }
             r = t_real[ok]
+            online = {}
+            if issued is not None and ok.any():
+                tail = tail_lower[ok] if tail_lower is not None else None
+                args = (forecast[ok], mean_lower[ok], step_s[ok], m, tail)
+                need = scale_needed(*args, r)
+                known = issued[ok] + np.maximum(np.ceil(r / step_s[ok]), 1).astype(np.int64)
+                scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence)[:, 0]
+                online = {"online_coverage": float(np.mean(r <= confident_time(*args, scale))),
+                          "online_median_scale": float(np.median(scale))}  # fmt: skip
 
             def mdape(t: np.ndarray, r=r, ok=ok) -> float | None:
                 return float(100 * np.median(np.abs(t[ok] - r) / r)) if ok.any() else None
@@ -543,6 +684,7 @@ def backtest(
                     "coverage": covered(model["time_confident_s"]), "mdape": mdape(model["time_median_s"]),
                     "beyond_horizon_share": float(model["beyond_horizon"][ok].mean()) if ok.any() else None,
                     "median_time_s": float(np.median(model["time_median_s"][ok])) if ok.any() else None,
+                    **online,
                 },
                 "persistence_conformal_coverage": covered(persist["time_confident_s"]),
                 "simple": {name: {"mdape": mdape(t), "done_by_estimate": covered(t)} for name, t in simple.items()},
@@ -597,7 +739,8 @@ def backtest_report(
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1])["mean_lower"][:, 0, :, 0]
     out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
-                   p_lower, sizes, dirty, tail_lower=tail_lower)  # fmt: skip
+                   p_lower, sizes, dirty, tail_lower=tail_lower, issued=first, groups=dm.series_names(first),
+                   confidence=BACKTEST_CONFIDENCE)  # fmt: skip
     runs = out["runs"]
     points = [r.pop("_points") for r in runs]
     judged = [r for r in runs if r["migrations"] > 0]
@@ -608,6 +751,9 @@ def backtest_report(
         "training_mean_mbps": mean_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty,
         "checks": {
             "coverage_within_3_points": all(abs(r["model"]["coverage"] - BACKTEST_CONFIDENCE) <= 0.03 for r in judged),
+            "online_coverage_within_3_points": all(
+                abs(r["model"]["online_coverage"] - BACKTEST_CONFIDENCE) <= 0.03 for r in judged
+            ),
             "mdape_below_every_simple_planner": all(
                 r["model"]["mdape"] < min(s["mdape"] for s in r["simple"].values()) for r in judged
             ),

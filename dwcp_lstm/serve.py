@@ -316,8 +316,10 @@ def forecast_table(
     rolling: bool = False,
     duplicates: str = "error",
     max_gap: float = 3.0,
+    online: bool = False,
 ) -> pd.DataFrame:
-    """Per link, the forecast of the step after its last row (``rolling``: after every window).
+    """Per link, the forecast of the step after its last row (``rolling``: after every window; with ``online``
+    its interval bounds recalibrated from the outcomes realised in the input, :func:`recalibrate_online`).
 
     Columns: the series columns, ``time`` (of the last input row of the window; the forecast is for the next step),
     one column per target. Links are split at gaps longer than ``max_gap`` x their cadence, as in training, and a
@@ -333,6 +335,10 @@ def forecast_table(
         ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
         last_rows = np.concatenate([np.arange(a + w - 1, b) for a, b in bounds])
         y = np.concatenate(ys)
+        if online:
+            keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df))
+            seg_end = np.concatenate([np.full(b - a - w + 1, b) for a, b in bounds])
+            y = recalibrate_online(predictor, y, x, last_rows, seg_end, keys[last_rows], str(path))
     else:
         last_rows = bounds[:, 1] - 1
         windows = np.stack([x[b - w : b] for _, b in bounds])  # [S, W, F]
@@ -340,6 +346,51 @@ def forecast_table(
     out = df.loc[last_rows, [*series, time]].reset_index(drop=True)
     values = pd.DataFrame(y.reshape(len(y), -1), columns=predictor.all_columns)  # [S, C]: forecasts, then bounds
     return pd.concat([out, values], axis=1)
+
+
+def check_online(predictor: Predictor, source: str) -> None:
+    """What online recalibration needs: intervals, and every target among the inputs (its realised values)."""
+    if not predictor.levels:
+        raise ConfigError(f"{predictor.model_path}: --online needs a model with prediction intervals; it has none")
+    missing = [t for t in predictor.targets if t not in predictor.features]
+    if missing:
+        raise ConfigError(f"{source}: --online needs the realised targets among the model's inputs; {missing} are not")
+
+
+def recalibrate_online(
+    predictor: Predictor, table: np.ndarray, x: np.ndarray, last_rows: np.ndarray, seg_end: np.ndarray,
+    links: np.ndarray, source: str,
+) -> np.ndarray:  # fmt: skip
+    """Rolling forecasts ``table`` [N, C] (columns :attr:`Predictor.all_columns`) with every interval bound, per
+    step and for the mean over k steps, recalibrated online (:mod:`dwcp_lstm.online`) against the values the input
+    ``x`` [rows, F] realised: the window ending at row ``last_rows[i]`` learns its step-k outcome at row
+    ``last_rows[i] + k``, if that row lies before ``seg_end[i]`` (its segment's end); one multiplier per link in
+    ``links`` [N], carried over gaps."""
+    from dwcp_lstm import online as O
+
+    check_online(predictor, source)
+    col = {c: i for i, c in enumerate(predictor.all_columns)}
+    h = predictor.horizon
+    ahead = last_rows[:, None] + np.arange(1, h + 1)[None]  # [N, H] the rows each step forecasts
+    pairs, realised, steps, alphas = [], [], [], []
+    for t in predictor.targets:
+        values = x[np.minimum(ahead, len(x) - 1), predictor.features.index(t)].astype(np.float64)
+        values[ahead >= seg_end[:, None]] = np.nan  # not in the data (or past a gap): never known
+        means = np.cumsum(values, axis=1) / np.arange(1, h + 1)
+        names = [(t if h == 1 else f"{t}_h{k}", values[:, k - 1], k) for k in range(1, h + 1)]
+        names += [(f"{t}_mean{k}", means[:, k - 1], k) for k in range(1, h + 1) if h > 1]
+        for name, real, k in names:
+            for level in predictor.levels:
+                tag = f"{100 * level:g}"
+                pairs.append((col[f"{name}_lo{tag}"], col[f"{name}_hi{tag}"]))
+                realised.append(real), steps.append(k), alphas.append(1.0 - level)
+    lo_i, hi_i = (np.array(v) for v in zip(*pairs, strict=True))
+    lower, upper = table[:, lo_i].astype(np.float64), table[:, hi_i].astype(np.float64)
+    need = O.needed_scale(np.stack(realised, axis=1), lower, upper)  # [N, P]
+    s = O.track(need, last_rows, last_rows[:, None] + np.array(steps)[None], links, np.array(alphas))
+    out = table.copy()
+    out[:, lo_i], out[:, hi_i] = O.rescale(lower, upper, s)
+    return out
 
 
 def cmd_forecast(argv: list[str]) -> None:
@@ -363,6 +414,8 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--input", required=True, help="telemetry CSV or Parquet with the model's feature columns")
     p.add_argument("--output", default=None, help=".csv or .parquet to write (atomically); default: CSV on stdout")
     p.add_argument("--rolling", action="store_true", help="one forecast per window instead of one per link")
+    p.add_argument("--online", action="store_true", help="with --rolling: recalibrate the interval bounds from the "
+                   "outcomes realised in the input, per link (adaptive conformal; docs/method.md)")  # fmt: skip
     p.add_argument(
         "--series-columns", default=None, help="comma-separated link id columns ('' = one); default: as trained"
     )
@@ -382,7 +435,11 @@ def cmd_forecast(argv: list[str]) -> None:
         model, metadata = model_path_of(model), a.metadata or model / METADATA_NAME
     else:
         metadata = a.metadata
+    if a.online and not a.rolling:
+        raise ConfigError("--online needs --rolling: it learns from the outcomes of the input's earlier windows")
     predictor = Predictor(model, metadata, a.threads)
+    if a.online:
+        check_online(predictor, str(predictor.model_path))
     if output is not None:
         for path in [Path(a.input), *predictor.protected_paths()]:
             if same_file(output, path):
@@ -397,7 +454,8 @@ def cmd_forecast(argv: list[str]) -> None:
         raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
     columns = list(dict.fromkeys([*series, time, *predictor.features]))
     df = read_table(a.input, columns, text_columns=series)
-    out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]))
+    out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]),
+                         a.online)  # fmt: skip
 
     units = ", ".join(f"{t} [{u}]" for t, u in predictor.units.items())
     n_links = out.groupby(series, observed=True).ngroups if series else 1

@@ -131,8 +131,18 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
     coverage = ((y[:, 0, j] >= lower) & (y[:, 0, j] <= upper)).mean()
     assert iv["per_target"][dm.targets[j]]["80"]["coverage"] == pytest.approx(coverage)
     assert "## Prediction intervals" in (run / "report.md").read_text() and (run / "reliability.png").exists()
-    assert set(iv["checks"]) == {"coverage_within_2_points", "worst_link_within_10_points",
-                                 "winkler_below_conformal_persistence_and_ridge"}  # fmt: skip
+    goals = {"coverage_within_2_points", "worst_link_within_10_points", "winkler_below_conformal_persistence_and_ridge"}
+    assert set(iv["checks"]) == goals | {f"online_{g}" for g in goals}
+    # online, by hand for the same column: its static bounds recalibrated per link as the test split unrolls
+    from dwcp_lstm.online import online_bounds
+
+    rows = dm.target_rows("test")
+    lo, hi = online_bounds(lower[:, None, None, None], upper[:, None, None, None], y[:, :1, j : j + 1], rows,
+                           dm.series_names(rows), [0.8])  # fmt: skip
+    covered = ((y[:, 0, j] >= lo[:, 0, 0, 0]) & (y[:, 0, j] <= hi[:, 0, 0, 0])).mean()
+    online = iv["per_target"][dm.targets[j]]["80"]["online"]
+    assert online["coverage_per_step"][0] == pytest.approx(covered)
+    assert "| online |" in (run / "report.md").read_text()
 
 
 def evaluated_module(evaluated):

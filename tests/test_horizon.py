@@ -284,3 +284,69 @@ def test_the_built_in_oracle_steps_are_capped_on_huge_data(samples, horizon, ste
     from dwcp_lstm.data import SyntheticSpec
 
     assert DwcpDataModule(horizon=horizon, synthetic=SyntheticSpec(samples=samples)).oracle_steps == steps
+
+
+def test_forecast_online_recalibrates_each_bound_from_realised_values(horizon_run, small_csv, tmp_path):
+    """``forecast --rolling --online``: the forecasts are the rolling ones, every bound keeps its midpoint, the first
+    window of each link has the static bounds, and from one window to the next the step-1 multiplier moves by
+    rate x (miss - alpha), the miss judged on the row that window forecast (checked here by hand, from the CSV)."""
+    from dwcp_lstm.online import RATE
+
+    static, online = tmp_path / "static.csv", tmp_path / "online.csv"
+    base = ["forecast", "--model", str(horizon_run), "--input", str(small_csv), "--rolling", "--output"]
+    cli_main([*base, str(static)])
+    cli_main([*base, str(online), "--online"])
+    a, b = pd.read_csv(static), pd.read_csv(online)
+    p = Predictor.from_run(horizon_run)
+    np.testing.assert_array_equal(a[p.columns].to_numpy(), b[p.columns].to_numpy())
+    lo, hi = "rtt_ms_h1_lo80", "rtt_ms_h1_hi80"
+    np.testing.assert_allclose(a[lo] + a[hi], b[lo] + b[hi], rtol=1e-6)  # same midpoint
+    data = pd.read_csv(small_csv)
+    for _, link in b.groupby(["node_id", "peer_id"]):
+        ref = a.loc[link.index]
+        np.testing.assert_allclose(link[[lo, hi]].iloc[0], ref[[lo, hi]].iloc[0], rtol=1e-6)
+        rows = data[(data["node_id"] == link["node_id"].iloc[0]) & (data["peer_id"] == link["peer_id"].iloc[0])]
+        realised = rows.set_index("timestamp")["rtt_ms"].shift(-1).loc[link["timestamp"]].to_numpy()  # next row
+        s = ((link[hi] - link[lo]) / (ref[hi] - ref[lo])).to_numpy()
+        miss = (realised < link[lo].to_numpy()) | (realised > link[hi].to_numpy())
+        np.testing.assert_allclose(np.diff(np.log(s)), RATE * (miss[:-1] - 0.2), atol=1e-4)
+    assert (b[lo] != a[lo]).any()
+
+
+def test_online_without_rolling_is_refused_before_reading(horizon_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["forecast", "--model", str(horizon_run), "--input", str(tmp_path / "absent.csv"), "--online"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --online needs --rolling: it learns from the outcomes of the input's earlier windows"
+    )
+
+
+def test_plan_online_learns_each_links_margin_from_its_own_history(horizon_run, small_csv, capsys):
+    """``plan --online``: with one window per link there is nothing to learn (the calibrated plan); with the whole
+    history each link's multiplier comes from its own past migrations, and its confident time is the plan with the
+    bounds' distance below the forecast scaled by it."""
+    from dwcp_lstm import planner as P
+
+    def plan(path, *extra) -> dict:
+        cli_main(["plan", "--model", str(horizon_run), "--input", str(path), "--json", "--memory-gib", "2", *extra])
+        return json.loads(capsys.readouterr().out)
+
+    data = pd.read_csv(small_csv)
+    short = horizon_run / "latest.csv"
+    data.groupby(["node_id", "peer_id"]).tail(20).to_csv(short, index=False)  # one window per link
+    static, learnt = plan(short), plan(short, "--online")
+    assert [r["online_outcomes"] for r in learnt["links"]] == [0] * len(learnt["links"])
+    assert [r["time_p90_s"] for r in learnt["links"]] == pytest.approx([r["time_p90_s"] for r in static["links"]])
+    full = plan(small_csv, "--online")
+    assert full["online"]["rate"] > 0 and all(r["online_outcomes"] > 50 for r in full["links"])
+    assert any(abs(r["online_scale"] - 1) > 0.01 for r in full["links"])
+    p = Predictor.from_run(horizon_run)
+    for row in full["links"]:
+        link = data[(data["node_id"] == row["node_id"]) & (data["peer_id"] == row["peer_id"])]
+        window = link[p.features].to_numpy(np.float32)[-p.window :][None]
+        f, lo, tail = P._curves(p, window, "throughput_mbps", 0.8, "t")
+        expected = P.confident_time(
+            f, lo, np.array([row["step_s"]]), P.Migration(2.0), tail, np.array([row["online_scale"]])
+        )
+        assert row["time_p90_s"] == pytest.approx(expected[0], rel=1e-6)

@@ -236,8 +236,9 @@ def test_report_backtests_the_planner(smoke_run):
     for r in plan["runs"]:
         assert r["migrations"] + r["censored"] == plan["windows"]
         assert set(r["simple"]) == {"current_rate_held", "harmonic_mean_5", "persistence_conformal"}
-        assert 0 <= r["model"]["coverage"] <= 1
-    assert set(plan["checks"]) == {"coverage_within_3_points", "mdape_below_every_simple_planner"}
+        assert 0 <= r["model"]["coverage"] <= 1 and 0 <= r["model"]["online_coverage"] <= 1
+    assert set(plan["checks"]) == {"coverage_within_3_points", "online_coverage_within_3_points",
+                                   "mdape_below_every_simple_planner"}  # fmt: skip
     assert (smoke_run / "planner.png").exists()
 
 

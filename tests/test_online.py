@@ -1,0 +1,129 @@
+"""Online recalibration (dwcp_lstm/online.py) against a plain reference loop, its causality, its long-run coverage
+under drift, and the planner's margin search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dwcp_lstm import online as O
+from dwcp_lstm import planner as P
+
+
+def reference_track(needed, issued, known, groups, alpha, rate):
+    """One column, one outcome at a time, in the plainest form: before each forecast, apply every outcome of its
+    link that is known by then and not yet applied."""
+    s = np.ones(len(needed))
+    for g in np.unique(groups):
+        idx = sorted(np.flatnonzero(groups == g), key=lambda i: issued[i])
+        applied, log_s = set(), 0.0
+        for i in idx:
+            for e in sorted((e for e in idx if known[e] <= issued[i] and e not in applied), key=lambda e: known[e]):
+                log_s = np.clip(log_s + rate[e] * ((needed[e] > s[e]) - alpha), -O.LOG_LIMIT, O.LOG_LIMIT)
+                applied.add(e)
+            s[i] = np.exp(log_s)
+    return s
+
+
+def test_track_matches_the_reference_loop():
+    rng = np.random.default_rng(0)
+    n, k = 300, 3
+    groups = rng.integers(0, 3, n)
+    issued = rng.permutation(n) * 2  # shuffled: the function orders each link's forecasts itself
+    lag = rng.integers(1, 9, (n, k))  # a different delay per outcome and column
+    needed = rng.exponential(1.0, (n, k)) * np.where(issued[:, None] > n, 2.0, 1.0)  # volatility doubles
+    alpha = np.array([0.2, 0.05, 0.1])
+    rate = rng.uniform(0.02, 0.2, n)
+    s = O.track(needed, issued, issued[:, None] + lag, groups, alpha, rate)
+    for c in range(k):
+        ref = reference_track(needed[:, c], issued, issued + lag[:, c], groups, alpha[c], rate)
+        np.testing.assert_allclose(s[:, c], ref, rtol=1e-12)
+
+
+def test_track_never_reads_an_outcome_before_it_is_known():
+    rng = np.random.default_rng(1)
+    n = 200
+    issued, groups = np.arange(n), np.zeros(n, int)
+    needed = rng.exponential(1.0, (n, 1))
+    s = O.track(needed, issued, issued + 5, groups, 0.2)
+    later = needed.copy()
+    later[100:] = 50.0  # every outcome from forecast 100 on changes; none is known before row 105
+    s2 = O.track(later, issued, issued + 5, groups, 0.2)
+    np.testing.assert_array_equal(s[:105], s2[:105])
+    assert (s2[106:] > s[106:]).any()
+    with pytest.raises(ValueError, match="after its forecast"):
+        O.track(needed, issued, issued, groups, 0.2)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.05])
+def test_long_run_coverage_holds_under_drift(alpha):
+    """Residual spread triples halfway through: static bounds from the first half under-cover, the tracked ones
+    keep the miss rate within the bound the update implies: |miss rate - alpha| <= |log s_end| / (rate x n)."""
+    rng = np.random.default_rng(2)
+    n = 4000
+    spread = np.where(np.arange(n) < n // 2, 1.0, 3.0)
+    e = rng.standard_t(5, n) * spread
+    half = np.quantile(np.abs(e[: n // 2]), 1 - alpha)  # the static interval [-half, half]
+    needed = (np.abs(e) / half)[:, None]
+    issued = np.arange(n)
+    s = O.track(needed, issued, issued + 1, np.zeros(n, int), alpha, rate=0.05)[:, 0]
+    miss = needed[:, 0] > s
+    static_miss = needed[n // 2 :, 0] > 1.0
+    assert static_miss.mean() > alpha + 0.15  # the drift is real
+    applied = miss[: n - 1]  # the last outcome is never known before a later forecast
+    bound = abs(np.log(s[-1])) / (0.05 * len(applied))
+    assert abs(applied.mean() - alpha) <= bound + 1e-12
+    assert abs(miss[n // 2 :].mean() - alpha) < 0.03
+
+
+def test_needed_scale_is_the_smallest_covering_multiplier():
+    rng = np.random.default_rng(3)
+    lower = rng.normal(size=500)
+    upper = lower + rng.uniform(0.1, 2.0, 500)
+    y = rng.normal(scale=2.0, size=500)
+    r = O.needed_scale(y, lower, upper)
+    lo, hi = O.rescale(lower, upper, r * (1 + 1e-9))
+    assert ((y >= lo) & (y <= hi)).all()
+    lo, hi = O.rescale(lower, upper, r * (1 - 1e-6))
+    assert not ((y >= lo) & (y <= hi))[r > 0].any()
+    assert (((y >= lower) & (y <= upper)) == (r <= 1)).all()
+    np.testing.assert_allclose(O.rescale(lower, upper, np.ones(500)), (lower, upper))
+    assert O.needed_scale(np.array([1.0]), np.array([0.0]), np.array([0.0]))[0] == np.inf
+
+
+def test_online_bounds_start_at_the_static_ones_and_learn_per_link():
+    rng = np.random.default_rng(4)
+    n, h = 1000, 3
+    groups = np.repeat([0, 1], n // 2)
+    issued = np.tile(np.arange(n // 2), 2)
+    y = rng.normal(size=(n, h, 1)) * np.where(groups == 1, 3.0, 1.0)[:, None, None]  # link 1 three times as wide
+    lower, upper = np.full((n, 1, h, 1), -1.28), np.full((n, 1, h, 1), 1.28)  # 80 % for a unit normal
+    lo, hi = O.online_bounds(lower, upper, y, issued, groups, [0.8])
+    first = issued == 0
+    np.testing.assert_allclose(lo[first], lower[first])
+    width = (hi - lo)[:, 0, :, 0]
+    assert width[groups == 1][-50:].mean() > 2 * width[groups == 0][-50:].mean()
+    inside = (y[:, None] >= lo) & (y[:, None] <= hi)
+    late = issued >= n // 4  # after the start-up from the static bounds
+    for g in (0, 1):
+        assert abs(inside[(groups == g) & late].mean() - 0.8) < 0.04
+
+
+def test_planner_margin_search_brackets_the_realised_time():
+    rng = np.random.default_rng(5)
+    n, h = 40, 6
+    forecast = rng.uniform(400, 600, (n, h))
+    mean = np.cumsum(forecast, axis=1) / np.arange(1, h + 1)
+    mean_lower = mean - rng.uniform(50, 150, (n, 1))
+    m = P.Migration(16.0)
+    step = np.full(n, 60.0)
+    static = P.plan_arrays(forecast, mean_lower, step, m)["time_confident_s"]
+    np.testing.assert_allclose(P.confident_time(forecast, mean_lower, step, m, None, np.ones(n)), static)
+    t_real = static * rng.uniform(0.8, 1.3, n)
+    need = P.scale_needed(forecast, mean_lower, step, m, None, t_real)
+    finite = np.isfinite(need) & (need > 0)
+    assert finite.sum() > n // 2
+    at = P.confident_time(forecast[finite], mean_lower[finite], step[finite], m, None, need[finite])
+    below = P.confident_time(forecast[finite], mean_lower[finite], step[finite], m, None, need[finite] * 0.999)
+    assert (at >= t_real[finite]).all() and (below < t_real[finite]).all()
+    assert ((need <= 1) == (static >= t_real)).all()
