@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, parse_flags
 from dwcp_lstm.tables import atomic_write
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
@@ -549,14 +549,15 @@ def cmd_bench(argv: list[str]) -> None:
     """``python -m dwcp_lstm bench``: print the figures as JSON (and write them with ``--output``)."""
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(prog="python -m dwcp_lstm bench", description="latency, throughput and memory figures as JSON")
+    p = ArgumentParser(prog="python -m dwcp_lstm bench", description="latency, throughput and memory figures as JSON",
+                       exit_on_error=False)
     p.add_argument("--run", default=None, help="a finished run directory; default: an untrained model with defaults")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for tests")
     p.add_argument("--rows", type=int, default=None, help="synthetic rows for the DataModule figure (1e6; quick 2e4)")
     p.add_argument("--threads", type=int, default=None, help="threads for batch-256 and training (default: all)")
     p.add_argument("--output", default=None, help="also write the JSON here (atomically)")
     p.add_argument("--skip-load", action="store_true", help="leave out training beside a competing busy process")
-    a = p.parse_args(argv)
+    a = parse_flags(p, argv)
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
     result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)

@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dwcp_lstm.errors import parse_flags
+
 if TYPE_CHECKING:
     from lightning.pytorch.cli import ArgsType
 
@@ -302,7 +304,9 @@ def cmd_generate(argv: list[str]) -> None:
 
     from dwcp_lstm import synthetic
 
-    p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0])
+    p = ArgumentParser(
+        prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0], exit_on_error=False
+    )
     p.add_argument("--output", default="data/dwcp_training.csv", help="CSV or Parquet file to write")
     p.add_argument("--samples", type=int, default=15_000, help="total rows over all links")
     p.add_argument("--seed", type=int, default=42, help="generator seed")
@@ -318,7 +322,7 @@ def cmd_generate(argv: list[str]) -> None:
         "Monte Carlo of the h-step forecast (dynamic: about 4 s per 15,000 rows x 12 steps); for data.horizon K",
     )
     p.add_argument("--card", action="store_true", help="print the data card's oracle/persistence table and exit")
-    a = p.parse_args(argv)
+    a = parse_flags(p, argv)
     if a.card:
         print(synthetic.card_markdown(a.samples, a.seed))
         return
@@ -342,13 +346,18 @@ def cmd_report(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from dwcp_lstm.evaluate import evaluate
+    from dwcp_lstm.online import RATE
     from dwcp_lstm.runs import load_run
 
-    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"][0])
+    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"][0], exit_on_error=False)
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
-    a = p.parse_args(argv)
+    p.add_argument("--online-rate", type=float, default=RATE, help="step of the online recalibration judged beside "
+                   "the static intervals (log multiplier per outcome; docs/method.md)")  # fmt: skip
+    a = parse_flags(p, argv)
+    if not (math.isfinite(a.online_rate) and a.online_rate > 0):
+        raise _data_error(f"--online-rate must be a number > 0, got {a.online_rate}")
     module, dm, ckpt = load_run(a.run)
-    report = evaluate(module, dm, a.run, str(ckpt))
+    report = evaluate(module, dm, a.run, str(ckpt), online_rate=a.online_rate)
     print_summary(report, a.run)
 
 
@@ -358,10 +367,10 @@ def cmd_export(argv: list[str]) -> None:
     from dwcp_lstm.callbacks import export_run
     from dwcp_lstm.runs import load_run
 
-    p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0])
+    p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0], exit_on_error=False)
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    a = p.parse_args(argv)
+    a = parse_flags(p, argv)
     if a.opset < 17:
         raise _data_error(f"--opset must be >= 17, got {a.opset}")
     module, dm, ckpt = load_run(a.run)

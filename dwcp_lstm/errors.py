@@ -23,3 +23,14 @@ class CheckpointError(DwcpError):
 
 class ModelFileError(DwcpError):
     """An exported model pair (model.onnx + model_metadata.json) that is missing, altered, or invalid."""
+
+
+def parse_flags(parser, argv):
+    """Parse ``argv`` with a jsonargparse parser built with ``exit_on_error=False``: a flag of the wrong type is a
+    :class:`ConfigError` (one ``error:`` line, exit 2) like every other refusal, not the parser's usage text."""
+    import argparse
+
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None

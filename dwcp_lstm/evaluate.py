@@ -148,12 +148,13 @@ def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fit
 
 def evaluate(
     module, dm, run_dir: str | Path, checkpoint: str | None = None, val_pred: np.ndarray | None = None,
-    val_calibration: tuple | None = None,
+    val_calibration: tuple | None = None, online_rate: float = O.RATE,
 ) -> dict:
     """Evaluate on the test split, write ``report.json``, ``report.md`` and the plots into ``run_dir``.
 
     ``val_pred`` and ``val_calibration`` (the export's, at fit end: the same module and data) spare a second pass over
-    the validation split; without them both are computed here."""
+    the validation split; without them both are computed here. ``online_rate``: the step of online recalibration
+    (:mod:`dwcp_lstm.online`)."""
     run_dir = Path(run_dir)
     mape_floor = float(module.hparams.get("mape_floor", 0.0))
     rows = dm.target_rows("test")
@@ -202,8 +203,8 @@ def evaluate(
     report["validation"] = validation_head_to_head(dm, val, mape_floor)
     cal, choice = calibration_of(module, dm, val) if val_calibration is None else val_calibration
     hist = target_history(dm, dm.starts["test"])  # [N, W, T]: the intervals' scale and the planner's baselines
-    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice, hist)
-    report["planner"], plan_points = backtest_report(dm, val, pred_steps, cal, hist)
+    report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice, hist, online_rate)
+    report["planner"], plan_points = backtest_report(dm, val, pred_steps, cal, hist, online_rate)
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
     report["data"] = {
@@ -361,7 +362,8 @@ def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | N
 
 
 def interval_report(
-    dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, cal, choice, hist: np.ndarray
+    dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, cal, choice, hist: np.ndarray,
+    online_rate: float = O.RATE,
 ) -> dict | None:
     """Split conformal intervals calibrated on the validation split, judged on the test split: per target and
     level, coverage, mean width and Winkler score pooled over steps and per step, the same for the mean over the
@@ -381,7 +383,7 @@ def interval_report(
     def judged(lower, upper, m=slice(None)) -> dict:
         """Static and online scores of per-step bounds [n, L, H, T] on the windows ``m``."""
         out = {"static": _scored(lower, upper, y[m], names[m], levels)}
-        on = O.online_bounds(lower, upper, y[m], first[m], names[m], levels)
+        on = O.online_bounds(lower, upper, y[m], first[m], names[m], levels, online_rate)
         out["online"] = _scored(*on, y[m], names[m], levels)
         return out
 
@@ -413,7 +415,7 @@ def interval_report(
             **{f"{n}_coverage": float(bs[kind][0]["coverage"][i, :, j].mean()) for n, bs in baselines.items()},
         }
 
-    out: dict = {"calibration": cal.to_dict(), "choice_winkler": choice, "windows": len(y), "online_rate": O.RATE,
+    out: dict = {"calibration": cal.to_dict(), "choice_winkler": choice, "windows": len(y), "online_rate": online_rate,
                  "per_target": {}}  # fmt: skip
     for j, t in enumerate(dm.targets):
         out["per_target"][t] = {}

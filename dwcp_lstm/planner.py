@@ -634,6 +634,7 @@ def backtest(
     issued: np.ndarray | None = None,
     groups: np.ndarray | None = None,
     confidence: float = 0.9,
+    online_rate: float = O.RATE,
 ) -> dict:
     """Replay migrations that start at every window: the realised time from the measured rates ``real`` [N, K]
     (NaN past the data) against the model's plan (``forecast`` [N, H], ``mean_lower`` [N, H] at the backtest's
@@ -667,7 +668,7 @@ def backtest(
                 args = (forecast[ok], mean_lower[ok], step_s[ok], m, tail)
                 need = scale_needed(*args, r)
                 known = issued[ok] + np.maximum(np.ceil(r / step_s[ok]), 1).astype(np.int64)
-                scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence)[:, 0]
+                scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence, online_rate)[:, 0]
                 online = {"online_coverage": float(np.mean(r <= confident_time(*args, scale))),
                           "online_median_scale": float(np.median(scale))}  # fmt: skip
 
@@ -694,7 +695,7 @@ def backtest(
 
 
 def backtest_report(
-    dm, val: dict | None, pred: np.ndarray, cal, hist: np.ndarray
+    dm, val: dict | None, pred: np.ndarray, cal, hist: np.ndarray, online_rate: float = O.RATE
 ) -> tuple[dict, list[tuple[np.ndarray, ...]]]:
     """The ``planner`` section of a run's report: :func:`backtest` on the test split of ``dm`` (a fitted
     :class:`~dwcp_lstm.data.DwcpDataModule`), with the model's test forecasts ``pred`` [N, H, T], its calibration
@@ -740,7 +741,7 @@ def backtest_report(
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1])["mean_lower"][:, 0, :, 0]
     out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
                    p_lower, sizes, dirty, tail_lower=tail_lower, issued=first, groups=dm.series_names(first),
-                   confidence=BACKTEST_CONFIDENCE)  # fmt: skip
+                   confidence=BACKTEST_CONFIDENCE, online_rate=online_rate)  # fmt: skip
     runs = out["runs"]
     points = [r.pop("_points") for r in runs]
     judged = [r for r in runs if r["migrations"] > 0]
@@ -748,7 +749,7 @@ def backtest_report(
         "throughput": tp, "confidence": BACKTEST_CONFIDENCE, "level": level, "windows": len(starts),
         "calibrated_steps": h if tail_lower is None else h + tail_lower.shape[1],
         "step_s": float(np.median(step_s)), "horizon_s": float(np.median(step_s)) * h,
-        "training_mean_mbps": mean_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty,
+        "training_mean_mbps": mean_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty, "online_rate": online_rate,
         "checks": {
             "coverage_within_3_points": all(abs(r["model"]["coverage"] - BACKTEST_CONFIDENCE) <= 0.03 for r in judged),
             "online_coverage_within_3_points": all(

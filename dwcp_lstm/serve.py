@@ -232,18 +232,26 @@ class Predictor:
         return np.concatenate([o.reshape(len(o), -1) for o in outs], axis=1)
 
     def predict_rolling(
-        self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
-    ) -> pd.DataFrame:
+        self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history",
+        online: bool = False,
+    ) -> pd.DataFrame:  # fmt: skip
         """One forecast per window of one series: row i forecasts the step after rows ``i .. i + window - 1``.
 
         The result has ``rows - window + 1`` rows, indexed by the position (DataFrame input: the index label) of
         each window's last row; the last one forecasts beyond the data. The rows must be one gap-free series in time
         order (windows are taken as given); ``forecast --rolling`` sorts and splits links at gaps first.
+        ``online``: every interval bound recalibrated from the outcomes realised earlier in ``history``
+        (:func:`recalibrate_online`).
         """
+        if online:
+            check_online(self, source)
         x = self._series_array(history, columns, source)  # [rows, F]
         if len(x) < self.window:
             raise DataError(f"{source}: {len(x)} rows given, the model needs at least {self.window} (window_size)")
         y = self._rolling(x, source)  # [rows - W + 1, T]
+        if online:
+            last = np.arange(self.window - 1, len(x))
+            y = recalibrate_online(self, y, x, last, np.full(len(last), len(x)), np.zeros(len(last)), source)
         index = history.index[self.window - 1 :] if isinstance(history, pd.DataFrame) else None
         return self._frame(y, index)
 

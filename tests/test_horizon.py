@@ -350,3 +350,14 @@ def test_plan_online_learns_each_links_margin_from_its_own_history(horizon_run, 
             f, lo, np.array([row["step_s"]]), P.Migration(2.0), tail, np.array([row["online_scale"]])
         )
         assert row["time_p90_s"] == pytest.approx(expected[0], rel=1e-6)
+
+
+def test_predictor_rolling_online_matches_the_forecast_command(horizon_run, small_csv, tmp_path):
+    out = tmp_path / "online.csv"
+    cli_main(["forecast", "--model", str(horizon_run), "--input", str(small_csv), "--rolling", "--online",
+              "--output", str(out)])  # fmt: skip
+    got = pd.read_csv(out).query("node_id == 'node-0' and peer_id == 'node-1'")
+    p = Predictor.from_run(horizon_run)
+    link = pd.read_csv(small_csv).query("node_id == 'node-0' and peer_id == 'node-1'").sort_values("timestamp")
+    mine = p.predict_rolling(link, online=True)
+    np.testing.assert_allclose(mine.to_numpy(), got[p.all_columns].to_numpy(), rtol=1e-5, atol=1e-6)

@@ -127,3 +127,16 @@ def test_planner_margin_search_brackets_the_realised_time():
     below = P.confident_time(forecast[finite], mean_lower[finite], step[finite], m, None, need[finite] * 0.999)
     assert (at >= t_real[finite]).all() and (below < t_real[finite]).all()
     assert ((need <= 1) == (static >= t_real)).all()
+
+
+@pytest.mark.parametrize(("rate", "says"), [("0", "--online-rate must be a number > 0, got 0.0"),
+                                            ("-0.1", "--online-rate must be a number > 0, got -0.1"),
+                                            ("nan", 'Parser key "online_rate": Expected a'),
+                                            ("fast", 'Parser key "online_rate": Expected a')])  # fmt: skip
+def test_report_refuses_a_rate_that_cannot_learn_in_one_line(rate, says, tmp_path, capsys):
+    from dwcp_lstm.cli import cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(tmp_path), "--online-rate", rate])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {says}")
