@@ -300,6 +300,8 @@ def plan_table(
         )
     level = level_for(confidence, predictor.levels)
     tp = throughput_target(predictor.targets, predictor.units, throughput)
+    if online and tp not in predictor.features:
+        raise ConfigError(f"{predictor.model_path}: --online needs the realised {tp} among the model's inputs")
     if step_seconds is not None and not (np.isfinite(step_seconds) and step_seconds > 0):
         raise ConfigError(f"--step-seconds must be a number > 0, got {step_seconds}")
     w, h = predictor.window, predictor.horizon
@@ -352,14 +354,8 @@ def plan_table(
     order = np.lexsort((out["time_median_s"].fillna(np.inf), out[f"time_{c}_s"].fillna(np.inf)))
     out = out.iloc[order].reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
-    if online:
-        from dwcp_lstm.online import RATE
-
-        out_facts = {"online": {"rate": RATE, "outcomes": [int(v) for v in outcomes], "note": ONLINE_NOTE}}
-    else:
-        out_facts = {}
     facts = {
-        **out_facts,
+        **({"online": {"rate": O.RATE, "note": ONLINE_NOTE}} if online else {}),
         "throughput": tp, "confidence": confidence, "level": level, "horizon_steps": h,
         "migration": {"memory_gib": m.memory_gib, "dirty_rate_mbps": m.dirty_rate_mbps, "downtime_ms": m.downtime_ms},
         "model": "pre-copy (Clark et al. NSDI 2005; Akoush et al. MASCOTS 2010), at most "
@@ -413,8 +409,6 @@ def plan_online(
     from dwcp_lstm import online as O
     from dwcp_lstm.serve import CHUNK
 
-    if tp not in predictor.features:
-        raise ConfigError(f"{source}: --online needs the realised {tp} among the model's inputs; it is not")
     w, j = predictor.window, predictor.features.index(tp)
     planned = set(keys[latest[:, 1] - 1].tolist())
     rate = x[:, j].astype(np.float64)
