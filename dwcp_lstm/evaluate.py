@@ -430,7 +430,7 @@ def interval_report(
                                                          enumerate(dm.targets)}}  # fmt: skip
     pt = out["per_target"]
     out["checks"] = {
-        **_interval_checks({t: m for t, m in pt.items()}),
+        **_interval_checks(pt),
         **{f"online_{k}": v for k, v in _interval_checks({t: {k: v["online"] for k, v in m.items()}
                                                           for t, m in pt.items()}).items()},
     }  # fmt: skip

@@ -429,14 +429,24 @@ def plan_online(
             nd = np.full(len(r), np.nan)
             nd[done] = scale_needed(f[done], lo[done], steps[done], m, None if tail is None else tail[done],
                                     t_real[done])  # fmt: skip
-            issued.append(r), groups.append(keys[r]), need.append(nd)
-            known.append(r + np.maximum(np.ceil(np.where(done, t_real, 0.0) / step), 1).astype(np.int64))
+            issued.append(r)
+            groups.append(keys[r])
+            need.append(nd)
+            known.append(ended_row(r, np.where(done, t_real, 0.0), steps))
     issued, groups, need, known = (np.concatenate(v) for v in (issued, groups, need, known))
     s = O.track(need[:, None], issued, known, groups, 1.0 - confidence)[:, 0]
-    where = {int(r): i for i, r in enumerate(issued)}
-    at = np.array([where[int(b) - 1] for b in latest[:, 1]])  # each link's latest window
-    learnt = np.array([int(((groups == groups[i]) & np.isfinite(need) & (known <= issued[i])).sum()) for i in at])
-    return s[at], learnt
+    at = np.searchsorted(issued, latest[:, 1] - 1)  # each link's latest window (issued rows ascend: row order)
+    _, code = np.unique(groups, return_inverse=True)
+    last_of_group = np.zeros(code.max() + 1, np.int64)
+    last_of_group[code[at]] = issued[at]
+    used = np.isfinite(need) & (known <= last_of_group[code])  # outcomes known by the link's latest window
+    return s[at], np.bincount(code, weights=used, minlength=len(last_of_group))[code[at]].astype(np.int64)
+
+
+def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.ndarray:
+    """The row from which a migration started after row ``issued`` and lasting ``t_s`` seconds is known to have
+    ended (at least the next row)."""
+    return issued + np.maximum(np.ceil(t_s / step_s), 1).astype(np.int64)
 
 
 ONLINE_NOTE = (
@@ -661,7 +671,7 @@ def backtest(
                 tail = tail_lower[ok] if tail_lower is not None else None
                 args = (forecast[ok], mean_lower[ok], step_s[ok], m, tail)
                 need = scale_needed(*args, r)
-                known = issued[ok] + np.maximum(np.ceil(r / step_s[ok]), 1).astype(np.int64)
+                known = ended_row(issued[ok], r, step_s[ok])
                 scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence, online_rate)[:, 0]
                 online = {"online_coverage": float(np.mean(r <= confident_time(*args, scale))),
                           "online_median_scale": float(np.median(scale))}  # fmt: skip

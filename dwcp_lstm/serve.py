@@ -327,7 +327,7 @@ def forecast_table(
     online: bool = False,
 ) -> pd.DataFrame:
     """Per link, the forecast of the step after its last row (``rolling``: after every window; with ``online``
-    its interval bounds recalibrated from the outcomes realised in the input, :func:`recalibrate_online`).
+    the interval bounds recalibrated from the outcomes realised earlier in the input, :func:`recalibrate_online`).
 
     Columns: the series columns, ``time`` (of the last input row of the window; the forecast is for the next step),
     one column per target. Links are split at gaps longer than ``max_gap`` x their cadence, as in training, and a
@@ -339,7 +339,7 @@ def forecast_table(
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
     # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
     bounds = segment_bounds(df, series, time, w, max_gap, path)  # [S, 2] row ranges
-    if rolling:
+    if rolling or online:  # online: every window, so that each link learns from its own past outcomes
         ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
         last_rows = np.concatenate([np.arange(a + w - 1, b) for a, b in bounds])
         y = np.concatenate(ys)
@@ -347,6 +347,9 @@ def forecast_table(
             keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df))
             seg_end = np.concatenate([np.full(b - a - w + 1, b) for a, b in bounds])
             y = recalibrate_online(predictor, y, x, last_rows, seg_end, keys[last_rows], str(path))
+        if not rolling:  # the latest window of each segment, as without --online
+            keep = np.isin(last_rows, bounds[:, 1] - 1)
+            y, last_rows = y[keep], last_rows[keep]
     else:
         last_rows = bounds[:, 1] - 1
         windows = np.stack([x[b - w : b] for _, b in bounds])  # [S, W, F]
@@ -391,7 +394,9 @@ def recalibrate_online(
             for level in predictor.levels:
                 tag = f"{100 * level:g}"
                 pairs.append((col[f"{name}_lo{tag}"], col[f"{name}_hi{tag}"]))
-                realised.append(real), steps.append(k), alphas.append(1.0 - level)
+                realised.append(real)
+                steps.append(k)
+                alphas.append(1.0 - level)
     lo_i, hi_i = (np.array(v) for v in zip(*pairs, strict=True))
     lower, upper = table[:, lo_i].astype(np.float64), table[:, hi_i].astype(np.float64)
     need = O.needed_scale(np.stack(realised, axis=1), lower, upper)  # [N, P]
@@ -422,8 +427,8 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--input", required=True, help="telemetry CSV or Parquet with the model's feature columns")
     p.add_argument("--output", default=None, help=".csv or .parquet to write (atomically); default: CSV on stdout")
     p.add_argument("--rolling", action="store_true", help="one forecast per window instead of one per link")
-    p.add_argument("--online", action="store_true", help="with --rolling: recalibrate the interval bounds from the "
-                   "outcomes realised in the input, per link (adaptive conformal; docs/method.md)")  # fmt: skip
+    p.add_argument("--online", action="store_true", help="recalibrate the interval bounds from the outcomes realised "
+                   "earlier in the input, per link (adaptive conformal; docs/method.md)")  # fmt: skip
     p.add_argument(
         "--series-columns", default=None, help="comma-separated link id columns ('' = one); default: as trained"
     )
@@ -443,8 +448,6 @@ def cmd_forecast(argv: list[str]) -> None:
         model, metadata = model_path_of(model), a.metadata or model / METADATA_NAME
     else:
         metadata = a.metadata
-    if a.online and not a.rolling:
-        raise ConfigError("--online needs --rolling: it learns from the outcomes of the input's earlier windows")
     predictor = Predictor(model, metadata, a.threads)
     if a.online:
         check_online(predictor, str(predictor.model_path))

@@ -313,13 +313,14 @@ def test_forecast_online_recalibrates_each_bound_from_realised_values(horizon_ru
     assert (b[lo] != a[lo]).any()
 
 
-def test_online_without_rolling_is_refused_before_reading(horizon_run, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli_main(["forecast", "--model", str(horizon_run), "--input", str(tmp_path / "absent.csv"), "--online"])
-    assert exc.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        "error: --online needs --rolling: it learns from the outcomes of the input's earlier windows"
-    )
+def test_forecast_online_per_link_is_the_last_window_of_the_rolling_one(horizon_run, small_csv, tmp_path):
+    latest, rolling = tmp_path / "latest.csv", tmp_path / "rolling.csv"
+    base = ["forecast", "--model", str(horizon_run), "--input", str(small_csv), "--online", "--output"]
+    cli_main([*base, str(latest)])
+    cli_main([*base, str(rolling), "--rolling"])
+    a, b = pd.read_csv(latest), pd.read_csv(rolling).groupby(["node_id", "peer_id"]).tail(1)
+    assert len(a) == 4
+    np.testing.assert_allclose(a.iloc[:, 3:].to_numpy(), b.iloc[:, 3:].to_numpy(), rtol=1e-6)
 
 
 def test_plan_online_learns_each_links_margin_from_its_own_history(horizon_run, small_csv, capsys):
