@@ -2,7 +2,7 @@
 
 Split conformal bounds (:mod:`dwcp_lstm.intervals`) assume that the months after validation look like validation.
 When a link's volatility drifts they do not: on the default data's 12-step run the validation period was the more
-volatile one and the 80 % bounds covered 84-87 % of test windows for RTT, loss and jitter, one link only 71 %.
+volatile one and the 80 % bounds covered 83-87 % of test windows for RTT, loss and jitter, one link only 71 %.
 A deployed forecaster sees each outcome a few steps later, so it can correct itself, as adaptive conformal
 inference does (Gibbs & Candes, NeurIPS 2021) in its quantile-tracking form (Angelopoulos, Candes & Tibshirani,
 "Conformal PID Control for Time Series Prediction", NeurIPS 2023): each link keeps a multiplier ``s`` on the width of
@@ -42,17 +42,16 @@ def rescale(lower: np.ndarray, upper: np.ndarray, s: np.ndarray) -> tuple[np.nda
 
 def track(
     needed: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, alpha: np.ndarray | float,
-    rate: float = RATE,
+    rate: np.ndarray | float = RATE,
 ) -> np.ndarray:  # fmt: skip
     """Multipliers ``s`` [n, K] for n forecasts in K columns (levels, steps, targets flattened by the caller).
 
     ``needed`` [n, K]: the multiplier each forecast needed to cover its outcome (:func:`needed_scale`; NaN where
-    the outcome never arrives); ``issued``
-    [n]: when the forecast was made, ``known`` [n] (or [n, K]): from when its outcome is known, on the same clock
-    (rows of its series), ``known > issued``; ``groups`` [n]: one multiplier per group (a link), carried over gaps;
-    ``alpha`` [K] or one number: the nominal miss rate of each column; ``rate`` one number or [n], the step of each
-    outcome. The forecast issued at ``t`` uses every
-    outcome of its group known by ``t``, each judged against the multiplier its own forecast was issued with."""
+    the outcome never arrives); ``issued`` [n]: when the forecast was made; ``known`` [n] (or [n, K]): from when
+    its outcome is known, on the same clock (rows of its series), ``known > issued``; ``groups`` [n]: one multiplier
+    per group (a link), carried over gaps; ``alpha`` [K] or one number: the nominal miss rate of each column;
+    ``rate`` one number or [n]: the step of each outcome. The forecast issued at ``t`` uses every outcome of its
+    group known by ``t``, each judged against the multiplier its own forecast was issued with."""
     needed = np.asarray(needed, np.float64)
     n, k = needed.shape
     known = np.broadcast_to(np.asarray(known), (k, n)).T if np.ndim(known) == 1 else np.asarray(known)
