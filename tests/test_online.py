@@ -140,3 +140,18 @@ def test_report_refuses_a_rate_that_cannot_learn_in_one_line(rate, says, tmp_pat
         cli_main(["report", "--run", str(tmp_path), "--online-rate", rate])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {says}")
+
+
+def test_online_needs_intervals_and_the_realised_targets():
+    from types import SimpleNamespace
+
+    from dwcp_lstm.errors import ConfigError
+    from dwcp_lstm.serve import check_online
+
+    model = SimpleNamespace(levels=[0.8], targets=["rtt_ms", "loss"], features=["rtt_ms", "obstructed"], model_path="m")
+    with pytest.raises(ConfigError, match=r"^in\.csv: --online needs the realised targets among the model's inputs; "
+                                          r"\['loss'\] are not$"):  # fmt: skip
+        check_online(model, "in.csv")
+    with pytest.raises(ConfigError, match="needs a model with prediction intervals"):
+        check_online(SimpleNamespace(levels=[], targets=[], features=[], model_path="m"), "in.csv")
+    check_online(SimpleNamespace(levels=[0.8], targets=["rtt_ms"], features=["rtt_ms"], model_path="m"), "in.csv")

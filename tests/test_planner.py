@@ -212,6 +212,11 @@ def test_a_model_exported_without_intervals_loads_and_plan_names_the_gap(smoke_r
         cli_main(plan(tmp_path, telemetry, "--memory-gib", "8"))
     assert exc.value.code == 2
     assert "the model has no prediction intervals, so no time can be given at a confidence" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # online recalibration has nothing to rescale: refused before reading
+        cli_main(["forecast", "--model", str(tmp_path), "--input", str(tmp_path / "absent.csv"), "--online"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--online needs a model with prediction intervals; it has none" in err
 
 
 def test_a_link_without_a_fresh_window_gets_a_statement_not_a_stale_plan(smoke_run, telemetry, capsys):
