@@ -549,8 +549,7 @@ def cmd_bench(argv: list[str]) -> None:
     """``python -m dwcp_lstm bench``: print the figures as JSON (and write them with ``--output``)."""
     from jsonargparse import ArgumentParser
 
-    p = ArgumentParser(prog="python -m dwcp_lstm bench", description="latency, throughput and memory figures as JSON",
-                       exit_on_error=False)
+    p = ArgumentParser(prog="python -m dwcp_lstm bench", description="latency, throughput and memory figures as JSON")
     p.add_argument("--run", default=None, help="a finished run directory; default: an untrained model with defaults")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for tests")
     p.add_argument("--rows", type=int, default=None, help="synthetic rows for the DataModule figure (1e6; quick 2e4)")

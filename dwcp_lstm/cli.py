@@ -304,9 +304,7 @@ def cmd_generate(argv: list[str]) -> None:
 
     from dwcp_lstm import synthetic
 
-    p = ArgumentParser(
-        prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0], exit_on_error=False
-    )
+    p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0])
     p.add_argument("--output", default="data/dwcp_training.csv", help="CSV or Parquet file to write")
     p.add_argument("--samples", type=int, default=15_000, help="total rows over all links")
     p.add_argument("--seed", type=int, default=42, help="generator seed")
@@ -349,7 +347,7 @@ def cmd_report(argv: list[str]) -> None:
     from dwcp_lstm.online import RATE
     from dwcp_lstm.runs import load_run
 
-    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"][0], exit_on_error=False)
+    p = ArgumentParser(prog="python -m dwcp_lstm report", description=OWN_COMMANDS["report"][0])
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
     p.add_argument("--online-rate", type=float, default=RATE, help="step of the online recalibration judged beside "
                    "the static intervals (log multiplier per outcome; docs/method.md)")  # fmt: skip
@@ -367,7 +365,7 @@ def cmd_export(argv: list[str]) -> None:
     from dwcp_lstm.callbacks import export_run
     from dwcp_lstm.runs import load_run
 
-    p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0], exit_on_error=False)
+    p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0])
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     a = parse_flags(p, argv)

@@ -26,10 +26,11 @@ class ModelFileError(DwcpError):
 
 
 def parse_flags(parser, argv):
-    """Parse ``argv`` with a jsonargparse parser built with ``exit_on_error=False``: a flag of the wrong type is a
-    :class:`ConfigError` (one ``error:`` line, exit 2) like every other refusal, not the parser's usage text."""
+    """Parse ``argv`` with a jsonargparse parser: a flag of the wrong type is a :class:`ConfigError` (one ``error:``
+    line, exit 2) like every other refusal, not the parser's usage text."""
     import argparse
 
+    parser.exit_on_error = False  # raise ArgumentError instead of printing the usage and exiting
     try:
         return parser.parse_args(argv)
     except argparse.ArgumentError as exc:

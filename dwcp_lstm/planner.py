@@ -424,7 +424,8 @@ def plan_online(
             r = rows[i : i + CHUNK]
             f, lo, tail = _curves(predictor, views[i : i + CHUNK].transpose(0, 2, 1), tp, level, source)
             steps = np.full(len(r), step)
-            t_real = precopy(rows_ahead(rate, r + 1, np.full(len(r), b), b - a), np.full(len(r), np.nan), steps, m)
+            real = rows_ahead(rate, r + 1, np.full(len(r), b), replay_steps(predictor.horizon, b - a))
+            t_real = precopy(real, np.full(len(r), np.nan), steps, m)
             t_real = t_real["time_s"]
             done = np.isfinite(t_real)  # ended inside the data: its outcome is known
             nd = np.full(len(r), np.nan)
@@ -442,6 +443,13 @@ def plan_online(
     last_of_group[code[at]] = issued[at]
     used = np.isfinite(need) & (known <= last_of_group[code])  # outcomes known by the link's latest window
     return s[at], np.bincount(code, weights=used, minlength=len(last_of_group))[code[at]].astype(np.int64)
+
+
+def replay_steps(horizon: int, longest: int) -> int:
+    """How many measured rows a replayed migration may use: ``50 H + 200`` (far enough for the backtest's largest
+    size), at most ``longest``; a migration still running after them is censored. Bounds the [N, steps] replay on
+    long segments (a chunk of 4,096 windows over a 100,000-row segment would otherwise take 3 GB)."""
+    return int(min(longest, 50 * horizon + 200))
 
 
 def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.ndarray:
@@ -733,7 +741,7 @@ def backtest_report(
     mean_mbps, h = float(np.mean(train)), dm.horizon
     sizes = ladder(mean_mbps, float(np.median(step_s)) * h)
     dirty = [0.0, float(f"{DIRTY_SHARE * mean_mbps:.3g}")]
-    steps = int(min((seg_end - first).max(), 50 * h + 200))  # far enough for the largest size on these links
+    steps = replay_steps(h, int((seg_end - first).max()))
     real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
 
     bounds = I.intervals(cal, pred, hist)
