@@ -29,6 +29,9 @@ class StackedLSTM(nn.Module):
             autoregressive highway (Lai et al., SIGIR 2018): the LSTM then learns what a linear model on the lags
             misses. The head's last layer starts at zero, so the network starts as the linear map alone.
         window: rows per window (the linear map's input is ``window x n_features``; used only with ``linear_skip``).
+        body_outputs: how many leading outputs train the LSTM and the head's hidden layers; the later ones are read
+            from the same last hidden layer by the output layer alone, their gradient stopped there (in training
+            only: forecasts are the same either way). None = every output trains everything.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class StackedLSTM(nn.Module):
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
         linear_skip: bool = False,
         window: int = 20,
+        body_outputs: int | None = None,
     ) -> None:
         super().__init__()
         if len(head_dropouts) != max(len(head_sizes) - 1, 0):
@@ -57,6 +61,7 @@ class StackedLSTM(nn.Module):
                 layers.append(nn.BatchNorm1d(o))  # the specified head: Linear -> ReLU -> Dropout -> BN after layer 1
         layers.append(nn.Linear(widths[-1], n_targets))
         self.head = nn.Sequential(*layers)
+        self.body_outputs = body_outputs
         self.skip = nn.Linear(window * n_features, n_targets) if linear_skip else None
         if linear_skip:
             nn.init.zeros_(layers[-1].weight)  # start as the linear map: the LSTM adds to it only what it learns
@@ -68,10 +73,20 @@ class StackedLSTM(nn.Module):
             h, _ = lstm(h)  # [B, T, H_k]
             if k < len(self.norms):
                 h = self.norms[k](h)
-        out = self.head(h[:, -1])  # [B, T, H_last] -> [B, H_last] -> [B, targets]
+        m = self.body_outputs
+        if self.training and m is not None and m < n_targets_of(self.head):
+            z = self.head[:-1](h[:, -1])  # [B, head_last]: what every output reads
+            out_layer = self.head[-1]
+            out = torch.cat([out_layer(z)[:, :m], out_layer(z.detach())[:, m:]], dim=1)  # [B, targets]
+        else:
+            out = self.head(h[:, -1])  # [B, T, H_last] -> [B, H_last] -> [B, targets]
         if self.skip is not None:
             out = out + self.skip(x.flatten(1))  # [B, W, F] -> [B, W * F] -> [B, targets]
         return out
+
+
+def n_targets_of(head: nn.Sequential) -> int:
+    return head[-1].out_features
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -119,6 +119,11 @@ class DwcpForecaster(L.LightningModule):
             started at the ridge regression fit on the training windows (the report's ``ridge`` baseline, in the
             network's own target space), with the LSTM's contribution started at zero: training starts from ridge's
             forecast and the LSTM learns what it misses. The real-trace recipe; see docs/real_traces.md.
+        body_steps: with ``horizon`` > 1, how many leading steps' losses train the LSTM and the head's hidden
+            layers; each later step is read from the same hidden state by the output layer alone (its gradient stops
+            there). The late steps, mostly noise, otherwise overfit the shared body within a few epochs, and early
+            stopping then ends the run before step 1 has learnt what boosted trees find (see docs/method.md,
+            "Which steps train the body"). null = every step; forecasts and the exported graph are the same either way.
         loss: ``mse`` (the specified loss), ``huber`` or ``l1``, on scaled targets. MSE fits the conditional mean
             (best RMSE); L1 the median (best MAE); Huber is quadratic within ``huber_delta`` and linear beyond, so
             heavy-tailed errors (throughput bursts on real traces) pull less. See README "Real network traces".
@@ -142,6 +147,7 @@ class DwcpForecaster(L.LightningModule):
         head_sizes: tuple[int, ...] = (128, 64, 32),
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
         linear_skip: bool = False,
+        body_steps: int | None = None,
         loss: str = "mse",
         huber_delta: float = 1.0,
         loss_weights: list[float] | None = None,
@@ -159,9 +165,15 @@ class DwcpForecaster(L.LightningModule):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
         self.horizon = horizon
+        if body_steps is not None and (isinstance(body_steps, bool) or not isinstance(body_steps, int)
+                                       or not 1 <= body_steps <= horizon):  # fmt: skip
+            raise ConfigError(f"--model.body_steps must be null or an integer from 1 to the horizon ({horizon}), "
+                              f"got {body_steps!r}")  # fmt: skip
         n_out = len(target_names) * horizon  # step-major: all targets of step 1, then of step 2, ...
         sizes = (lstm_sizes, head_sizes, head_dropouts)
-        self.net = StackedLSTM(len(feature_names), n_out, *sizes, linear_skip=linear_skip, window=window_size)
+        body = None if body_steps is None else body_steps * len(target_names)
+        self.net = StackedLSTM(len(feature_names), n_out, *sizes, linear_skip=linear_skip, window=window_size,
+                               body_outputs=body)  # fmt: skip
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)

@@ -180,6 +180,7 @@ CONFIG_CASES = [
     ("time-is-series", ["--data.time_column=node_id"], "--data.time_column must be a column other than"),
     ("bad-samples", ["--data.synthetic.samples=1"], "--data.synthetic:"),
     ("negative-mape-floor", ["--model.mape_floor=-1"], "--model.mape_floor must be"),
+    ("body-beyond-horizon", ["--data.horizon=3", "--model.body_steps=4"], "--model.body_steps must be null or an"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
 ]
 

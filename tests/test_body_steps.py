@@ -1,0 +1,70 @@
+"""``--model.body_steps``: only the first steps' losses train the LSTM and the head's hidden layers; the later steps
+are read from the same hidden state by the output layer alone. Checked by the gradients each output sends, and by
+forecasts that do not change with the setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.model import StackedLSTM
+from dwcp_lstm.module import DwcpForecaster
+
+T, H = 4, 3
+
+
+def nets(body: int) -> tuple[StackedLSTM, StackedLSTM]:
+    """The same weights twice: every output trains the body / only the first ``body`` outputs do."""
+    torch.manual_seed(0)
+    plain = StackedLSTM(9, T * H, (8, 6), (5,), (), linear_skip=True, window=20)
+    split = StackedLSTM(9, T * H, (8, 6), (5,), (), linear_skip=True, window=20, body_outputs=body)
+    split.load_state_dict(plain.state_dict())
+    torch.nn.init.normal_(plain.head[-1].weight)  # the skip's zero start would hide what the head passes on
+    split.head[-1].weight.data.copy_(plain.head[-1].weight)
+    return plain, split
+
+
+def grads(net: StackedLSTM, x: torch.Tensor, outputs: slice) -> dict[str, torch.Tensor]:
+    net.zero_grad()
+    net(x)[:, outputs].pow(2).sum().backward()
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone()) for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forecasts_do_not_depend_on_the_setting(train):
+    plain, split = nets(T)
+    x = torch.randn(6, 20, 9)
+    plain.train(train), split.train(train)  # no dropout here: train mode differs only in BatchNorm's statistics
+    torch.testing.assert_close(split(x), plain(x), rtol=0, atol=0)
+
+
+def test_late_steps_train_only_the_output_layer_and_the_skip():
+    plain, split = nets(T)  # step 1 (outputs 0..3) trains the body
+    x = torch.randn(6, 20, 9)
+    late, first = grads(split, x, slice(T, None)), grads(split, x, slice(0, T))
+    reference = grads(plain, x, slice(T, None))
+    output_layer = f"head.{len(split.head) - 1}."
+    for name, g in late.items():
+        if name.startswith((output_layer, "skip.")):
+            torch.testing.assert_close(g, reference[name])  # the same gradient as without the split
+            assert g.abs().sum() > 0, name
+        else:
+            assert g.abs().sum() == 0, name  # the LSTM and the hidden layer see nothing of the late steps
+            assert reference[name].abs().sum() > 0, name  # ... which without the split they would
+    assert all(g.abs().sum() > 0 for n, g in first.items() if n.startswith("lstms.")), "step 1 trains the LSTM"
+    both = grads(split, x, slice(None))  # all outputs: the body's gradient is step 1's alone
+    for name in late:
+        torch.testing.assert_close(both[name], late[name] + first[name])
+
+
+@pytest.mark.parametrize("bad", [0, H + 1, 1.5, True, -1])
+def test_body_steps_outside_one_to_the_horizon_are_refused(bad):
+    with pytest.raises(ConfigError, match=r"--model.body_steps must be null or an integer from 1 to the horizon"):
+        DwcpForecaster(horizon=H, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), body_steps=bad)
+
+
+def test_the_module_passes_whole_steps_to_the_network():
+    module = DwcpForecaster(horizon=H, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), body_steps=2)
+    assert module.net.body_outputs == 2 * T
+    assert DwcpForecaster(horizon=H, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=()).net.body_outputs is None
