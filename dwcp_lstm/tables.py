@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -301,9 +302,11 @@ def sha256_of(path: str | Path) -> str:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary name beside ``path`` for the block to write; when the block succeeds the file is fsynced and
     renamed over ``path``, so readers see the old file or the new one, never half of one. On any failure the
-    temporary file is removed and ``path`` is untouched. The one implementation every writer of an artifact uses."""
+    temporary file is removed and ``path`` is untouched. The one implementation every writer of an artifact uses.
+    The temporary name is the process's own (``.<name>.<pid>-<random>.tmp``): two processes writing the same file at
+    once (two first runs generating the built-in data) each rename a whole file, and neither removes the other's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
         with open(tmp, "rb") as f:  # the writer may have been a library (torch.onnx, matplotlib, pandas)

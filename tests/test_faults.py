@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     real_save = torch.save
 
     def full_disk(obj, f, *args, **kwargs):
-        if str(getattr(f, "name", "")).endswith(".last.ckpt.tmp") and obj.get("epoch") == 1:
+        name = Path(str(getattr(f, "name", ""))).name
+        if name.startswith(".last.ckpt.") and name.endswith(".tmp") and obj.get("epoch") == 1:
             f.write(b"\0" * 4096)  # half a file, then the disk is full
             raise enospc()
         return real_save(obj, f, *args, **kwargs)
@@ -98,3 +100,19 @@ def test_full_disk_while_reporting_keeps_the_previous_report(tmp_path, smoke_run
     after = snapshot(run)
     assert after["report.json"] == before["report.json"]
     assert not list(run.rglob("*.tmp"))
+
+
+def test_two_writers_of_one_file_at_once_both_finish(tmp_path):
+    """Two processes generating the built-in data at once used to share one temporary name: the first rename took
+    the other's file away and the second failed with 'cannot write'. Each writer now has its own name."""
+    from dwcp_lstm.tables import atomic_path
+
+    target = tmp_path / "data.csv"
+    with atomic_path(target) as first:
+        first.write_text("first")
+        with atomic_path(target) as second:  # a second writer starts before the first renames
+            assert second != first
+            second.write_text("second")
+        assert target.read_text() == "second" and first.read_text() == "first"
+    assert target.read_text() == "first" and not list(tmp_path.glob(".*.tmp"))
+
