@@ -436,7 +436,8 @@ def plan_online(
             need.append(nd)
             known.append(ended_row(r, np.where(done, t_real, 0.0), steps))
     issued, groups, need, known = (np.concatenate(v) for v in (issued, groups, need, known))
-    s = O.track(need[:, None], issued, known, groups, 1.0 - confidence)[:, 0]
+    gain = O.delayed_rate(O.RATE, issued, known, predictor.horizon)
+    s = O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain)[:, 0]
     at = np.searchsorted(issued, latest[:, 1] - 1)  # each link's latest window (issued rows ascend: row order)
     _, code = np.unique(groups, return_inverse=True)
     last_of_group = np.zeros(code.max() + 1, np.int64)
@@ -460,7 +461,9 @@ def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.nda
 
 ONLINE_NOTE = (
     "the distance of each link's bound below its forecast is multiplied by online_scale, learnt from online_outcomes "
-    "migrations that its own history in the input would have seen and that ended before its latest row"
+    "migrations that its own history in the input would have seen and that ended before its latest row (each "
+    "outcome moves its log by rate x (miss - (1 - confidence)), the rate times horizon / rows for a migration that "
+    "ended more rows than the horizon after it started)"
 )
 BEYOND_NOTE = (
     "after the model's horizon the forecast mean over the horizon is assumed to hold for the median plan, and {bound}; "
@@ -658,7 +661,8 @@ def backtest(
     (median absolute percentage error of the median time, %) for every planner, on the migrations that finished
     inside the data (``migrations``; ``censored`` ran past the end of their series). With ``issued`` [N] (each
     window's first forecast row) and ``groups`` [N] (its link), also ``online_coverage``: the confidence-level
-    time recalibrated online (:mod:`dwcp_lstm.online`), each migration's outcome used from the row it ended on."""
+    time recalibrated online (:mod:`dwcp_lstm.online`), each migration's outcome used from the row it ended on, its
+    step damped when that is more than the horizon later (:func:`~dwcp_lstm.online.delayed_rate`)."""
     n, h = forecast.shape
     none = np.empty((n, 0))
     runs = []
@@ -681,7 +685,8 @@ def backtest(
                 args = (forecast[ok], mean_lower[ok], step_s[ok], m, tail)
                 need = scale_needed(*args, r)
                 known = ended_row(issued[ok], r, step_s[ok])
-                scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence, online_rate)[:, 0]
+                gain = O.delayed_rate(online_rate, issued[ok], known, h)
+                scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence, gain)[:, 0]
                 online = {"online_coverage": float(np.mean(r <= confident_time(*args, scale))),
                           "online_median_scale": float(np.median(scale))}  # fmt: skip
 
