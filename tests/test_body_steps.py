@@ -68,3 +68,22 @@ def test_the_module_passes_whole_steps_to_the_network():
     module = DwcpForecaster(horizon=H, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), body_steps=2)
     assert module.net.body_outputs == 2 * T
     assert DwcpForecaster(horizon=H, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=()).net.body_outputs is None
+
+
+def test_the_horizon_config_resolves_to_the_specified_body_with_the_split(capsys):
+    """``configs/horizon.yaml`` through the CLI: 12 steps, the first 3 train the specified LSTM body (sizes as the
+    default), the skip on, the head without dropout."""
+    import yaml
+    from conftest import ROOT
+
+    from dwcp_lstm.cli import cli_main
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--config", str(ROOT / "configs" / "horizon.yaml"), "--print_config"])
+    assert exc.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    default = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    model = cfg["model"]
+    assert cfg["data"]["horizon"] == 12  # linked into the model
+    assert (model["body_steps"], model["linear_skip"], model["head_dropouts"]) == (3, True, [0.0, 0.0])
+    assert all(model[k] == default["model"][k] for k in ("lstm_sizes", "head_sizes"))
