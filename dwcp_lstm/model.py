@@ -32,6 +32,9 @@ class StackedLSTM(nn.Module):
         body_outputs: how many leading outputs train the LSTM and the head's hidden layers; the later ones are read
             from the same last hidden layer by the output layer alone, their gradient stopped there (in training
             only: forecasts are the same either way). None = every output trains everything.
+        late_head_size: with ``body_outputs``, the width of a hidden layer of the later outputs' own head, which
+            reads the LSTM's last output (detached in training, so it cannot train the body either) and adds to
+            them; its output layer starts at zero. None = no such head.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class StackedLSTM(nn.Module):
         linear_skip: bool = False,
         window: int = 20,
         body_outputs: int | None = None,
+        late_head_size: int | None = None,
     ) -> None:
         super().__init__()
         if len(head_dropouts) != max(len(head_sizes) - 1, 0):
@@ -62,6 +66,16 @@ class StackedLSTM(nn.Module):
         layers.append(nn.Linear(widths[-1], n_targets))
         self.head = nn.Sequential(*layers)
         self.body_outputs = body_outputs
+        self.late = None
+        if late_head_size:
+            if body_outputs is None or body_outputs >= n_targets:
+                raise ValueError("late_head_size needs body_outputs below the number of outputs")
+            late = n_targets - body_outputs
+            self.late = nn.Sequential(
+                nn.Linear(lstm_sizes[-1], late_head_size), nn.ReLU(), nn.Linear(late_head_size, late)
+            )
+            nn.init.zeros_(self.late[-1].weight)  # starts as the split network without it
+            nn.init.zeros_(self.late[-1].bias)
         self.skip = nn.Linear(window * n_features, n_targets) if linear_skip else None
         if linear_skip:
             nn.init.zeros_(layers[-1].weight)  # start as the linear map: the LSTM adds to it only what it learns
@@ -80,6 +94,9 @@ class StackedLSTM(nn.Module):
             out = torch.cat([out_layer(z)[:, :m], out_layer(z.detach())[:, m:]], dim=1)  # [B, targets]
         else:
             out = self.head(h[:, -1])  # [B, T, H_last] -> [B, H_last] -> [B, targets]
+        if self.late is not None:
+            last = h[:, -1].detach() if self.training else h[:, -1]  # [B, H_last]
+            out = torch.cat([out[:, :m], out[:, m:] + self.late(last)], dim=1)  # [B, targets]
         if self.skip is not None:
             out = out + self.skip(x.flatten(1))  # [B, W, F] -> [B, W * F] -> [B, targets]
         return out

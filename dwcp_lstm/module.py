@@ -124,6 +124,9 @@ class DwcpForecaster(L.LightningModule):
             there). The late steps, mostly noise, otherwise overfit the shared body within a few epochs, and early
             stopping then ends the run before step 1 has learnt what boosted trees find (see docs/method.md,
             "Which steps train the body"). null = every step; forecasts and the exported graph are the same either way.
+        late_head_size: with ``body_steps`` below the horizon, the later steps also get a head of their own (one
+            hidden layer of this width) on the LSTM's last output, detached so it does not train the body either:
+            the later steps then read the state non-linearly. null = the output layer alone.
         loss: ``mse`` (the specified loss), ``huber`` or ``l1``, on scaled targets. MSE fits the conditional mean
             (best RMSE); L1 the median (best MAE); Huber is quadratic within ``huber_delta`` and linear beyond, so
             heavy-tailed errors (throughput bursts on real traces) pull less. See README "Real network traces".
@@ -148,6 +151,7 @@ class DwcpForecaster(L.LightningModule):
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
         linear_skip: bool = False,
         body_steps: int | None = None,
+        late_head_size: int | None = None,
         loss: str = "mse",
         huber_delta: float = 1.0,
         loss_weights: list[float] | None = None,
@@ -169,11 +173,17 @@ class DwcpForecaster(L.LightningModule):
                                        or not 1 <= body_steps <= horizon):  # fmt: skip
             raise ConfigError(f"--model.body_steps must be null or an integer from 1 to the horizon ({horizon}), "
                               f"got {body_steps!r}")  # fmt: skip
+        bad_late = isinstance(late_head_size, bool) or not isinstance(late_head_size, int) or late_head_size < 1
+        if late_head_size is not None and (bad_late or body_steps is None or body_steps >= horizon):
+            raise ConfigError(
+                f"--model.late_head_size must be null or an integer >= 1 with --model.body_steps below the horizon "
+                f"({horizon}), got {late_head_size!r} with body_steps {body_steps!r}"
+            )
         n_out = len(target_names) * horizon  # step-major: all targets of step 1, then of step 2, ...
         sizes = (lstm_sizes, head_sizes, head_dropouts)
         body = None if body_steps is None else body_steps * len(target_names)
         self.net = StackedLSTM(len(feature_names), n_out, *sizes, linear_skip=linear_skip, window=window_size,
-                               body_outputs=body)  # fmt: skip
+                               body_outputs=body, late_head_size=late_head_size)  # fmt: skip
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)

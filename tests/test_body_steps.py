@@ -58,6 +58,37 @@ def test_late_steps_train_only_the_output_layer_and_the_skip():
         torch.testing.assert_close(both[name], late[name] + first[name])
 
 
+def test_the_late_head_trains_on_the_late_steps_alone_and_never_the_body():
+    torch.manual_seed(0)
+    net = StackedLSTM(9, T * H, (8, 6), (5,), (), linear_skip=True, window=20, body_outputs=T, late_head_size=7)
+    torch.nn.init.normal_(net.late[-1].weight)  # its zero start would hide what reaches the first layer
+    assert sum(p.numel() for p in net.late.parameters()) == 6 * 7 + 7 + 7 * (T * H - T) + (T * H - T)
+    x = torch.randn(6, 20, 9)
+    late, first = grads(net, x, slice(T, None)), grads(net, x, slice(0, T))
+    for name, g in late.items():
+        if name.startswith("late."):
+            assert g.abs().sum() > 0, name
+            assert first[name].abs().sum() == 0, name  # step 1 does not read the late head
+        elif not name.startswith(("head.3.", "skip.")):
+            assert g.abs().sum() == 0, name  # the LSTM and the hidden layer see nothing of the late steps
+    net.eval()
+    with torch.no_grad():  # in inference the late head adds to the later outputs, reading the LSTM's last output
+        h = x
+        for k, lstm in enumerate(net.lstms):
+            h = lstm(h)[0]
+            h = net.norms[k](h) if k < len(net.norms) else h
+        plain = net.head(h[:, -1]) + net.skip(x.flatten(1))
+        torch.testing.assert_close(net(x)[:, :T], plain[:, :T])
+        torch.testing.assert_close(net(x)[:, T:], plain[:, T:] + net.late(h[:, -1]))
+
+
+@pytest.mark.parametrize(("body", "late"), [(None, 8), (H, 8), (2, 0), (2, True)])
+def test_a_late_head_without_late_steps_or_of_no_width_is_refused(body, late):
+    with pytest.raises(ConfigError, match=r"--model.late_head_size must be null or an integer >= 1 with"):
+        DwcpForecaster(horizon=H, lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), body_steps=body,
+                       late_head_size=late)  # fmt: skip
+
+
 @pytest.mark.parametrize("bad", [0, H + 1, 1.5, True, -1])
 def test_body_steps_outside_one_to_the_horizon_are_refused(bad):
     with pytest.raises(ConfigError, match=r"--model.body_steps must be null or an integer from 1 to the horizon"):
@@ -86,4 +117,5 @@ def test_the_horizon_config_resolves_to_the_specified_body_with_the_split(capsys
     model = cfg["model"]
     assert cfg["data"]["horizon"] == 12  # linked into the model
     assert (model["body_steps"], model["linear_skip"], model["head_dropouts"]) == (3, True, [0.0, 0.0])
+    assert model["late_head_size"] == 64
     assert all(model[k] == default["model"][k] for k in ("lstm_sizes", "head_sizes"))

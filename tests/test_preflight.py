@@ -181,6 +181,7 @@ CONFIG_CASES = [
     ("bad-samples", ["--data.synthetic.samples=1"], "--data.synthetic:"),
     ("negative-mape-floor", ["--model.mape_floor=-1"], "--model.mape_floor must be"),
     ("body-beyond-horizon", ["--data.horizon=3", "--model.body_steps=4"], "--model.body_steps must be null or an"),
+    ("late-head-unsplit", ["--data.horizon=3", "--model.late_head_size=8"], "--model.late_head_size must be null"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
 ]
 
