@@ -117,5 +117,5 @@ def test_the_horizon_config_resolves_to_the_specified_body_with_the_split(capsys
     model = cfg["model"]
     assert cfg["data"]["horizon"] == 12  # linked into the model
     assert (model["body_steps"], model["linear_skip"], model["head_dropouts"]) == (3, True, [0.0, 0.0])
-    assert model["late_head_size"] == 64
+    assert model["late_head_size"] is None
     assert all(model[k] == default["model"][k] for k in ("lstm_sizes", "head_sizes"))
