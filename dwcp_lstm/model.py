@@ -65,7 +65,7 @@ class StackedLSTM(nn.Module):
                 layers.append(nn.BatchNorm1d(o))  # the specified head: Linear -> ReLU -> Dropout -> BN after layer 1
         layers.append(nn.Linear(widths[-1], n_targets))
         self.head = nn.Sequential(*layers)
-        self.body_outputs = body_outputs
+        self.n_outputs, self.body_outputs = n_targets, body_outputs
         self.late = None
         if late_head_size:
             if body_outputs is None or body_outputs >= n_targets:
@@ -88,7 +88,7 @@ class StackedLSTM(nn.Module):
             if k < len(self.norms):
                 h = self.norms[k](h)
         m = self.body_outputs
-        if self.training and m is not None and m < n_targets_of(self.head):
+        if self.training and m is not None and m < self.n_outputs:
             z = self.head[:-1](h[:, -1])  # [B, head_last]: what every output reads
             out_layer = self.head[-1]
             out = torch.cat([out_layer(z)[:, :m], out_layer(z.detach())[:, m:]], dim=1)  # [B, targets]
@@ -100,10 +100,6 @@ class StackedLSTM(nn.Module):
         if self.skip is not None:
             out = out + self.skip(x.flatten(1))  # [B, W, F] -> [B, W * F] -> [B, targets]
         return out
-
-
-def n_targets_of(head: nn.Sequential) -> int:
-    return head[-1].out_features
 
 
 def count_parameters(model: nn.Module) -> int:
