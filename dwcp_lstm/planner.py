@@ -407,7 +407,6 @@ def plan_online(
     the link in the input (every segment of ``bounds``, ``x`` [rows, F] raw inputs, ``t`` times, ``keys`` link of
     each row), its realised time from the measured throughput, its outcome known from the row it ended on. Also
     the number of outcomes each link had learnt from [S] (0: the calibrated margin, unchanged)."""
-    from dwcp_lstm import online as O
     from dwcp_lstm.serve import CHUNK
 
     w, j = predictor.window, predictor.features.index(tp)
@@ -436,8 +435,7 @@ def plan_online(
             need.append(nd)
             known.append(ended_row(r, np.where(done, t_real, 0.0), steps))
     issued, groups, need, known = (np.concatenate(v) for v in (issued, groups, need, known))
-    gain = O.delayed_rate(O.RATE, issued, known, predictor.horizon)
-    s = O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain)[:, 0]
+    s = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon)
     at = np.searchsorted(issued, latest[:, 1] - 1)  # each link's latest window (issued rows ascend: row order)
     _, code = np.unique(groups, return_inverse=True)
     last_of_group = np.zeros(code.max() + 1, np.int64)
@@ -451,6 +449,17 @@ def replay_steps(horizon: int, longest: int) -> int:
     size), at most ``longest``; a migration still running after them is censored. Bounds the [N, steps] replay on
     long segments (a chunk of 4,096 windows over a 100,000-row segment would otherwise take 3 GB)."""
     return int(min(longest, 50 * horizon + 200))
+
+
+def margin_multipliers(
+    need: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, confidence: float, horizon: int,
+    rate: float = O.RATE,
+) -> np.ndarray:  # fmt: skip
+    """Each migration's margin multiplier [n], learnt online per link from the migrations already ended (``need``
+    [n] from :func:`scale_needed`, known from row ``known``), the step damped for those that ended more than the
+    horizon after they started (:func:`~dwcp_lstm.online.delayed_rate`). The backtest's and ``plan --online``'s."""
+    gain = O.delayed_rate(rate, issued, known, horizon)
+    return O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain)[:, 0]
 
 
 def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.ndarray:
@@ -685,8 +694,7 @@ def backtest(
                 args = (forecast[ok], mean_lower[ok], step_s[ok], m, tail)
                 need = scale_needed(*args, r)
                 known = ended_row(issued[ok], r, step_s[ok])
-                gain = O.delayed_rate(online_rate, issued[ok], known, h)
-                scale = O.track(need[:, None], issued[ok], known, groups[ok], 1.0 - confidence, gain)[:, 0]
+                scale = margin_multipliers(need, issued[ok], known, groups[ok], confidence, h, online_rate)
                 online = {"online_coverage": float(np.mean(r <= confident_time(*args, scale))),
                           "online_median_scale": float(np.median(scale))}  # fmt: skip
 
