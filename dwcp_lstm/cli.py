@@ -56,6 +56,7 @@ def _lightning_cli_class():
             parser.link_arguments("data.window_size", "model.window_size")
             parser.link_arguments("data.horizon", "model.horizon")
             parser.link_arguments("data.target_mode", "model.target_mode")
+            parser.link_arguments("data.cyclic", "model.cyclic")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.set_defaults(
                 {

@@ -10,6 +10,7 @@ every val target, and no window spans two series. Scalers see exactly the traini
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dwcp_lstm import synthetic
+from dwcp_lstm.model import CyclicEncoding
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
     ConfigError,
@@ -158,6 +160,7 @@ class DwcpDataModule(L.LightningDataModule):
         seed: int = 42,
         synthetic: SyntheticSpec = SyntheticSpec(),  # noqa: B008 (frozen, so sharing the default is safe)
         data_dir: str = "data",
+        cyclic: dict[str, float] | None = None,
     ) -> None:
         """
         Args:
@@ -183,6 +186,10 @@ class DwcpDataModule(L.LightningDataModule):
             seed: seed of the training shuffle (epoch e uses seed + e).
             synthetic: parameters of the built-in dataset used when ``data_path`` is null.
             data_dir: where the built-in dataset is written.
+            cyclic: calendar features and their periods, e.g. ``{time_of_day: 24, day_of_week: 7}``: the network
+                (and the report's ridge and boosted trees, which see the same inputs) read each as the sine and
+                cosine of ``2 pi value / period``, so that 23:00 lies next to 00:00. The conversion is part of the
+                network, so the exported model still takes the raw column. Linked to ``model.cyclic``.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -190,6 +197,7 @@ class DwcpDataModule(L.LightningDataModule):
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
         _check_series_config(series_columns, time_column, duplicates, max_gap)
+        self.cyclic = check_cyclic(cyclic, features, targets)
         self.data_path, self.window_size, self.batch_size = data_path, window_size, batch_size
         self.horizon = horizon
         self.split, self.features, self.targets = tuple(split), list(features), list(targets)
@@ -463,6 +471,15 @@ class DwcpDataModule(L.LightningDataModule):
             if np.any(last[both].to_numpy() >= first[both].to_numpy()):
                 raise LeakageError(f"a {later} target is not later than every {earlier} target of its series")
 
+    def encoder(self) -> CyclicEncoding:
+        """The network's input encoding of this data's cyclic columns, with this data's scalers (for the baselines:
+        they see exactly what the network sees)."""
+        enc = CyclicEncoding(self.n_features, tuple(j for j, _ in self.cyclic), tuple(p for _, p in self.cyclic))
+        idx = enc.index
+        enc.mean.copy_(torch.as_tensor(self.feature_scaler.mean_[idx], dtype=torch.float32))
+        enc.scale.copy_(torch.as_tensor(self.feature_scaler.scale_[idx], dtype=torch.float32))
+        return enc
+
     def windows(self, values: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """Rows of ``values`` under each window, [N, W, ...] (materialised: callers keep N small or subsample)."""
         return values[starts[:, None] + np.arange(self.window_size)]
@@ -561,6 +578,26 @@ def _check_config(
             raise ConfigError(f"--data.{name} lists a column twice: {list(cols)}")
     if workers < 0:
         raise ConfigError(f"--data.num_workers must be >= 0, got {workers}")
+
+
+def check_cyclic(
+    cyclic: dict[str, float] | None, features: Sequence[str], targets: Sequence[str]
+) -> tuple[tuple[int, float], ...]:
+    """``{column: period}`` -> ``((feature index, period), ...)`` in feature order; refuses what cannot work."""
+    if not cyclic:
+        return ()
+    if not isinstance(cyclic, dict):
+        raise ConfigError(f"--data.cyclic must map feature names to periods, got {cyclic!r}")
+    out = []
+    for name, period in cyclic.items():
+        if name not in features:
+            raise ConfigError(f"--data.cyclic: {name!r} is not among the features {list(features)}")
+        if name in targets:
+            raise ConfigError(f"--data.cyclic: {name!r} is a target; only inputs can be read as a phase")
+        if isinstance(period, bool) or not isinstance(period, int | float) or not (0 < period < math.inf):
+            raise ConfigError(f"--data.cyclic: the period of {name!r} must be a number > 0, got {period!r}")
+        out.append((list(features).index(name), float(period)))
+    return tuple(sorted(out))
 
 
 def _check_series_config(series: Sequence[str], time: str, duplicates: str, max_gap: float) -> None:

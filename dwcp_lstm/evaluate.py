@@ -46,8 +46,13 @@ def target_history(dm, starts: np.ndarray) -> np.ndarray:
 
 
 def scaled_windows(dm, starts: np.ndarray) -> np.ndarray:
-    """Scaled input windows [N, W, F] (materialised: callers subsample first)."""
-    return dm.windows(dm.datasets["train"].x.numpy(), starts)
+    """Scaled input windows [N, W, F + C] as the network reads them, cyclic columns as sine and cosine
+    (materialised: callers subsample first)."""
+    x = dm.windows(dm.datasets["train"].x.numpy(), starts)
+    if not dm.cyclic:
+        return x
+    with torch.no_grad():
+        return dm.encoder()(torch.from_numpy(x)).numpy()
 
 
 def oracle_forecasts(dm, target_rows: np.ndarray, steps: int | None = None) -> np.ndarray | None:

@@ -2,8 +2,44 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+class CyclicEncoding(nn.Module):
+    """Replace calendar columns of a scaled window by the sine and cosine of their phase: [B, W, F] -> [B, W, F + C].
+
+    A standardised hour is a line with a jump at midnight: no affine map of it gives the load an hour ahead, which
+    follows a daily sine. The phase ``2 pi value / period`` of the *raw* value (unscaled with the column's train-fit
+    statistics, held as buffers that travel in the checkpoint) wraps around. Output columns: the other features in
+    order, then the sines, then the cosines. Inside the network, so the exported graph still takes the raw column.
+
+    Args:
+        index: input column of each cyclic feature.
+        period: its period in its own unit (24 for an hour of the day, 7 for a weekday).
+    """
+
+    def __init__(self, n_features: int, index: tuple[int, ...] = (), period: tuple[float, ...] = ()) -> None:
+        super().__init__()
+        self.index = list(index)
+        self.keep = [j for j in range(n_features) if j not in set(index)]
+        keep = bool(index)  # only then in the state dict: checkpoints without cyclic columns keep their keys
+        omega = torch.tensor([2 * math.pi / p for p in period], dtype=torch.float32)
+        self.register_buffer("omega", omega, persistent=keep)
+        self.register_buffer("mean", torch.zeros(len(index)), persistent=keep)  # the columns' scalers: set with
+        self.register_buffer("scale", torch.ones(len(index)), persistent=keep)  # the model's (set_scalers)
+
+    @property
+    def width(self) -> int:
+        return len(self.keep) + 2 * len(self.index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.index:
+            return x
+        phase = (x[..., self.index] * self.scale + self.mean) * self.omega  # [B, W, C], radians
+        return torch.cat([x[..., self.keep], torch.sin(phase), torch.cos(phase)], dim=-1)  # [B, W, F + C]
 
 
 class SequenceBatchNorm(nn.BatchNorm1d):
@@ -35,6 +71,13 @@ class StackedLSTM(nn.Module):
         late_head_size: with ``body_outputs``, the width of a hidden layer of the later outputs' own head, which
             reads the LSTM's last output (detached in training, so it cannot train the body either) and adds to
             them; its output layer starts at zero. None = no such head.
+        cyclic: ``(column, period)`` pairs of calendar inputs that enter the LSTM (and the skip) as the sine and
+            cosine of their phase (:class:`CyclicEncoding`); empty = every column as it comes.
+        cross: input columns (of the raw feature list) whose last value and window mean the skip also reads as
+            products: with each sine and cosine of the last row and with themselves (the "wide" part of Wide & Deep,
+            Cheng et al. 2016). A link's level times the coming hour's load factor is a product that a linear map
+            of the window cannot form and that the late steps, read linearly from a body trained on the first steps,
+            do not learn. Empty = the plain linear skip.
     """
 
     def __init__(
@@ -48,11 +91,15 @@ class StackedLSTM(nn.Module):
         window: int = 20,
         body_outputs: int | None = None,
         late_head_size: int | None = None,
+        cyclic: tuple[tuple[int, float], ...] = (),
+        cross: tuple[int, ...] = (),
+        head_init: float = 0.0,
     ) -> None:
         super().__init__()
         if len(head_dropouts) != max(len(head_sizes) - 1, 0):
             raise ValueError(f"head_dropouts needs {max(len(head_sizes) - 1, 0)} entries, got {len(head_dropouts)}")
-        sizes = (n_features, *lstm_sizes)
+        self.encode = CyclicEncoding(n_features, tuple(j for j, _ in cyclic), tuple(p for _, p in cyclic))
+        sizes = (self.encode.width, *lstm_sizes)
         self.lstms = nn.ModuleList(nn.LSTM(i, o, batch_first=True) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
         self.norms = nn.ModuleList(SequenceBatchNorm(o) for o in lstm_sizes[:-1])
         layers: list[nn.Module] = []
@@ -76,13 +123,19 @@ class StackedLSTM(nn.Module):
             )
             nn.init.zeros_(self.late[-1].weight)  # starts as the split network without it
             nn.init.zeros_(self.late[-1].bias)
-        self.skip = nn.Linear(window * n_features, n_targets) if linear_skip else None
+        if cross and not linear_skip:
+            raise ValueError("cross features are inputs of the linear skip: they need linear_skip")
+        self.cross = [self.encode.keep.index(j) for j in cross]  # their columns after the encoding
+        n_cross = 2 * len(cross) * (2 * len(cyclic) + 1)
+        self.skip = nn.Linear(window * self.encode.width + n_cross, n_targets) if linear_skip else None
         if linear_skip:
-            nn.init.zeros_(layers[-1].weight)  # start as the linear map: the LSTM adds to it only what it learns
+            with torch.no_grad():  # start as (or near) the linear map: the LSTM adds to it only what it learns
+                layers[-1].weight.mul_(head_init)
             nn.init.zeros_(layers[-1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x  # [B, T, F]
+        x = self.encode(x)  # [B, T, F] -> [B, T, F + C] (the identity without cyclic columns)
+        h = x
         for k, lstm in enumerate(self.lstms):
             h, _ = lstm(h)  # [B, T, H_k]
             if k < len(self.norms):
@@ -98,8 +151,20 @@ class StackedLSTM(nn.Module):
             last = h[:, -1].detach() if self.training else h[:, -1]  # [B, H_last]
             out = torch.cat([out[:, :m], out[:, m:] + self.late(last)], dim=1)  # [B, targets]
         if self.skip is not None:
-            out = out + self.skip(x.flatten(1))  # [B, W, F] -> [B, W * F] -> [B, targets]
+            out = out + self.skip(self.skip_inputs(x))  # [B, W, F + C] -> [B, W * (F + C) + cross] -> [B, targets]
         return out
+
+    def skip_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the linear skip reads from an encoded window [B, W, F + C]: the flattened window, then the cross
+        products (see ``cross``): levels = last values and window means of the cross columns [B, 2K], times the
+        last row's sines and cosines [B, 2C], then the levels squared."""
+        flat = x.flatten(1)  # [B, W * (F + C)]
+        if not self.cross:
+            return flat
+        levels = torch.cat([x[:, -1, self.cross], x[:, :, self.cross].mean(1)], dim=1)  # [B, 2K]
+        phase = x[:, -1, len(self.encode.keep) :]  # [B, 2C]: the sines, then the cosines
+        products = (levels[:, :, None] * phase[:, None, :]).flatten(1)  # [B, 2K * 2C]
+        return torch.cat([flat, products, levels * levels], dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MeanMetric
 
-from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, Scalers
+from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, Scalers, check_cyclic
 from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.intervals import check_levels
 from dwcp_lstm.metrics import ForecastMetrics, summarize
@@ -127,6 +127,16 @@ class DwcpForecaster(L.LightningModule):
         late_head_size: with ``body_steps`` below the horizon, the later steps also get a head of their own (one
             hidden layer of this width) on the LSTM's last output, detached so it does not train the body either:
             the later steps then read the state non-linearly. null = the output layer alone.
+        skip_cross: with ``linear_skip``, the skip also reads the products of each target's last value and window
+            mean with the last row's cyclic sines and cosines (``data.cyclic``) and with themselves, started at
+            ridge like the rest of the skip (see :class:`~dwcp_lstm.model.StackedLSTM`, ``cross``).
+        head_init: with ``linear_skip``, the scale of the head's output layer's first weights against PyTorch's
+            default: 0 starts the network exactly at the skip (ridge), but then no gradient reaches the LSTM until
+            the output layer has grown, and where ridge already explains most of the targets that can take longer
+            than early stopping waits (one seed of two never learnt jitter's first step); 1 starts it near ridge,
+            the LSTM learning from the first batch.
+        cyclic: calendar features (linked from ``data.cyclic``) that the network reads as the sine and cosine of
+            ``2 pi value / period`` (see :class:`~dwcp_lstm.model.CyclicEncoding`); null = none.
         loss: ``mse`` (the specified loss), ``huber`` or ``l1``, on scaled targets. MSE fits the conditional mean
             (best RMSE); L1 the median (best MAE); Huber is quadratic within ``huber_delta`` and linear beyond, so
             heavy-tailed errors (throughput bursts on real traces) pull less. See README "Real network traces".
@@ -150,8 +160,11 @@ class DwcpForecaster(L.LightningModule):
         head_sizes: tuple[int, ...] = (128, 64, 32),
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
         linear_skip: bool = False,
+        skip_cross: bool = False,
+        head_init: float = 0.0,
         body_steps: int | None = None,
         late_head_size: int | None = None,
+        cyclic: dict[str, float] | None = None,
         loss: str = "mse",
         huber_delta: float = 1.0,
         loss_weights: list[float] | None = None,
@@ -182,8 +195,18 @@ class DwcpForecaster(L.LightningModule):
         n_out = len(target_names) * horizon  # step-major: all targets of step 1, then of step 2, ...
         sizes = (lstm_sizes, head_sizes, head_dropouts)
         body = None if body_steps is None else body_steps * len(target_names)
+        if skip_cross and not linear_skip:
+            raise ConfigError("--model.skip_cross needs --model.linear_skip true (the products are inputs of the skip)")
+        if skip_cross and not set(target_names) <= set(feature_names):
+            raise ConfigError("--model.skip_cross needs every target among the features (it multiplies their levels)")
+        cross = tuple(list(feature_names).index(t) for t in target_names) if skip_cross else ()
+        if isinstance(head_init, bool) or not isinstance(head_init, int | float) or not 0 <= head_init < math.inf:
+            raise ConfigError(f"--model.head_init must be a number >= 0, got {head_init!r}")
+        if head_init and not linear_skip:
+            raise ConfigError("--model.head_init scales the head's start beside the skip: it needs --model.linear_skip")
         self.net = StackedLSTM(len(feature_names), n_out, *sizes, linear_skip=linear_skip, window=window_size,
-                               body_outputs=body, late_head_size=late_head_size)  # fmt: skip
+                               body_outputs=body, late_head_size=late_head_size, cross=cross, head_init=head_init,
+                               cyclic=check_cyclic(cyclic, feature_names, target_names))  # fmt: skip
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
@@ -235,7 +258,8 @@ class DwcpForecaster(L.LightningModule):
 
         ds, starts = dm.datasets["train"], dm.starts["train"]
         starts = starts[_even_subset(len(starts), 100_000)]
-        x = dm.windows(ds.x.numpy(), starts).astype(np.float64)  # [N, W, F], scaled
+        x = self.net.encode(torch.from_numpy(dm.windows(ds.x.numpy(), starts)))  # [N, W, F + C], scaled
+        x = self.net.skip_inputs(x).double().numpy()  # [N, skip inputs]
         y = ds.y.numpy()[starts + dm.window_size].astype(np.float64)  # [N, H * T], the network's own targets
         ridge = RidgeBaseline().fit(x, y).model
         self.net.skip.weight.copy_(torch.as_tensor(ridge.coef_.reshape(y.shape[1], -1)))
@@ -275,6 +299,9 @@ class DwcpForecaster(L.LightningModule):
         values = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
         for name, v in zip(("fmean", "fscale", "tmean", "tscale"), values, strict=True):
             getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
+        enc = self.net.encode
+        enc.mean.copy_(self.fmean[enc.index])
+        enc.scale.copy_(self.fscale[enc.index])
 
     def raw_forecaster(self) -> RawForecaster:
         """The network with its scalers baked in, for export and raw-unit inference."""

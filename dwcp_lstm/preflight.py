@@ -26,7 +26,7 @@ from dwcp_lstm.tables import atomic_path, atomic_write, first_line
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
 CONTRACT_HPARAMS = (
     "feature_names", "target_names", "window_size", "horizon", "target_mode", "lstm_sizes", "head_sizes",
-    "linear_skip", "late_head_size",
+    "linear_skip", "skip_cross", "late_head_size", "cyclic",
 )  # fmt: skip
 # Config keys a resumed run may change: how long and how verbosely it runs, where, and which extra callbacks it has.
 # Everything else (model, data, optimizer, seeds, early stopping, checkpointing) is restored from the checkpoint's

@@ -105,6 +105,8 @@ def horizon_run(tmp_path_factory):
     # a non-default model file name too: one fit serves both checks
     small = ["--model.lstm_sizes=[32,16]", "--model.head_sizes=[16]", "--model.head_dropouts=[]"]  # fast, same code
     small.append("--model.linear_skip=true")  # the real-trace recipe's skip through export, predictor and planner
+    small.append("--data.cyclic={time_of_day: 24, day_of_week: 7}")  # and the calendar's sine and cosine in the graph
+    small.append("--model.skip_cross=true")  # and the skip's products of levels and phase
     cli_main(fit_args(tmp, f"--data.horizon={H}", "--trainer.max_epochs=1", "--onnx.filename=net.onnx", *small))
     return run_dir_of(tmp)
 
@@ -120,6 +122,7 @@ def test_fit_exports_a_multi_step_graph_the_predictor_reads(horizon_run, small_c
     assert list(one) == p.all_columns and all(np.isfinite(list(one.values())))
     assert f"throughput_mbps_h{H}_hi95" in one and f"jitter_ms_mean{H}_lo80" in one  # per step, and the mean over k
     module = DwcpForecaster.load_from_checkpoint(horizon_run / "checkpoints" / "best.ckpt", weights_only=True).eval()
+    assert module.net.encode.index == [4, 5] and p.features == module.hparams.feature_names  # raw columns in
     x = link[p.features].to_numpy(np.float32)[-20:][None]
     with torch.no_grad():
         expected = module.raw_forecaster()(torch.from_numpy(x)).numpy().reshape(-1)

@@ -182,6 +182,8 @@ CONFIG_CASES = [
     ("negative-mape-floor", ["--model.mape_floor=-1"], "--model.mape_floor must be"),
     ("body-beyond-horizon", ["--data.horizon=3", "--model.body_steps=4"], "--model.body_steps must be null or an"),
     ("late-head-unsplit", ["--data.horizon=3", "--model.late_head_size=8"], "--model.late_head_size must be null"),
+    ("cyclic-target", ["--data.cyclic={rtt_ms: 10}"], "--data.cyclic: 'rtt_ms' is a target; only inputs can be"),
+    ("cross-without-skip", ["--model.skip_cross=true"], "--model.skip_cross needs --model.linear_skip true"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
 ]
 
