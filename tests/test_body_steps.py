@@ -102,8 +102,8 @@ def test_the_module_passes_whole_steps_to_the_network():
 
 
 def test_the_horizon_config_resolves_to_the_specified_body_with_the_split(capsys):
-    """``configs/horizon.yaml`` through the CLI: 12 steps, the first 3 train the specified LSTM body (sizes as the
-    default), the skip on, the head without dropout."""
+    """``configs/horizon.yaml`` through the CLI: 12 steps, step 1 trains the specified LSTM body (sizes as the
+    default), the skip with its products on, the head without dropout, the hour and weekday read as a phase."""
     import yaml
     from conftest import ROOT
 
@@ -116,6 +116,7 @@ def test_the_horizon_config_resolves_to_the_specified_body_with_the_split(capsys
     default = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     model = cfg["model"]
     assert cfg["data"]["horizon"] == 12  # linked into the model
-    assert (model["body_steps"], model["linear_skip"], model["head_dropouts"]) == (3, True, [0.0, 0.0])
-    assert model["late_head_size"] is None
+    assert (model["body_steps"], model["linear_skip"], model["head_dropouts"]) == (1, True, [0.0, 0.0])
+    assert (model["skip_cross"], model["head_init"], model["late_head_size"]) == (True, 1.0, None)
+    assert cfg["data"]["cyclic"] == {"time_of_day": 24, "day_of_week": 7}
     assert all(model[k] == default["model"][k] for k in ("lstm_sizes", "head_sizes"))
