@@ -75,9 +75,9 @@ class StackedLSTM(nn.Module):
             cosine of their phase (:class:`CyclicEncoding`); empty = every column as it comes.
         cross: input columns (of the raw feature list) whose last value and window mean the skip also reads as
             products: with each sine and cosine of the last row and with themselves (the "wide" part of Wide & Deep,
-            Cheng et al. 2016). A link's level times the coming hour's load factor is a product that a linear map
-            of the window cannot form and that the late steps, read linearly from a body trained on the first steps,
-            do not learn. Empty = the plain linear skip.
+            Cheng et al. 2016), and the size of every non-calendar input's last change. A link's level times the
+            coming hour's load factor is a product that a linear map of the window cannot form and that the late
+            steps, read linearly from a body trained on the first steps, do not learn. Empty = the plain skip.
     """
 
     def __init__(
@@ -126,7 +126,7 @@ class StackedLSTM(nn.Module):
         if cross and not linear_skip:
             raise ValueError("cross features are inputs of the linear skip: they need linear_skip")
         self.cross = [self.encode.keep.index(j) for j in cross]  # their columns after the encoding
-        n_cross = 2 * len(cross) * (2 * len(cyclic) + 1)
+        n_cross = 2 * len(cross) * (2 * len(cyclic) + 1) + len(self.encode.keep) if cross else 0
         self.skip = nn.Linear(window * self.encode.width + n_cross, n_targets) if linear_skip else None
         if linear_skip:
             with torch.no_grad():  # start as (or near) the linear map: the LSTM adds to it only what it learns
@@ -157,14 +157,18 @@ class StackedLSTM(nn.Module):
     def skip_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What the linear skip reads from an encoded window [B, W, F + C]: the flattened window, then the cross
         products (see ``cross``): levels = last values and window means of the cross columns [B, 2K], times the
-        last row's sines and cosines [B, 2C], then the levels squared."""
+        last row's sines and cosines [B, 2C], then the levels squared, then the size of the last change of every
+        non-calendar input (a jitter measure reads |change|: RFC 3550's interarrival jitter is a running mean of it;
+        the next jitter here moves with the queue's last |change|, which no linear map of the window gives)."""
         flat = x.flatten(1)  # [B, W * (F + C)]
         if not self.cross:
             return flat
         levels = torch.cat([x[:, -1, self.cross], x[:, :, self.cross].mean(1)], dim=1)  # [B, 2K]
         phase = x[:, -1, len(self.encode.keep) :]  # [B, 2C]: the sines, then the cosines
         products = (levels[:, :, None] * phase[:, None, :]).flatten(1)  # [B, 2K * 2C]
-        return torch.cat([flat, products, levels * levels], dim=1)
+        keep = len(self.encode.keep)
+        moved = (x[:, -1, :keep] - x[:, -2, :keep]).abs()  # [B, F - C]: |last change| of each non-calendar input
+        return torch.cat([flat, products, levels * levels, moved], dim=1)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -128,8 +128,9 @@ class DwcpForecaster(L.LightningModule):
             hidden layer of this width) on the LSTM's last output, detached so it does not train the body either:
             the later steps then read the state non-linearly. null = the output layer alone.
         skip_cross: with ``linear_skip``, the skip also reads the products of each target's last value and window
-            mean with the last row's cyclic sines and cosines (``data.cyclic``) and with themselves, started at
-            ridge like the rest of the skip (see :class:`~dwcp_lstm.model.StackedLSTM`, ``cross``).
+            mean with the last row's cyclic sines and cosines (``data.cyclic``) and with themselves, and the size
+            of every other input's last change, started at ridge like the rest of the skip (see
+            :class:`~dwcp_lstm.model.StackedLSTM`, ``cross``).
         head_init: with ``linear_skip``, the scale of the head's output layer's first weights against PyTorch's
             default: 0 starts the network exactly at the skip (ridge), but then no gradient reaches the LSTM until
             the output layer has grown, and where ridge already explains most of the targets that can take longer

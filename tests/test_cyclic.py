@@ -62,15 +62,17 @@ def test_the_model_takes_the_columns_scalers_from_the_data(dm):
     torch.testing.assert_close(enc.omega, torch.tensor([2 * np.pi / 24, 2 * np.pi / 7]))
 
 
-def test_the_cross_products_are_levels_times_phase_and_squares():
+def test_the_cross_inputs_are_levels_times_phase_squares_and_the_last_changes():
     net = StackedLSTM(cyclic=((4, 24.0), (5, 7.0)), linear_skip=True, window=20, cross=(0, 1, 2, 3))
-    assert net.skip.in_features == 20 * 11 + 8 * 4 + 8
+    assert net.skip.in_features == 20 * 11 + 8 * 4 + 8 + 7
     x = torch.randn(3, 20, 11)  # encoded: 7 kept columns (targets first), 2 sines, 2 cosines
     got = net.skip_inputs(x).numpy()
     xn = x.numpy()
     levels = np.hstack([xn[:, -1, :4], xn[:, :, :4].mean(1)])  # [3, 8]
     phase = xn[:, -1, 7:]  # [3, 4]
-    expected = np.hstack([xn.reshape(3, -1), (levels[:, :, None] * phase[:, None, :]).reshape(3, -1), levels**2])
+    moved = np.abs(xn[:, -1, :7] - xn[:, -2, :7])  # the size of each non-calendar input's last change
+    products = (levels[:, :, None] * phase[:, None, :]).reshape(3, -1)
+    expected = np.hstack([xn.reshape(3, -1), products, levels**2, moved])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="need linear_skip"):
         StackedLSTM(cross=(0,))
@@ -90,7 +92,7 @@ def test_baselines_and_the_skip_see_the_encoded_windows(dm, cross):
     module.init_skip_from_ridge(dm)
     y = dm.datasets["train"].y.numpy()[starts + dm.window_size].astype(np.float64)
     inputs = module.net.skip_inputs(torch.from_numpy(x)).double().numpy()
-    assert inputs.shape[1] == x[0].size + (40 if cross else 0)
+    assert inputs.shape[1] == x[0].size + (47 if cross else 0)
     ridge = RidgeBaseline().fit(inputs, y)
     with torch.no_grad():
         got = module.eval()(torch.from_numpy(dm.windows(dm.datasets["train"].x.numpy(), starts))).numpy()
