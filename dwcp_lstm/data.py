@@ -475,9 +475,7 @@ class DwcpDataModule(L.LightningDataModule):
         """The network's input encoding of this data's cyclic columns, with this data's scalers (for the baselines:
         they see exactly what the network sees)."""
         enc = CyclicEncoding(self.n_features, tuple(j for j, _ in self.cyclic), tuple(p for _, p in self.cyclic))
-        idx = enc.index
-        enc.mean.copy_(torch.as_tensor(self.feature_scaler.mean_[idx], dtype=torch.float32))
-        enc.scale.copy_(torch.as_tensor(self.feature_scaler.scale_[idx], dtype=torch.float32))
+        enc.use_scaler(self.feature_scaler.mean_, self.feature_scaler.scale_)
         return enc
 
     def windows(self, values: np.ndarray, starts: np.ndarray) -> np.ndarray:

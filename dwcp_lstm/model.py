@@ -35,6 +35,12 @@ class CyclicEncoding(nn.Module):
     def width(self) -> int:
         return len(self.keep) + 2 * len(self.index)
 
+    @torch.no_grad()
+    def use_scaler(self, mean, scale) -> None:
+        """Take the cyclic columns' train-fit statistics from the whole feature scaler's ``mean`` / ``scale`` [F]."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32)[self.index])
+        self.scale.copy_(torch.as_tensor(scale, dtype=torch.float32)[self.index])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.index:
             return x

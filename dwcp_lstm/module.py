@@ -300,9 +300,7 @@ class DwcpForecaster(L.LightningModule):
         values = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)
         for name, v in zip(("fmean", "fscale", "tmean", "tscale"), values, strict=True):
             getattr(self, name).copy_(torch.as_tensor(v, dtype=torch.float32))
-        enc = self.net.encode
-        enc.mean.copy_(self.fmean[enc.index])
-        enc.scale.copy_(self.fscale[enc.index])
+        self.net.encode.use_scaler(self.fmean, self.fscale)
 
     def raw_forecaster(self) -> RawForecaster:
         """The network with its scalers baked in, for export and raw-unit inference."""
