@@ -474,7 +474,7 @@ class DwcpDataModule(L.LightningDataModule):
     def encoder(self) -> CyclicEncoding:
         """The network's input encoding of this data's cyclic columns, with this data's scalers (for the baselines:
         they see exactly what the network sees)."""
-        enc = CyclicEncoding(self.n_features, tuple(j for j, _ in self.cyclic), tuple(p for _, p in self.cyclic))
+        enc = CyclicEncoding(self.n_features, self.cyclic)
         enc.use_scaler(self.feature_scaler.mean_, self.feature_scaler.scale_)
         return enc
 

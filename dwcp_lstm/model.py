@@ -17,19 +17,20 @@ class CyclicEncoding(nn.Module):
     order, then the sines, then the cosines. Inside the network, so the exported graph still takes the raw column.
 
     Args:
-        index: input column of each cyclic feature.
-        period: its period in its own unit (24 for an hour of the day, 7 for a weekday).
+        n_features: input width F.
+        cyclic: ``(column, period)`` per cyclic feature, the period in the column's own unit (24 for an hour of the
+            day, 7 for a weekday), as :func:`dwcp_lstm.data.check_cyclic` returns them.
     """
 
-    def __init__(self, n_features: int, index: tuple[int, ...] = (), period: tuple[float, ...] = ()) -> None:
+    def __init__(self, n_features: int, cyclic: tuple[tuple[int, float], ...] = ()) -> None:
         super().__init__()
-        self.index = list(index)
-        self.keep = [j for j in range(n_features) if j not in set(index)]
-        keep = bool(index)  # only then in the state dict: checkpoints without cyclic columns keep their keys
-        omega = torch.tensor([2 * math.pi / p for p in period], dtype=torch.float32)
+        self.index = [j for j, _ in cyclic]
+        self.keep = [j for j in range(n_features) if j not in set(self.index)]
+        keep = bool(cyclic)  # only then in the state dict: checkpoints without cyclic columns keep their keys
+        omega = torch.tensor([2 * math.pi / p for _, p in cyclic], dtype=torch.float32)
         self.register_buffer("omega", omega, persistent=keep)
-        self.register_buffer("mean", torch.zeros(len(index)), persistent=keep)  # the columns' scalers: set with
-        self.register_buffer("scale", torch.ones(len(index)), persistent=keep)  # the model's (set_scalers)
+        self.register_buffer("mean", torch.zeros(len(cyclic)), persistent=keep)  # the columns' scalers: set with
+        self.register_buffer("scale", torch.ones(len(cyclic)), persistent=keep)  # the model's (set_scalers)
 
     @property
     def width(self) -> int:
@@ -104,7 +105,7 @@ class StackedLSTM(nn.Module):
         super().__init__()
         if len(head_dropouts) != max(len(head_sizes) - 1, 0):
             raise ValueError(f"head_dropouts needs {max(len(head_sizes) - 1, 0)} entries, got {len(head_dropouts)}")
-        self.encode = CyclicEncoding(n_features, tuple(j for j, _ in cyclic), tuple(p for _, p in cyclic))
+        self.encode = CyclicEncoding(n_features, cyclic)
         sizes = (self.encode.width, *lstm_sizes)
         self.lstms = nn.ModuleList(nn.LSTM(i, o, batch_first=True) for i, o in zip(sizes[:-1], sizes[1:], strict=True))
         self.norms = nn.ModuleList(SequenceBatchNorm(o) for o in lstm_sizes[:-1])
@@ -169,10 +170,10 @@ class StackedLSTM(nn.Module):
         flat = x.flatten(1)  # [B, W * (F + C)]
         if not self.cross:
             return flat
+        keep = len(self.encode.keep)  # the non-calendar columns come first, then the sines, then the cosines
         levels = torch.cat([x[:, -1, self.cross], x[:, :, self.cross].mean(1)], dim=1)  # [B, 2K]
-        phase = x[:, -1, len(self.encode.keep) :]  # [B, 2C]: the sines, then the cosines
+        phase = x[:, -1, keep:]  # [B, 2C]
         products = (levels[:, :, None] * phase[:, None, :]).flatten(1)  # [B, 2K * 2C]
-        keep = len(self.encode.keep)
         moved = (x[:, -1, :keep] - x[:, -2, :keep]).abs()  # [B, F - C]: |last change| of each non-calendar input
         return torch.cat([flat, products, levels * levels, moved], dim=1)
 

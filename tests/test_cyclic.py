@@ -29,7 +29,7 @@ def dm(small_csv) -> DwcpDataModule:
 
 def test_the_encoding_is_the_phase_of_the_raw_value():
     """Scaled in, the raw value's sine and cosine out: 23:00 and 00:00 end up next to each other, 12:00 opposite."""
-    enc = CyclicEncoding(3, index=(1,), period=(24.0,))
+    enc = CyclicEncoding(3, ((1, 24.0),))
     enc.mean.fill_(11.5)
     enc.scale.fill_(6.9)
     hours = np.array([23.0, 0.0, 12.0])
