@@ -94,6 +94,7 @@ def _lightning_cli_class():
 
             from dwcp_lstm.runtime import resolve_threads, usable_cores
 
+            preflight.check_factories(self.config[self.subcommand].get("model") or {})  # before any is called
             threads, source = resolve_threads(self.config[self.subcommand].get("threads"))
             if threads < 1:
                 raise _data_error(f"--threads must be >= 1, got {threads}")

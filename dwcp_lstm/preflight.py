@@ -106,6 +106,45 @@ def _plain(v: Any) -> Any:
     return list(v) if isinstance(v, list | tuple) else v
 
 
+def _named_object(value: Any) -> tuple[str, Any]:
+    """``(name, object)`` of a config value naming a callable: a ``class_path`` namespace or dict, a dotted string,
+    or the object itself. Only resolves the name (its module was already imported when the config was parsed)."""
+    import importlib
+
+    if isinstance(value, str):
+        name = value
+    elif getattr(value, "class_path", None) is not None or isinstance(value, dict):
+        name = value["class_path"] if isinstance(value, dict) else value.class_path
+    else:
+        return getattr(value, "__qualname__", repr(value)), value
+    module, _, attr = str(name).rpartition(".")
+    try:
+        return name, getattr(importlib.import_module(module), attr) if module else None
+    except (ImportError, AttributeError, ValueError):
+        return name, None
+
+
+def check_factories(model_config: Any) -> None:
+    """``model.optimizer`` names a torch optimizer class and ``model.scheduler`` a learning-rate scheduler class, and
+    nothing else. Both are typed as callables, for which jsonargparse accepts any importable function and, when the
+    model is built, calls it with the config's ``init_args``: ``class_path: os.system`` in a config file would run a
+    shell command. Checked on the parsed config, before anything is instantiated."""
+    get = model_config.get if hasattr(model_config, "get") else lambda k, d=None: getattr(model_config, k, d)
+    sched = torch.optim.lr_scheduler
+    kinds = (
+        ("optimizer", (torch.optim.Optimizer,), "a torch.optim optimizer class (torch.optim.Adam, AdamW, ...)"),
+        ("scheduler", (sched.LRScheduler, sched.ReduceLROnPlateau),
+         "a torch.optim.lr_scheduler class (ReduceLROnPlateau, CosineAnnealingLR, ...) or null"),
+    )  # fmt: skip
+    for key, bases, what in kinds:
+        value = get(key, None)
+        if value is None:
+            continue
+        name, obj = _named_object(value)
+        if not (isinstance(obj, type) and issubclass(obj, bases)):
+            raise ConfigError(f"--model.{key}: {name} is not {what}; refusing to call it")
+
+
 def check_optimizer(model) -> None:
     """Build the optimizer and scheduler once on the model's parameters: torch checks their arguments (a negative
     learning rate, betas outside [0, 1), a ReduceLROnPlateau factor >= 1) when they are constructed."""

@@ -15,6 +15,7 @@ import yaml
 from conftest import fit_args
 
 from dwcp_lstm.cli import cli_main
+from dwcp_lstm.errors import ConfigError
 
 LIGHTNING = ("fit", "validate", "test", "predict")
 
@@ -193,6 +194,37 @@ def test_bad_settings_are_refused_before_training(tmp_path, capsys, case, flags,
     err = run_cli(fit_args(tmp_path, *flags), capsys)
     assert expected in err, err
     assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints"))
+
+
+@pytest.mark.parametrize(
+    ("key", "class_path", "arg"),
+    [("optimizer", "os.system", "command"), ("scheduler", "os.system", "command"),
+     ("optimizer", "builtins.eval", "source"), ("optimizer", "subprocess.call", "args")],
+)  # fmt: skip
+def test_a_config_cannot_make_the_optimizer_or_scheduler_call_a_function(tmp_path, capsys, key, class_path, arg):
+    """Both are typed as callables, so jsonargparse would build them from any importable function and call it with
+    the config's init_args: the class must be a torch optimizer / scheduler, checked before anything is called."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w')" if class_path == "builtins.eval" else f"touch {marker}"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(yaml.safe_dump({"model": {key: {"class_path": class_path, "init_args": {arg: code}}}}))
+    err = run_cli([*fit_args(tmp_path), "--config", str(evil)], capsys)
+    assert f"--model.{key}: {class_path} is not a torch.optim" in err and "refusing to call it" in err, err
+    assert not marker.exists()
+
+
+def test_optimizer_and_scheduler_classes_pass_the_check():
+    from jsonargparse import Namespace
+
+    from dwcp_lstm.preflight import check_factories
+
+    check_factories({"optimizer": torch.optim.Adam, "scheduler": None})  # the defaults, as objects
+    check_factories(Namespace(optimizer=Namespace(class_path="torch.optim.AdamW", init_args=Namespace(lr=1e-3)),
+                              scheduler={"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau"}))  # fmt: skip
+    check_factories({"optimizer": "torch.optim.SGD", "scheduler": "torch.optim.lr_scheduler.CosineAnnealingLR"})
+    for bad in ("torch.optim.lr_scheduler.StepLR", "no_such_module.Thing", "torch.nn.Linear", len):
+        with pytest.raises(ConfigError, match="--model.optimizer: .* is not a torch.optim optimizer class"):
+            check_factories({"optimizer": bad})
 
 
 def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):
