@@ -259,7 +259,7 @@ def bench_plan(model_path: Path, work: Path, links: int, threads: int | None, re
     path = work / "plan_telemetry.csv"
     synthetic.write_frame(synthetic.generate(samples=rows, links=links), path)
     series, time_col = predictor.metadata["series"]["columns"], predictor.metadata["series"]["time_column"]
-    columns = list(dict.fromkeys([*series, time_col, *predictor.features]))
+    columns = list(dict.fromkeys([*series, time_col, *predictor.file_features]))
 
     def once() -> int:
         df = read_table(path, columns, text_columns=series)
@@ -462,15 +462,18 @@ def run_bench(
     import onnxruntime as ort
     import torch
 
+    from dwcp_lstm import synthetic
+    from dwcp_lstm.runtime import MAX_THREADS
+
     s = dict(QUICK if quick else FULL)
     if rows is not None:
-        if rows < 1000:
-            raise ConfigError(f"bench: --rows must be >= 1000, got {rows}")
+        if not 1000 <= rows <= synthetic.MAX_SAMPLES:
+            raise ConfigError(f"bench: --rows must be from 1000 to {synthetic.MAX_SAMPLES:,}, got {rows:,}")
         s["rows"] = rows
     if threads is None and quick:
         threads = 1  # a smoke test must not depend on how busy the machine's cores are
-    if threads is not None and threads < 1:
-        raise ConfigError(f"bench: --threads must be >= 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"bench: --threads must be from 1 to {MAX_THREADS}, got {threads}")
     load = os.getloadavg()
     t0 = time.perf_counter()
     default_threads = torch.get_num_threads()

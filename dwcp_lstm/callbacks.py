@@ -84,6 +84,24 @@ def best_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Lightning
     return module.cpu().eval()
 
 
+def max_opset() -> int:
+    """The newest ONNX opset this torch's exporter writes (torch 2.13: 23); a larger one fails only at export."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET  # private, so with a fallback
+
+        return int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):  # pragma: no cover (another torch)
+        return 23
+
+
+def check_opset(opset, flag: str) -> int:
+    """An opset from 17 (the graph's operators need it) to :func:`max_opset`, refused before any training."""
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= top:
+        raise ConfigError(f"{flag} must be an integer from 17 to {top} (the newest this torch exports), got {opset!r}")
+    return opset
+
+
 def export_onnx(module, path: str | Path, window: int, opset: int = 17, calibration=None) -> None:
     """Export raw-in/raw-out (scalers baked in), batch axis dynamic, window fixed, to ``path`` atomically; with a
     ``calibration`` (:mod:`dwcp_lstm.intervals`) the graph also returns the interval bounds (``interval_outputs``).
@@ -195,14 +213,13 @@ class OnnxExport(L.Callback):
     the test windows, and write ``model_metadata.json``.
 
     Args:
-        opset: ONNX opset (>= 17).
+        opset: ONNX opset, 17 to the newest this torch exports (23 with torch 2.13).
         filename: file name inside the run directory.
         parity_windows: test windows used for the parity check (null = all).
     """
 
     def __init__(self, opset: int = 17, filename: str = "model.onnx", parity_windows: int | None = 2048) -> None:
-        if isinstance(opset, bool) or not isinstance(opset, int) or opset < 17:
-            raise ConfigError(f"--onnx.opset must be an integer >= 17, got {opset!r}")
+        check_opset(opset, "--onnx.opset")
         # a plain file name: "../x.onnx" would write outside the run directory, and the predictor finds the model
         # beside its metadata
         if Path(filename).name != filename or not filename.endswith(".onnx") or filename.startswith("."):
@@ -262,7 +279,8 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         features=[{"name": c, "unit": unit_of(c)} for c in dm.features],
         targets=[{"name": c, "unit": unit_of(c)} for c in dm.targets],
         target_mode=dm.target_mode,
-        series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap)},
+        series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap),
+                **({"clock": dict(dm.clock), "start_format": dm.series_start} if dm.clock else {})},  # fmt: skip
         external_data=external_data_hashes(onnx_path),
         horizon=dm.horizon,
         interval_levels=list(calibration.levels) if calibration is not None else None,

@@ -92,12 +92,12 @@ def _lightning_cli_class():
         def before_instantiate_classes(self) -> None:
             import torch
 
-            from dwcp_lstm.runtime import resolve_threads, usable_cores
+            from dwcp_lstm.runtime import MAX_THREADS, resolve_threads, usable_cores
 
             preflight.check_factories(self.config[self.subcommand].get("model") or {})  # before any is called
             threads, source = resolve_threads(self.config[self.subcommand].get("threads"))
-            if threads < 1:
-                raise _data_error(f"--threads must be >= 1, got {threads}")
+            if not 1 <= threads <= MAX_THREADS:
+                raise _data_error(f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
             torch.set_num_threads(threads)
             print(f"Using {threads} CPU thread(s) of {usable_cores()} usable cores ({source})", file=sys.stderr)
 
@@ -326,8 +326,10 @@ def cmd_generate(argv: list[str]) -> None:
     if a.card:
         print(synthetic.card_markdown(a.samples, a.seed))
         return
-    if a.oracle_steps < 1:
-        raise _data_error(f"--oracle-steps must be >= 1, got {a.oracle_steps}")
+    if not 1 <= a.oracle_steps <= 288:  # the Monte Carlo's time grows with rows x steps; a day at 5 minutes is plenty
+        raise _data_error(f"--oracle-steps must be from 1 to 288, got {a.oracle_steps}")
+    if not 0 <= a.noise <= 0.1:  # beyond ~0.2 the noise drives throughput, RTT or jitter below zero: unreadable data
+        raise _data_error(f"--noise must be from 0 to 0.1 (relative), got {a.noise}")
     out = Path(a.output)
     try:
         df, oracle = synthetic.generate_with_oracle(
@@ -364,15 +366,14 @@ def cmd_report(argv: list[str]) -> None:
 def cmd_export(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
-    from dwcp_lstm.callbacks import export_run
+    from dwcp_lstm.callbacks import check_opset, export_run
     from dwcp_lstm.runs import load_run
 
     p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0])
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 to the newest this torch exports)")
     a = parse_flags(p, argv)
-    if a.opset < 17:
-        raise _data_error(f"--opset must be >= 17, got {a.opset}")
+    check_opset(a.opset, "--opset")
     module, dm, ckpt = load_run(a.run)
     meta = export_run(module, dm, Path(a.run), a.opset)
     parity = meta["parity"]["max_rel_diff"]

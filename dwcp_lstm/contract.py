@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from dwcp_lstm.errors import ModelFileError
-from dwcp_lstm.tables import atomic_write, first_line, sha256_of, short_repr
+from dwcp_lstm.errors import ConfigError, ModelFileError
+from dwcp_lstm.tables import atomic_write, check_clock, first_line, sha256_of, short_repr
 
 MODEL_NAME = "model.onnx"
 METADATA_NAME = "model_metadata.json"
@@ -142,6 +142,12 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
     max_gap = need("max_gap", (int, float), series, "series.")
     if not math.isfinite(max_gap):
         raise ModelFileError(f"{path}: key 'series.max_gap' must be a finite number, got {max_gap}")
+    if "clock" in series or "start_format" in series:  # wall-clock inputs (tables.add_clock), optional
+        try:
+            check_clock(series.get("clock"), series.get("start_format"), names["features"], names["targets"],
+                        columns, where="key series.")  # fmt: skip
+        except ConfigError as exc:
+            raise ModelFileError(f"{path}: {exc}") from None
     external = need("external_data", dict)
     for location, digest in external.items():
         if not location or not isinstance(digest, str) or not _SHA256.fullmatch(digest):

@@ -29,6 +29,8 @@ from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
     ConfigError,
     DataError,
+    add_clock,
+    check_clock,
     check_numeric,
     fill_missing,
     log,
@@ -161,6 +163,8 @@ class DwcpDataModule(L.LightningDataModule):
         synthetic: SyntheticSpec = SyntheticSpec(),  # noqa: B008 (frozen, so sharing the default is safe)
         data_dir: str = "data",
         cyclic: dict[str, float] | None = None,
+        clock: dict[str, float] | None = None,
+        series_start: str | None = None,
     ) -> None:
         """
         Args:
@@ -190,6 +194,13 @@ class DwcpDataModule(L.LightningDataModule):
                 (and the report's ridge and boosted trees, which see the same inputs) read each as the sine and
                 cosine of ``2 pi value / period``, so that 23:00 lies next to 00:00. The conversion is part of the
                 network, so the exported model still takes the raw column. Linked to ``model.cyclic``.
+            clock: wall-clock inputs, e.g. ``{beat_s: 15}``: a new column holding the row's wall-clock time in
+                seconds modulo the period, derived from the time column (and ``series_start``) here and, the same
+                way, by ``forecast`` and ``plan``, whose input needs only the file's own columns. List it among the
+                features, and in ``cyclic`` with the same period to read it as a phase.
+            series_start: strptime format of the series column when each series id is its start time and the time
+                column counts seconds from it, e.g. ``'%Y-%m-%d-%H-%M-%S'`` (one series column); null: the time
+                column is the wall-clock time (Unix seconds). Used by ``clock`` only.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -198,6 +209,8 @@ class DwcpDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
         _check_series_config(series_columns, time_column, duplicates, max_gap)
         self.cyclic = check_cyclic(cyclic, features, targets)
+        self.clock = check_clock(clock, series_start, features, targets, series_columns)
+        self.series_start = series_start
         self.data_path, self.window_size, self.batch_size = data_path, window_size, batch_size
         self.horizon = horizon
         self.split, self.features, self.targets = tuple(split), list(features), list(targets)
@@ -295,8 +308,10 @@ class DwcpDataModule(L.LightningDataModule):
         path = self.path
         numeric = list(dict.fromkeys([*self.features, *self.targets]))
         keys = [*self.series_columns, self.time_column]
-        df = read_table(path, list(dict.fromkeys([*keys, *numeric])), text_columns=self.series_columns)
+        in_file = [c for c in dict.fromkeys([*keys, *numeric]) if c not in self.clock]  # clock columns: derived
+        df = read_table(path, in_file, text_columns=self.series_columns)
         check_numeric(df, [self.time_column], path)
+        df = add_clock(df, self.clock, self.series_start, self.series_columns, self.time_column, path)
         check_numeric(df, numeric, path, allow_nan=self.fill_missing)
         df = order_series(df, self.series_columns, self.time_column, path, self.duplicates)
         if self.fill_missing:

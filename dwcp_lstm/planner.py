@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwcp_lstm import online as O
-from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.errors import ConfigError, DataError
 from dwcp_lstm.intervals import volatility
 
 MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
@@ -280,6 +280,20 @@ def throughput_target(targets: list[str], units: dict[str, str], name: str | Non
     return rates[0]
 
 
+MIN_STEP_S = 1e-3  # a cadence below a millisecond is a time column in other units (or no cadence at all)
+
+
+def check_cadence(step: np.ndarray, ok: np.ndarray, df, series: list[str], path) -> None:
+    """Each planned link's detected cadence is at least :data:`MIN_STEP_S` seconds: times are read as seconds, and a
+    transfer time divided by a vanishing step overflows the step index."""
+    small = np.flatnonzero(~(step >= MIN_STEP_S))
+    if len(small):
+        i = int(small[0])
+        link = "/".join(str(df[c].iloc[ok[i, 0]]) for c in series) or "the series"
+        raise DataError(f"{path}: link {link}: cadence {step[i]:g} s; the planner reads the time column as seconds "
+                        f"and needs a cadence >= {MIN_STEP_S:g} s (or --step-seconds)")  # fmt: skip
+
+
 def plan_table(
     predictor, df, series: list[str], time: str, path, m: Migration, confidence: float,
     throughput: str | None = None, step_seconds: float | None = None, duplicates: str = "error",
@@ -303,9 +317,10 @@ def plan_table(
     tp = throughput_target(predictor.targets, predictor.units, throughput)
     if online and tp not in predictor.features:
         raise ConfigError(f"{predictor.model_path}: --online needs the realised {tp} among the model's inputs")
-    if step_seconds is not None and not (np.isfinite(step_seconds) and step_seconds > 0):
-        raise ConfigError(f"--step-seconds must be a number > 0, got {step_seconds}")
+    if step_seconds is not None and not (np.isfinite(step_seconds) and step_seconds >= MIN_STEP_S):
+        raise ConfigError(f"--step-seconds must be a number of seconds >= {MIN_STEP_S:g}, got {step_seconds}")
     w, h = predictor.window, predictor.horizon
+    df = predictor.with_clock(df, series, time, path)
     check_numeric(df, [time, *predictor.features], path)
     df = order_series(df, series, time, path, duplicates)
     bounds = segment_bounds(df, series, time, 1, max_gap, path)  # every segment; the latest of each link is used
@@ -323,6 +338,7 @@ def plan_table(
     beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
     if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
         step = np.array([np.median(np.diff(t[a:b])) for a, b in ok])
+        check_cadence(step, ok, df, series, path)
     else:
         step = np.full(len(ok), float(step_seconds))
     if online:  # the margin each link's own history earned (plan_online)
@@ -417,6 +433,9 @@ def plan_online(
         if b - a < w or keys[a] not in planned:
             continue
         step = float(step_seconds) if step_seconds is not None else float(np.median(np.diff(t[a:b])))
+        if step < MIN_STEP_S:
+            raise DataError(f"{source}: a link's cadence is {step:g} s; the planner needs the time column in seconds "
+                            f"(a cadence >= {MIN_STEP_S:g} s) or --step-seconds")  # fmt: skip
         views = np.lib.stride_tricks.sliding_window_view(x[a:b], w, axis=0)  # [n, F, W], no copy
         rows = np.arange(a + w - 1, b)  # each window's last row
         for i in range(0, len(views), CHUNK):
@@ -605,7 +624,7 @@ def cmd_plan(argv: list[str]) -> None:
     time = a.time_column or trained["time_column"]
     if len(set(series)) != len(series) or time in series:
         raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
-    df = read_table(a.input, list(dict.fromkeys([*series, time, *predictor.features])), text_columns=series)
+    df = read_table(a.input, list(dict.fromkeys([*series, time, *predictor.file_features])), text_columns=series)
     out, facts = plan_table(predictor, df, series, time, a.input, migration, a.confidence, a.throughput,
                             a.step_seconds, a.duplicates, float(trained["max_gap"]), a.online)  # fmt: skip
     if a.json:

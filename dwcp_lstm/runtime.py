@@ -22,6 +22,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+MAX_THREADS = 1024  # more is a typo; onnxruntime's options overflow a 32-bit int and torch stalls
+
+
 def default_threads() -> int:
     """Half the usable cores, at least 1 and at most :data:`MAX_DEFAULT_THREADS`."""
     return max(1, min(MAX_DEFAULT_THREADS, usable_cores() // 2))

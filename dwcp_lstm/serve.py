@@ -33,7 +33,7 @@ from dwcp_lstm.contract import (
     parse_embedded,
 )
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
-from dwcp_lstm.tables import check_numeric, order_series, read_table, segment_bounds, write_frame
+from dwcp_lstm.tables import add_clock, check_numeric, order_series, read_table, segment_bounds, write_frame
 
 CHUNK = 4096  # windows per session.run: bounds the [B, W, F] copy on long rolling series
 # onnxruntime resolves external data of a graph given as bytes against this folder (else the working directory)
@@ -59,8 +59,9 @@ class Predictor:
     ) -> None:
         self.model_path = Path(model_path)
         self.metadata_path = Path(metadata_path) if metadata_path else self.model_path.with_name(METADATA_NAME)
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 0):
-            raise ConfigError(f"threads must be an integer >= 0 (0: onnxruntime's default), got {threads!r}")
+        bad_type = not isinstance(threads, int) or isinstance(threads, bool)
+        if threads is not None and (bad_type or not 0 <= threads <= 1024):  # more overflows onnxruntime's int32
+            raise ConfigError(f"threads must be an integer from 0 to 1024 (0: onnxruntime's default), got {threads!r}")
         if not self.model_path.is_file():
             raise ModelFileError(f"{self.model_path}: file not found")
         self.metadata = load_metadata(self.metadata_path)
@@ -80,6 +81,10 @@ class Predictor:
         check_external_data(self.metadata["external_data"], folder, self.metadata_path)
         self.window: int = self.metadata["window_size"]
         self.features: list[str] = [c["name"] for c in self.metadata["features"]]
+        series = self.metadata["series"]
+        self.clock: dict[str, float] = dict(series.get("clock") or {})  # wall-clock inputs, derived (add_clock)
+        self.series_start: str | None = series.get("start_format")
+        self.file_features: list[str] = [c for c in self.features if c not in self.clock]  # what an input file holds
         self.targets: list[str] = [c["name"] for c in self.metadata["targets"]]
         self.horizon: int = horizon_of(self.metadata)
         # output columns: the targets for a one-step model, else <target>_h1 .. <target>_hH (step-major)
@@ -123,6 +128,14 @@ class Predictor:
         if not run_dir.is_dir():
             raise ModelFileError(f"{run_dir}: run directory not found")
         return cls(model_path_of(run_dir), run_dir / METADATA_NAME, threads)
+
+    def with_clock(self, df: pd.DataFrame, series: Sequence[str], time: str, source: str | Path) -> pd.DataFrame:
+        """``df`` with the model's wall-clock inputs added (:func:`~dwcp_lstm.tables.add_clock`), as training
+        derived them; unchanged for a model without any."""
+        if self.clock and self.series_start is not None and len(series) != 1:
+            raise ConfigError(f"{source}: the model reads each series' start time from one series column; got "
+                              f"--series-columns {list(series)}")  # fmt: skip
+        return add_clock(df, self.clock, self.series_start, series, time, source)
 
     def _bound_columns(self) -> list[str]:
         """``<column>_lo80`` / ``_hi80`` per level for every forecast column, then (multi-step)
@@ -334,6 +347,7 @@ def forecast_table(
     segment with fewer than ``window`` rows is skipped with a warning.
     """
     w = predictor.window
+    df = predictor.with_clock(df, series, time, path)
     check_numeric(df, [time, *predictor.features], path)  # rows named in file order, before sorting
     df = order_series(df, series, time, path, duplicates)
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
@@ -463,19 +477,22 @@ def cmd_forecast(argv: list[str]) -> None:
     time = a.time_column or trained["time_column"]
     if len(set(series)) != len(series) or time in series:
         raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
-    columns = list(dict.fromkeys([*series, time, *predictor.features]))
+    columns = list(dict.fromkeys([*series, time, *predictor.file_features]))
     df = read_table(a.input, columns, text_columns=series)
     out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]),
                          a.online)  # fmt: skip
 
     units = ", ".join(f"{t} [{u}]" for t, u in predictor.units.items())
     n_links = out.groupby(series, observed=True).ngroups if series else 1
+    csv_out = out
+    if pd.api.types.is_float_dtype(out[time]):  # the 7 digits below are for forecasts, not keys: 1762134000.25 stays
+        csv_out = out.assign(**{time: [repr(float(v)) for v in out[time]]})
     what = f"{len(out)} forecasts ({'every window' if a.rolling else 'next step'}) for {n_links} links"
     if output is None:
-        sys.stdout.write(out.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
+        sys.stdout.write(csv_out.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
         print(f"{what}; units: {units}", file=sys.stderr)  # stdout stays pure CSV
     else:
-        write_frame(out, output, float_format="%.7g")  # float32 has ~7 digits
+        write_frame(out if output.suffix.lower() == ".parquet" else csv_out, output, float_format="%.7g")  # float32: ~7
         print(f"wrote {what} -> {output}; units: {units}")
 
 

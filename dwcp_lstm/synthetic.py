@@ -111,6 +111,9 @@ LINK_TYPES = (
 REGIONS = ("us-east-1", "us-west-2", "eu-west-1", "eu-central-1", "ap-southeast-1")
 
 
+MAX_SAMPLES = 50_000_000  # 10 GB as a DataFrame; docs/scaling_out.md trains on 10M rows
+
+
 def generate(
     samples: int = 15_000,
     seed: int = 42,
@@ -149,8 +152,8 @@ def generate_with_oracle(
     whose row + k lies beyond its link's end is NaN. The data frame is the same for every ``oracle_steps``: the
     Monte Carlo has its own generator, seeded by ``[seed, 1]``.
     """
-    if samples < 2:
-        raise ValueError(f"--samples must be >= 2, got {samples}")
+    if not 2 <= samples <= MAX_SAMPLES:  # beyond, the frame alone outgrows a machine's memory (~200 bytes a row)
+        raise ValueError(f"--samples must be from 2 to {MAX_SAMPLES:,}, got {samples:,}")
     if profile not in PROFILES:
         raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
     if noise < 0:

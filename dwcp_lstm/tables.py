@@ -44,6 +44,61 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 
+def check_clock(
+    clock: dict[str, float] | None, series_start: str | None, features: Sequence[str], targets: Sequence[str],
+    series: Sequence[str], where: str = "--data.",
+) -> dict[str, float]:  # fmt: skip
+    """``{column: period}`` of the wall-clock inputs (see :func:`add_clock`), refusing what cannot work."""
+    if series_start is not None and (not isinstance(series_start, str) or "%" not in series_start):
+        raise ConfigError(f"{where}series_start must be a strptime format such as '%Y-%m-%d-%H-%M-%S', got "
+                          f"{series_start!r}")  # fmt: skip
+    if series_start is not None and len(series) != 1:
+        raise ConfigError(f"{where}series_start reads the start time from one series column, but there are "
+                          f"{len(series)}: {list(series)}")  # fmt: skip
+    if not clock:
+        return {}
+    if not isinstance(clock, dict):
+        raise ConfigError(f"{where}clock must map new column names to periods in seconds, got {clock!r}")
+    for name, period in clock.items():
+        if name not in features:
+            raise ConfigError(f"{where}clock: {name!r} is not among the features {list(features)}")
+        if name in targets or name in series:
+            raise ConfigError(f"{where}clock: {name!r} is a target or a series column; a clock column is an input")
+        if isinstance(period, bool) or not isinstance(period, int | float) or not (0 < period < np.inf):
+            raise ConfigError(f"{where}clock: the period of {name!r} must be a number of seconds > 0, got {period!r}")
+    return {str(k): float(v) for k, v in clock.items()}
+
+
+def add_clock(
+    df: pd.DataFrame, clock: dict[str, float], series_start: str | None, series: Sequence[str], time: str,
+    path: str | Path,
+) -> pd.DataFrame:  # fmt: skip
+    """Add the wall-clock inputs: column ``name`` = the row's wall-clock time in seconds modulo ``clock[name]``.
+    The wall-clock time is the time column, or with ``series_start`` (a strptime format) the start time parsed
+    from the row's series id plus the time column in seconds. Training and every forecasting path call this same
+    function, so a model reads the same values wherever it runs. Periodic network events keyed to the clock (a
+    Starlink dish is given a new satellite every 15 s at fixed seconds of the minute) then become visible even when
+    the time column counts from each capture's start. The time column must be numeric seconds."""
+    if not clock:
+        return df
+    check_numeric(df, [time], path)
+    t = df[time].to_numpy(np.float64)
+    if series_start is not None:
+        ids = df[series[0]].astype(str)
+        names = pd.unique(ids)
+        starts = pd.to_datetime(pd.Series(names), format=series_start, errors="coerce")
+        if starts.isna().any():
+            bad = names[int(np.flatnonzero(starts.isna().to_numpy())[0])]
+            raise DataError(f"{path}: series id {short_repr(bad)} in column {series[0]!r} is not a start time in the "
+                            f"format {series_start!r} (--data.series_start)")  # fmt: skip
+        seconds = (starts - pd.Timestamp(0)).dt.total_seconds().to_numpy()
+        t = t + pd.Series(seconds, index=names).reindex(ids.to_numpy()).to_numpy()
+    df = df.copy()
+    for name, period in clock.items():
+        df[name] = np.mod(t, period)
+    return df
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(exc).strip()
@@ -141,12 +196,25 @@ def short_repr(value, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def as_seconds(df: pd.DataFrame, col: str) -> None:
+    """A datetime (or timedelta) column becomes float seconds (since 1970-01-01 UTC), in place: every time here is
+    in seconds, and ``pd.to_numeric`` would give the storage unit instead (microseconds for a Parquet timestamp, so
+    a 5-minute cadence would read as 300,000,000 s)."""
+    column = df[col]
+    if pd.api.types.is_datetime64_any_dtype(column):
+        epoch = pd.Timestamp(0, tz=column.dt.tz) if column.dt.tz is not None else pd.Timestamp(0)
+        df[col] = (column - epoch).dt.total_seconds()
+    elif pd.api.types.is_timedelta64_dtype(column):
+        df[col] = column.dt.total_seconds()
+
+
 def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
     """Every column numeric, finite and within its physical range; the first offending row is named.
 
     ``allow_nan`` lets empty cells (NaN) through, for :func:`fill_missing` to fill; inf is still an error.
     """
     for col in columns:
+        as_seconds(df, col)
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna()
         if bad.any():

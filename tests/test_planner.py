@@ -176,6 +176,7 @@ def test_plan_says_so_when_a_migration_cannot_converge(smoke_run, telemetry, cap
         (["--memory-gib", "8", "--throughput", "rtt_ms"], "--throughput 'rtt_ms' is in ms, not Mbit/s"),
         (["--memory-gib", "nan"], "--memory-gib must be a finite number > 0 and <= 1e+09, got nan"),
         (["--memory-gib", "1e308"], "--memory-gib must be a finite number > 0 and <= 1e+09, got 1e+308"),
+        (["--memory-gib", "8", "--step-seconds", "1e-17"], "--step-seconds must be a number of seconds >= 0.001"),
     ],
 )
 def test_bad_plans_are_one_line_errors(smoke_run, telemetry, capsys, extra, message):
@@ -192,6 +193,19 @@ def test_plan_refuses_short_telemetry_and_a_model_without_intervals(smoke_run, t
     with pytest.raises(SystemExit):
         cli_main(plan(smoke_run, str(short), "--memory-gib", "8"))
     assert "no link has 20 rows since its last gap (the model's window); the most is 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_plan_refuses_a_cadence_below_a_millisecond(smoke_run, telemetry, tmp_path, capsys, online):
+    """Times in other units than seconds (here 1e-20 apart) would overflow the step index: one line instead."""
+    df = pd.read_csv(telemetry)
+    df["timestamp"] = df.groupby(["node_id", "peer_id"]).cumcount() * 1e-20
+    tiny = tmp_path / "tiny.csv"
+    df.to_csv(tiny, index=False)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(plan(smoke_run, str(tiny), "--memory-gib", "8", *(["--online"] if online else [])))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "cadence" in err and ">= 0.001 s" in err, err
 
 
 def test_a_model_exported_without_intervals_loads_and_plan_names_the_gap(smoke_run, telemetry, tmp_path, monkeypatch,

@@ -156,7 +156,8 @@ CONFIG_CASES = [
     ("bad-monitor", ["--checkpoint.monitor=bogus"], "--checkpoint.monitor 'bogus' is not a metric this model logs"),
     ("bad-es-monitor", ["--early_stopping.monitor=val/rtt_ms/bogus"], "--early_stopping.monitor 'val/rtt_ms/bogus'"),
     ("negative-epochs", ["--trainer.max_epochs=-5"], "max_epochs"),
-    ("old-opset", ["--onnx.opset=5"], "--onnx.opset must be an integer >= 17, got 5"),
+    ("old-opset", ["--onnx.opset=5"], "--onnx.opset must be an integer from 17 to"),
+    ("new-opset", ["--onnx.opset=24"], "(the newest this torch exports), got 24"),
     ("escaping-onnx-name", ["--onnx.filename=../../x.onnx"], "--onnx.filename must be a plain file name"),
     ("zero-parity-windows", ["--onnx.parity_windows=0"], "--onnx.parity_windows must be >= 1"),
     ("no-targets", ["--data.targets=[]"], "--data.features and --data.targets must not be empty"),
@@ -185,6 +186,7 @@ CONFIG_CASES = [
     ("late-head-unsplit", ["--data.horizon=3", "--model.late_head_size=8"], "--model.late_head_size must be null"),
     ("cyclic-target", ["--data.cyclic={rtt_ms: 10}"], "--data.cyclic: 'rtt_ms' is a target; only inputs can be"),
     ("cross-without-skip", ["--model.skip_cross=true"], "--model.skip_cross needs --model.linear_skip true"),
+    ("clock-not-a-feature", ["--data.clock={beat_s: 15}"], "--data.clock: 'beat_s' is not among the features"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
 ]
 
@@ -211,6 +213,12 @@ def test_a_config_cannot_make_the_optimizer_or_scheduler_call_a_function(tmp_pat
     err = run_cli([*fit_args(tmp_path), "--config", str(evil)], capsys)
     assert f"--model.{key}: {class_path} is not a torch.optim" in err and "refusing to call it" in err, err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("opset", ["16", "24"])
+def test_export_refuses_an_opset_torch_cannot_write_before_loading_the_run(tmp_path, capsys, opset):
+    err = run_cli(["export", "--run", str(tmp_path / "no-such-run"), "--opset", opset], capsys)
+    assert "--opset must be an integer from 17 to" in err and f"got {opset}" in err, err
 
 
 def test_optimizer_and_scheduler_classes_pass_the_check():

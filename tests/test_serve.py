@@ -16,7 +16,7 @@ import pytest
 
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.contract import CONTRACT_KEY, CONTRACT_KEYS, embed_contract, external_data_hashes, external_path
-from dwcp_lstm.errors import ModelFileError
+from dwcp_lstm.errors import ConfigError, ModelFileError
 from dwcp_lstm.serve import Predictor, cmd_forecast, load_metadata
 from dwcp_lstm.tables import DataError, sha256_of
 
@@ -418,6 +418,40 @@ def test_forecast_rolling_gives_one_row_per_window(smoke_run, predictor, two_lin
     assert "units: throughput_mbps [Mbit/s]" in captured.err
 
 
+def test_fractional_times_are_written_in_full(smoke_run, two_links, tmp_path, capsys):
+    """The forecasts carry 7 significant digits; the time column is a key and keeps every digit (1762134000.25 must
+    not come back as 1.762134e+09, which several rows would then share)."""
+    df = pd.read_csv(two_links)
+    df["timestamp"] = df["timestamp"] + 0.25
+    frac = tmp_path / "frac.csv"
+    df.to_csv(frac, index=False)
+    out = tmp_path / "out.csv"
+    for args in ([], ["--output", str(out)]):
+        cli_main(["forecast", "--model", str(smoke_run), "--input", str(frac), "--rolling", *args])
+        text = out.read_text() if args else capsys.readouterr().out
+        got = pd.read_csv(io.StringIO(text))
+        assert set(got["timestamp"]) <= set(df["timestamp"]) and not got.duplicated(["node_id", "peer_id",
+                                                                                        "timestamp"]).any()  # fmt: skip
+
+
+def test_a_datetime_time_column_is_read_as_seconds(smoke_run, two_links, tmp_path, capsys):
+    """A Parquet timestamp column is stored in microseconds; read as a number it would make the 5-minute cadence
+    300,000,000 s and the planner's horizon days long. Datetimes are converted to Unix seconds."""
+    import json
+
+    df = pd.read_csv(two_links)
+    seconds = df["timestamp"].copy()
+    df["timestamp"] = pd.to_datetime(df["timestamp"], unit="s").astype("datetime64[us]")
+    path = tmp_path / "dt.parquet"
+    df.to_parquet(path, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path)])
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert set(got["timestamp"]) <= set(seconds)
+    cli_main(["plan", "--model", str(smoke_run), "--input", str(path), "--memory-gib", "16", "--json"])
+    steps = {link["step_s"] for link in json.loads(capsys.readouterr().out)["links"]}
+    assert steps - {None} == {300.0}  # None: the 5-row link, too short for a window
+
+
 def test_forecast_with_no_link_long_enough_is_an_error(smoke_run, two_links, tmp_path):
     short = tmp_path / "short.csv"
     pd.read_csv(two_links).groupby(["node_id", "peer_id"]).head(10).to_csv(short, index=False)
@@ -555,3 +589,10 @@ def test_a_malformed_tail_calibration_is_refused():
     for bad, key in cases:
         with pytest.raises(ModelFileError, match=f"key 'intervals.beyond_horizon.{key}' must be"):
             check_beyond_horizon(bad, 1, 2, 1, "m.json")
+
+
+def test_absurd_thread_counts_are_refused(smoke_run):
+    """onnxruntime's option is a 32-bit int (a larger value raised a pybind11 traceback) and 100,000 threads hang."""
+    for threads in (-1, 1025, 99_999_999_999):
+        with pytest.raises(ConfigError, match="threads must be an integer from 0 to 1024"):
+            Predictor.from_run(smoke_run, threads=threads)

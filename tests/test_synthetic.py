@@ -249,7 +249,7 @@ def test_a_bad_oracle_steps_is_refused(steps, tmp_path, capsys):
         synthetic.generate_with_oracle(samples=400, oracle_steps=steps)
     with pytest.raises(SystemExit) as exc:
         cli_main(["generate", "--output", str(tmp_path / "d.csv"), "--samples", "400", "--oracle-steps", str(steps)])
-    assert exc.value.code == 2 and "--oracle-steps must be >= 1" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--oracle-steps must be from 1 to 288" in capsys.readouterr().err
 
 
 def test_generate_command_writes_the_h_step_oracle(tmp_path):

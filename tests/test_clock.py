@@ -1,0 +1,131 @@
+"""Wall-clock inputs (``--data.clock``, ``--data.series_start``): a column holding the row's wall-clock second modulo a
+period, derived from the time column (plus each series' start time read from its id) in training and, identically, in
+``forecast`` and ``plan``, whose input files need only their own columns."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import fit_args, run_dir_of
+
+from dwcp_lstm.cli import cli_main
+from dwcp_lstm.data import FEATURES, DwcpDataModule
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.serve import Predictor, forecast_table
+from dwcp_lstm.tables import add_clock
+
+FORMAT = "%Y-%m-%d-%H-%M-%S"
+PERIOD = 900.0  # 15 minutes: three 5-minute rows per phase cycle
+
+
+@pytest.fixture(scope="module")
+def relative_csv(small_csv, tmp_path_factory):
+    """The small synthetic data re-expressed as a capture log: one series column whose id is the link's start time
+    (each link starts at a different row, so the ids differ) and a time column counting seconds from that start."""
+    df = pd.read_csv(small_csv)
+    parts = []
+    for k, (_, g) in enumerate(df.groupby(["node_id", "peer_id"], sort=True)):
+        g = g.iloc[k:].copy()  # link k starts k rows later
+        start = int(g["timestamp"].iloc[0])
+        g["series_id"] = pd.Timestamp(start, unit="s").strftime(FORMAT)
+        g["seconds"] = g["timestamp"] - start
+        parts.append(g.drop(columns=["timestamp", "node_id", "peer_id"]))
+    path = tmp_path_factory.mktemp("clock") / "captures.csv"
+    pd.concat(parts).to_csv(path, index=False)
+    return path
+
+
+def test_the_clock_is_the_wall_clock_second_modulo_the_period(small_csv, relative_csv):
+    absolute = pd.read_csv(small_csv)
+    direct = add_clock(absolute, {"beat": PERIOD}, None, ["node_id", "peer_id"], "timestamp", small_csv)
+    np.testing.assert_array_equal(direct["beat"], np.mod(absolute["timestamp"].to_numpy(np.float64), PERIOD))
+    assert "beat" not in absolute.columns  # the caller's frame is left as it was
+    rel = pd.read_csv(relative_csv)
+    derived = add_clock(rel, {"beat": PERIOD, "minute": 60.0}, FORMAT, ["series_id"], "seconds", relative_csv)
+    start = np.array([dt.datetime.strptime(i, FORMAT).replace(tzinfo=dt.UTC).timestamp() for i in rel["series_id"]])
+    wall = start + rel["seconds"].to_numpy()  # by hand: the start read from the id plus the seconds since
+    np.testing.assert_allclose(derived["beat"], np.mod(wall, PERIOD), atol=1e-6)
+    np.testing.assert_allclose(derived["minute"], np.mod(wall, 60.0), atol=1e-6)
+
+
+def test_a_series_id_that_is_not_a_start_time_is_named(relative_csv):
+    rel = pd.read_csv(relative_csv)
+    rel.loc[rel.index[5], "series_id"] = "link-7"
+    with pytest.raises(DataError, match=r"captures.csv: series id 'link-7' in column 'series_id' is not a start"):
+        add_clock(rel, {"beat": PERIOD}, FORMAT, ["series_id"], "seconds", relative_csv)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"clock": {"beat": PERIOD}}, "--data.clock: 'beat' is not among the features"),
+        ({"clock": {"rtt_ms": PERIOD}}, "--data.clock: 'rtt_ms' is a target or a series column"),
+        ({"clock": {"beat": 0}, "features": [*FEATURES, "beat"]}, "the period of 'beat' must be a number of seconds"),
+        ({"clock": {"beat": float("nan")}, "features": [*FEATURES, "beat"]}, "must be a number of seconds > 0"),
+        ({"clock": {"beat": True}, "features": [*FEATURES, "beat"]}, "must be a number of seconds > 0"),
+        ({"clock": ["beat"], "features": [*FEATURES, "beat"]}, "--data.clock must map new column names"),
+        ({"series_start": "yesterday"}, "--data.series_start must be a strptime format"),
+        ({"series_start": FORMAT}, "reads the start time from one series column, but there are 2"),
+    ],
+)
+def test_bad_clock_settings_are_refused(settings, expected):
+    with pytest.raises(ConfigError, match=expected):
+        DwcpDataModule(**settings)
+
+
+@pytest.fixture(scope="module")
+def clock_run(relative_csv, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clock_run")
+    features = [*FEATURES, "beat"]
+    cli_main(fit_args(
+        tmp, f"--data.data_path={relative_csv}", "--data.series_columns=[series_id]", "--data.time_column=seconds",
+        f"--data.features=[{','.join(features)}]", f"--data.clock={{beat: {PERIOD}}}",
+        f"--data.series_start={FORMAT}", f"--data.cyclic={{beat: {PERIOD}}}", "--trainer.max_epochs=1",
+    ))  # fmt: skip
+    return run_dir_of(tmp)
+
+
+def test_forecasting_derives_the_clock_as_training_did(clock_run, relative_csv, capsys):
+    meta = json.loads((clock_run / "model_metadata.json").read_text())
+    assert meta["series"]["clock"] == {"beat": PERIOD} and meta["series"]["start_format"] == FORMAT
+    predictor = Predictor.from_run(clock_run)
+    assert predictor.file_features == FEATURES  # what an input file must hold: no clock column
+    dm = DwcpDataModule(data_path=str(relative_csv), series_columns=["series_id"], time_column="seconds",
+                        features=[*FEATURES, "beat"], clock={"beat": PERIOD}, series_start=FORMAT)  # fmt: skip
+    dm.setup("fit")
+    trained = pd.DataFrame({"series_id": dm.frame_keys["series_id"].to_numpy(), "seconds": dm.timestamps,
+                            "beat": dm.raw_features[:, -1]})  # fmt: skip
+    served = predictor.with_clock(pd.read_csv(relative_csv), ["series_id"], "seconds", relative_csv)
+    both = trained.merge(served[["series_id", "seconds", "beat"]], on=["series_id", "seconds"], suffixes=("", "_s"))
+    assert len(both) == len(trained)
+    np.testing.assert_allclose(both["beat"], both["beat_s"].astype(np.float32), atol=1e-4)
+    # the file has no beat column; forecast and the Python path agree
+    out = forecast_table(predictor, pd.read_csv(relative_csv), ["series_id"], "seconds", relative_csv)
+    assert len(out) == 4 and np.isfinite(out[predictor.columns].to_numpy()).all()
+    capsys.readouterr()
+    cli_main(["forecast", "--model", str(clock_run), "--input", str(relative_csv)])  # returns: exit code 0
+    assert capsys.readouterr().out.count("\n") == 5  # header + one row per link
+
+
+def test_a_metadata_clock_that_cannot_work_is_refused(clock_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(clock_run, copy)
+    meta_path = copy / "model_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["series"]["clock"] = {"beat": -1}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"key series.clock: the period of 'beat' must be a number of seconds"):
+        Predictor.from_run(copy)
+
+
+def test_plan_derives_the_clock_too(clock_run, relative_csv, capsys):
+    capsys.readouterr()
+    cli_main(["plan", "--model", str(clock_run), "--input", str(relative_csv), "--memory-gib", "1", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert len(plan["links"]) == 4
