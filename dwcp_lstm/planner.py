@@ -283,14 +283,11 @@ def throughput_target(targets: list[str], units: dict[str, str], name: str | Non
 MIN_STEP_S = 1e-3  # a cadence below a millisecond is a time column in other units (or no cadence at all)
 
 
-def check_cadence(step: np.ndarray, ok: np.ndarray, df, series: list[str], path) -> None:
-    """Each planned link's detected cadence is at least :data:`MIN_STEP_S` seconds: times are read as seconds, and a
-    transfer time divided by a vanishing step overflows the step index."""
-    small = np.flatnonzero(~(step >= MIN_STEP_S))
-    if len(small):
-        i = int(small[0])
-        link = "/".join(str(df[c].iloc[ok[i, 0]]) for c in series) or "the series"
-        raise DataError(f"{path}: link {link}: cadence {step[i]:g} s; the planner reads the time column as seconds "
+def check_cadence(step: float, link: str, path) -> None:
+    """A link's detected cadence is at least :data:`MIN_STEP_S` seconds: times are read as seconds, and a transfer
+    time divided by a vanishing step overflows the step index."""
+    if not step >= MIN_STEP_S:
+        raise DataError(f"{path}: link {link}: cadence {step:g} s; the planner reads the time column as seconds "
                         f"and needs a cadence >= {MIN_STEP_S:g} s (or --step-seconds)")  # fmt: skip
 
 
@@ -338,7 +335,8 @@ def plan_table(
     beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
     if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
         step = np.array([np.median(np.diff(t[a:b])) for a, b in ok])
-        check_cadence(step, ok, df, series, path)
+        for (a, _), s in zip(ok, step, strict=True):
+            check_cadence(s, "/".join(str(df[c].iloc[a]) for c in series) or "the series", path)
     else:
         step = np.full(len(ok), float(step_seconds))
     if online:  # the margin each link's own history earned (plan_online)
@@ -433,9 +431,7 @@ def plan_online(
         if b - a < w or keys[a] not in planned:
             continue
         step = float(step_seconds) if step_seconds is not None else float(np.median(np.diff(t[a:b])))
-        if step < MIN_STEP_S:
-            raise DataError(f"{source}: a link's cadence is {step:g} s; the planner needs the time column in seconds "
-                            f"(a cadence >= {MIN_STEP_S:g} s) or --step-seconds")  # fmt: skip
+        check_cadence(step, f"segment from row {a + 1} (sorted)", source)
         views = np.lib.stride_tricks.sliding_window_view(x[a:b], w, axis=0)  # [n, F, W], no copy
         rows = np.arange(a + w - 1, b)  # each window's last row
         for i in range(0, len(views), CHUNK):

@@ -33,6 +33,7 @@ from dwcp_lstm.contract import (
     parse_embedded,
 )
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import add_clock, check_numeric, order_series, read_table, segment_bounds, write_frame
 
 CHUNK = 4096  # windows per session.run: bounds the [B, W, F] copy on long rolling series
@@ -60,8 +61,9 @@ class Predictor:
         self.model_path = Path(model_path)
         self.metadata_path = Path(metadata_path) if metadata_path else self.model_path.with_name(METADATA_NAME)
         bad_type = not isinstance(threads, int) or isinstance(threads, bool)
-        if threads is not None and (bad_type or not 0 <= threads <= 1024):  # more overflows onnxruntime's int32
-            raise ConfigError(f"threads must be an integer from 0 to 1024 (0: onnxruntime's default), got {threads!r}")
+        if threads is not None and (bad_type or not 0 <= threads <= MAX_THREADS):  # onnxruntime's option is int32
+            raise ConfigError(f"threads must be an integer from 0 to {MAX_THREADS} (0: onnxruntime's default), got "
+                              f"{threads!r}")  # fmt: skip
         if not self.model_path.is_file():
             raise ModelFileError(f"{self.model_path}: file not found")
         self.metadata = load_metadata(self.metadata_path)
