@@ -221,6 +221,32 @@ def test_export_refuses_an_opset_torch_cannot_write_before_loading_the_run(tmp_p
     assert "--opset must be an integer from 17 to" in err and f"got {opset}" in err, err
 
 
+def test_no_function_or_foreign_class_passes_as_optimizer_or_scheduler():
+    """The class, not the examples: every public callable of modules that can run code or touch files is refused by
+    name, and no torch optimizer is accepted as a scheduler or the reverse."""
+    import builtins
+    import importlib
+    import os
+    import pickle
+    import shutil
+    import subprocess
+
+    from dwcp_lstm.preflight import check_factories
+
+    names = [f"{m.__name__}.{n}" for m in (builtins, os, shutil, subprocess, pickle, importlib)
+             for n in dir(m) if not n.startswith("_") and callable(getattr(m, n))]  # fmt: skip
+    names += ["torch.optim.lr_scheduler.StepLR", "torch.nn.Linear", "torch.load", "numpy.load"]
+    assert len(names) > 300
+    for name in names:
+        for key in ("optimizer", "scheduler"):
+            if key == "scheduler" and name.startswith("torch.optim.lr_scheduler."):
+                continue
+            with pytest.raises(ConfigError, match=f"--model.{key}: .* refusing to call it"):
+                check_factories({key: {"class_path": name, "init_args": {}}})
+    with pytest.raises(ConfigError, match="--model.scheduler: torch.optim.Adam is not"):
+        check_factories({"scheduler": "torch.optim.Adam"})
+
+
 def test_optimizer_and_scheduler_classes_pass_the_check():
     from jsonargparse import Namespace
 
