@@ -7,6 +7,7 @@ Every problem is a :class:`~dwcp_lstm.errors.DwcpError` with a one-line message;
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import uuid
@@ -198,6 +199,10 @@ def check_trainer_config(trainer: dict, seed) -> None:
         raise ConfigError(f"--trainer.val_check_interval must be {what}, got {interval!r}")
     if not isinstance(seed, bool) and seed is not None and not (0 <= seed <= 2**32 - 1):
         raise ConfigError(f"--seed_everything must be in [0, 2**32 - 1] (numpy's range), got {seed}")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (isinstance(clip, int | float) and not isinstance(clip, bool) and 0 <= clip < math.inf):
+        raise ConfigError(f"--trainer.gradient_clip_val must be a number >= 0 (0 or null: no clipping; Lightning "
+                          f"would silently skip a negative one), got {clip!r}")  # fmt: skip
 
 
 def check_calibration(dm, model) -> None:

@@ -162,6 +162,8 @@ def generate_with_oracle(
         raise ValueError(f"--oracle-steps must be an integer >= 1, got {oracle_steps!r}")
     rng = np.random.default_rng(seed)
     if profile == "seed":
+        if links not in (None, 1):  # it would be ignored: the earlier attempt's data is one series
+            raise ValueError(f"--links: the seed profile writes one link, got {links}")
         return _seed_profile(samples, rng, start, int(oracle_steps))
     n_links = links if links is not None else max(1, round(samples / ROWS_PER_LINK))
     if not 1 <= n_links <= samples // 2:

@@ -187,6 +187,8 @@ CONFIG_CASES = [
     ("cyclic-target", ["--data.cyclic={rtt_ms: 10}"], "--data.cyclic: 'rtt_ms' is a target; only inputs can be"),
     ("cross-without-skip", ["--model.skip_cross=true"], "--model.skip_cross needs --model.linear_skip true"),
     ("clock-not-a-feature", ["--data.clock={beat_s: 15}"], "--data.clock: 'beat_s' is not among the features"),
+    ("negative-clip", ["--trainer.gradient_clip_val=-1"], "--trainer.gradient_clip_val must be a number >= 0"),
+    ("fraction-clip", ["--trainer.gradient_clip_val=-0.5"], "--trainer.gradient_clip_val must be a number >= 0"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
 ]
 

@@ -119,6 +119,7 @@ def _touch(path: Path, data: bytes) -> Path:
         (["generate", "--output", "{tmp}/out.csv", "--samples", "1"], "--samples must be from 2 to 50,000,000, got 1"),
         (["generate", "--output", "{tmp}/out.csv", "--samples", "100000000000"], "--samples must be from 2 to"),
         (["generate", "--output", "{tmp}/out.csv", "--noise", "0.3"], "--noise must be from 0 to 0.1"),
+        (["generate", "--output", "{tmp}/out.csv", "--profile", "seed", "--links", "3"], "the seed profile writes one"),
         (["generate", "--output", "{tmp}/out.csv", "--oracle-steps", "100000"], "--oracle-steps must be from 1 to 288"),
         (["bench", "--quick", "--skip-load", "--rows", "100000000000"], "--rows must be from 1000 to 50,000,000"),
         (["bench", "--quick", "--skip-load", "--threads", "99999999999"], "--threads must be from 1 to 1024"),
