@@ -134,9 +134,6 @@ class Predictor:
     def with_clock(self, df: pd.DataFrame, series: Sequence[str], time: str, source: str | Path) -> pd.DataFrame:
         """``df`` with the model's wall-clock inputs added (:func:`~dwcp_lstm.tables.add_clock`), as training
         derived them; unchanged for a model without any."""
-        if self.clock and self.series_start is not None and len(series) != 1:
-            raise ConfigError(f"{source}: the model reads each series' start time from one series column; got "
-                              f"--series-columns {list(series)}")  # fmt: skip
         return add_clock(df, self.clock, self.series_start, series, time, source)
 
     def _bound_columns(self) -> list[str]:

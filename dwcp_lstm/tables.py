@@ -84,6 +84,8 @@ def add_clock(
     check_numeric(df, [time], path)
     t = df[time].to_numpy(np.float64)
     if series_start is not None:
+        if len(series) != 1:  # a config is refused earlier (check_clock); this catches forecast's --series-columns
+            raise ConfigError(f"{path}: each series' start time is read from one series column, got {list(series)}")
         ids = df[series[0]].astype(str)
         names = pd.unique(ids)
         starts = pd.to_datetime(pd.Series(names), format=series_start, errors="coerce")

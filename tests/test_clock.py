@@ -54,6 +54,8 @@ def test_the_clock_is_the_wall_clock_second_modulo_the_period(small_csv, relativ
 
 def test_a_series_id_that_is_not_a_start_time_is_named(relative_csv):
     rel = pd.read_csv(relative_csv)
+    with pytest.raises(ConfigError, match=r"start time is read from one series column, got \['series_id', 'r'\]"):
+        add_clock(rel.assign(r=1), {"beat": PERIOD}, FORMAT, ["series_id", "r"], "seconds", relative_csv)
     rel.loc[rel.index[5], "series_id"] = "link-7"
     with pytest.raises(DataError, match=r"captures.csv: series id 'link-7' in column 'series_id' is not a start"):
         add_clock(rel, {"beat": PERIOD}, FORMAT, ["series_id"], "seconds", relative_csv)
