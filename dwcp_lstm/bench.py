@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, parse_flags
-from dwcp_lstm.tables import atomic_write
+from dwcp_lstm.tables import atomic_write, check_output_file
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
     from dwcp_lstm.data import DwcpDataModule
@@ -562,11 +562,9 @@ def cmd_bench(argv: list[str]) -> None:
     a = parse_flags(p, argv)
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
+    out = check_output_file(a.output) if a.output else None  # now, not after minutes of benchmarking
     result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)
     text = json.dumps(result, indent=2)
     print(text)
-    if a.output:
-        out = Path(a.output)
-        if not out.parent.is_dir():
-            raise ConfigError(f"{out}: folder {out.parent} does not exist")
+    if out is not None:
         atomic_write(out, text + "\n")

@@ -66,6 +66,8 @@ def _check_model_file(name: Any, path: str | Path) -> None:
 def load_metadata(path: str | Path) -> dict[str, Any]:
     """Read and validate ``model_metadata.json``; every problem is a :class:`ModelFileError` naming the file and key."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, expected the model_metadata.json file")
     if not path.is_file():
         raise ModelFileError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
     try:

@@ -309,7 +309,7 @@ class DwcpDataModule(L.LightningDataModule):
         numeric = list(dict.fromkeys([*self.features, *self.targets]))
         keys = [*self.series_columns, self.time_column]
         in_file = [c for c in dict.fromkeys([*keys, *numeric]) if c not in self.clock]  # clock columns: derived
-        df = read_table(path, in_file, text_columns=self.series_columns)
+        df = read_table(path, in_file, text_columns=self.series_columns, derived=list(self.clock))
         check_numeric(df, [self.time_column], path)
         df = add_clock(df, self.clock, self.series_start, self.series_columns, self.time_column, path)
         check_numeric(df, numeric, path, allow_nan=self.fill_missing)

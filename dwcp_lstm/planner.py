@@ -579,7 +579,6 @@ def cmd_plan(argv: list[str]) -> None:
 
     from dwcp_lstm.contract import METADATA_NAME, model_path_of
     from dwcp_lstm.serve import Predictor
-    from dwcp_lstm.tables import read_table
 
     class ArgumentParser(argparse.ArgumentParser):
         def error(self, message: str):  # one `error:` line, exit 2 (see dwcp_lstm.serve.cmd_forecast)
@@ -614,13 +613,7 @@ def cmd_plan(argv: list[str]) -> None:
     predictor = Predictor(model_path_of(model) if model.is_dir() else model, metadata, a.threads)
     level_for(a.confidence, predictor.levels) if predictor.levels else None  # bad confidence: before reading data
     trained = predictor.metadata["series"]
-    series = list(trained["columns"]) if a.series_columns is None else [
-        c.strip() for c in str(a.series_columns).split(",") if c.strip()
-    ]  # fmt: skip
-    time = a.time_column or trained["time_column"]
-    if len(set(series)) != len(series) or time in series:
-        raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
-    df = read_table(a.input, list(dict.fromkeys([*series, time, *predictor.file_features])), text_columns=series)
+    df, series, time = predictor.read_telemetry(a.input, a.series_columns, a.time_column)
     out, facts = plan_table(predictor, df, series, time, a.input, migration, a.confidence, a.throughput,
                             a.step_seconds, a.duplicates, float(trained["max_gap"]), a.online)  # fmt: skip
     if a.json:

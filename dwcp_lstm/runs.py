@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from dwcp_lstm.data import DwcpDataModule
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
@@ -34,8 +34,13 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
         raise ConfigError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DwcpDataModule, "data")
-    ns = parser.parse_object({"data": cfg["data"]})
-    return parser.instantiate_classes(ns).data
+    try:
+        ns = parser.parse_object({"data": cfg["data"]})
+        return parser.instantiate_classes(ns).data
+    except ArgumentError as exc:  # an unknown key or a value of the wrong type
+        raise ConfigError(f"{config_path}: {first_line(exc)}") from None
+    except ConfigError as exc:  # a value the DataModule refuses: name the file it came from
+        raise ConfigError(f"{config_path}: {exc}") from None
 
 
 def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, DwcpDataModule, Path]:

@@ -34,7 +34,15 @@ from dwcp_lstm.contract import (
 )
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
 from dwcp_lstm.runtime import MAX_THREADS
-from dwcp_lstm.tables import add_clock, check_numeric, order_series, read_table, segment_bounds, write_frame
+from dwcp_lstm.tables import (
+    add_clock,
+    check_numeric,
+    check_output_file,
+    order_series,
+    read_table,
+    segment_bounds,
+    write_frame,
+)
 
 CHUNK = 4096  # windows per session.run: bounds the [B, W, F] copy on long rolling series
 # onnxruntime resolves external data of a graph given as bytes against this folder (else the working directory)
@@ -64,6 +72,8 @@ class Predictor:
         if threads is not None and (bad_type or not 0 <= threads <= MAX_THREADS):  # onnxruntime's option is int32
             raise ConfigError(f"threads must be an integer from 0 to {MAX_THREADS} (0: onnxruntime's default), got "
                               f"{threads!r}")  # fmt: skip
+        if self.model_path.is_dir():  # the constructor takes the file; forecast/plan --model also take a run folder
+            raise ModelFileError(f"{self.model_path}: is a directory, expected the .onnx file")
         if not self.model_path.is_file():
             raise ModelFileError(f"{self.model_path}: file not found")
         self.metadata = load_metadata(self.metadata_path)
@@ -135,6 +145,25 @@ class Predictor:
         """``df`` with the model's wall-clock inputs added (:func:`~dwcp_lstm.tables.add_clock`), as training
         derived them; unchanged for a model without any."""
         return add_clock(df, self.clock, self.series_start, series, time, source)
+
+    def read_telemetry(
+        self, path: str | Path, series_columns: str | None, time_column: str | None
+    ) -> tuple[pd.DataFrame, list[str], str]:
+        """The columns of ``path`` the model needs, with the link id and time columns (``--series-columns``,
+        comma-separated, '' = one link; ``--time-column``; None: as trained). ``forecast`` and ``plan`` read
+        telemetry through this one function."""
+        trained = self.metadata["series"]  # how the training data defined a series
+        if series_columns is None:
+            series = list(trained["columns"])
+        else:
+            series = [c.strip() for c in str(series_columns).split(",") if c.strip()]
+        if time_column is not None and not str(time_column).strip():
+            raise ConfigError("--time-column must name a column, got ''")
+        time = time_column or trained["time_column"]
+        if len(set(series)) != len(series) or time in series:
+            raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
+        columns = list(dict.fromkeys([*series, time, *self.file_features]))
+        return read_table(path, columns, text_columns=series, derived=list(self.clock)), series, time
 
     def _bound_columns(self) -> list[str]:
         """``<column>_lo80`` / ``_hi80`` per level for every forecast column, then (multi-step)
@@ -454,8 +483,7 @@ def cmd_forecast(argv: list[str]) -> None:
     if output is not None:
         if output.suffix.lower() not in (".csv", ".parquet"):
             raise ConfigError(f"{output}: output must end in .csv or .parquet")
-        if not output.parent.is_dir():
-            raise ConfigError(f"{output}: folder {output.parent} does not exist")
+        check_output_file(output)
     model = Path(a.model)
     if model.is_dir():
         model, metadata = model_path_of(model), a.metadata or model / METADATA_NAME
@@ -468,16 +496,8 @@ def cmd_forecast(argv: list[str]) -> None:
         for path in [Path(a.input), *predictor.protected_paths()]:
             if same_file(output, path):
                 raise ConfigError(f"{output}: --output is the same file as {path}; refusing to overwrite an input")
-    trained = predictor.metadata["series"]  # how the training data defined a series
-    if a.series_columns is None:
-        series = list(trained["columns"])
-    else:
-        series = [c.strip() for c in str(a.series_columns).split(",") if c.strip()]
-    time = a.time_column or trained["time_column"]
-    if len(set(series)) != len(series) or time in series:
-        raise ConfigError(f"--series-columns {series} and --time-column {time!r}: a column may appear only once")
-    columns = list(dict.fromkeys([*series, time, *predictor.file_features]))
-    df = read_table(a.input, columns, text_columns=series)
+    trained = predictor.metadata["series"]
+    df, series, time = predictor.read_telemetry(a.input, a.series_columns, a.time_column)
     out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]),
                          a.online)  # fmt: skip
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +32,22 @@ from dwcp_lstm.errors import ConfigError, DataError  # noqa: F401 (DataError re-
 
 log = logging.getLogger("dwcp_lstm")
 DUPLICATE_POLICIES = ("error", "first", "mean")
-# Physical ranges checked when the column is present: (low, high, inclusive-high).
+# Physical ranges (low, high; both inclusive) checked wherever the column is read, in training and serving alike:
+# the units the model's contract states for these names (callbacks.UNITS). Outside them a value is a unit mix-up
+# (milliseconds for hours, percent for a fraction) that would otherwise turn silently into a confident forecast.
 RANGES = {
     "throughput_mbps": (0.0, np.inf),
     "rtt_ms": (0.0, np.inf),
     "jitter_ms": (0.0, np.inf),
     "packet_loss": (0.0, 1.0),
+    "time_of_day": (0.0, 24.0),
+    "day_of_week": (0.0, 6.0),
+    "congestion_window": (0.0, np.inf),
+    "queue_depth": (0.0, np.inf),
+    "retransmits": (0.0, np.inf),
+    "loss_rate": (0.0, 1.0),
+    "obstructed": (0.0, 1.0),
+    "fraction_obstructed": (0.0, 1.0),
 }
 
 
@@ -108,12 +120,14 @@ def first_line(exc: BaseException) -> str:
 
 
 def read_table(
-    path: str | Path, columns: Sequence[str] | None = None, text_columns: Sequence[str] = ()
-) -> pd.DataFrame:
+    path: str | Path, columns: Sequence[str] | None = None, text_columns: Sequence[str] = (),
+    derived: Sequence[str] = (),
+) -> pd.DataFrame:  # fmt: skip
     """Read a CSV or Parquet file, only ``columns`` if given (all must exist).
 
     ``text_columns`` (link ids) are read from a CSV as text: parsed as numbers, ids ``01`` and ``1`` would become
-    the same link and their rows one series.
+    the same link and their rows one series. ``derived`` names columns the caller computes (wall-clock inputs,
+    :func:`add_clock`): a file column of the same name is refused, not silently replaced.
     """
     path = Path(path)
     if not path.exists():
@@ -129,15 +143,17 @@ def read_table(
         if suffix == ".csv":
             header = pd.read_csv(path, nrows=0).columns
             _unique_header(path, _raw_csv_header(path))
-            _require(path, header, columns)
+            _require(path, header, columns, derived)
             text = {c: str for c in text_columns if c in header}
-            df = pd.read_csv(path, usecols=list(columns) if columns else None, dtype=text or None)
+            df = _read_csv_strict(path, len(header), text)
+            if columns:
+                df = df[list(columns)]
         else:
             pa, pq = _pyarrow(path)
 
             names = pq.read_schema(path).names
             _unique_header(path, names)
-            _require(path, names, columns)
+            _require(path, names, columns, derived)
             # The system allocator hands freed buffers back to the OS (Arrow's default pool keeps them), and
             # self_destruct frees each Arrow column as soon as pandas has it: ~1 GB less peak memory at 10M rows.
             pa.set_memory_pool(pa.system_memory_pool())
@@ -163,6 +179,28 @@ def _pyarrow(path: Path):
     return pa, pq
 
 
+def _read_csv_strict(path: Path, width: int, text: dict) -> pd.DataFrame:
+    """Every column, refusing a row with more fields than the header.
+
+    pandas would hide it: ``usecols`` drops the extra fields, and an extra field on the first row makes the first
+    column the index, shifting every value one column left. ``index_col=False`` turns the first case into a
+    ParserWarning and any later row into a ParserError; a row with fewer fields reads as empty cells (checked as
+    such).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, index_col=False, dtype=text or None)
+        except pd.errors.ParserWarning:
+            raise DataError(f"{path}: row 1 has more fields than the header's {width}") from None
+        except pd.errors.ParserError as exc:
+            found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+            if found is None:
+                raise
+            expected, line, saw = found.groups()
+            raise DataError(f"{path}: line {line} has {saw} fields, the header {expected}") from None
+
+
 def _raw_csv_header(path: Path) -> list[str]:
     """The header as written: pandas renames a repeated name to ``name.1``, which would hide the repeat; read as a
     data row instead, it keeps every name as it is."""
@@ -178,7 +216,11 @@ def _unique_header(path: Path, names: Sequence[str]) -> None:
         seen[name] = i
 
 
-def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None) -> None:
+def _require(path: Path, present: Sequence[str], columns: Sequence[str] | None, derived: Sequence[str]) -> None:
+    clash = [c for c in derived if c in set(present)]
+    if clash:
+        raise DataError(f"{path}: column {short_repr(clash[0])} is computed from the wall clock (data.clock); the file "
+                        "has a column of that name too: rename it")  # fmt: skip
     missing = [c for c in (columns or []) if c not in set(present)]
     if missing:
         has = ", ".join(short_repr(c) for c in present)
@@ -407,3 +449,23 @@ def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = N
                 df.to_parquet(tmp, index=False)
     except OSError as exc:
         raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def check_output_file(path: str | Path) -> Path:
+    """An output file can be written: checked before the work that produces it, never after.
+
+    Its folder must exist (a typo in a path is not silently created here) and accept a file; the path must not be a
+    directory. Writing itself goes through :func:`atomic_path`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a file name to write")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{path}: folder {path.parent} does not exist")
+    probe = path.parent / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{path}: folder {path.parent} is not writable ({exc.strerror or exc})") from None
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -131,3 +132,20 @@ def test_plan_derives_the_clock_too(clock_run, relative_csv, capsys):
     cli_main(["plan", "--model", str(clock_run), "--input", str(relative_csv), "--memory-gib", "1", "--json"])
     plan = json.loads(capsys.readouterr().out)
     assert len(plan["links"]) == 4
+
+
+def test_a_file_column_named_like_a_clock_column_is_refused(clock_run, relative_csv, tmp_path, capsys):
+    """Training and forecasting would silently replace the file's own column with the derived one."""
+    clash = tmp_path / "clash.csv"
+    pd.read_csv(relative_csv).assign(beat=1.0).to_csv(clash, index=False)
+    expected = "clash.csv: column 'beat' is computed from the wall clock (data.clock); the file has a column"
+    dm = DwcpDataModule(data_path=str(clash), series_columns=["series_id"], time_column="seconds",
+                        features=[*FEATURES, "beat"], clock={"beat": PERIOD}, series_start=FORMAT)  # fmt: skip
+    with pytest.raises(DataError, match=re.escape(expected)):
+        dm.setup("fit")
+    for command in ("forecast", "plan"):
+        extra = ["--memory-gib", "1", "--dirty-rate-mbps", "0"] if command == "plan" else []
+        with pytest.raises(SystemExit) as exc:
+            cli_main([command, "--model", str(clock_run), "--input", str(clash), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err

@@ -20,6 +20,7 @@ def two_link_csv(tmp_path, rows=200):
     for node, level in (("a", 1.0), ("b", 1000.0)):
         df = pd.DataFrame({c: level + rng.random(rows) * 0.5 for c in FEATURES})
         df["packet_loss"] = (0.001 if node == "a" else 0.9) + rng.random(rows) * 0.01
+        df["time_of_day"], df["day_of_week"] = (1.0, 1.0) if node == "a" else (20.0, 5.0)  # within their units
         df["node_id"], df["peer_id"] = node, "z"
         df["timestamp"] = 1_700_000_000 + 60 * np.arange(rows)
         frames.append(df)

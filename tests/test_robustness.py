@@ -44,6 +44,11 @@ FIT_CASES = [
     ("negative-throughput", _set("throughput_mbps", 5, -1.0), [], "'throughput_mbps' row 6: negative value -1"),
     ("negative-rtt", _set("rtt_ms", 2, -3.0), [], "column 'rtt_ms' row 3: negative value -3"),
     ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),
+    # a unit mix-up (milliseconds for hours) would become a confident forecast: the contract's units are checked
+    ("hour-out-of-range", lambda df: _set("time_of_day", 4, 1e30)(df.astype({"time_of_day": float})), [],
+     "column 'time_of_day' row 5: above 24 value 1e+30"),
+    ("weekday-out-of-range", _set("day_of_week", 8, 7), [], "column 'day_of_week' row 9: above 6 value 7"),
+    ("negative-counter", _set("queue_depth", 1, -2), [], "column 'queue_depth' row 2: negative value -2"),
     ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id='node-0'"),
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
     ("empty-link-id", _set("node_id", 12, np.nan), [], "column 'node_id' row 13: empty series id (1 rows)"),
@@ -95,6 +100,9 @@ def test_fit_rejects_bad_input(tmp_path, capsys, case, spoil, flags, expected):
         ("not-csv", lambda d: _touch(d / "data.json", b"{}"), "unsupported file type '.json'"),
         ("corrupt-parquet", lambda d: _touch(d / "x.parquet", b"PAR1garbage"), "x.parquet: not a readable parquet"),
         ("directory", lambda d: d, "is a directory"),
+        # pandas would drop the extra field (usecols) or, on the first row, shift every value one column left
+        ("extra-field", lambda d: _extra_field(d, line=7), "bad.csv: line 7 has 23 fields, the header 22"),
+        ("extra-field-first-row", lambda d: _extra_field(d, line=2), "bad.csv: row 1 has more fields than the header"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -105,6 +113,14 @@ def test_fit_rejects_bad_files(tmp_path, capsys, case, make, expected):
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
+
+
+def _extra_field(tmp: Path, line: int) -> Path:
+    path = write(tmp, base_frame())
+    lines = path.read_text().splitlines(keepends=True)
+    lines[line - 1] = lines[line - 1].rstrip("\n") + ",1\n"
+    path.write_text("".join(lines))
+    return path
 
 
 def _touch(path: Path, data: bytes) -> Path:
@@ -127,6 +143,8 @@ def _touch(path: Path, data: bytes) -> Path:
         (["generate", "--output", "{tmp}/out.csv", "--links", "0"], "--links must be between 1"),
         (["report", "--run", "{tmp}/no_such_run"], "no_such_run: run directory not found"),
         (["report", "--run", "{tmp}"], "config.yaml: file not found"),
+        (["bench", "--quick", "--skip-load", "--output", "{tmp}/no_dir/b.json"], "folder {tmp}/no_dir does not exist"),
+        (["bench", "--quick", "--skip-load", "--output", "{tmp}"], "{tmp}: is a directory, expected a file name"),
     ],
 )
 def test_other_commands_reject_bad_input(tmp_path, capsys, argv, expected):
@@ -134,7 +152,16 @@ def test_other_commands_reject_bad_input(tmp_path, capsys, argv, expected):
         cli_main([a.format(tmp=tmp_path) for a in argv])
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and expected in err[0], err
+    assert len(err) == 1 and expected.format(tmp=tmp_path) in err[0], err
+
+
+def test_bench_checks_its_output_before_benchmarking(tmp_path, monkeypatch, capsys):
+    from dwcp_lstm import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda *a: pytest.fail("benchmarked before checking --output"))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--quick", "--output", str(tmp_path / "missing" / "b.json")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_generate_never_leaves_a_half_written_file(tmp_path):
@@ -286,6 +313,9 @@ def test_a_target_that_never_changes_on_the_test_split_is_reported_as_undefined(
         ("data: 5\n", "'data' must be a mapping"),
         ("data:\n  window_size: 5\n", "data.window_size is 5, the checkpoint best.ckpt was trained with 20"),
         ("data: [unclosed\n", "not valid YAML"),
+        # the file is named: a run folder holds several, and the key alone does not say which one is wrong
+        ("data:\n  windw_size: 20\n", "config.yaml: Group 'data' does not accept option 'windw_size'"),
+        ("data:\n  window_size: 1\n", "config.yaml: --data.window_size must be >= 2"),
     ],
 )
 def test_report_refuses_a_run_config_that_does_not_match_its_checkpoint(tmp_path, smoke_run, capsys, config, expected):

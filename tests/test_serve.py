@@ -525,11 +525,17 @@ def test_forecast_refuses_bad_series_metadata_and_flags_with_one_line(smoke_run,
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and "'series" in err[0], err
     (run / "model_metadata.json").write_text(json.dumps(meta))
-    for flags in (["--series-columns", "node_id,node_id"], ["--time-column", "node_id"], ["--threads", "-1"]):
+    for flags, expected in (
+        (["--series-columns", "node_id,node_id"], "a column may appear only once"),
+        (["--time-column", "node_id"], "a column may appear only once"),
+        (["--threads", "-1"], "threads must be"),
+        (["--time-column", " "], "--time-column must name a column"),  # was the trained column, silently
+        (["--metadata", str(run)], "is a directory, expected the model_metadata.json file"),
+    ):
         with pytest.raises(SystemExit) as exc:
             cli_main(["forecast", "--model", str(run), "--input", str(two_links), *flags])
         err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
 
 
 def test_export_command_rewrites_an_older_export(smoke_run, tmp_path, history):
