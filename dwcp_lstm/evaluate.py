@@ -308,11 +308,13 @@ def head_to_head(pred: np.ndarray, y: np.ndarray, base_preds: dict, targets: lis
 
 def validation_inputs(module, dm, pred: np.ndarray | None = None) -> dict | None:
     """The model's forecasts (``pred``, computed unless given), the actuals and the target history of every
-    validation window: ``{"pred", "y"}`` [N, H, T] and ``"hist"`` [N, W, T]; None without validation windows."""
+    validation window: ``{"pred", "y"}`` [N, H, T], ``"hist"`` [N, W, T] and the segment of each window
+    ``"segment"`` [N] (its windows in time order); None without validation windows."""
     if len(dm.starts["val"]) == 0:
         return None
     pred = predict_raw(module, dm, "val") if pred is None else pred
-    return {"pred": pred, "y": step_targets(dm, "val"), "hist": target_history(dm, dm.starts["val"])}
+    return {"pred": pred, "y": step_targets(dm, "val"), "hist": target_history(dm, dm.starts["val"]),
+            "segment": dm.segment_of_row[dm.target_rows("val")]}  # fmt: skip
 
 
 def validation_split(module, dm, mape_floor: float, fitted, pred: np.ndarray | None = None) -> dict | None:
@@ -326,12 +328,13 @@ def validation_split(module, dm, mape_floor: float, fitted, pred: np.ndarray | N
 
 def calibration_of(module, dm, val: dict | None) -> tuple[I.Calibration | None, dict | None]:
     """The model's interval calibration from its validation forecasts (see :mod:`dwcp_lstm.intervals`), and the
-    two-fold scores behind its plain/adaptive choice; (None, None) when the split cannot calibrate the widest level.
+    chronological scores behind its plain/adaptive choice; (None, None) when the split cannot calibrate the widest
+    level.
     The export bakes it into the graph and the report judges it on the test split: both call this, same inputs."""
     levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
     if val is None or len(val["y"]) < I.windows_needed(levels):
         return None, None
-    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, allow_adaptive=bool(module.delta))
+    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, bool(module.delta), val["segment"])
     pick = B._even_subset(len(val["y"]), 50_000)  # bounds the [n, 8 H, T] array on long validation splits
     return I.calibrate_tail(cal, val["pred"][pick], tail_targets(dm, "val", pick), val["hist"][pick]), scores
 
@@ -396,7 +399,7 @@ def interval_report(
     baselines = {}
     for name in ("persistence", "ridge"):
         (vp, vm), (tp, tm) = val["baselines"][name], base_steps[name]
-        bcal, _ = I.choose(vp[vm], val["y"][vm], val["hist"][vm], levels)
+        bcal, _ = I.choose(vp[vm], val["y"][vm], val["hist"][vm], levels, groups=val["segment"][vm])
         bb = I.intervals(bcal, tp[tm], hist[tm])
         baselines[name] = judged(bb["lower"], bb["upper"], tm)
 

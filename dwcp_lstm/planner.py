@@ -769,7 +769,8 @@ def backtest_report(
     mean_lower = bounds["mean_lower"][:, li, :, j]  # [N, H]
     tail_lower = bounds["tail_lower"][:, li, :, j] if "tail_lower" in bounds else None  # [N, K - H]
     (vp, vm) = val["baselines"]["persistence"]
-    pcal, _ = I.choose(vp[vm][..., j : j + 1], val["y"][vm][..., j : j + 1], val["hist"][vm][..., j : j + 1], [level])
+    pick = (vm, ..., slice(j, j + 1))
+    pcal, _ = I.choose(vp[pick], val["y"][pick], val["hist"][pick], [level], groups=val["segment"][vm])
     last = hist[:, -1, j]
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1])["mean_lower"][:, 0, :, 0]

@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 
 from dwcp_lstm.errors import ConfigError, DataError
-from dwcp_lstm.intervals import calibrate, check_levels, choose, interval_scores, intervals, windows_needed
+from dwcp_lstm.intervals import (
+    calibrate,
+    check_levels,
+    choose,
+    earlier_half,
+    interval_scores,
+    intervals,
+    windows_needed,
+)
 
 LEVELS = (0.8, 0.95)
 
@@ -107,3 +115,30 @@ def test_the_mean_beyond_the_horizon_is_calibrated_on_the_rows_the_split_has():
     few[: len(few) - 30, 6:] = np.nan  # 30 complete windows beyond 6 rows: fewer than 95 % needs (39)
     short = calibrate_tail(calibrate(pred, y_long[:, :2], hist, LEVELS, True), pred, few, hist)
     assert short.tail_lo.shape[1] == 4  # spans 3 .. 6 only
+
+
+def test_the_scale_is_chosen_calibrating_on_the_earlier_half_and_judging_the_later():
+    """Each group's (link's) first half calibrates, its second half judges: as validation calibrates for the test
+    split that follows it. The scores are those of a hand-made split."""
+    groups = np.repeat([7, 3], [9, 6])  # two links' windows, each in time order
+    assert earlier_half(groups).tolist() == [True] * 4 + [False] * 5 + [True] * 3 + [False] * 3
+    pred, y, hist = heteroscedastic(600, 6)
+    groups = np.repeat([0, 1, 2], 200)
+    cal, scores = choose(pred, y, hist, LEVELS, groups=groups)
+    first = np.tile(np.arange(200) < 100, 3)
+    for name, adaptive in (("plain", False), ("adaptive", True)):
+        c = calibrate(pred[first], y[first], hist[first], LEVELS, adaptive)
+        b = intervals(c, pred[~first], hist[~first])
+        expected = interval_scores(b["lower"], b["upper"], y[~first], LEVELS)["winkler"].mean(axis=(0, 1))
+        np.testing.assert_allclose(scores[name], expected)
+    assert cal.adaptive.all() and cal.windows == 600  # then calibrated on every window
+
+
+def test_a_split_too_small_to_judge_both_halves_stays_plain():
+    """50 windows calibrate a 95 % interval (39 needed) but half of them do not: plain, no scores (the interleaved
+    two-fold choice used to fail here with a DataError at the end of training)."""
+    pred, y, hist = heteroscedastic(50, 8)
+    cal, scores = choose(pred, y, hist, LEVELS)
+    assert scores is None and not cal.adaptive.any() and cal.windows == 50
+    cal, scores = choose(*heteroscedastic(100, 9), LEVELS, allow_adaptive=False)
+    assert scores is None and not cal.adaptive.any()
