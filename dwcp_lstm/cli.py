@@ -101,6 +101,19 @@ def _lightning_cli_class():
             torch.set_num_threads(threads)
             print(f"Using {threads} CPU thread(s) of {usable_cores()} usable cores ({source})", file=sys.stderr)
 
+        def instantiate_classes(self) -> None:
+            """A class the config names (a callback, logger, profiler) that refuses its own ``init_args`` is a
+            config error, one line, not a traceback; the project's own errors pass through as they are."""
+            from dwcp_lstm.errors import DwcpError
+
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as exc:
+                if isinstance(exc, DwcpError):
+                    raise
+                text = " ".join(str(exc).split())
+                raise _data_error(f"cannot build the run from its config: {text[:400]}") from None
+
         def _parse_ckpt_path(self) -> None:
             """Lightning would copy the checkpoint's hyperparameters over the config here, silently overriding the
             user's flags (and unpickling the file before any check). The pre-flight checks compare them instead and
@@ -139,6 +152,9 @@ def _lightning_cli_class():
             logger = self.trainer.logger
             root = getattr(logger, "root_dir", None) if logger is not None else None
             preflight.check_writable(root or self.trainer.default_root_dir)
+            for cb in self.trainer.checkpoint_callbacks:  # --checkpoint.dirpath / --last_checkpoint.dirpath
+                if cb.dirpath is not None:
+                    preflight.check_writable(cb.dirpath)
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
             preflight.check_calibration(self.datamodule, self.model)
@@ -190,7 +206,11 @@ def _lightning_cli_class():
             if run_config is not None:
                 import yaml
 
-                old = yaml.safe_load(run_config.read_text()) or {}
+                from dwcp_lstm.runs import read_config
+
+                old = read_config(run_config) or {}
+                if not isinstance(old, dict):
+                    raise _data_error(f"{run_config}: expected a mapping of settings, got {type(old).__name__}")
                 new = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
                 changes = preflight.config_changes(old, new)
                 where = run_config
@@ -305,6 +325,7 @@ def cmd_generate(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from dwcp_lstm import synthetic
+    from dwcp_lstm.tables import check_output_file
 
     p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0])
     p.add_argument("--output", default="data/dwcp_training.csv", help="CSV or Parquet file to write")
@@ -330,7 +351,16 @@ def cmd_generate(argv: list[str]) -> None:
         raise _data_error(f"--oracle-steps must be from 1 to 288, got {a.oracle_steps}")
     if not 0 <= a.noise <= 0.1:  # beyond ~0.2 the noise drives throughput, RTT or jitter below zero: unreadable data
         raise _data_error(f"--noise must be from 0 to 0.1 (relative), got {a.noise}")
+    if not 0 <= a.seed <= 2**32 - 1:  # numpy's range: its own message names no flag
+        raise _data_error(f"--seed must be from 0 to 2**32 - 1, got {a.seed}")
     out = Path(a.output)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise _data_error(f"{out}: output must end in .csv or .parquet")
+    try:  # the folder is created (the default is data/...), and checked, before any row is generated
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _data_error(f"{out}: cannot create folder {out.parent} ({exc.strerror or exc})") from None
+    check_output_file(out)
     try:
         df, oracle = synthetic.generate_with_oracle(
             a.samples, a.seed, a.profile, a.links, a.noise, oracle_steps=a.oracle_steps if a.oracle else 1
@@ -438,6 +468,10 @@ def cli_main(args: ArgsType = None) -> None:
                     f"{argv[0]!r} {what} the training stack (missing: {', '.join(missing)}): "
                     "pip install -c constraints.txt 'dwcp_lstm[train]'"
                 )
+        if argv[0] not in ("forecast", "plan"):  # the serving commands parse no config (and may lack jsonargparse)
+            from dwcp_lstm.imports import restrict_config_imports
+
+            restrict_config_imports()  # before any config is parsed: a config must not name code to import or run
         if argv[0] in OWN_COMMANDS:
             module, func = OWN_COMMANDS[argv[0]][1].split(":")
             getattr(importlib.import_module(module), func)(argv[1:])

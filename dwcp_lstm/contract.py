@@ -49,7 +49,7 @@ def model_path_of(run_dir: str | Path) -> Path:
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
-        except (ValueError, OSError):
+        except (ValueError, OSError, RecursionError):
             meta = None  # load_metadata names the problem when the predictor reads it
         if isinstance(meta, dict):
             name = meta.get("model_file", MODEL_NAME)

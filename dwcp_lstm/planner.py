@@ -38,6 +38,9 @@ MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
 MAX_ROUNDS = 100  # pre-copy rounds before a migration is called non-converging
 DEFAULT_DOWNTIME_MS = 300.0  # QEMU's default downtime-limit
 MAX_MEMORY_GIB = 1e9  # an exbibyte: beyond it the volume in Mbit stops being a trustworthy float (and is a typo)
+MIN_MEMORY_GIB = 2.0**-30  # one byte: below it every time is 0 s
+MAX_RATE_MBPS = 1e7  # 10 Tbit/s, beyond any memory bus; larger values overflow the round arithmetic (warnings)
+MAX_DOWNTIME_MS = 86_400_000.0  # a day
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,11 @@ class Migration:
 
     def __post_init__(self) -> None:
         for name, value, ok, need in (
-            ("--memory-gib", self.memory_gib, lambda v: 0 < v <= MAX_MEMORY_GIB, f"> 0 and <= {MAX_MEMORY_GIB:g}"),
-            ("--dirty-rate-mbps", self.dirty_rate_mbps, lambda v: v >= 0, ">= 0"),
-            ("--downtime-ms", self.downtime_ms, lambda v: v > 0, "> 0"),
+            ("--memory-gib", self.memory_gib, lambda v: MIN_MEMORY_GIB <= v <= MAX_MEMORY_GIB,
+             f"from {MIN_MEMORY_GIB:.3g} (a byte) to {MAX_MEMORY_GIB:g}"),
+            ("--dirty-rate-mbps", self.dirty_rate_mbps, lambda v: 0 <= v <= MAX_RATE_MBPS,
+             f"from 0 to {MAX_RATE_MBPS:g}"),
+            ("--downtime-ms", self.downtime_ms, lambda v: 0 < v <= MAX_DOWNTIME_MS, f"> 0 and <= {MAX_DOWNTIME_MS:g}"),
         ):
             if not (isinstance(value, int | float) and np.isfinite(value) and ok(value)):
                 raise ConfigError(f"{name} must be a finite number {need}, got {value}")
@@ -281,14 +286,15 @@ def throughput_target(targets: list[str], units: dict[str, str], name: str | Non
 
 
 MIN_STEP_S = 1e-3  # a cadence below a millisecond is a time column in other units (or no cadence at all)
+MAX_STEP_S = 1e7  # ~4 months between rows: times in other units (ns read as s), and beyond it the replay overflows
 
 
 def check_cadence(step: float, link: str, path) -> None:
     """A link's detected cadence is at least :data:`MIN_STEP_S` seconds: times are read as seconds, and a transfer
     time divided by a vanishing step overflows the step index."""
-    if not step >= MIN_STEP_S:
+    if not MIN_STEP_S <= step <= MAX_STEP_S:
         raise DataError(f"{path}: link {link}: cadence {step:g} s; the planner reads the time column as seconds "
-                        f"and needs a cadence >= {MIN_STEP_S:g} s (or --step-seconds)")  # fmt: skip
+                        f"and needs a cadence from {MIN_STEP_S:g} to {MAX_STEP_S:g} s (or --step-seconds)")  # fmt: skip
 
 
 def plan_table(
@@ -314,8 +320,9 @@ def plan_table(
     tp = throughput_target(predictor.targets, predictor.units, throughput)
     if online and tp not in predictor.features:
         raise ConfigError(f"{predictor.model_path}: --online needs the realised {tp} among the model's inputs")
-    if step_seconds is not None and not (np.isfinite(step_seconds) and step_seconds >= MIN_STEP_S):
-        raise ConfigError(f"--step-seconds must be a number of seconds >= {MIN_STEP_S:g}, got {step_seconds}")
+    if step_seconds is not None and not (MIN_STEP_S <= step_seconds <= MAX_STEP_S):  # NaN compares False
+        raise ConfigError(f"--step-seconds must be a number of seconds from {MIN_STEP_S:g} to {MAX_STEP_S:g}, got "
+                          f"{step_seconds}")  # fmt: skip
     w, h = predictor.window, predictor.horizon
     df = predictor.with_clock(df, series, time, path)
     check_numeric(df, [time, *predictor.features], path)

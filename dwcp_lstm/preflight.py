@@ -174,13 +174,19 @@ def check_monitors(trainer, model) -> None:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     known = logged_metrics(model)
+    no_validation = trainer.limit_val_batches == 0  # Lightning's own name for "validation switched off"
     for cb in trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint | EarlyStopping) and cb.monitor is not None and cb.monitor not in known:
-            flag = "early_stopping" if isinstance(cb, EarlyStopping) else "checkpoint"
+        if not isinstance(cb, ModelCheckpoint | EarlyStopping) or cb.monitor is None:
+            continue
+        flag = "early_stopping" if isinstance(cb, EarlyStopping) else "checkpoint"
+        if cb.monitor not in known:
             val = sorted(k for k in known if k.startswith("val"))
             raise ConfigError(
                 f"--{flag}.monitor {cb.monitor!r} is not a metric this model logs (e.g. {', '.join(val[:3])}, ...)"
             )
+        if no_validation and cb.monitor.startswith("val"):  # else: a traceback after the first training epoch
+            raise ConfigError(f"--trainer.limit_val_batches 0 runs no validation, but --{flag}.monitor is "
+                              f"{cb.monitor!r}: validate, or set the monitor to null")  # fmt: skip
 
 
 def check_trainer_config(trainer: dict, seed) -> None:

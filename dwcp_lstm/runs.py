@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -9,6 +10,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 
 from dwcp_lstm.data import DwcpDataModule
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
+from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.tables import first_line
 
@@ -22,16 +24,29 @@ def find_checkpoint(run_dir: Path) -> Path:
     raise CheckpointError(f"{run_dir}: no checkpoints/best.ckpt or checkpoints/last.ckpt (not a finished fit run?)")
 
 
-def datamodule_from_config(config_path: Path) -> DwcpDataModule:
-    """Instantiate the run's DataModule exactly as its saved config describes it."""
+def read_config(config_path: Path) -> object:
+    """A run's config.yaml, parsed; unreadable, not UTF-8, not YAML or nested beyond Python's recursion limit: one
+    :class:`ConfigError` naming the file."""
     try:
-        cfg = yaml.safe_load(config_path.read_text())
+        return yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not UTF-8 text ({first_line(exc)})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{config_path}: not valid YAML ({first_line(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{config_path}: not a usable config (nested too deeply)") from None
+
+
+def datamodule_from_config(config_path: Path) -> DwcpDataModule:
+    """Instantiate the run's DataModule exactly as its saved config describes it."""
+    cfg = read_config(config_path)
     if not isinstance(cfg, dict) or "data" not in cfg:
         raise ConfigError(f"{config_path}: no 'data' section")
     if not isinstance(cfg["data"], dict):  # anything else would silently fall back to the default data
         raise ConfigError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
+    restrict_config_imports()  # a run folder's config may come from anyone
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DwcpDataModule, "data")
     try:
@@ -41,6 +56,42 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
         raise ConfigError(f"{config_path}: {first_line(exc)}") from None
     except ConfigError as exc:  # a value the DataModule refuses: name the file it came from
         raise ConfigError(f"{config_path}: {exc}") from None
+
+
+# DataModule settings a run's config.yaml may change after training: where the data lives and how it is batched.
+# Any other change (split, gap policy, columns, synthetic seed...) would evaluate or calibrate on other rows than the
+# training run held out: the test split could hold training rows, the intervals be calibrated on them.
+DATA_MAY_CHANGE = ("data_path", "data_dir", "num_workers", "batch_size")
+
+
+def _same_data_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule) -> None:
+    import torch
+
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+    except Exception:  # load_from_checkpoint already read it; an older checkpoint may carry no data settings
+        saved = None
+    if not saved:
+        return
+    now = dict(dm.hparams)
+    changed = [k for k in saved if not k.startswith("_") and k not in DATA_MAY_CHANGE and k in now
+               and _plain(saved[k]) != _plain(now[k])]  # fmt: skip
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"{config}: data.{k} is {_plain(now[k])!r}, the checkpoint {ckpt.name} was trained with "
+                          f"{_plain(saved[k])!r}" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""))
+
+
+def _plain(v):
+    """Lists, tuples, dicts and dataclasses compared by value (a YAML round trip turns tuples into lists, and a
+    checkpoint keeps the synthetic spec as a dict)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        v = dataclasses.asdict(v)
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
 
 
 def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, DwcpDataModule, Path]:
@@ -68,4 +119,5 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     ):
         if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
             raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
+    _same_data_as_trained(config, ckpt, dm)
     return module.eval(), dm, ckpt

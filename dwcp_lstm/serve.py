@@ -479,6 +479,8 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     a = p.parse_args(argv)
 
+    if a.output is not None and not a.output.strip():  # '' used to mean stdout, silently
+        raise ConfigError("--output must name a .csv or .parquet file (leave it out for CSV on stdout), got ''")
     output = Path(a.output) if a.output else None
     if output is not None:
         if output.suffix.lower() not in (".csv", ".parquet"):

@@ -298,13 +298,15 @@ def order_series(
     check_series_ids(df, series, path)
     codes = _series_codes(df, series)
     t = df[time].to_numpy()
-    in_order = bool(np.all((np.diff(codes) > 0) | ((np.diff(codes) == 0) & (np.diff(t) >= 0)))) if len(df) > 1 else True
+    # compared, not subtracted: a difference of unsigned (or extreme int64) times wraps around and reads as sorted
+    same, later = codes[1:] == codes[:-1], t[1:] >= t[:-1]
+    in_order = bool(np.all((codes[1:] > codes[:-1]) | (same & later)))
     if not in_order:
         log.warning("%s: rows are not sorted by %s; sorted them", path, ", ".join(keys))
         order = np.lexsort((t, codes))
         df = df.iloc[order].reset_index(drop=True)
         codes, t = codes[order], t[order]
-    dup = np.r_[False, (np.diff(codes) == 0) & (np.diff(t) == 0)]
+    dup = np.r_[False, (codes[1:] == codes[:-1]) & (t[1:] == t[:-1])]
     if dup.any():
         n_dup = int(dup.sum())
         if duplicates == "error":

@@ -190,6 +190,10 @@ CONFIG_CASES = [
     ("negative-clip", ["--trainer.gradient_clip_val=-1"], "--trainer.gradient_clip_val must be a number >= 0"),
     ("fraction-clip", ["--trainer.gradient_clip_val=-0.5"], "--trainer.gradient_clip_val must be a number >= 0"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
+    # both used to fail only after the first training epoch
+    ("no-validation", ["--trainer.limit_val_batches=0"], "--trainer.limit_val_batches 0 runs no validation, but"),
+    ("checkpoint-dir-in-a-file", ["--checkpoint.dirpath=/dev/null/ckpt"], "/dev/null/ckpt: output folder is not"),
+    ("last-dir-in-a-file", ["--last_checkpoint.dirpath=/dev/null/c"], "/dev/null/c: output folder is not writable"),
 ]
 
 
@@ -213,7 +217,7 @@ def test_a_config_cannot_make_the_optimizer_or_scheduler_call_a_function(tmp_pat
     evil = tmp_path / "evil.yaml"
     evil.write_text(yaml.safe_dump({"model": {key: {"class_path": class_path, "init_args": {arg: code}}}}))
     err = run_cli([*fit_args(tmp_path), "--config", str(evil)], capsys)
-    assert f"--model.{key}: {class_path} is not a torch.optim" in err and "refusing to call it" in err, err
+    assert f"Importing '{class_path}' is not allowed" in err, err  # the import policy refuses it first
     assert not marker.exists()
 
 
@@ -296,3 +300,52 @@ def test_resume_may_extend_the_epoch_budget(tmp_path, smoke_run):
     run = root / "lightning_logs" / smoke_run.name
     assert yaml.safe_load((run / "config.yaml").read_text())["trainer"]["max_epochs"] == 3
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def _popen(marker) -> dict:
+    return {"class_path": "subprocess.Popen", "init_args": {"args": f"touch {marker}", "shell": True}}
+
+
+def _mock(marker) -> dict:  # a "callable class" whose untyped init_args jsonargparse would build too
+    return {"class_path": "unittest.mock.Mock", "init_args": {"return_value": _popen(marker)}}
+
+
+CODE_IN_CONFIG = {  # payloads a fuzzing session found, each ran a shell command before the import policy
+    "scheduler-lambda": lambda m: {"model": {"scheduler": {"class_path": "torch.optim.lr_scheduler.LambdaLR",
+                                                           "init_args": {"lr_lambda": _mock(m)}}}},
+    "scheduler-nested": lambda m: {"model": {"scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
+                                                           "init_args": {"step_size": _mock(m)}}}},
+    "callback-hook": lambda m: {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.LambdaCallback",
+                                                           "init_args": {"on_fit_start": _mock(m)}}]}},
+    "callback-any": lambda m: {"trainer": {"callbacks": [_mock(m)]}},
+    "profiler-dict": lambda m: {"trainer": {"profiler": {"class_path": "lightning.pytorch.profilers.PyTorchProfiler",
+                                                         "init_args": {"table_kwargs": {"x": _popen(m)}}}}},
+    "logger": lambda m: {"trainer": {"logger": _popen(m)}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CODE_IN_CONFIG))
+def test_no_config_can_name_code_outside_the_allowed_packages(tmp_path, capsys, case):
+    """jsonargparse builds whatever a class_path names, nested anywhere (a Mock returning Popen passed every type
+    check); only the packages a run is built from may be named (dwcp_lstm/imports.py), checked before any import."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(yaml.safe_dump(CODE_IN_CONFIG[case](marker)))
+    err = run_cli([*fit_args(tmp_path), "--config", str(evil)], capsys)
+    assert "not allowed" in err or "cannot build the run" in err or "Expected a <class 'int'>" in err, err
+    assert not marker.exists()
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints"))
+
+
+def test_naming_a_module_does_not_import_it(tmp_path, capsys, monkeypatch):
+    """Resolving a name used to import its module first: any module's top-level code ran at parse time."""
+    (tmp_path / "sideeffect.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w')\nclass Foo: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    err = run_cli([*fit_args(tmp_path), "--model.optimizer", "sideeffect.Foo"], capsys)
+    assert "Importing 'sideeffect.Foo' is not allowed" in err, err
+    assert not (tmp_path / "imported").exists()
+    # allowed by the person running the command (never by a config): imported, then checked as a type as before
+    monkeypatch.setenv("DWCP_LSTM_ALLOW_IMPORTS", "sideeffect")
+    err = run_cli([*fit_args(tmp_path), "--model.optimizer", "sideeffect.Foo"], capsys)
+    assert "Expected 'sideeffect.Foo' to be a subclass of <class 'Optimizer'>" in err, err
+    assert (tmp_path / "imported").exists()

@@ -25,7 +25,8 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
     kill_cfg.write_text(
         "trainer:\n  callbacks:\n    - class_path: killer.KillAt\n      init_args: {epoch: 1, batch: 3}\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "DWCP_LSTM_ALLOW_IMPORTS": "killer"}  # a config may name only allowed code (dwcp_lstm/imports.py)
     proc = subprocess.run(
         [sys.executable, "-m", "dwcp_lstm", *fit_args(broken, EPOCHS, *extra), "--config", str(kill_cfg)],
         cwd=tmp_path,

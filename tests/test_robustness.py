@@ -132,6 +132,9 @@ def _touch(path: Path, data: bytes) -> Path:
     ("argv", "expected"),
     [
         (["generate", "--output", "{tmp}/out.txt"], "output must end in .csv or .parquet"),
+        (["generate", "--output", "{tmp}/out.csv", "--seed", "-1"], "--seed must be from 0 to 2**32 - 1, got -1"),
+        # found before generating (it used to generate, then fail with a misleading "File exists")
+        (["generate", "--output", "/dev/null/x.csv"], "/dev/null/x.csv: cannot create folder /dev/null"),
         (["generate", "--output", "{tmp}/out.csv", "--samples", "1"], "--samples must be from 2 to 50,000,000, got 1"),
         (["generate", "--output", "{tmp}/out.csv", "--samples", "100000000000"], "--samples must be from 2 to"),
         (["generate", "--output", "{tmp}/out.csv", "--noise", "0.3"], "--noise must be from 0 to 0.1"),
@@ -331,3 +334,65 @@ def test_report_refuses_a_run_config_that_does_not_match_its_checkpoint(tmp_path
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
     assert (run / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64])
+def test_rows_out_of_order_are_found_whatever_the_time_dtype(dtype, caplog):
+    """A difference of unsigned times wraps around (and one of extreme int64 times overflows) into a step >= 0: rows
+    out of order read as sorted, forecasts then came from a scrambled window. Compared, not subtracted, now."""
+    from dwcp_lstm.tables import order_series
+
+    start = np.iinfo(np.int64).max - 10**6 if dtype == np.int64 else 1_762_000_000
+    t = (start + 300 * np.array([0, 1, 3, 2, 4])).astype(dtype)
+    df = pd.DataFrame({"link": ["a"] * 5, "timestamp": t, "x": [0.0, 1.0, 3.0, 2.0, 4.0]})
+    out = order_series(df, ["link"], "timestamp", "t.parquet")
+    assert out["x"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert "rows are not sorted" in caplog.text
+
+
+@pytest.mark.parametrize(("key", "value"), [("split", [0.15, 0.15, 0.7]), ("max_gap", 0.0), ("seed", 7)])
+def test_report_and_export_refuse_a_config_edited_after_training(tmp_path, smoke_run, capsys, key, value):
+    """The test split would hold training rows (split), the exported contract stop splitting links at gaps (max_gap):
+    silently, before. Where the data lives and how it is batched may still change."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    trained = cfg["data"][key]
+    cfg["data"].update({key: value, "num_workers": 1, "batch_size": 16})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    before = {n: (run / n).read_bytes() for n in ("report.json", "model.onnx", "model_metadata.json")}
+    for command in ("report", "export"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main([command, "--run", str(run)])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exc.value.code == 2 and len(err) == 1, err
+        assert f"config.yaml: data.{key} is {value!r}, the checkpoint best.ckpt was trained with {trained!r}" in err[0]
+    assert before == {n: (run / n).read_bytes() for n in before}
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("config.yaml", b"data: \xff\xfe bad\n", "config.yaml: not UTF-8 text"),
+        ("config.yaml", b"data: " + b"[" * 20000 + b"]" * 20000, "config.yaml: not"),
+        ("model_metadata.json", b"[" * 100000 + b"]" * 100000, "model_metadata.json: not valid JSON"),
+    ],
+    ids=["config-not-utf8", "config-nested", "metadata-nested"],
+)
+def test_hostile_run_files_are_one_line_errors(tmp_path, smoke_run, capsys, name, data, expected):
+    """Each used to end in a UnicodeDecodeError or RecursionError traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / name).write_bytes(data)
+    command = ["report", "--run", str(run)] if name == "config.yaml" else ["forecast", "--model", str(run),
+                                                                            "--input", str(tmp_path / "none.csv")]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(command)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err

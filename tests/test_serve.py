@@ -531,6 +531,7 @@ def test_forecast_refuses_bad_series_metadata_and_flags_with_one_line(smoke_run,
         (["--threads", "-1"], "threads must be"),
         (["--time-column", " "], "--time-column must name a column"),  # was the trained column, silently
         (["--metadata", str(run)], "is a directory, expected the model_metadata.json file"),
+        (["--output", ""], "--output must name a .csv or .parquet file"),
     ):
         with pytest.raises(SystemExit) as exc:
             cli_main(["forecast", "--model", str(run), "--input", str(two_links), *flags])

@@ -1,0 +1,43 @@
+"""What a config file or flag may name as code.
+
+jsonargparse builds objects from any dotted path a value names (``class_path`` plus ``init_args``, or a plain path
+for a callable argument) and imports the module to find it, so that a config file could run code: a
+``unittest.mock.Mock`` whose ``return_value`` is ``subprocess.Popen``, nested as a scheduler's ``lr_lambda`` or a
+callback's hook, ran a shell command when the run was set up, and naming any module ran its top-level code at parse
+time. jsonargparse's own import-path policy closes that: everything is denied except the packages a run of this
+project is built from. Checked by jsonargparse before it imports anything.
+
+A trusted module of your own (a callback, a logger) is allowed by the person running the command, never by a config:
+``DWCP_LSTM_ALLOW_IMPORTS=my_package,other.module python -m dwcp_lstm fit ...``.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "DWCP_LSTM_ALLOW_IMPORTS"
+ALLOWED = (
+    "torch.optim",  # optimizers and learning-rate schedulers (preflight.check_factories narrows it further)
+    "lightning.pytorch.callbacks", "lightning.pytorch.loggers", "lightning.pytorch.strategies",
+    "lightning.pytorch.plugins", "lightning.pytorch.profilers", "lightning.pytorch.accelerators",
+    "dwcp_lstm.callbacks",
+)  # fmt: skip
+# Inside the allowed packages: classes whose whole purpose is to call a function the config names.
+DENIED = (
+    "lightning.pytorch.callbacks.LambdaCallback",
+    "torch.optim.lr_scheduler.LambdaLR",
+    "torch.optim.lr_scheduler.MultiplicativeLR",
+)
+
+
+def restrict_config_imports() -> None:
+    """Install the policy (global to jsonargparse; idempotent). Also stops jsonargparse from building a
+    ``class_path`` found inside a plain dict or ``Any`` argument, where no type says what may be built."""
+    from jsonargparse import set_parsing_settings
+
+    extra = [p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()]
+    set_parsing_settings(
+        instantiate_subclass_spec_in_any=False,
+        import_path_denylist=["*", *DENIED],
+        import_path_allowlist=[*ALLOWED, *extra],
+    )
