@@ -132,7 +132,7 @@ def build_model(
 
 
 def bench_inference(
-    module: DwcpForecaster, dm: DwcpDataModule, model_path: Path, s: dict, threads: int | None
+    module: DwcpForecaster, dm: DwcpDataModule, model_path: Path, s: dict, threads: int | None, work: Path
 ) -> dict[str, Any]:
     """ONNX Runtime vs PyTorch eager on the same raw test windows: batch-1 latency (1 thread) and batch-256 rate
     (``threads`` intra-op threads for both; None = each library's default)."""
@@ -175,7 +175,7 @@ def bench_inference(
         sess1.run([name_out], {name_in: singles[nxt()]})
 
     # The same model without the interval outputs, exported beside it: their cost, measured side by side.
-    plain_path = model_path.with_name("forecast_only.onnx")
+    plain_path = work / "forecast_only.onnx"  # the scratch folder: never beside a run's own model
     export_onnx(module, plain_path, dm.window_size)
     sess_plain = ort.InferenceSession(str(plain_path), one, providers=["CPUExecutionProvider"])
 
@@ -493,7 +493,7 @@ def run_bench(
             train_dm = synthetic_datamodule(s["train_rows"], work)
             module, dm, model_path, meta = build_model(run, work, train_dm, s["parity_windows"])
             lap("setup_and_export")
-            result: dict[str, Any] = bench_inference(module, dm, model_path, s, threads)
+            result: dict[str, Any] = bench_inference(module, dm, model_path, s, threads, work)
             lap("inference")
             result.update(bench_plan(model_path, work, s["plan_links"], threads))
             lap("plan")

@@ -155,6 +155,7 @@ def _lightning_cli_class():
             for cb in self.trainer.checkpoint_callbacks:  # --checkpoint.dirpath / --last_checkpoint.dirpath
                 if cb.dirpath is not None:
                     preflight.check_writable(cb.dirpath)
+            preflight.check_checkpoint_names(self.trainer.checkpoint_callbacks)
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
             preflight.check_calibration(self.datamodule, self.model)

@@ -144,6 +144,11 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
     max_gap = need("max_gap", (int, float), series, "series.")
     if not math.isfinite(max_gap):
         raise ModelFileError(f"{path}: key 'series.max_gap' must be a finite number, got {max_gap}")
+    if "cadence_s" in series:  # the training data's cadence (optional: exports before it lack it)
+        cadence = series["cadence_s"]
+        if isinstance(cadence, bool) or not isinstance(cadence, int | float) or not 0 < cadence < math.inf:
+            raise ModelFileError(f"{path}: key 'series.cadence_s' must be a number of seconds > 0, got "
+                                 f"{short_repr(cadence)}")  # fmt: skip
     if "clock" in series or "start_format" in series:  # wall-clock inputs (tables.add_clock), optional
         try:
             check_clock(series.get("clock"), series.get("start_format"), names["features"], names["targets"],

@@ -30,6 +30,7 @@ from dwcp_lstm.tables import (
     ConfigError,
     DataError,
     add_clock,
+    cadence_of,
     check_clock,
     check_numeric,
     fill_missing,
@@ -37,6 +38,7 @@ from dwcp_lstm.tables import (
     order_series,
     read_table,
     segment_bounds,
+    sha256_of,
 )
 
 FEATURES = [
@@ -47,6 +49,15 @@ TARGETS = list(synthetic.TARGETS)
 STAGES = ("train", "val", "test")
 ORACLE_STEPS = 12  # the built-in dataset's sidecar covers horizons up to this (see DwcpDataModule.oracle_steps)
 ORACLE_MC_CAP = 2_200_000  # rows x (steps - 1) of the h-step oracle's Monte Carlo: 200,000 rows x 12 steps, ~1 min
+
+
+def check_same_data(dm: DwcpDataModule, state: dict | None, what: str) -> None:
+    """``dm`` reads the file whose sha256 ``state`` (a checkpoint's data-module state) records; older checkpoints
+    record none and pass."""
+    saved = (state or {}).get("data_sha256")
+    if saved and dm.path.exists() and dm.data_sha256() != saved:
+        raise DataError(f"{dm.path}: the file changed since {what} was trained on it (sha256 {dm.data_sha256()[:12]} "
+                        f"vs {saved[:12]}): its splits would not be the rows the run held out")  # fmt: skip
 
 
 class LeakageError(RuntimeError):
@@ -231,6 +242,30 @@ class DwcpDataModule(L.LightningDataModule):
         fs, ts = self.feature_scaler, self.target_scaler
         return Scalers(tuple(self.features), tuple(self.targets), self.target_mode,
                        fs.mean_.copy(), fs.scale_.copy(), ts.mean_.copy(), ts.scale_.copy(), self.horizon)  # fmt: skip
+
+    def data_sha256(self) -> str:
+        """The sha256 of the file read (computed once)."""
+        if getattr(self, "_data_sha256", None) is None:
+            self._data_sha256 = sha256_of(self.path)
+        return self._data_sha256
+
+    def cadence_s(self) -> float:
+        """The data's cadence: the median over its segments of each one's median time step (the model's contract
+        records it, and ``forecast`` / ``plan`` refuse input rows at another cadence)."""
+        return float(np.nanmedian(cadence_of(self.timestamps, self.bounds)))
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the data file's sha256. ``report`` / ``export`` (``runs.load_run``) and a
+        resumed fit refuse a file whose bytes changed: its splits would not be the rows the run held out (a
+        truncated file put training rows into the test split)."""
+        return {"data_sha256": self.data_sha256()} if self.path.exists() else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume: the data must be the file the checkpoint was trained on. (``test`` / ``validate`` with a
+        checkpoint restore this too, and may evaluate a model on other data.)"""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            check_same_data(self, state, "the checkpoint")
 
     @property
     def n_features(self) -> int:

@@ -35,9 +35,18 @@ def restrict_config_imports() -> None:
     ``class_path`` found inside a plain dict or ``Any`` argument, where no type says what may be built."""
     from jsonargparse import set_parsing_settings
 
+    from dwcp_lstm.errors import ConfigError
+
     extra = [p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip()]
-    set_parsing_settings(
-        instantiate_subclass_spec_in_any=False,
-        import_path_denylist=["*", *DENIED],
-        import_path_allowlist=[*ALLOWED, *extra],
-    )
+    for entry in extra:
+        if not all(part.isidentifier() for part in entry.split(".")) or entry.split(".")[0] == "jsonargparse":
+            raise ConfigError(f"environment variable {ENV}: {entry!r} is not a module or object path such as "
+                              "my_package.callbacks (jsonargparse itself cannot be allowed)")  # fmt: skip
+    try:
+        set_parsing_settings(
+            instantiate_subclass_spec_in_any=False,
+            import_path_denylist=["*", *DENIED],
+            import_path_allowlist=[*ALLOWED, *extra],
+        )
+    except ValueError as exc:  # e.g. JSONARGPARSE_DEBUG=1: jsonargparse reads its own variables here
+        raise ConfigError(" ".join(str(exc).split())) from None

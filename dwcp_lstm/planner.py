@@ -309,7 +309,7 @@ def plan_table(
     import pandas as pd
 
     from dwcp_lstm.errors import DataError
-    from dwcp_lstm.tables import check_numeric, order_series, segment_bounds
+    from dwcp_lstm.tables import check_cadence_matches, check_numeric, order_series, segment_bounds, time_steps
 
     if not predictor.levels:
         raise ConfigError(
@@ -330,7 +330,7 @@ def plan_table(
     bounds = segment_bounds(df, series, time, 1, max_gap, path)  # every segment; the latest of each link is used
     keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df), int)
     latest = bounds[np.r_[keys[bounds[1:, 0]] != keys[bounds[:-1, 0]], True]]  # [links, 2]
-    t = df[time].to_numpy(np.float64)
+    t = df[time].to_numpy()  # as read: steps are taken exactly (tables.time_steps)
     long_enough = (latest[:, 1] - latest[:, 0]) >= w
     if not long_enough.any():
         n = int((latest[:, 1] - latest[:, 0]).max())
@@ -341,9 +341,10 @@ def plan_table(
     forecast, lower, tail = _curves(predictor, windows, tp, level, str(path))
     beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
     if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
-        step = np.array([np.median(np.diff(t[a:b])) for a, b in ok])
+        step = np.array([np.median(time_steps(t[a:b])) for a, b in ok])
         for (a, _), s in zip(ok, step, strict=True):
             check_cadence(s, "/".join(str(df[c].iloc[a]) for c in series) or "the series", path)
+        check_cadence_matches(df, series, time, ok, predictor.cadence_s, path)
     else:
         step = np.full(len(ok), float(step_seconds))
     if online:  # the margin each link's own history earned (plan_online)
@@ -429,6 +430,7 @@ def plan_online(
     each row), its realised time from the measured throughput, its outcome known from the row it ended on. Also
     the number of outcomes each link had learnt from [S] (0: the calibrated margin, unchanged)."""
     from dwcp_lstm.serve import CHUNK
+    from dwcp_lstm.tables import time_steps
 
     w, j = predictor.window, predictor.features.index(tp)
     planned = set(keys[latest[:, 1] - 1].tolist())
@@ -437,7 +439,7 @@ def plan_online(
     for a, b in bounds:
         if b - a < w or keys[a] not in planned:
             continue
-        step = float(step_seconds) if step_seconds is not None else float(np.median(np.diff(t[a:b])))
+        step = float(step_seconds) if step_seconds is not None else float(np.median(time_steps(t[a:b])))
         check_cadence(step, f"segment from row {a + 1} (sorted)", source)
         views = np.lib.stride_tricks.sliding_window_view(x[a:b], w, axis=0)  # [n, F, W], no copy
         rows = np.arange(a + w - 1, b)  # each window's last row
@@ -745,6 +747,7 @@ def backtest_report(
     and per replayed run the (realised, median, confident) times [n] of its migrations, for the plot."""
     from dwcp_lstm import baselines as B
     from dwcp_lstm import intervals as I
+    from dwcp_lstm.tables import time_steps
 
     units = {t: "Mbit/s" for t in dm.targets if t.endswith("_mbps")}
     try:
@@ -763,7 +766,7 @@ def backtest_report(
     starts, first, pred, hist = starts[pick], first[pick], pred[pick], hist[pick]
     seg = dm.segment_of_row[first]
     seg_end = dm.bounds[seg, 1]
-    cadence = np.array([np.median(np.diff(dm.timestamps[a:b].astype(np.float64))) for a, b in dm.bounds])
+    cadence = np.array([np.median(time_steps(dm.timestamps[a:b])) for a, b in dm.bounds])
     step_s = cadence[seg]
     train = np.concatenate([dm.raw_targets[a:b, j] for a, b in dm.train_ranges])
     mean_mbps, h = float(np.mean(train)), dm.horizon

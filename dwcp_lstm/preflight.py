@@ -65,7 +65,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         detail = re.search(r"WeightsUnpickler error: (.*)", str(exc))
         why = detail.group(1).strip() if detail else first_line(exc)
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({why})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except OSError as exc:
+        if is_remote(path):  # urllib's URLError is an OSError: the server, not the file
+            raise CheckpointError(f"{path}: cannot fetch checkpoint ({first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(exc)})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({first_line(exc)})") from None
     except Exception as exc:  # fsspec/urllib raise their own types for unreachable URLs
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
@@ -187,6 +191,23 @@ def check_monitors(trainer, model) -> None:
         if no_validation and cb.monitor.startswith("val"):  # else: a traceback after the first training epoch
             raise ConfigError(f"--trainer.limit_val_batches 0 runs no validation, but --{flag}.monitor is "
                               f"{cb.monitor!r}: validate, or set the monitor to null")  # fmt: skip
+
+
+def check_checkpoint_names(callbacks) -> None:
+    """No two checkpoint callbacks write the same file: with ``--last_checkpoint.filename best`` the every-epoch copy
+    overwrote the best one, and the report and the ONNX model came silently from the last epoch's weights."""
+    seen: dict = {}
+    for cb in callbacks:
+        if cb.filename is None:  # Lightning's own epoch/step names never collide with a fixed one
+            continue
+        key = (str(Path(cb.dirpath).resolve()) if cb.dirpath is not None else None, cb.filename)
+        if key in seen:
+            raise ConfigError(
+                f"two checkpoints would be written to the same file ({cb.filename!r} in "
+                f"{cb.dirpath or 'the run folder'}): give --checkpoint.filename and --last_checkpoint.filename "
+                "different names"
+            )
+        seen[key] = cb
 
 
 def check_trainer_config(trainer: dict, seed) -> None:

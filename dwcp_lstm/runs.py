@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
-from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
@@ -52,8 +52,8 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
     try:
         ns = parser.parse_object({"data": cfg["data"]})
         return parser.instantiate_classes(ns).data
-    except ArgumentError as exc:  # an unknown key or a value of the wrong type
-        raise ConfigError(f"{config_path}: {first_line(exc)}") from None
+    except ArgumentError as exc:  # an unknown key or a value of the wrong type (jsonargparse's text spans lines)
+        raise ConfigError(f"{config_path}: {' '.join(str(exc).split())[:400]}") from None
     except ConfigError as exc:  # a value the DataModule refuses: name the file it came from
         raise ConfigError(f"{config_path}: {exc}") from None
 
@@ -68,9 +68,11 @@ def _same_data_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule) -> None:
     import torch
 
     try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+        contents = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception:  # load_from_checkpoint already read it; an older checkpoint may carry no data settings
-        saved = None
+        contents = {}
+    check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")
+    saved = contents.get("datamodule_hyper_parameters")
     if not saved:
         return
     now = dict(dm.hparams)

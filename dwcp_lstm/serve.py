@@ -36,6 +36,7 @@ from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
 from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     add_clock,
+    check_cadence_matches,
     check_numeric,
     check_output_file,
     order_series,
@@ -96,6 +97,7 @@ class Predictor:
         series = self.metadata["series"]
         self.clock: dict[str, float] = dict(series.get("clock") or {})  # wall-clock inputs, derived (add_clock)
         self.series_start: str | None = series.get("start_format")
+        self.cadence_s: float | None = series.get("cadence_s")  # the training rows' cadence (None: not recorded)
         self.file_features: list[str] = [c for c in self.features if c not in self.clock]  # what an input file holds
         self.targets: list[str] = [c["name"] for c in self.metadata["targets"]]
         self.horizon: int = horizon_of(self.metadata)
@@ -381,6 +383,7 @@ def forecast_table(
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
     # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
     bounds = segment_bounds(df, series, time, w, max_gap, path)  # [S, 2] row ranges
+    check_cadence_matches(df, series, time, bounds, predictor.cadence_s, path)
     if rolling or online:  # online: every window, so that each link learns from its own past outcomes
         ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
         last_rows = np.concatenate([np.arange(a + w - 1, b) for a, b in bounds])

@@ -366,6 +366,42 @@ def _series_codes(df: pd.DataFrame, series: Sequence[str]) -> np.ndarray:
     return df.groupby(list(series), sort=True, observed=True).ngroup().to_numpy(np.int64)
 
 
+def time_steps(t: np.ndarray) -> np.ndarray:
+    """[n] times -> [n - 1] steps as float64, exact for integer times: as float64 a time near 2**62 is 1024 s
+    coarse, which turned a regular 300 s cadence into gaps. (A difference across two series may wrap around;
+    callers mask those.)"""
+    if np.issubdtype(t.dtype, np.integer):
+        return np.diff(t).astype(np.float64)
+    return np.diff(t.astype(np.float64))
+
+
+CADENCE_TOLERANCE = 2.0  # a link's cadence may differ from training's by up to this factor either way
+
+
+def cadence_of(t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """[S] median step of each segment ``bounds`` [S, 2] (NaN for a one-row segment)."""
+    return np.array([np.median(time_steps(t[a:b])) if b - a > 1 else np.nan for a, b in bounds])
+
+
+def check_cadence_matches(
+    df: pd.DataFrame, series: Sequence[str], time: str, bounds: np.ndarray, trained: float | None, path: str | Path
+) -> None:
+    """Each segment's cadence is within :data:`CADENCE_TOLERANCE` of the one the model was trained on: a model
+    forecasts the next *rows*, so rows every 50 minutes fed to a model of rows every 5 would give confident
+    forecasts of the wrong thing. ``trained`` None (an export from before the contract recorded it): no check."""
+    if not trained:
+        return
+    steps = cadence_of(df[time].to_numpy(), bounds)
+    ratio = steps / trained
+    bad = np.flatnonzero(~((ratio >= 1 / CADENCE_TOLERANCE) & (ratio <= CADENCE_TOLERANCE)) & np.isfinite(ratio))
+    if len(bad):
+        a = int(bounds[bad[0], 0])
+        link = "/".join(str(df[c].iloc[a]) for c in series) or "the series"
+        raise DataError(f"{path}: link {link}: a row every {steps[bad[0]]:g} s, the model was trained on a row every "
+                        f"{trained:g} s (it forecasts rows, not seconds: resample the input or train on its "
+                        "cadence)")  # fmt: skip
+
+
 def segment_bounds(
     df: pd.DataFrame, series: Sequence[str], time: str, min_rows: int, max_gap: float, path: str | Path
 ) -> np.ndarray:
@@ -375,9 +411,8 @@ def segment_bounds(
     median step; ``max_gap <= 0`` turns gap splitting off.
     """
     codes = _series_codes(df, series)
-    t = df[time].to_numpy(np.float64)
     new_series = np.r_[True, codes[1:] != codes[:-1]]
-    step = np.r_[np.nan, np.diff(t)]
+    step = np.r_[np.nan, time_steps(df[time].to_numpy())]
     step[new_series] = np.nan
     cut = new_series.copy()
     if max_gap > 0:

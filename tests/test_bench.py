@@ -50,3 +50,16 @@ def test_bench_quick_emits_every_figure(tmp_path: Path, capsys):
 def test_bench_rejects_a_missing_run(tmp_path: Path):
     with pytest.raises(DataError, match=r"run directory not found"):
         cmd_bench(["--quick", "--run", str(tmp_path / "nope")])
+
+
+def test_bench_leaves_the_run_it_measures_untouched(tmp_path: Path, smoke_run: Path, capsys):
+    """It exported its interval-free comparison model beside the run's own, as forecast_only.onnx: a run trained
+    with --onnx.filename forecast_only.onnx had its model replaced, and forecast then refused it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    cli_main(["bench", "--quick", "--skip-load", "--run", str(run)])
+    assert json.loads(capsys.readouterr().out)["onnx_b1_forecast_only_graph_p50_ms"] > 0
+    assert before == {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}

@@ -78,6 +78,13 @@ def test_a_checkpoint_url_never_runs_code(tmp_path, http_dir, capsys, monkeypatc
     assert not marker.exists(), "unpickling the checkpoint ran code"
 
 
+def test_a_checkpoint_url_that_cannot_be_fetched_says_so(tmp_path, http_dir, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _, url = http_dir
+    err = run_cli(fit_args(tmp_path, f"--ckpt_path={url}/missing.ckpt"), capsys)  # 404: not "truncated or corrupt"
+    assert "missing.ckpt: cannot fetch checkpoint" in err, err
+
+
 @pytest.mark.parametrize("command", LIGHTNING)
 def test_a_local_checkpoint_never_runs_code(tmp_path, capsys, command):
     marker = tmp_path / "PWNED"
@@ -194,6 +201,8 @@ CONFIG_CASES = [
     ("no-validation", ["--trainer.limit_val_batches=0"], "--trainer.limit_val_batches 0 runs no validation, but"),
     ("checkpoint-dir-in-a-file", ["--checkpoint.dirpath=/dev/null/ckpt"], "/dev/null/ckpt: output folder is not"),
     ("last-dir-in-a-file", ["--last_checkpoint.dirpath=/dev/null/c"], "/dev/null/c: output folder is not writable"),
+    # the every-epoch copy overwrote the best one: the report and the ONNX model came from the last epoch
+    ("same-checkpoint-file", ["--last_checkpoint.filename=best"], "two checkpoints would be written to the same file"),
 ]
 
 
@@ -349,3 +358,17 @@ def test_naming_a_module_does_not_import_it(tmp_path, capsys, monkeypatch):
     err = run_cli([*fit_args(tmp_path), "--model.optimizer", "sideeffect.Foo"], capsys)
     assert "Expected 'sideeffect.Foo' to be a subclass of <class 'Optimizer'>" in err, err
     assert (tmp_path / "imported").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [("DWCP_LSTM_ALLOW_IMPORTS", "*", "DWCP_LSTM_ALLOW_IMPORTS: '*' is not a module or object path"),
+     ("DWCP_LSTM_ALLOW_IMPORTS", "jsonargparse", "jsonargparse itself cannot be allowed"),
+     ("DWCP_LSTM_ALLOW_IMPORTS", "os..path", "'os..path' is not a module or object path"),
+     ("JSONARGPARSE_DEBUG", "1", "JSONARGPARSE_DEBUG")],
+)  # fmt: skip
+def test_bad_import_settings_in_the_environment_are_one_line_errors(tmp_path, capsys, monkeypatch, name, value,
+                                                                    expected):  # fmt: skip
+    monkeypatch.setenv(name, value)
+    err = run_cli(fit_args(tmp_path), capsys)
+    assert expected in err, err

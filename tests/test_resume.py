@@ -55,3 +55,21 @@ def test_resume_last_without_a_run_is_a_clear_error(tmp_path, capsys):
         cli_main(fit_args(tmp_path, "--ckpt_path=last"))
     assert exc.value.code == 2
     assert "checkpoints/last.ckpt to resume from" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_data_file_changed_in_place(tmp_path, small_csv, capsys):
+    """The config still names the same file, but its rows changed: resuming would train on other splits than the
+    checkpoint's, silently. The checkpoint records the file's sha256."""
+    import shutil
+
+    import pandas as pd
+
+    data = tmp_path / "d.csv"
+    shutil.copy(small_csv, data)
+    cli_main(fit_args(tmp_path, f"--data.data_path={data}", "--trainer.max_epochs=1"))
+    df = pd.read_csv(data)
+    df.groupby(["node_id", "peer_id"]).head(len(df) // 8).to_csv(data, index=False)  # rows cut: other splits
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--data.data_path={data}", "--trainer.max_epochs=2", "--ckpt_path=last"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "d.csv: the file changed since the checkpoint" in err[0], err

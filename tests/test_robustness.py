@@ -396,3 +396,46 @@ def test_hostile_run_files_are_one_line_errors(tmp_path, smoke_run, capsys, name
         cli_main(command)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_integer_times_beyond_float_precision_keep_their_cadence(caplog):
+    """Near 2**62 a float64 time is 1024 s coarse: a regular 300 s link read as a run of gaps, then was refused
+    with "no series has at least 21 rows". Integer steps are now taken exactly."""
+    from dwcp_lstm.tables import segment_bounds, time_steps
+
+    t = np.int64(2**62) + 300 * np.arange(60, dtype=np.int64)
+    df = pd.DataFrame({"link": ["a"] * 60, "timestamp": t})
+    assert segment_bounds(df, ["link"], "timestamp", 21, 3.0, "t.csv").tolist() == [[0, 60]]
+    assert "gaps" not in caplog.text
+    np.testing.assert_array_equal(time_steps(t), np.full(59, 300.0))
+    np.testing.assert_array_equal(time_steps(t.astype(np.uint64)), np.full(59, 300.0))
+
+
+def test_report_refuses_a_data_file_that_changed_since_training(tmp_path, smoke_run, capsys):
+    """A truncated file put the model's training rows into the test split (and the calibration's validation rows
+    elsewhere): report.json overwritten with flattering figures. The checkpoint records the file's sha256; a moved
+    but identical file is fine."""
+    import shutil
+
+    import yaml
+
+    from dwcp_lstm.runs import datamodule_from_config
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    source = datamodule_from_config(run / "config.yaml").path
+    moved, cut = tmp_path / "moved.csv", tmp_path / "cut.csv"
+    shutil.copy(source, moved)
+    pd.read_csv(source).groupby(["node_id", "peer_id"]).head(300).to_csv(cut, index=False)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    before = (run / "report.json").read_bytes()
+    cfg["data"]["data_path"] = str(cut)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "cut.csv: the file changed since the checkpoint" in err[0], err
+    assert (run / "report.json").read_bytes() == before
+    cfg["data"]["data_path"] = str(moved)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cli_main(["export", "--run", str(run)])  # the same bytes elsewhere: accepted

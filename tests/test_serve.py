@@ -172,6 +172,8 @@ def test_model_whose_sha256_differs_is_refused(smoke_run, tmp_path):
         (lambda m: m["series"].update(max_gap=float("nan")), r"key 'series.max_gap' must be a finite number"),
         (lambda m: m["series"].update(max_gap=True), r"key 'series.max_gap' must be number, got bool"),
         (lambda m: m["series"].update(max_gap="3"), r"key 'series.max_gap' must be number, got str"),
+        (lambda m: m["series"].update(cadence_s=-300), r"key 'series.cadence_s' must be a number of seconds > 0"),
+        (lambda m: m["series"].update(cadence_s=True), r"key 'series.cadence_s' must be a number of seconds > 0"),
         (lambda m: m.update(target_mode="levels"), r"key 'target_mode' must be one of delta, level, got 'levels'"),
         (lambda m: m.pop("target_mode"), r"missing key 'target_mode'"),
         (lambda m: m["features"][0].update(unit=5), r"key 'features\[0\].unit' must be str, got int"),
@@ -603,3 +605,22 @@ def test_absurd_thread_counts_are_refused(smoke_run):
     for threads in (-1, 1025, 99_999_999_999):
         with pytest.raises(ConfigError, match="threads must be an integer from 0 to 1024"):
             Predictor.from_run(smoke_run, threads=threads)
+
+
+def test_rows_at_another_cadence_than_training_are_refused(smoke_run, two_links, tmp_path, capsys):
+    """The model forecasts the next rows: rows every 50 minutes fed to a model of rows every 5 gave confident
+    forecasts of the wrong thing, silently. The contract records the training cadence."""
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    assert meta["series"]["cadence_s"] == 300.0
+    df = pd.read_csv(two_links)
+    slow = tmp_path / "slow.csv"
+    df.assign(timestamp=df["timestamp"] * 10).to_csv(slow, index=False)
+    for command in (["forecast"], ["plan", "--memory-gib", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli_main([command[0], "--model", str(smoke_run), "--input", str(slow), *command[1:]])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert exc.value.code == 2 and len(err) == 1, err
+        assert "slow.csv: link" in err[0] and "a row every 3000 s, the model was trained on a row every 300 s" in err[0]
+    jitter = tmp_path / "jitter.csv"  # within a factor of 2: accepted
+    df.assign(timestamp=df["timestamp"] + np.arange(len(df)) % 3 * 60).to_csv(jitter, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(jitter)])
