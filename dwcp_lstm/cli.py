@@ -482,7 +482,9 @@ def cli_main(args: ArgsType = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except ArgumentError as exc:  # jsonargparse's message, on one line
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        from dwcp_lstm.imports import denied_message
+
+        print(f"error: {denied_message(str(exc)) or ' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as exc:  # the machine, not the input: a full disk, a folder that vanished (exit 1)
         where = f"{exc.filename}: " if exc.filename else ""

@@ -56,8 +56,9 @@ def check_same_data(dm: DwcpDataModule, state: dict | None, what: str) -> None:
     record none and pass."""
     saved = (state or {}).get("data_sha256")
     if saved and dm.path.exists() and dm.data_sha256() != saved:
-        raise DataError(f"{dm.path}: the file changed since {what} was trained on it (sha256 {dm.data_sha256()[:12]} "
-                        f"vs {saved[:12]}): its splits would not be the rows the run held out")  # fmt: skip
+        raise DataError(f"{dm.path}: the file changed since {what} was trained on it (its bytes: sha256 "
+                        f"{dm.data_sha256()[:12]} vs {saved[:12]}): its splits may not be the rows the run held out; "
+                        "point data.data_path at the file the run was trained on")  # fmt: skip
 
 
 class LeakageError(RuntimeError):

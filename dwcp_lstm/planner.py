@@ -344,7 +344,7 @@ def plan_table(
         step = np.array([np.median(time_steps(t[a:b])) for a, b in ok])
         for (a, _), s in zip(ok, step, strict=True):
             check_cadence(s, "/".join(str(df[c].iloc[a]) for c in series) or "the series", path)
-        check_cadence_matches(df, series, time, ok, predictor.cadence_s, path)
+        check_cadence_matches(df, series, time, ok, predictor.cadence_s, path, w)
     else:
         step = np.full(len(ok), float(step_seconds))
     if online:  # the margin each link's own history earned (plan_online)

@@ -383,7 +383,7 @@ def forecast_table(
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
     # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
     bounds = segment_bounds(df, series, time, w, max_gap, path)  # [S, 2] row ranges
-    check_cadence_matches(df, series, time, bounds, predictor.cadence_s, path)
+    check_cadence_matches(df, series, time, bounds, predictor.cadence_s, path, w)
     if rolling or online:  # online: every window, so that each link learns from its own past outcomes
         ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
         last_rows = np.concatenate([np.arange(a + w - 1, b) for a, b in bounds])

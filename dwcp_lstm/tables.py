@@ -384,22 +384,31 @@ def cadence_of(t: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
 
 def check_cadence_matches(
-    df: pd.DataFrame, series: Sequence[str], time: str, bounds: np.ndarray, trained: float | None, path: str | Path
-) -> None:
-    """Each segment's cadence is within :data:`CADENCE_TOLERANCE` of the one the model was trained on: a model
-    forecasts the next *rows*, so rows every 50 minutes fed to a model of rows every 5 would give confident
-    forecasts of the wrong thing. ``trained`` None (an export from before the contract recorded it): no check."""
+    df: pd.DataFrame, series: Sequence[str], time: str, bounds: np.ndarray, trained: float | None, path: str | Path,
+    window: int | None = None,
+) -> None:  # fmt: skip
+    """Each segment's cadence, and that of its latest ``window`` rows (what the model reads), is within
+    :data:`CADENCE_TOLERANCE` of the one the model was trained on: a model forecasts the next *rows*, so rows every
+    50 minutes fed to a model of rows every 5 would give confident forecasts of the wrong thing (and a long history
+    at the right cadence would hide a latest stretch at another). ``trained`` None (an export from before the
+    contract recorded it): no check."""
     if not trained:
         return
-    steps = cadence_of(df[time].to_numpy(), bounds)
-    ratio = steps / trained
-    bad = np.flatnonzero(~((ratio >= 1 / CADENCE_TOLERANCE) & (ratio <= CADENCE_TOLERANCE)) & np.isfinite(ratio))
-    if len(bad):
-        a = int(bounds[bad[0], 0])
-        link = "/".join(str(df[c].iloc[a]) for c in series) or "the series"
-        raise DataError(f"{path}: link {link}: a row every {steps[bad[0]]:g} s, the model was trained on a row every "
-                        f"{trained:g} s (it forecasts rows, not seconds: resample the input or train on its "
-                        "cadence)")  # fmt: skip
+    t = df[time].to_numpy()
+    checks = [("", bounds)]
+    if window:
+        checks.append((" in its latest window", np.stack([np.maximum(bounds[:, 1] - window, bounds[:, 0]),
+                                                          bounds[:, 1]], axis=1)))  # fmt: skip
+    for what, spans in checks:
+        steps = cadence_of(t, spans)
+        ratio = steps / trained
+        bad = np.flatnonzero(~((ratio >= 1 / CADENCE_TOLERANCE) & (ratio <= CADENCE_TOLERANCE)) & np.isfinite(ratio))
+        if len(bad):
+            a = int(spans[bad[0], 0])
+            link = "/".join(str(df[c].iloc[a]) for c in series) or "the series"
+            raise DataError(f"{path}: link {link}: a row every {steps[bad[0]]:g} s{what}, the model was trained on a "
+                            f"row every {trained:g} s (it forecasts rows, not seconds: resample the input or train on "
+                            "its cadence)")  # fmt: skip
 
 
 def segment_bounds(

@@ -621,6 +621,16 @@ def test_rows_at_another_cadence_than_training_are_refused(smoke_run, two_links,
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert exc.value.code == 2 and len(err) == 1, err
         assert "slow.csv: link" in err[0] and "a row every 3000 s, the model was trained on a row every 300 s" in err[0]
+    # the right cadence for most of the history, but the latest window (what the model reads) 3 x slower
+    late = df.sort_values(["node_id", "peer_id", "timestamp"])
+    back = late.groupby(["node_id", "peer_id"]).cumcount(ascending=False)  # rows from the end
+    late["timestamp"] = late["timestamp"] + 450 * (30 - back).clip(0)  # the last 30 steps 750 s (2.5 x), no gap
+    late_path = tmp_path / "late.csv"
+    late.to_csv(late_path, index=False)
+    with pytest.raises(SystemExit):
+        cli_main(["forecast", "--model", str(smoke_run), "--input", str(late_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "a row every 750 s in its latest window" in err[0], err
     jitter = tmp_path / "jitter.csv"  # within a factor of 2: accepted
     df.assign(timestamp=df["timestamp"] + np.arange(len(df)) % 3 * 60).to_csv(jitter, index=False)
     cli_main(["forecast", "--model", str(smoke_run), "--input", str(jitter)])
