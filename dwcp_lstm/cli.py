@@ -39,6 +39,11 @@ OWN_COMMANDS = {
 }
 
 
+# Trainer arguments where an int counts batches and a float is a fraction of them.
+INT_OR_FRACTION = {f"trainer.{k}" for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
+                                           "limit_predict_batches", "overfit_batches")}  # fmt: skip
+
+
 def _lightning_cli_class():
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
@@ -81,6 +86,12 @@ def _lightning_cli_class():
             parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
             parser.add_lightning_class_args(StepSeed, "step_seed")
             parser.add_lightning_class_args(OnnxExport, "onnx")
+            # Trainer's limit_*_batches / overfit_batches are Optional[Union[int, float]], but typing's Union cache
+            # hands back an equal Union[float, int] made earlier, so jsonargparse tried float first: `1` (one batch)
+            # became 1.0, i.e. every batch. int first again, as a PEP 604 union (no cache).
+            for action in parser._actions:
+                if action.dest in INT_OR_FRACTION and hasattr(action, "_typehint"):
+                    action._typehint = int | float | None
             parser.add_argument(
                 "--threads",
                 type=int | None,

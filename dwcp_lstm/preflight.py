@@ -7,10 +7,10 @@ Every problem is a :class:`~dwcp_lstm.errors.DwcpError` with a one-line message;
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import re
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
-from dwcp_lstm.tables import atomic_path, atomic_write, first_line
+from dwcp_lstm.tables import atomic_path, atomic_write, first_line, probe_writable
 
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
 CONTRACT_HPARAMS = (
@@ -103,12 +103,20 @@ def hparam_differences(ckpt: dict[str, Any], model, keys=None) -> list[tuple[str
     that the checkpoint records with another value; lists and tuples compare equal."""
     saved = ckpt.get("hyper_parameters") or {}
     keys = model.hparams.keys() if keys is None else keys
-    return [(k, _plain(saved[k]), _plain(model.hparams.get(k))) for k in keys
-            if k in saved and _plain(saved[k]) != _plain(model.hparams.get(k))]  # fmt: skip
+    return [(k, plain_value(saved[k]), plain_value(model.hparams.get(k))) for k in keys
+            if k in saved and plain_value(saved[k]) != plain_value(model.hparams.get(k))]  # fmt: skip
 
 
-def _plain(v: Any) -> Any:
-    return list(v) if isinstance(v, list | tuple) else v
+def plain_value(v: Any) -> Any:
+    """A setting as plain data, to compare by value: lists for tuples, dicts for dataclasses, recursively (a YAML
+    round trip turns tuples into lists, and a checkpoint keeps the synthetic spec as a dict)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        v = dataclasses.asdict(v)
+    if isinstance(v, list | tuple):
+        return [plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain_value(x) for k, x in v.items()}
+    return v
 
 
 def _named_object(value: Any) -> tuple[str, Any]:
@@ -261,9 +269,7 @@ def check_writable(folder: str | Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as exc:
         raise ConfigError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from None
 

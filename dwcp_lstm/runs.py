@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import yaml
@@ -12,6 +11,7 @@ from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.preflight import plain_value
 from dwcp_lstm.tables import first_line
 
 
@@ -77,23 +77,12 @@ def _same_data_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule) -> None:
         return
     now = dict(dm.hparams)
     changed = [k for k in saved if not k.startswith("_") and k not in DATA_MAY_CHANGE and k in now
-               and _plain(saved[k]) != _plain(now[k])]  # fmt: skip
+               and plain_value(saved[k]) != plain_value(now[k])]  # fmt: skip
     if changed:
         k = changed[0]
-        raise ConfigError(f"{config}: data.{k} is {_plain(now[k])!r}, the checkpoint {ckpt.name} was trained with "
-                          f"{_plain(saved[k])!r}" + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""))
-
-
-def _plain(v):
-    """Lists, tuples, dicts and dataclasses compared by value (a YAML round trip turns tuples into lists, and a
-    checkpoint keeps the synthetic spec as a dict)."""
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        v = dataclasses.asdict(v)
-    if isinstance(v, list | tuple):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConfigError(f"{config}: data.{k} is {plain_value(now[k])!r}, the checkpoint {ckpt.name} was trained "
+                          f"with {plain_value(saved[k])!r}{more}")  # fmt: skip
 
 
 def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, DwcpDataModule, Path]:

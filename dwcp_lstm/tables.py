@@ -497,6 +497,14 @@ def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = N
         raise DataError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
+def probe_writable(folder: Path) -> None:
+    """Create and remove an empty file in ``folder``: OSError where it cannot be written (permissions, a read-only
+    or full disk), found before the work whose output would go there."""
+    probe = folder / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def check_output_file(path: str | Path) -> Path:
     """An output file can be written: checked before the work that produces it, never after.
 
@@ -508,10 +516,8 @@ def check_output_file(path: str | Path) -> Path:
         raise ConfigError(f"{path}: is a directory, expected a file name to write")
     if not path.parent.is_dir():
         raise ConfigError(f"{path}: folder {path.parent} does not exist")
-    probe = path.parent / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(path.parent)
     except OSError as exc:
         raise ConfigError(f"{path}: folder {path.parent} is not writable ({exc.strerror or exc})") from None
     return path

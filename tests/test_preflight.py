@@ -385,3 +385,15 @@ def test_bad_import_settings_in_the_environment_are_one_line_errors(tmp_path, ca
     monkeypatch.setenv(name, value)
     err = run_cli(fit_args(tmp_path), capsys)
     assert expected in err, err
+
+
+@pytest.mark.parametrize(("given", "read"), [("1", "1"), ("1.0", "1.0"), ("0.25", "0.25"), ("3", "3")])
+def test_a_batch_count_stays_a_count(tmp_path, capsys, given, read):
+    """Lightning reads an int as a number of batches and a float as a fraction; the CLI used to turn `1` into 1.0
+    (every batch: a full epoch where one batch was asked for)."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*fit_args(tmp_path), "--print_config", f"--trainer.limit_train_batches={given}",
+                  f"--trainer.overfit_batches={given}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert f"limit_train_batches: {read}\n" in out and f"overfit_batches: {read}\n" in out, out
