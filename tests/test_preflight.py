@@ -397,3 +397,34 @@ def test_a_batch_count_stays_a_count(tmp_path, capsys, given, read):
     out = capsys.readouterr().out
     assert exc.value.code == 0
     assert f"limit_train_batches: {read}\n" in out and f"overfit_batches: {read}\n" in out, out
+
+
+def test_the_import_policy_refuses_every_callable_of_modules_that_can_run_code():
+    """The class, not the fuzzer's examples: every public callable of modules that run code, touch files or the
+    network, or unpickle, named as a callable value, is refused before import; the packages a run is built from pass."""
+    import importlib
+    from collections.abc import Callable
+
+    from jsonargparse import ArgumentParser
+
+    from dwcp_lstm.imports import restrict_config_imports
+
+    restrict_config_imports()
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--f", type=Callable)
+    modules = ["builtins", "os", "shutil", "subprocess", "pickle", "importlib", "unittest.mock", "code", "pdb",
+               "runpy", "ctypes", "socket", "urllib.request", "pathlib", "io", "sys", "yaml", "numpy", "torch",
+               "torch.hub", "torch.serialization", "lightning.pytorch.cli", "dwcp_lstm.cli", "dwcp_lstm.tables"]
+    names = [f"{m}.{n}" for m in modules for n in dir(importlib.import_module(m))
+             if not n.startswith("_") and callable(getattr(importlib.import_module(m), n))]  # fmt: skip
+    assert len(names) > 1000
+    for name in names:
+        with pytest.raises(Exception, match="is not allowed") as exc:
+            parser.parse_args(["--f", name])
+        assert name in str(exc.value)
+    for name in ("torch.optim.AdamW", "torch.optim.lr_scheduler.StepLR", "lightning.pytorch.callbacks.EarlyStopping",
+                 "lightning.pytorch.loggers.CSVLogger", "dwcp_lstm.callbacks.EMA"):  # fmt: skip
+        try:  # imported; whether it is a fitting callable is the type check's business
+            parser.parse_args(["--f", name])
+        except Exception as exc:
+            assert "is not allowed" not in str(exc), exc
