@@ -337,7 +337,7 @@ def cmd_generate(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from dwcp_lstm import synthetic
-    from dwcp_lstm.tables import check_output_file
+    from dwcp_lstm.tables import check_output_file, check_table_suffix
 
     p = ArgumentParser(prog="python -m dwcp_lstm generate", description=OWN_COMMANDS["generate"][0])
     p.add_argument("--output", default="data/dwcp_training.csv", help="CSV or Parquet file to write")
@@ -366,8 +366,7 @@ def cmd_generate(argv: list[str]) -> None:
     if not 0 <= a.seed <= 2**32 - 1:  # numpy's range: its own message names no flag
         raise _data_error(f"--seed must be from 0 to 2**32 - 1, got {a.seed}")
     out = Path(a.output)
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise _data_error(f"{out}: output must end in .csv or .parquet")
+    check_table_suffix(out)
     try:  # the folder is created (the default is data/...), and checked, before any row is generated
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -308,8 +308,14 @@ def plan_table(
     (:func:`plan_online`)."""
     import pandas as pd
 
-    from dwcp_lstm.errors import DataError
-    from dwcp_lstm.tables import check_cadence_matches, check_numeric, order_series, segment_bounds, time_steps
+    from dwcp_lstm.tables import (
+        cadence_of,
+        check_cadence_matches,
+        check_numeric,
+        link_name,
+        order_series,
+        segment_bounds,
+    )
 
     if not predictor.levels:
         raise ConfigError(
@@ -341,9 +347,9 @@ def plan_table(
     forecast, lower, tail = _curves(predictor, windows, tp, level, str(path))
     beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
     if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
-        step = np.array([np.median(time_steps(t[a:b])) for a, b in ok])
+        step = cadence_of(t, ok)
         for (a, _), s in zip(ok, step, strict=True):
-            check_cadence(s, "/".join(str(df[c].iloc[a]) for c in series) or "the series", path)
+            check_cadence(s, link_name(df, series, a), path)
         check_cadence_matches(df, series, time, ok, predictor.cadence_s, path, w)
     else:
         step = np.full(len(ok), float(step_seconds))
@@ -747,7 +753,7 @@ def backtest_report(
     and per replayed run the (realised, median, confident) times [n] of its migrations, for the plot."""
     from dwcp_lstm import baselines as B
     from dwcp_lstm import intervals as I
-    from dwcp_lstm.tables import time_steps
+    from dwcp_lstm.tables import cadence_of
 
     units = {t: "Mbit/s" for t in dm.targets if t.endswith("_mbps")}
     try:
@@ -766,7 +772,7 @@ def backtest_report(
     starts, first, pred, hist = starts[pick], first[pick], pred[pick], hist[pick]
     seg = dm.segment_of_row[first]
     seg_end = dm.bounds[seg, 1]
-    cadence = np.array([np.median(time_steps(dm.timestamps[a:b])) for a, b in dm.bounds])
+    cadence = cadence_of(dm.timestamps, dm.bounds)
     step_s = cadence[seg]
     train = np.concatenate([dm.raw_targets[a:b, j] for a, b in dm.train_ranges])
     mean_mbps, h = float(np.mean(train)), dm.horizon

@@ -11,7 +11,7 @@ from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
-from dwcp_lstm.preflight import plain_value
+from dwcp_lstm.preflight import load_checkpoint, plain_value
 from dwcp_lstm.tables import first_line
 
 
@@ -65,12 +65,7 @@ DATA_MAY_CHANGE = ("data_path", "data_dir", "num_workers", "batch_size")
 
 
 def _same_data_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule) -> None:
-    import torch
-
-    try:
-        contents = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception:  # load_from_checkpoint already read it; an older checkpoint may carry no data settings
-        contents = {}
+    contents = load_checkpoint(ckpt)  # weights only, like every checkpoint read here
     check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")
     saved = contents.get("datamodule_hyper_parameters")
     if not saved:

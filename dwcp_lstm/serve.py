@@ -39,6 +39,7 @@ from dwcp_lstm.tables import (
     check_cadence_matches,
     check_numeric,
     check_output_file,
+    check_table_suffix,
     order_series,
     read_table,
     segment_bounds,
@@ -486,8 +487,7 @@ def cmd_forecast(argv: list[str]) -> None:
         raise ConfigError("--output must name a .csv or .parquet file (leave it out for CSV on stdout), got ''")
     output = Path(a.output) if a.output else None
     if output is not None:
-        if output.suffix.lower() not in (".csv", ".parquet"):
-            raise ConfigError(f"{output}: output must end in .csv or .parquet")
+        check_table_suffix(output)
         check_output_file(output)
     model = Path(a.model)
     if model.is_dir():

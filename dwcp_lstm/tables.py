@@ -375,6 +375,11 @@ def time_steps(t: np.ndarray) -> np.ndarray:
     return np.diff(t.astype(np.float64))
 
 
+def link_name(df: pd.DataFrame, series: Sequence[str], row: int) -> str:
+    """The link of ``row`` as messages name it: its series ids joined by '/'."""
+    return "/".join(str(df[c].iloc[row]) for c in series) or "the series"
+
+
 CADENCE_TOLERANCE = 2.0  # a link's cadence may differ from training's by up to this factor either way
 
 
@@ -404,8 +409,7 @@ def check_cadence_matches(
         ratio = steps / trained
         bad = np.flatnonzero(~((ratio >= 1 / CADENCE_TOLERANCE) & (ratio <= CADENCE_TOLERANCE)) & np.isfinite(ratio))
         if len(bad):
-            a = int(spans[bad[0], 0])
-            link = "/".join(str(df[c].iloc[a]) for c in series) or "the series"
+            link = link_name(df, series, int(spans[bad[0], 0]))
             raise DataError(f"{path}: link {link}: a row every {steps[bad[0]]:g} s{what}, the model was trained on a "
                             f"row every {trained:g} s (it forecasts rows, not seconds: resample the input or train on "
                             "its cadence)")  # fmt: skip
@@ -480,11 +484,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:
-    """Write CSV or Parquet (by suffix) to a temporary name, then rename: a crash never leaves half a file."""
+def check_table_suffix(path: str | Path) -> Path:
+    """A table to write ends in .csv or .parquet: checked before the work that produces it (and by the writer)."""
     path = Path(path)
     if path.suffix.lower() not in (".csv", ".parquet"):
         raise DataError(f"{path}: output must end in .csv or .parquet")
+    return path
+
+
+def write_frame(df: pd.DataFrame, path: str | Path, float_format: str | None = None) -> None:
+    """Write CSV or Parquet (by suffix) to a temporary name, then rename: a crash never leaves half a file."""
+    path = check_table_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic_path(path) as tmp:
