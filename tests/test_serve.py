@@ -631,6 +631,19 @@ def test_rows_at_another_cadence_than_training_are_refused(smoke_run, two_links,
         cli_main(["forecast", "--model", str(smoke_run), "--input", str(late_path)])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "a row every 750 s in its latest window" in err[0], err
+    # steps of 60, 300 and 540 s in turn: the median step is training's 300 s (and no step a gap), but the model
+    # would read them as evenly spaced
+    alt = df.sort_values(["node_id", "peer_id", "timestamp"]).copy()
+    k = alt.groupby(["node_id", "peer_id"]).cumcount().to_numpy()
+    alt["timestamp"] = alt.groupby(["node_id", "peer_id"])["timestamp"].transform("min") + 900 * (k // 3) + np.array(
+        [0, 60, 360])[k % 3]
+    alt_path = tmp_path / "alternating.csv"
+    alt.to_csv(alt_path, index=False)
+    with pytest.raises(SystemExit):
+        cli_main(["forecast", "--model", str(smoke_run), "--input", str(alt_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "alternating.csv: link" in err[0]
+    assert "a quarter of the steps 60 s or shorter, the model was trained on a row every 300 s" in err[0]
     jitter = tmp_path / "jitter.csv"  # within a factor of 2: accepted
     df.assign(timestamp=df["timestamp"] + np.arange(len(df)) % 3 * 60).to_csv(jitter, index=False)
     cli_main(["forecast", "--model", str(smoke_run), "--input", str(jitter)])
