@@ -280,7 +280,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         targets=[{"name": c, "unit": unit_of(c)} for c in dm.targets],
         target_mode=dm.target_mode,
         series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap),
-                "cadence_s": dm.cadence_s(),
+                "cadence_s": dm.cadence_s(), "duplicates": dm.duplicates, "fill_missing": dm.fill_missing,
                 **({"clock": dict(dm.clock), "start_format": dm.series_start} if dm.clock else {})},  # fmt: skip
         external_data=external_data_hashes(onnx_path),
         horizon=dm.horizon,

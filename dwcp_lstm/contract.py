@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError, ModelFileError
-from dwcp_lstm.tables import atomic_write, check_clock, first_line, sha256_of, short_repr
+from dwcp_lstm.tables import DUPLICATE_POLICIES, atomic_write, check_clock, first_line, sha256_of, short_repr
 
 MODEL_NAME = "model.onnx"
 METADATA_NAME = "model_metadata.json"
@@ -149,6 +149,12 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         if isinstance(cadence, bool) or not isinstance(cadence, int | float) or not 0 < cadence < math.inf:
             raise ModelFileError(f"{path}: key 'series.cadence_s' must be a number of seconds > 0, got "
                                  f"{short_repr(cadence)}")  # fmt: skip
+    if series.get("duplicates", "error") not in DUPLICATE_POLICIES:  # how training read its rows (optional keys)
+        raise ModelFileError(f"{path}: key 'series.duplicates' must be one of {', '.join(DUPLICATE_POLICIES)}, got "
+                             f"{short_repr(series['duplicates'])}")  # fmt: skip
+    if not isinstance(series.get("fill_missing", False), bool):
+        raise ModelFileError(f"{path}: key 'series.fill_missing' must be true or false, got "
+                             f"{short_repr(series['fill_missing'])}")  # fmt: skip
     if "clock" in series or "start_format" in series:  # wall-clock inputs (tables.add_clock), optional
         try:
             check_clock(series.get("clock"), series.get("start_format"), names["features"], names["targets"],

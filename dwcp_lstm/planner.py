@@ -299,8 +299,8 @@ def check_cadence(step: float, link: str, path) -> None:
 
 def plan_table(
     predictor, df, series: list[str], time: str, path, m: Migration, confidence: float,
-    throughput: str | None = None, step_seconds: float | None = None, duplicates: str = "error",
-    max_gap: float = 3.0, online: bool = False,
+    throughput: str | None = None, step_seconds: float | None = None, duplicates: str | None = None,
+    max_gap: float = 3.0, online: bool = False, fill_missing: bool | None = None,
 ):  # fmt: skip
     """Per link, from its latest window: the plan of migration ``m`` (see :func:`plan_arrays`), ranked fastest first
     at ``confidence``. Returns ``(frame, facts)``: one row per link, and what the plan assumed. ``online``: the
@@ -311,9 +311,7 @@ def plan_table(
     from dwcp_lstm.tables import (
         cadence_of,
         check_cadence_matches,
-        check_numeric,
         link_name,
-        order_series,
         segment_bounds,
     )
 
@@ -330,9 +328,7 @@ def plan_table(
         raise ConfigError(f"--step-seconds must be a number of seconds from {MIN_STEP_S:g} to {MAX_STEP_S:g}, got "
                           f"{step_seconds}")  # fmt: skip
     w, h = predictor.window, predictor.horizon
-    df = predictor.with_clock(df, series, time, path)
-    check_numeric(df, [time, *predictor.features], path)
-    df = order_series(df, series, time, path, duplicates)
+    df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     bounds = segment_bounds(df, series, time, 1, max_gap, path)  # every segment; the latest of each link is used
     keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df), int)
     latest = bounds[np.r_[keys[bounds[1:, 0]] != keys[bounds[:-1, 0]], True]]  # [links, 2]
@@ -593,7 +589,7 @@ def cmd_plan(argv: list[str]) -> None:
     from pathlib import Path
 
     from dwcp_lstm.contract import METADATA_NAME, model_path_of
-    from dwcp_lstm.serve import Predictor
+    from dwcp_lstm.serve import Predictor, add_reading_flags
 
     class ArgumentParser(argparse.ArgumentParser):
         def error(self, message: str):  # one `error:` line, exit 2 (see dwcp_lstm.serve.cmd_forecast)
@@ -618,7 +614,7 @@ def cmd_plan(argv: list[str]) -> None:
                    "the migrations its history in the input would have seen (adaptive conformal)")  # fmt: skip
     p.add_argument("--series-columns", default=None, help="comma-separated link id columns; default: as trained")
     p.add_argument("--time-column", default=None, help="numeric time column (seconds); default: as trained")
-    p.add_argument("--duplicates", choices=["error", "first", "mean"], default="error", help="repeated (link, time)")
+    add_reading_flags(p)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     a = p.parse_args(argv)
 
@@ -630,7 +626,8 @@ def cmd_plan(argv: list[str]) -> None:
     trained = predictor.metadata["series"]
     df, series, time = predictor.read_telemetry(a.input, a.series_columns, a.time_column)
     out, facts = plan_table(predictor, df, series, time, a.input, migration, a.confidence, a.throughput,
-                            a.step_seconds, a.duplicates, float(trained["max_gap"]), a.online)  # fmt: skip
+                            a.step_seconds, a.duplicates, float(trained["max_gap"]), a.online,
+                            a.fill_missing)  # fmt: skip
     if a.json:
         links = json.loads(out.to_json(orient="records"))  # NaN -> null
         print(json.dumps({**facts, "links": links}, indent=2))

@@ -35,11 +35,13 @@ from dwcp_lstm.contract import (
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
 from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
+    DUPLICATE_POLICIES,
     add_clock,
     check_cadence_matches,
     check_numeric,
     check_output_file,
     check_table_suffix,
+    fill_missing,
     order_series,
     read_table,
     segment_bounds,
@@ -99,6 +101,8 @@ class Predictor:
         self.clock: dict[str, float] = dict(series.get("clock") or {})  # wall-clock inputs, derived (add_clock)
         self.series_start: str | None = series.get("start_format")
         self.cadence_s: float | None = series.get("cadence_s")  # the training rows' cadence (None: not recorded)
+        self.duplicates: str = series.get("duplicates", "error")  # how training read repeated rows and empty cells
+        self.fill_missing: bool = series.get("fill_missing", False)
         self.file_features: list[str] = [c for c in self.features if c not in self.clock]  # what an input file holds
         self.targets: list[str] = [c["name"] for c in self.metadata["targets"]]
         self.horizon: int = horizon_of(self.metadata)
@@ -148,6 +152,22 @@ class Predictor:
         """``df`` with the model's wall-clock inputs added (:func:`~dwcp_lstm.tables.add_clock`), as training
         derived them; unchanged for a model without any."""
         return add_clock(df, self.clock, self.series_start, series, time, source)
+
+    def ordered(
+        self, df: pd.DataFrame, series: Sequence[str], time: str, source: str | Path, duplicates: str | None = None,
+        fill: bool | None = None,
+    ) -> pd.DataFrame:  # fmt: skip
+        """``df`` as the model reads it: its wall-clock inputs added, numbers checked, each link in time order, repeated
+        rows and empty cells handled as in training (``duplicates``; ``fill``: carry a link's last known value into
+        its empty cells; None: as trained, which the contract records, so that a model trained on a file reads that
+        file's quirks the same way)."""
+        duplicates = self.duplicates if duplicates is None else duplicates
+        fill = self.fill_missing if fill is None else fill
+        df = self.with_clock(df, series, time, source)
+        check_numeric(df, [time], source)  # rows named in file order, before sorting
+        check_numeric(df, self.features, source, allow_nan=fill)
+        df = order_series(df, series, time, source, duplicates)
+        return fill_missing(df, self.features, series, source) if fill else df
 
     def read_telemetry(
         self, path: str | Path, series_columns: str | None, time_column: str | None
@@ -358,6 +378,18 @@ class Predictor:
         return df
 
 
+def add_reading_flags(p) -> None:
+    """``--duplicates`` and ``--fill-missing`` of ``forecast`` and ``plan``: how to read the telemetry's repeated rows
+    and empty cells; by default as the training data was read (the contract's ``series.duplicates`` /
+    ``series.fill_missing``)."""
+    import argparse
+
+    p.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default=None,
+                   help="repeated (link, time) rows: error, keep the first, or mean; default: as trained")  # fmt: skip
+    p.add_argument("--fill-missing", action=argparse.BooleanOptionalAction, default=None,
+                   help="fill empty cells with the link's last known value; default: as trained")  # fmt: skip
+
+
 # -- the `forecast` subcommand ------------------------------------------------------------------------------------
 def forecast_table(
     predictor: Predictor,
@@ -366,9 +398,10 @@ def forecast_table(
     time: str,
     path: str | Path,
     rolling: bool = False,
-    duplicates: str = "error",
+    duplicates: str | None = None,
     max_gap: float = 3.0,
     online: bool = False,
+    fill_missing: bool | None = None,
 ) -> pd.DataFrame:
     """Per link, the forecast of the step after its last row (``rolling``: after every window; with ``online``
     the interval bounds recalibrated from the outcomes realised earlier in the input, :func:`recalibrate_online`).
@@ -378,9 +411,7 @@ def forecast_table(
     segment with fewer than ``window`` rows is skipped with a warning.
     """
     w = predictor.window
-    df = predictor.with_clock(df, series, time, path)
-    check_numeric(df, [time, *predictor.features], path)  # rows named in file order, before sorting
-    df = order_series(df, series, time, path, duplicates)
+    df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
     # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
     bounds = segment_bounds(df, series, time, w, max_gap, path)  # [S, 2] row ranges
@@ -479,7 +510,7 @@ def cmd_forecast(argv: list[str]) -> None:
         "--series-columns", default=None, help="comma-separated link id columns ('' = one); default: as trained"
     )
     p.add_argument("--time-column", default=None, help="numeric time column that orders each link; default: as trained")
-    p.add_argument("--duplicates", choices=["error", "first", "mean"], default="error", help="repeated (link, time)")
+    add_reading_flags(p)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     a = p.parse_args(argv)
 
@@ -504,7 +535,7 @@ def cmd_forecast(argv: list[str]) -> None:
     trained = predictor.metadata["series"]
     df, series, time = predictor.read_telemetry(a.input, a.series_columns, a.time_column)
     out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]),
-                         a.online)  # fmt: skip
+                         a.online, a.fill_missing)  # fmt: skip
 
     units = ", ".join(f"{t} [{u}]" for t, u in predictor.units.items())
     n_links = out.groupby(series, observed=True).ngroups if series else 1

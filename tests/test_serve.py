@@ -607,6 +607,55 @@ def test_absurd_thread_counts_are_refused(smoke_run):
             Predictor.from_run(smoke_run, threads=threads)
 
 
+def test_telemetry_is_read_as_the_training_data_was(smoke_run, two_links, tmp_path, capsys):
+    """A model trained with ``duplicates: mean`` / ``fill_missing: true`` (the Irish config) refused its own training
+    file in ``forecast`` and ``plan`` (an empty cell, a repeated second): the contract records both policies, and
+    they are the default; the flags override them."""
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    assert meta["series"]["duplicates"] == "error" and meta["series"]["fill_missing"] is False
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    meta["series"].update(duplicates="mean", fill_missing=True)
+    embed_contract(run / "model.onnx", {k: meta[k] for k in CONTRACT_KEYS})
+    meta["model_sha256"] = sha256_of(run / "model.onnx")
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+
+    df = pd.read_csv(two_links).sort_values(["node_id", "peer_id", "timestamp"]).reset_index(drop=True)
+    last = df.groupby(["node_id", "peer_id"]).tail(1).index
+    messy = df.copy()
+    messy.loc[last[0], "rtt_ms"] = np.nan  # an empty cell in a link's latest row
+    messy = pd.concat([messy, messy.loc[[last[1]]].assign(jitter_ms=lambda d: d["jitter_ms"] + 1.0)])  # a repeat
+    messy_path = tmp_path / "messy.csv"
+    messy.to_csv(messy_path, index=False)
+    clean = df.copy()  # what the training policies make of it: the last known value, the mean of the repeats
+    clean.loc[last[0], "rtt_ms"] = df.loc[last[0] - 1, "rtt_ms"]
+    clean.loc[last[1], "jitter_ms"] += 0.5
+    clean_path = tmp_path / "clean.csv"
+    clean.to_csv(clean_path, index=False)
+
+    got, want = tmp_path / "got.csv", tmp_path / "want.csv"
+    cli_main(["forecast", "--model", str(run), "--input", str(messy_path), "--output", str(got)])
+    cli_main(["forecast", "--model", str(run), "--input", str(clean_path), "--output", str(want)])
+    pd.testing.assert_frame_equal(pd.read_csv(got), pd.read_csv(want))
+    cli_main(["plan", "--model", str(run), "--input", str(messy_path), "--memory-gib", "1"])
+    capsys.readouterr()
+    for flags, message in ((["--no-fill-missing"], "column 'rtt_ms' row"), (["--duplicates", "error"], "duplicate")):
+        for command in (["forecast"], ["plan", "--memory-gib", "1"]):
+            with pytest.raises(SystemExit) as exc:
+                cli_main([command[0], "--model", str(run), "--input", str(messy_path), *command[1:], *flags])
+            err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+            assert exc.value.code == 2 and len(err) == 1 and message in err[0], (flags, err)
+    with pytest.raises(SystemExit):  # the smoke run itself was trained with neither: as before, refused
+        cli_main(["forecast", "--model", str(smoke_run), "--input", str(messy_path)])
+    assert "column 'rtt_ms' row" in capsys.readouterr().err
+    for key, value in (("duplicates", "last"), ("fill_missing", "yes")):
+        bad = json.loads((run / "model_metadata.json").read_text())
+        bad["series"][key] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ModelFileError, match=f"key 'series.{key}' must be"):
+            Predictor(run / "model.onnx", tmp_path / "bad.json")
+
+
 def test_rows_at_another_cadence_than_training_are_refused(smoke_run, two_links, tmp_path, capsys):
     """The model forecasts the next rows: rows every 50 minutes fed to a model of rows every 5 gave confident
     forecasts of the wrong thing, silently. The contract records the training cadence."""
@@ -635,8 +684,11 @@ def test_rows_at_another_cadence_than_training_are_refused(smoke_run, two_links,
     # would read them as evenly spaced
     alt = df.sort_values(["node_id", "peer_id", "timestamp"]).copy()
     k = alt.groupby(["node_id", "peer_id"]).cumcount().to_numpy()
-    alt["timestamp"] = alt.groupby(["node_id", "peer_id"])["timestamp"].transform("min") + 900 * (k // 3) + np.array(
-        [0, 60, 360])[k % 3]
+    alt["timestamp"] = (
+        alt.groupby(["node_id", "peer_id"])["timestamp"].transform("min")
+        + 900 * (k // 3)
+        + np.array([0, 60, 360])[k % 3]
+    )
     alt_path = tmp_path / "alternating.csv"
     alt.to_csv(alt_path, index=False)
     with pytest.raises(SystemExit):
