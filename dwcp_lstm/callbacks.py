@@ -25,7 +25,7 @@ from dwcp_lstm.contract import (
     external_data_hashes,
     make_contract,
 )
-from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.errors import ConfigError, check_seed
 from dwcp_lstm.intervals import BOUND_NAMES
 from dwcp_lstm.model import count_parameters
 from dwcp_lstm.tables import atomic_path, atomic_write, sha256_of
@@ -59,6 +59,7 @@ class StepSeed(L.Callback):
     """
 
     def __init__(self, seed: int = 42) -> None:
+        check_seed(seed, "--step_seed.seed")
         self.seed = seed
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:

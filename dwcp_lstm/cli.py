@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dwcp_lstm.errors import parse_flags
+from dwcp_lstm.errors import check_seed, parse_flags
 
 if TYPE_CHECKING:
     from lightning.pytorch.cli import ArgsType
@@ -363,8 +363,7 @@ def cmd_generate(argv: list[str]) -> None:
         raise _data_error(f"--oracle-steps must be from 1 to 288, got {a.oracle_steps}")
     if not 0 <= a.noise <= 0.1:  # beyond ~0.2 the noise drives throughput, RTT or jitter below zero: unreadable data
         raise _data_error(f"--noise must be from 0 to 0.1 (relative), got {a.noise}")
-    if not 0 <= a.seed <= 2**32 - 1:  # numpy's range: its own message names no flag
-        raise _data_error(f"--seed must be from 0 to 2**32 - 1, got {a.seed}")
+    check_seed(a.seed, "--seed")
     out = Path(a.output)
     check_table_suffix(out)
     try:  # the folder is created (the default is data/...), and checked, before any row is generated

@@ -24,6 +24,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dwcp_lstm import synthetic
+from dwcp_lstm.errors import check_seed
 from dwcp_lstm.model import CyclicEncoding
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
@@ -216,7 +217,7 @@ class DwcpDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        _check_config(window_size, batch_size, split, features, targets, num_workers, target_mode)
+        _check_config(window_size, batch_size, split, features, targets, num_workers, target_mode, seed)
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
         _check_series_config(series_columns, time_column, duplicates, max_gap)
@@ -607,6 +608,7 @@ def _check_config(
     targets: Sequence[str],
     workers: int,
     target_mode: str,
+    seed: int,
 ) -> None:
     if target_mode not in ("delta", "level"):
         raise ConfigError(f"--data.target_mode must be delta or level, got {target_mode!r}")
@@ -627,6 +629,7 @@ def _check_config(
             raise ConfigError(f"--data.{name} lists a column twice: {list(cols)}")
     if workers < 0:
         raise ConfigError(f"--data.num_workers must be >= 0, got {workers}")
+    check_seed(seed, "--data.seed")
 
 
 def check_cyclic(

@@ -35,3 +35,13 @@ def parse_flags(parser, argv):
         return parser.parse_args(argv)
     except argparse.ArgumentError as exc:
         raise ConfigError(" ".join(str(exc).split())) from None
+
+
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider, but seed + step must stay inside it as a run goes on
+
+
+def check_seed(seed, flag: str) -> None:
+    """Refuse a seed outside 0 .. :data:`MAX_SEED` in one line naming ``flag`` (numpy's own message names no flag,
+    and torch's overflow came after training had started)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{flag} must be an integer from 0 to 2**32 - 1, got {seed!r}")

@@ -21,7 +21,7 @@ from lightning.fabric.utilities.cloud_io import _load as lightning_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 
-from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
+from dwcp_lstm.errors import CheckpointError, ConfigError, DataError, check_seed
 from dwcp_lstm.tables import atomic_path, atomic_write, first_line, probe_writable
 
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
@@ -232,8 +232,8 @@ def check_trainer_config(trainer: dict, seed) -> None:
     ):
         what = "an integer >= 1 or a fraction in (0, 1]"
         raise ConfigError(f"--trainer.val_check_interval must be {what}, got {interval!r}")
-    if not isinstance(seed, bool) and seed is not None and not (0 <= seed <= 2**32 - 1):
-        raise ConfigError(f"--seed_everything must be in [0, 2**32 - 1] (numpy's range), got {seed}")
+    if seed is not None and not isinstance(seed, bool):  # true: Lightning draws one; false: no seeding
+        check_seed(seed, "--seed_everything")
     clip = trainer.get("gradient_clip_val")
     if clip is not None and not (isinstance(clip, int | float) and not isinstance(clip, bool) and 0 <= clip < math.inf):
         raise ConfigError(f"--trainer.gradient_clip_val must be a number >= 0 (0 or null: no clipping; Lightning "
