@@ -1,4 +1,5 @@
-"""Callbacks: per-step reseeding (exact resume), weight averaging (EMA) and the ONNX export at fit end (rank zero)."""
+"""Callbacks: per-step reseeding (exact resume), weight averaging (EMA), checkpoints that stay in their folder and the
+ONNX export at fit end (rank zero)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -25,7 +27,7 @@ from dwcp_lstm.contract import (
     external_data_hashes,
     make_contract,
 )
-from dwcp_lstm.errors import ConfigError, check_seed
+from dwcp_lstm.errors import CheckpointError, ConfigError, check_seed
 from dwcp_lstm.intervals import BOUND_NAMES
 from dwcp_lstm.model import count_parameters
 from dwcp_lstm.tables import atomic_path, atomic_write, sha256_of
@@ -64,6 +66,56 @@ class StepSeed(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         torch.manual_seed(self.seed + 100_003 * trainer.global_rank + trainer.global_step)
+
+
+class FolderCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, but a checkpoint's saved state can never make it delete or load a file outside
+    its own folder.
+
+    Resuming restores the file names the callback kept (best, k-th best, last, the top-k list), and at its next save
+    Lightning deletes the "previous" one if the folder is among the name's parents, compared without resolving
+    ``..``: a checkpoint whose state names ``<its folder>/../../x`` deleted ``x``, and its best name is what the
+    final test and the export load. Restored names must resolve inside the folder (or the checkpoint is refused),
+    and a file is deleted only when its resolved path is inside the resolved folder. The state key stays
+    ModelCheckpoint's, so checkpoints read and written before this class are interchangeable with it.
+    """
+
+    def _generate_state_key(self, **kwargs) -> str:
+        return f"ModelCheckpoint{kwargs!r}"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer  # its ckpt_path names the checkpoint in a refusal (set after setup)
+
+    def _inside(self, name: str) -> bool:
+        """Whether ``name`` is a local file whose resolved path lies inside the resolved checkpoint folder."""
+        if not name or not _is_local_file_protocol(name) or not _is_local_file_protocol(str(self.dirpath)):
+            return False
+        return Path(self.dirpath).resolve() in Path(name).resolve().parents
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        same = state_dict.get("dirpath", self.dirpath) == self.dirpath  # then Lightning restores every name
+        names = [state_dict.get("best_model_path", "")]
+        if same:
+            names += [state_dict.get("kth_best_model_path", ""), state_dict.get("last_model_path", ""),
+                      *(state_dict.get("best_k_models") or {})]  # fmt: skip
+        outside = [n for n in names if n and not self._inside(str(n))]
+        if same and outside:
+            raise CheckpointError(
+                f"{getattr(getattr(self, '_trainer', None), 'ckpt_path', None) or 'the checkpoint'}: its "
+                f"ModelCheckpoint state names "
+                f"{str(outside[0])[:200]!r}, outside the checkpoint folder {self.dirpath}: resuming would delete or "
+                "load that file; refusing the checkpoint"
+            )
+        super().load_state_dict(state_dict)
+        if outside:  # another folder's checkpoint: its best is not this run's (the first validation sets one)
+            self.best_model_path = ""
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        if previous == current or not self._inside(previous):
+            return False
+        resumed = Path(trainer.ckpt_path).resolve() if trainer.ckpt_path is not None else None
+        return Path(previous).resolve() != resumed
 
 
 def run_dir_of(trainer: L.Trainer) -> Path | None:

@@ -45,11 +45,11 @@ INT_OR_FRACTION = {f"trainer.{k}" for k in ("limit_train_batches", "limit_val_ba
 
 
 def _lightning_cli_class():
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI
 
     from dwcp_lstm import preflight
-    from dwcp_lstm.callbacks import OnnxExport, StepSeed
+    from dwcp_lstm.callbacks import FolderCheckpoint, OnnxExport, StepSeed
     from dwcp_lstm.preflight import AtomicCheckpointIO
 
     class DwcpCLI(LightningCLI):
@@ -62,7 +62,7 @@ def _lightning_cli_class():
             parser.link_arguments("data.horizon", "model.horizon")
             parser.link_arguments("data.target_mode", "model.target_mode")
             parser.link_arguments("data.cyclic", "model.cyclic")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(FolderCheckpoint, "checkpoint")
             parser.set_defaults(
                 {
                     "checkpoint.monitor": "val_loss",
@@ -72,7 +72,7 @@ def _lightning_cli_class():
             )
             # last.ckpt after *every* epoch, for resuming: ModelCheckpoint(save_last=True) only refreshes it when a
             # new best is saved, so an interrupted run would lose every epoch since its best one.
-            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+            parser.add_lightning_class_args(FolderCheckpoint, "last_checkpoint")
             parser.set_defaults(
                 {
                     "last_checkpoint.filename": "last",

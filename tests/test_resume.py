@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, fit_args, run_dir_of
@@ -25,8 +26,11 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
     kill_cfg.write_text(
         "trainer:\n  callbacks:\n    - class_path: killer.KillAt\n      init_args: {epoch: 1, batch: 3}\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "DWCP_LSTM_ALLOW_IMPORTS": "killer"}  # a config may name only allowed code (dwcp_lstm/imports.py)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "DWCP_LSTM_ALLOW_IMPORTS": "killer",
+    }  # a config may name only allowed code (dwcp_lstm/imports.py)
     proc = subprocess.run(
         [sys.executable, "-m", "dwcp_lstm", *fit_args(broken, EPOCHS, *extra), "--config", str(kill_cfg)],
         cwd=tmp_path,
@@ -73,3 +77,75 @@ def test_resume_refuses_a_data_file_changed_in_place(tmp_path, small_csv, capsys
         cli_main(fit_args(tmp_path, f"--data.data_path={data}", "--trainer.max_epochs=2", "--ckpt_path=last"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "d.csv: the file changed since the checkpoint" in err[0], err
+
+
+def test_a_tampered_checkpoint_cannot_delete_files_outside_its_folder(tmp_path, small_csv, capsys):
+    """Resuming restores the names ModelCheckpoint kept, and Lightning deleted the "previous" best / last file at the
+    next save if the folder was among its parents *unresolved*: a checkpoint naming ``<folder>/../../x`` deleted x
+    (found by fuzzing). Such a checkpoint is refused before any training step, and nothing is deleted."""
+    import torch
+
+    data = tmp_path / "d.csv"
+    data.write_bytes(small_csv.read_bytes())
+    args = [f"--data.data_path={data}", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
+    cli_main(fit_args(tmp_path, *args, "--trainer.max_epochs=1"))
+    last = run_dir_of(tmp_path) / "checkpoints" / "last.ckpt"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
+    states = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert len(states) == 2  # best and last: the state keys are Lightning's own, so old checkpoints still resume
+    escape = f"{states[0]['dirpath']}/../../../victim.txt"
+    assert (Path(escape)).resolve() == victim.resolve()
+    for state in states:
+        state["best_model_path"] = escape
+        state["best_k_models"] = {escape: torch.tensor(float("inf"))}
+    torch.save(ckpt, last)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, *args, "--trainer.max_epochs=2", "--ckpt_path=last"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert "last.ckpt: its ModelCheckpoint state names" in err[0] and "outside the checkpoint folder" in err[0]
+    assert victim.read_text() == "precious"
+
+
+def test_checkpoint_names_are_compared_resolved(tmp_path):
+    """The callback itself: a restored name must resolve inside its folder; another folder's best is dropped (the
+    run's first validation sets its own); a file is deleted only inside the resolved folder."""
+    from types import SimpleNamespace
+
+    from dwcp_lstm.callbacks import FolderCheckpoint
+    from dwcp_lstm.errors import CheckpointError
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    cb = FolderCheckpoint(dirpath=str(folder), monitor="val_loss")
+    state = cb.state_dict()
+    assert cb.state_key.startswith("ModelCheckpoint{")
+    inside, escape = str(folder / "best.ckpt"), f"{folder}/../../victim.txt"
+    cb.load_state_dict({**state, "best_model_path": inside, "best_k_models": {inside: torch_inf()}})
+    assert cb.best_model_path == inside
+    for key, value in (
+        ("best_model_path", escape),
+        ("last_model_path", escape),
+        ("kth_best_model_path", escape),
+        ("best_k_models", {escape: torch_inf()}),
+        ("best_model_path", "memory://x.ckpt"),
+    ):
+        with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+            FolderCheckpoint(dirpath=str(folder)).load_state_dict({**state, key: value})
+    moved = FolderCheckpoint(dirpath=str(folder))
+    moved.load_state_dict({**state, "dirpath": str(tmp_path / "elsewhere"), "best_model_path": escape})
+    assert moved.best_model_path == ""  # Lightning restores only this one from another folder: not kept
+    trainer = SimpleNamespace(ckpt_path=None)
+    assert cb._should_remove_checkpoint(trainer, str(folder / "old.ckpt"), inside)
+    assert not cb._should_remove_checkpoint(trainer, escape, inside)
+    assert not cb._should_remove_checkpoint(
+        SimpleNamespace(ckpt_path=str(folder / "old.ckpt")), str(folder / "old.ckpt"), inside
+    )
+
+
+def torch_inf():
+    import torch
+
+    return torch.tensor(float("inf"))

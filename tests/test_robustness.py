@@ -132,7 +132,7 @@ def _touch(path: Path, data: bytes) -> Path:
     ("argv", "expected"),
     [
         (["generate", "--output", "{tmp}/out.txt"], "output must end in .csv or .parquet"),
-        (["generate", "--output", "{tmp}/out.csv", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1, got -1"),
+        (["generate", "--output", "{tmp}/out.csv", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
         # found before generating (it used to generate, then fail with a misleading "File exists")
         (["generate", "--output", "/dev/null/x.csv"], "/dev/null/x.csv: cannot create folder /dev/null"),
         (["generate", "--output", "{tmp}/out.csv", "--samples", "1"], "--samples must be from 2 to 50,000,000, got 1"),
