@@ -17,7 +17,7 @@ from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.planner import backtest_report, rows_ahead
-from dwcp_lstm.tables import atomic_write, sha256_of
+from dwcp_lstm.tables import DataError, atomic_write, first_line, sha256_of
 
 TARGET_CORR, TARGET_MAPE, TARGET_GAP = 0.98, 5.0, 0.9
 TARGET_GAP_PER_STEP = 0.8  # the multi-step goal: this share of the persistence-to-oracle gap at every step
@@ -59,21 +59,36 @@ def oracle_forecasts(dm, target_rows: np.ndarray, steps: int | None = None) -> n
     """The generator's oracle for each window's first ``steps`` target rows (default: the data's horizon) [N, H, T],
     from the sidecar next to the data file: step 1 is ``oracle_<t>``, step h ``oracle_<t>_h<h>``, all taken at the
     window's last input row (the oracle at row r for step h forecasts row r + h). None when the sidecar, one of
-    those columns or one of those rows is missing (a sidecar written before the h-step oracle has step 1 only)."""
+    those columns or one of those rows is missing (a sidecar written before the h-step oracle has step 1 only). A
+    sidecar that cannot be read, repeats a key or holds text is a DataError naming it (``fit`` reads it before
+    training: at the end it cost the run its report)."""
     steps = dm.horizon if steps is None else steps
     path = synthetic.oracle_path(dm.path)
     keys = [*dm.series_columns, dm.time_column]
     cols = synthetic.oracle_columns(dm.targets, steps)
     if not path.exists():
         return None
-    if path.suffix.lower() == ".csv":  # the header first: only the columns needed are parsed
-        if not {*keys, *cols} <= set(pd.read_csv(path, nrows=0).columns):
-            return None
-        oracle = pd.read_csv(path, usecols=[*keys, *cols])
-    else:
-        oracle = pd.read_parquet(path)
-        if not {*keys, *cols} <= set(oracle.columns):
-            return None
+    fix = "delete it (the report then has no oracle) or generate the data again"
+    try:
+        if path.suffix.lower() == ".csv":  # the header first: only the columns needed are parsed
+            if not {*keys, *cols} <= set(pd.read_csv(path, nrows=0).columns):
+                return None
+            oracle = pd.read_csv(path, usecols=[*keys, *cols])
+        else:
+            oracle = pd.read_parquet(path)
+            if not {*keys, *cols} <= set(oracle.columns):
+                return None
+    except (OSError, ValueError, ImportError) as exc:  # pandas' and pyarrow's parse errors are ValueErrors
+        raise DataError(f"{path}: cannot read the oracle sidecar ({first_line(exc)[:200]}); {fix}") from None
+    repeated = np.flatnonzero(oracle.duplicated(keys).to_numpy())
+    if len(repeated):
+        raise DataError(f"{path}: row {repeated[0] + 1}: a (series, time) key repeated in the oracle sidecar; {fix}")
+    for c in cols:
+        values = pd.to_numeric(oracle[c], errors="coerce")
+        bad = np.flatnonzero((values.isna() & oracle[c].notna()).to_numpy())
+        if len(bad):
+            raise DataError(f"{path}: column {c!r} row {bad[0] + 1}: not a number in the oracle sidecar; {fix}")
+        oracle[c] = values
     last = dm.frame_keys.iloc[target_rows - 1][keys].reset_index(drop=True)
     for k in dm.series_columns:
         last[k], oracle[k] = last[k].astype(str), oracle[k].astype(str)

@@ -115,6 +115,39 @@ def test_fit_rejects_bad_files(tmp_path, capsys, case, make, expected):
     assert len(err) == 1 and expected in err[0], err
 
 
+def _word_in_last_row(text: str) -> str:
+    """The sidecar with its last row's first oracle value replaced by a word."""
+    lines = text.splitlines()
+    head, last = lines[0].split(","), lines[-1].split(",")
+    last[next(i for i, c in enumerate(head) if c.startswith("oracle_"))] = "fast"
+    return "\n".join([*lines[:-1], ",".join(last)]) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("case", "spoil", "expected"),
+    [
+        ("empty", lambda text: "", "cannot read the oracle sidecar (No columns to parse from file)"),
+        ("repeated-key", lambda text: text + "".join(text.splitlines(keepends=True)[-5:]),
+         ": a (series, time) key repeated in the oracle sidecar"),
+        ("text", _word_in_last_row, "row 600: not a number in the oracle sidecar"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_fit_refuses_a_broken_oracle_sidecar_before_training(tmp_path, capsys, case, spoil, expected):
+    """The report reads ``<data>.oracle.csv`` after training: a broken one raised a pandas traceback there and the
+    run lost its report (found by fuzzing). It is read before the first training step now."""
+    df, oracle = synthetic.generate_with_oracle(samples=600, seed=1, links=2)
+    path = write(tmp_path, df, "d.csv")
+    side = synthetic.oracle_path(path)
+    oracle.to_csv(side, index=False)
+    side.write_text(spoil(side.read_text()))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--data.data_path={path}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and expected in err[0] and "d.oracle.csv" in err[0], err
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
+
+
 def _extra_field(tmp: Path, line: int) -> Path:
     path = write(tmp, base_frame())
     lines = path.read_text().splitlines(keepends=True)
