@@ -172,6 +172,7 @@ def _lightning_cli_class():
             preflight.check_calibration(self.datamodule, self.model)
             preflight.check_optimizer(self.model)
             preflight.check_monitors(self.trainer, self.model)
+            preflight.check_training_runs(self.trainer)
 
         def before_validate(self) -> None:
             self._check_checkpoint(self.config_init[self.subcommand], None)

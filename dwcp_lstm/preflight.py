@@ -187,6 +187,8 @@ def check_monitors(trainer, model) -> None:
 
     known = logged_metrics(model)
     no_validation = trainer.limit_val_batches == 0  # Lightning's own name for "validation switched off"
+    every = trainer.check_val_every_n_epoch
+    never = every is not None and trainer.max_epochs is not None and 0 < trainer.max_epochs < every
     for cb in trainer.callbacks:
         if not isinstance(cb, ModelCheckpoint | EarlyStopping) or cb.monitor is None:
             continue
@@ -199,6 +201,24 @@ def check_monitors(trainer, model) -> None:
         if no_validation and cb.monitor.startswith("val"):  # else: a traceback after the first training epoch
             raise ConfigError(f"--trainer.limit_val_batches 0 runs no validation, but --{flag}.monitor is "
                               f"{cb.monitor!r}: validate, or set the monitor to null")  # fmt: skip
+        if never and cb.monitor.startswith("val"):  # else: no checkpoint at all, and the report of the last weights
+            raise ConfigError(f"--trainer.check_val_every_n_epoch {every} never validates in --trainer.max_epochs "
+                              f"{trainer.max_epochs}, but --{flag}.monitor is {cb.monitor!r}")  # fmt: skip
+
+
+def check_training_runs(trainer) -> None:
+    """Some training step runs: with ``max_epochs 0``, ``max_steps 0``, ``limit_train_batches 0`` or a zero
+    ``max_time`` Lightning only warns, and the run exported, reported and checkpointed nothing but the untrained
+    network, exit 0."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    for flag, value in (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps),
+                        ("limit_train_batches", trainer.limit_train_batches),
+                        ("max_time", timer and timer._duration)):  # fmt: skip
+        if value is not None and value == 0 and not isinstance(value, bool):
+            raise ConfigError(f"--trainer.{flag} {value} runs no training step: the run would report and export an "
+                              "untrained network")  # fmt: skip
 
 
 def check_checkpoint_names(callbacks) -> None:

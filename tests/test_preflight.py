@@ -173,6 +173,13 @@ CONFIG_CASES = [
     ("zero-val-interval", ["--trainer.val_check_interval=0"], "--trainer.val_check_interval must be"),
     ("negative-seed", ["--seed_everything=-5"], "--seed_everything must be an integer from 0 to 2**32 - 1"),
     ("negative-data-seed", ["--data.seed=-5"], "--data.seed must be an integer from 0 to 2**32 - 1, got -5"),
+    # Lightning only warns, and the run exported and reported an untrained network (or never validated: no checkpoint)
+    ("no-epochs", ["--trainer.max_epochs=0"], "--trainer.max_epochs 0 runs no training step"),
+    ("no-steps", ["--trainer.max_steps=0"], "--trainer.max_steps 0 runs no training step"),
+    ("no-batches", ["--trainer.limit_train_batches=0"], "--trainer.limit_train_batches 0 runs no training step"),
+    ("no-time", ["--trainer.max_time=00:00:00:00"], "--trainer.max_time 0.0 runs no training step"),
+    ("never-validates", ["--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=5"],
+     "--trainer.check_val_every_n_epoch 5 never validates in --trainer.max_epochs 3"),
     ("huge-step-seed", ["--step_seed.seed=99999999999999999999999"], "--step_seed.seed must be an integer from 0"),
     ("too-few-to-calibrate", ["--data.split=[0.94,0.01,0.05]"], "calibrating 95 % intervals needs at least 39"),
     ("bad-levels", ["--model.interval_levels=[0.8,1.2]"], "--model.interval_levels must be distinct numbers"),
