@@ -191,9 +191,10 @@ def _lightning_cli_class():
             fresh version_N and silently start over). Returns that run's config.yaml."""
             logger = self.trainer.logger
             root = Path(logger.root_dir) if logger is not None else Path(self.trainer.default_root_dir)
-            runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            runs = sorted((p for p in root.glob("version_*/checkpoints/last.ckpt")  # not a copy named version_0_old
+                           if p.parent.parent.name.removeprefix("version_").isdigit()), key=lambda p: p.stat().st_mtime)
             if not runs:
-                raise _data_error(f"--ckpt_path last: no {root}/version_*/checkpoints/last.ckpt to resume from")
+                raise _data_error(f"--ckpt_path last: no {root}/version_<N>/checkpoints/last.ckpt to resume from")
             run = runs[-1].parent.parent
             if logger is not None:
                 logger._version = int(run.name.split("_")[-1])  # artifacts land beside the checkpoint
@@ -203,6 +204,11 @@ def _lightning_cli_class():
 
         def _check_checkpoint(self, cfg, run_config: Path | None) -> None:
             path = cfg.get("ckpt_path")
+            if path is None and self.subcommand != "fit":  # Lightning would score the freshly initialised network
+                raise _data_error(
+                    f"{self.subcommand} needs --ckpt_path: a checkpoint file or URL (e.g. "
+                    "lightning_logs/version_0/checkpoints/best.ckpt); without one the untrained network is scored"
+                )
             if path is None:
                 return
             if path in ("best", "last", "hpc", "registry") or str(path).startswith("registry:"):

@@ -437,3 +437,11 @@ def test_the_import_policy_refuses_every_callable_of_modules_that_can_run_code()
             parser.parse_args(["--f", name])
         except Exception as exc:
             assert "is not allowed" not in str(exc), exc
+
+
+@pytest.mark.parametrize("command", ["validate", "test", "predict"])
+def test_evaluating_without_a_checkpoint_is_refused(tmp_path, capsys, command):
+    """Without --ckpt_path Lightning scored the freshly initialised network, exit 0, and made a run folder."""
+    err = run_cli(with_command(command, fit_args(tmp_path)), capsys)
+    assert f"{command} needs --ckpt_path" in err, err
+    assert not list(tmp_path.glob("lightning_logs/version_*")), "nothing started"

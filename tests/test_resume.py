@@ -59,6 +59,13 @@ def test_resume_last_without_a_run_is_a_clear_error(tmp_path, capsys):
         cli_main(fit_args(tmp_path, "--ckpt_path=last"))
     assert exc.value.code == 2
     assert "checkpoints/last.ckpt to resume from" in capsys.readouterr().err
+    backup = tmp_path / "lightning_logs" / "version_0_backup" / "checkpoints"  # a copy's name is not a version
+    backup.mkdir(parents=True)
+    (backup / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:  # was: ValueError: invalid literal for int() with base 10: 'backup'
+        cli_main(fit_args(tmp_path, "--ckpt_path=last"))
+    assert exc.value.code == 2
+    assert "no " in (err := capsys.readouterr().err) and "version_<N>/checkpoints/last.ckpt to resume from" in err
 
 
 def test_resume_refuses_a_data_file_changed_in_place(tmp_path, small_csv, capsys):
