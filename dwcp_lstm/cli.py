@@ -119,7 +119,7 @@ def _lightning_cli_class():
 
             try:
                 super().instantiate_classes()
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, ImportError) as exc:  # ImportError: e.g. a TPU accelerator without XLA
                 if isinstance(exc, DwcpError):
                     raise
                 text = " ".join(str(exc).split())
@@ -173,6 +173,7 @@ def _lightning_cli_class():
             preflight.check_optimizer(self.model)
             preflight.check_monitors(self.trainer, self.model)
             preflight.check_training_runs(self.trainer)
+            preflight.check_val_interval(self.trainer, self.datamodule)
 
         def before_validate(self) -> None:
             self._check_checkpoint(self.config_init[self.subcommand], None)
@@ -315,6 +316,20 @@ def print_summary(report: dict, run_dir: str) -> None:
     print(f"Run directory: {run_dir}")
 
 
+def check_config_files(args: list[str]) -> None:
+    """Every ``--config`` file is UTF-8 text: jsonargparse's UnicodeDecodeError named no file and left a traceback."""
+    from dwcp_lstm.tables import first_line
+
+    paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    for path in map(Path, paths):
+        if path.is_file():  # a missing one, or a config given inline, is jsonargparse's to report
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise _data_error(f"{path}: not UTF-8 text ({first_line(exc)[:120]})") from None
+
+
 def run_lightning(args: list[str]) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -327,6 +342,7 @@ def run_lightning(args: list[str]) -> None:
     # default_config_files drops the class_path of callable arguments such as model.optimizer, so it is not used.)
     if args and args[0] in LIGHTNING_COMMANDS and not any(a in ("-h", "--help") for a in args):
         args = [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+    check_config_files(args)
     # LightningCLI warns when both `args` and sys.argv carry arguments; `args` is the truth here. sys.argv itself must
     # stay intact: DDP's launcher re-runs it for the other ranks.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
@@ -366,14 +382,17 @@ def cmd_generate(argv: list[str]) -> None:
     )
     p.add_argument("--card", action="store_true", help="print the data card's oracle/persistence table and exit")
     a = parse_flags(p, argv)
+    check_seed(a.seed, "--seed")
     if a.card:
-        print(synthetic.card_markdown(a.samples, a.seed))
+        try:
+            print(synthetic.card_markdown(a.samples, a.seed))
+        except ValueError as exc:  # the generator's own range checks (--samples)
+            raise _data_error(str(exc)) from None
         return
     if not 1 <= a.oracle_steps <= 288:  # the Monte Carlo's time grows with rows x steps; a day at 5 minutes is plenty
         raise _data_error(f"--oracle-steps must be from 1 to 288, got {a.oracle_steps}")
     if not 0 <= a.noise <= 0.1:  # beyond ~0.2 the noise drives throughput, RTT or jitter below zero: unreadable data
         raise _data_error(f"--noise must be from 0 to 0.1 (relative), got {a.noise}")
-    check_seed(a.seed, "--seed")
     out = Path(a.output)
     check_table_suffix(out)
     try:  # the folder is created (the default is data/...), and checked, before any row is generated

@@ -258,6 +258,26 @@ def check_trainer_config(trainer: dict, seed) -> None:
     if clip is not None and not (isinstance(clip, int | float) and not isinstance(clip, bool) and 0 <= clip < math.inf):
         raise ConfigError(f"--trainer.gradient_clip_val must be a number >= 0 (0 or null: no clipping; Lightning "
                           f"would silently skip a negative one), got {clip!r}")  # fmt: skip
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, str) and any(w in strategy for w in ("spawn", "fork", "notebook")):
+        raise ConfigError(f"--trainer.strategy {strategy} starts its processes from inside Python, which this CLI "
+                          "cannot be pickled for: use ddp, which runs the command once per process "
+                          "(docs/scaling_out.md)")  # fmt: skip
+
+
+def check_val_interval(trainer, dm) -> None:
+    """An integer ``val_check_interval`` counts training batches: more than an epoch has, Lightning raised a
+    traceback once the data was loaded."""
+    interval = trainer.val_check_interval
+    if isinstance(interval, bool) or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
+        return
+    windows = len(dm.starts["train"])
+    n = windows // dm.batch_size + (windows % dm.batch_size > 1)  # a last batch of one is dropped (batch norm)
+    limit = trainer.limit_train_batches
+    n = min(n, limit) if isinstance(limit, int) else int(n * limit)
+    if interval > n:
+        raise ConfigError(f"--trainer.val_check_interval {interval} is more than the {n} training batches of an "
+                          "epoch: give at most that, or a fraction of the epoch (e.g. 0.5)")  # fmt: skip
 
 
 def check_calibration(dm, model) -> None:

@@ -166,6 +166,8 @@ def _touch(path: Path, data: bytes) -> Path:
     [
         (["generate", "--output", "{tmp}/out.txt"], "output must end in .csv or .parquet"),
         (["generate", "--output", "{tmp}/out.csv", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
+        (["generate", "--card", "--samples", "0"], "--samples must be from 2 to 50,000,000, got 0"),  # no traceback
+        (["generate", "--card", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
         # found before generating (it used to generate, then fail with a misleading "File exists")
         (["generate", "--output", "/dev/null/x.csv"], "/dev/null/x.csv: cannot create folder /dev/null"),
         (["generate", "--output", "{tmp}/out.csv", "--samples", "1"], "--samples must be from 2 to 50,000,000, got 1"),
@@ -472,3 +474,14 @@ def test_report_refuses_a_data_file_that_changed_since_training(tmp_path, smoke_
     cfg["data"]["data_path"] = str(moved)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     cli_main(["export", "--run", str(run)])  # the same bytes elsewhere: accepted
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys, form):
+    """``fit --config`` with a binary file ended in jsonargparse's UnicodeDecodeError, naming no file."""
+    cfg = _touch(tmp_path / "bin.yaml", b"\xff\xfe\x00bad")
+    flag = ["--config", str(cfg)] if form == "separate" else [f"--config={cfg}"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, *flag))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and f"{cfg}: not UTF-8 text" in err[0], err
