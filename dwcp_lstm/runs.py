@@ -64,9 +64,9 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
 DATA_MAY_CHANGE = ("data_path", "data_dir", "num_workers", "batch_size")
 
 
-def _same_data_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule) -> None:
-    contents = load_checkpoint(ckpt)  # weights only, like every checkpoint read here
-    check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")
+def _same_settings_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule, contents: dict) -> None:
+    """The run's data settings are the checkpoint's (but :data:`DATA_MAY_CHANGE`): compared before any data is read
+    or generated, so that an edited config.yaml cannot make ``report`` write a 50M-row dataset anywhere first."""
     saved = contents.get("datamodule_hyper_parameters")
     if not saved:
         return
@@ -89,8 +89,11 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         raise DataError(f"{config}: file not found (not a run directory?)")
     ckpt = find_checkpoint(run_dir)
     dm = datamodule_from_config(config)
+    contents = load_checkpoint(ckpt)  # weights only, like every checkpoint read here
+    _same_settings_as_trained(config, ckpt, dm, contents)
     dm.prepare_data()
     dm.setup(stage)
+    check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")  # the file's bytes
     try:
         module = DwcpForecaster.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, not a traceback
@@ -105,5 +108,4 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     ):
         if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
             raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
-    _same_data_as_trained(config, ckpt, dm)
     return module.eval(), dm, ckpt

@@ -385,6 +385,27 @@ def test_rows_out_of_order_are_found_whatever_the_time_dtype(dtype, caplog):
     assert "rows are not sorted" in caplog.text
 
 
+def test_report_compares_the_settings_before_generating_any_data(tmp_path, smoke_run, capsys):
+    """An edited config.yaml (other synthetic data, in another folder) made ``report`` generate that data wherever
+    the config said, then refuse the run: with 50M rows, minutes and gigabytes for nothing (found by fuzzing)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    elsewhere = tmp_path / "elsewhere" / "deep"
+    cfg["data"].update(data_path=None, data_dir=str(elsewhere))
+    cfg["data"]["synthetic"]["samples"] = 300
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "data.synthetic" in err[0], err
+    assert not elsewhere.exists()
+
+
 @pytest.mark.parametrize(("key", "value"), [("split", [0.15, 0.15, 0.7]), ("max_gap", 0.0), ("seed", 7)])
 def test_report_and_export_refuse_a_config_edited_after_training(tmp_path, smoke_run, capsys, key, value):
     """The test split would hold training rows (split), the exported contract stop splitting links at gaps (max_gap):
