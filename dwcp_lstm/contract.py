@@ -12,6 +12,7 @@ writing helpers at the end import ``onnx`` when called.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -356,21 +357,29 @@ def external_path(folder: str | Path, location: str, source: str | Path) -> Path
     return path
 
 
-def check_external_data(external: Mapping[str, str], folder: str | Path, metadata_path: str | Path) -> None:
-    """Every side file inside ``folder``, present, with the sha256 the metadata lists."""
+def check_external_data(
+    external: Mapping[str, str], folder: str | Path, metadata_path: str | Path, copy_to: Path | None = None
+) -> None:  # fmt: skip
+    """Every side file inside ``folder``, present, with the sha256 the metadata lists; with ``copy_to``, the very
+    bytes checked are written there (the folder onnxruntime then loads from: it can read no side file the metadata
+    does not list, and none that changed after its check)."""
     for location, digest in external.items():
         path = external_path(folder, location, metadata_path)
         if not path.is_file():
             raise ModelFileError(f"{path}: external-data file not found (listed in {Path(metadata_path).name})")
         try:
-            sha = sha256_of(path)
+            data = path.read_bytes()
         except OSError as exc:
             raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        sha = hashlib.sha256(data).hexdigest()
         if sha != digest:
             raise ModelFileError(
                 f"{path}: sha256 {sha[:12]}... does not match {Path(metadata_path).name} key 'external_data' "
                 f"({digest[:12]}...): the side file was altered or belongs to another model"
             )
+        if copy_to is not None:
+            (copy_to / location).parent.mkdir(parents=True, exist_ok=True)
+            (copy_to / location).write_bytes(data)
 
 
 # -- writing side (training only: imports onnx) ----------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,9 +93,7 @@ class Predictor:
                 f"{self.model_path}: sha256 {sha[:12]}... does not match {self.metadata_path.name} "
                 f"({self.metadata['model_sha256'][:12]}...): the model was altered or belongs to another run"
             )
-        # Side files are checked before onnxruntime reads them; that the list is the graph's own is checked below.
         folder = self.model_path.parent.absolute()
-        check_external_data(self.metadata["external_data"], folder, self.metadata_path)
         self.window: int = self.metadata["window_size"]
         self.features: list[str] = [c["name"] for c in self.metadata["features"]]
         series = self.metadata["series"]
@@ -120,15 +119,21 @@ class Predictor:
         self.input_name: str = self.metadata["input"]["name"]
         self.output_name: str = self.metadata["output"]["name"]
         opts = ort.SessionOptions()
-        opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(folder))
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for a malformed graph
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelFileError(f"{self.model_path}: onnxruntime cannot load it ({first})") from None
+        # onnxruntime loads side files from a private folder holding only the ones the metadata lists, as checked:
+        # a graph that names another file beside the model cannot reach it, and nothing changes after its check
+        with tempfile.TemporaryDirectory(prefix="dwcp_side_") as side:
+            check_external_data(self.metadata["external_data"], folder, self.metadata_path, copy_to=Path(side))
+            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, side)
+            try:
+                self.session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own exception types for a malformed graph
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if "External data path" in first:  # its own text for a side file it could not find
+                    first = f"the graph reads an external-data file {self.metadata_path.name} does not list: {first}"
+                raise ModelFileError(f"{self.model_path}: onnxruntime cannot load it ({first})") from None
         embedded = parse_embedded(self.session.get_modelmeta().custom_metadata_map, self.model_path)
         compare_contract(contract_of(self.metadata), embedded, self.metadata_path, self.model_path)
         self._check_session()

@@ -327,12 +327,19 @@ def test_external_data_is_hashed_and_checked(smoke_run, predictor, history, tmp_
     with pytest.raises(ModelFileError, match=r"weights\.bin: external-data file not found"):
         Predictor.from_run(run)
 
-    # the side file is intact but the metadata no longer lists it: the graph's contract does
+    # the side file is intact but the metadata no longer lists it: onnxruntime reads only listed, checked side files
     run = external_run(smoke_run, tmp_path / "run2")
     meta = json.loads((run / "model_metadata.json").read_text())
     meta["external_data"] = {}
     (run / "model_metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelFileError, match=r"key 'external_data\.weights\.bin' is absent but the contract embedded"):
+    with pytest.raises(ModelFileError, match=r"graph reads an external-data file model_metadata\.json does not list"):
+        Predictor.from_run(run)
+    # ... even when the graph's own contract agrees (both rewritten): the side file is never read unchecked, so
+    # altering it cannot change the forecasts (found by fuzzing: forecasts moved, exit 0)
+    embed_contract(run / "model.onnx", {k: meta[k] for k in CONTRACT_KEYS})
+    meta["model_sha256"] = sha256_of(run / "model.onnx")
+    (run / "model_metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match=r"graph reads an external-data file model_metadata\.json does not list"):
         Predictor.from_run(run)
 
 
