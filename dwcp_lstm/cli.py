@@ -173,6 +173,7 @@ def _lightning_cli_class():
             preflight.check_optimizer(self.model)
             preflight.check_monitors(self.trainer, self.model)
             preflight.check_training_runs(self.trainer)
+            preflight.check_logger(self.trainer)
             preflight.check_val_interval(self.trainer, self.datamodule)
 
         def before_validate(self) -> None:
@@ -395,6 +396,9 @@ def cmd_generate(argv: list[str]) -> None:
         raise _data_error(f"--noise must be from 0 to 0.1 (relative), got {a.noise}")
     out = Path(a.output)
     check_table_suffix(out)
+    if out.stem.endswith(".oracle"):  # it would replace the sidecar of the data file beside it, and get its own
+        raise _data_error(f"{out}: a name ending in .oracle{out.suffix} is the oracle sidecar of another data file; "
+                          "choose another name")  # fmt: skip
     try:  # the folder is created (the default is data/...), and checked, before any row is generated
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

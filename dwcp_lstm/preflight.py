@@ -206,6 +206,14 @@ def check_monitors(trainer, model) -> None:
                               f"{trainer.max_epochs}, but --{flag}.monitor is {cb.monitor!r}")  # fmt: skip
 
 
+def check_logger(trainer) -> None:
+    """The run logs to TensorBoard (curves, hyperparameters, the learning-rate monitor): with ``--trainer.logger
+    false`` Lightning refused the learning-rate monitor only after the sanity validation."""
+    if trainer.logger is None:
+        raise ConfigError("--trainer.logger false leaves the learning-rate monitor and the run's curves without a "
+                          "logger: keep the default TensorBoard logger (or give another one)")  # fmt: skip
+
+
 def check_training_runs(trainer) -> None:
     """Some training step runs: with ``max_epochs 0``, ``max_steps 0``, ``limit_train_batches 0`` or a zero
     ``max_time`` Lightning only warns, and the run exported, reported and checkpointed nothing but the untrained

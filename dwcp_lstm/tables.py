@@ -334,6 +334,18 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
             raise DataError(f"{path}: column {col!r} row {i + 1}: empty series id ({int(empty.sum())} rows)")
+        if not pd.api.types.is_numeric_dtype(ids):  # "node-0 " and "node-0" would be two links, each half the rows
+            text = ids.astype("string")
+            stripped = text.str.strip()
+            spaced = (text != stripped).fillna(False).to_numpy(bool)
+            if spaced.any():
+                spellings = text.groupby(stripped).transform("nunique").to_numpy()  # per row: ids that strip to it
+                clash = np.flatnonzero(spaced & (spellings > 1))
+                if len(clash):
+                    i = int(clash[0])
+                    raise DataError(f"{path}: column {col!r} row {i + 1}: series id {short_repr(ids.iloc[i])} differs "
+                                    f"from another only by surrounding spaces ({short_repr(stripped.iloc[i])}): one "
+                                    "link or two? Strip or rename the ids")  # fmt: skip
 
 
 def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:

@@ -53,6 +53,9 @@ FIT_CASES = [
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
     ("empty-link-id", _set("node_id", 12, np.nan), [], "column 'node_id' row 13: empty series id (1 rows)"),
     ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),
+    # "node-0 " beside "node-0": two links of every other row each, at twice the cadence (within its tolerance)
+    ("spaced-link-id", _set("node_id", 12, "node-0 "), [],
+     "column 'node_id' row 13: series id 'node-0 ' differs from another only by surrounding spaces"),
     ("beyond-float32", _set("rtt_ms", 6, 1e39), [], "column 'rtt_ms' row 7: value 1e+39 is beyond float32 range"),
     ("duplicate-column", lambda df: pd.concat([df, df[["rtt_ms"]]], axis=1), [], "column 'rtt_ms' appears twice"),
     ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be >= 2 (a change needs two rows), got 0"),
@@ -167,6 +170,7 @@ def _touch(path: Path, data: bytes) -> Path:
         (["generate", "--output", "{tmp}/out.txt"], "output must end in .csv or .parquet"),
         (["generate", "--output", "{tmp}/out.csv", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
         (["generate", "--card", "--samples", "0"], "--samples must be from 2 to 50,000,000, got 0"),  # no traceback
+        (["generate", "--output", "{tmp}/d.oracle.csv"], "d.oracle.csv: a name ending in .oracle.csv is the oracle"),
         (["generate", "--card", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
         # found before generating (it used to generate, then fail with a misleading "File exists")
         (["generate", "--output", "/dev/null/x.csv"], "/dev/null/x.csv: cannot create folder /dev/null"),
