@@ -220,6 +220,8 @@ def _lightning_cli_class():
                 )
             ckpt = preflight.load_checkpoint(path)
             preflight.check_compatible(ckpt, self.model, path)
+            if self.subcommand != "fit" or run_config is None:  # no run config beside it: compare with its own record
+                preflight.check_data_settings(ckpt, self.datamodule, None, path)
             if self.subcommand != "fit":
                 return
             # Resuming restores the model, optimizer, scheduler, loops and callbacks from the checkpoint: a changed

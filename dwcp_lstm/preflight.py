@@ -180,6 +180,30 @@ def logged_metrics(model) -> set[str]:
     return names
 
 
+# DataModule settings that may differ from a checkpoint's: where the data lives and how it is batched. Any other
+# change (split, gap policy, columns, synthetic seed...) would evaluate, calibrate or train on other rows than the
+# checkpoint's run held out: the test split could hold its training rows.
+DATA_MAY_CHANGE = ("data_path", "data_dir", "num_workers", "batch_size")
+
+
+def check_data_settings(ckpt: dict, dm, where, ckpt_path) -> None:
+    """The data settings of ``dm`` are those the checkpoint was trained with (but :data:`DATA_MAY_CHANGE`): for
+    ``report`` / ``export`` (the run's config.yaml, before any data is read or generated), ``test`` / ``validate`` /
+    ``predict`` and a resume from a checkpoint with no run config beside it (the flags)."""
+    saved = ckpt.get("datamodule_hyper_parameters")
+    if not saved:
+        return
+    now = dict(dm.hparams)
+    changed = [k for k in saved if not k.startswith("_") and k not in DATA_MAY_CHANGE and k in now
+               and plain_value(saved[k]) != plain_value(now[k])]  # fmt: skip
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        what = f"--data.{k}" if where is None else f"{where}: data.{k}"  # None: the command's flags
+        raise ConfigError(f"{what} is {plain_value(now[k])!r}, the checkpoint {Path(str(ckpt_path)).name} was "
+                          f"trained with {plain_value(saved[k])!r}{more}")  # fmt: skip
+
+
 def check_monitors(trainer, model) -> None:
     """ModelCheckpoint and EarlyStopping monitor a metric the model logs: Lightning itself only finds out at the end of
     the first validation epoch, after that epoch's compute."""

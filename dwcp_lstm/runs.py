@@ -11,16 +11,39 @@ from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
-from dwcp_lstm.preflight import load_checkpoint, plain_value
+from dwcp_lstm.preflight import check_data_settings, load_checkpoint
 from dwcp_lstm.tables import first_line
 
 
+def _named(cfg: object, section: str, default: str, run_dir: Path) -> tuple[Path, str]:
+    """The folder and file name (no suffix) a run's config gave one of its checkpoint callbacks."""
+    s = cfg.get(section) if isinstance(cfg, dict) else None
+    s = s if isinstance(s, dict) else {}
+    return (Path(s["dirpath"]) if s.get("dirpath") else run_dir / "checkpoints"), str(s.get("filename") or default)
+
+
 def find_checkpoint(run_dir: Path) -> Path:
-    """``checkpoints/best.ckpt``, else ``last.ckpt``."""
-    for name in ("best.ckpt", "last.ckpt"):
-        path = run_dir / "checkpoints" / name
-        if path.exists():
-            return path
+    """The run's best checkpoint, named as its config named it (``--checkpoint.filename`` / ``dirpath``; default
+    ``checkpoints/best.ckpt``), else its last one. A name with a template (``{epoch}-{val_loss:.3f}``) is found
+    through the best name that the last checkpoint's state recorded: taking ``last.ckpt`` in its place exported and
+    reported the last epoch's weights, silently."""
+    cfg = read_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    folder, name = _named(cfg, "checkpoint", "best", run_dir)
+    last_folder, last_name = _named(cfg, "last_checkpoint", "last", run_dir)
+    last = last_folder / f"{last_name}.ckpt"
+    if "{" not in name:
+        if (folder / f"{name}.ckpt").is_file():
+            return folder / f"{name}.ckpt"
+    elif last.is_file():
+        for key, state in (load_checkpoint(last).get("callbacks") or {}).items():
+            if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") is not None:
+                path = folder / Path(str(state.get("best_model_path") or "")).name
+                if path.name and path.is_file():
+                    return path
+        raise CheckpointError(f"{run_dir}: cannot tell which checkpoint is the best ({name!r} is a template and "
+                              f"{last.name} records none of its files)")  # fmt: skip
+    if last.is_file():
+        return last
     raise CheckpointError(f"{run_dir}: no checkpoints/best.ckpt or checkpoints/last.ckpt (not a finished fit run?)")
 
 
@@ -58,28 +81,6 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
         raise ConfigError(f"{config_path}: {exc}") from None
 
 
-# DataModule settings a run's config.yaml may change after training: where the data lives and how it is batched.
-# Any other change (split, gap policy, columns, synthetic seed...) would evaluate or calibrate on other rows than the
-# training run held out: the test split could hold training rows, the intervals be calibrated on them.
-DATA_MAY_CHANGE = ("data_path", "data_dir", "num_workers", "batch_size")
-
-
-def _same_settings_as_trained(config: Path, ckpt: Path, dm: DwcpDataModule, contents: dict) -> None:
-    """The run's data settings are the checkpoint's (but :data:`DATA_MAY_CHANGE`): compared before any data is read
-    or generated, so that an edited config.yaml cannot make ``report`` write a 50M-row dataset anywhere first."""
-    saved = contents.get("datamodule_hyper_parameters")
-    if not saved:
-        return
-    now = dict(dm.hparams)
-    changed = [k for k in saved if not k.startswith("_") and k not in DATA_MAY_CHANGE and k in now
-               and plain_value(saved[k]) != plain_value(now[k])]  # fmt: skip
-    if changed:
-        k = changed[0]
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise ConfigError(f"{config}: data.{k} is {plain_value(now[k])!r}, the checkpoint {ckpt.name} was trained "
-                          f"with {plain_value(saved[k])!r}{more}")  # fmt: skip
-
-
 def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, DwcpDataModule, Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -90,7 +91,7 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     ckpt = find_checkpoint(run_dir)
     dm = datamodule_from_config(config)
     contents = load_checkpoint(ckpt)  # weights only, like every checkpoint read here
-    _same_settings_as_trained(config, ckpt, dm, contents)
+    check_data_settings(contents, dm, config, ckpt)  # before any data is read or generated
     dm.prepare_data()
     dm.setup(stage)
     check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")  # the file's bytes

@@ -449,3 +449,19 @@ def test_evaluating_without_a_checkpoint_is_refused(tmp_path, capsys, command):
     err = run_cli(with_command(command, fit_args(tmp_path)), capsys)
     assert f"{command} needs --ckpt_path" in err, err
     assert not list(tmp_path.glob("lightning_logs/version_*")), "nothing started"
+
+
+@pytest.mark.parametrize("command", ["fit", "test", "validate"])
+def test_a_checkpoint_is_used_only_with_the_data_settings_it_was_trained_with(tmp_path, smoke_run, capsys, command):
+    """``test`` with another split scored the checkpoint's own training rows, and a resume from a checkpoint with no
+    run config beside it trained on another split, both silently (found by fuzzing): the checkpoint's record of its
+    data settings is compared with the flags, as ``report`` compares the run's config.yaml."""
+    import shutil
+
+    ckpt = tmp_path / "elsewhere" / "copy.ckpt"  # no config.yaml two folders up
+    ckpt.parent.mkdir()
+    shutil.copy(smoke_run / "checkpoints" / "best.ckpt", ckpt)
+    err = run_cli(with_command(command, fit_args(tmp_path, f"--ckpt_path={ckpt}", "--data.split=[0.3,0.1,0.6]")),
+                  capsys)  # fmt: skip
+    assert "--data.split is [0.3, 0.1, 0.6], the checkpoint copy.ckpt was trained with [0.7, 0.15, 0.15]" in err
+    assert not list(tmp_path.glob("lightning_logs/version_*")), "nothing started"

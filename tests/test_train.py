@@ -152,6 +152,21 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
+@pytest.mark.parametrize("filename", ["best_model", "{epoch}-best"])
+def test_export_and_report_find_the_best_checkpoint_under_its_configured_name(tmp_path, capsys, filename):
+    """Only checkpoints/best.ckpt was looked for: with another --checkpoint.filename, ``export --run`` and
+    ``report --run`` took last.ckpt, the last epoch's weights, silently (found by fuzzing)."""
+    cli_main(fit_args(tmp_path, "--trainer.max_epochs=2", "--checkpoint.mode=max", f"--checkpoint.filename={filename}"))
+    run = run_dir_of(tmp_path)
+    best = [p for p in (run / "checkpoints").iterdir() if p.name != "last.ckpt"]
+    assert len(best) == 1 and torch.load(best[0], weights_only=True)["epoch"] == 0  # best: epoch 0, last: epoch 1
+    capsys.readouterr()
+    cli_main(["export", "--run", str(run)])
+    assert f"exported {best[0]} ->" in capsys.readouterr().out
+    cli_main(["report", "--run", str(run)])
+    assert json.loads((run / "report.json").read_text())["checkpoint"] == str(best[0])
+
+
 def test_a_checkpoint_scales_other_data_with_its_own_training_scalers(smoke_run, small_csv, tmp_path):
     from dwcp_lstm.callbacks import raw_windows
     from dwcp_lstm.data import DwcpDataModule
