@@ -563,6 +563,14 @@ def cmd_bench(argv: list[str]) -> None:
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
     out = check_output_file(a.output) if a.output else None  # now, not after minutes of benchmarking
+    if out is not None and out.suffix.lower() != ".json":  # it writes JSON: a .onnx / .ckpt / .yaml name is a slip
+        raise ConfigError(f"{out}: --output must end in .json (the figures are JSON)")
+    if out is not None and a.run is not None:  # the run's own files: model_metadata.json is a .json name too
+        from dwcp_lstm.serve import same_file
+
+        for own in [*Path(a.run).glob("*.json"), *Path(a.run).glob("*.yaml")]:
+            if same_file(out, own):
+                raise ConfigError(f"{out}: --output is the run's own {own.name}; refusing to overwrite it")
     result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)
     text = json.dumps(result, indent=2)
     print(text)

@@ -107,6 +107,13 @@ class FolderCheckpoint(ModelCheckpoint):
                 f"{str(outside[0])[:200]!r}, outside the checkpoint folder {self.dirpath}: resuming would delete or "
                 "load that file; refusing the checkpoint"
             )
+        if same and any(n and not Path(str(n)).is_file() for n in names):
+            # the same folder name, but not these files: another run's checkpoint resumed in a fresh folder (its
+            # relative name, ./lightning_logs/version_0/checkpoints, is every first run's). Its best score would
+            # outrank every epoch of this run, which then never saved a best and failed at the end.
+            rank_zero_warn(f"{self.dirpath}: the checkpoint's best / last files are not in this folder (another "
+                           "run's checkpoint?): this run keeps its own best from its first validation")  # fmt: skip
+            return
         super().load_state_dict(state_dict)
         if outside:  # another folder's checkpoint: its best is not this run's (the first validation sets one)
             self.best_model_path = ""
@@ -286,7 +293,8 @@ class OnnxExport(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = run_dir_of(trainer)
-        if not trainer.is_global_zero or run_dir is None:
+        # fast_dev_run has no logger, so no run folder: the export replaced model.onnx in the working directory
+        if not trainer.is_global_zero or run_dir is None or trainer.fast_dev_run:
             return
         from dwcp_lstm.evaluate import validation_calibration
 

@@ -260,6 +260,9 @@ def check_checkpoint_names(callbacks) -> None:
     for cb in callbacks:
         if cb.filename is None:  # Lightning's own epoch/step names never collide with a fixed one
             continue
+        if "/" in cb.filename or "\\" in cb.filename:  # the file would leave its folder: refused only at the end
+            raise ConfigError(f"checkpoint filename {cb.filename!r} must be a plain file name (its folder is "
+                              "--checkpoint.dirpath / --last_checkpoint.dirpath)")  # fmt: skip
         key = (str(Path(cb.dirpath).resolve()) if cb.dirpath is not None else None, cb.filename)
         if key in seen:
             raise ConfigError(

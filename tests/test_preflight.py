@@ -182,6 +182,7 @@ CONFIG_CASES = [
     ("tpu-without-xla", ["--trainer.accelerator=tpu"], "cannot build the run from its config: Requirement"),
     ("spawning-strategy", ["--trainer.strategy=ddp_spawn"], "--trainer.strategy ddp_spawn starts its processes"),
     ("no-logger", ["--trainer.logger=false"], "--trainer.logger false leaves the learning-rate monitor"),
+    ("escaping-checkpoint-name", ["--checkpoint.filename=../best"], "checkpoint filename '../best' must be a plain"),
     ("never-validates", ["--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=5"],
      "--trainer.check_val_every_n_epoch 5 never validates in --trainer.max_epochs 3"),
     ("huge-step-seed", ["--step_seed.seed=99999999999999999999999"], "--step_seed.seed must be an integer from 0"),

@@ -130,6 +130,10 @@ def test_checkpoint_names_are_compared_resolved(tmp_path):
     state = cb.state_dict()
     assert cb.state_key.startswith("ModelCheckpoint{")
     inside, escape = str(folder / "best.ckpt"), f"{folder}/../../victim.txt"
+    gone = FolderCheckpoint(dirpath=str(folder), monitor="val_loss")  # another run's names, not files here
+    gone.load_state_dict({**state, "best_model_path": inside, "best_model_score": torch_inf()})
+    assert gone.best_model_path == "" and gone.best_model_score is None
+    (folder / "best.ckpt").write_bytes(b"")
     cb.load_state_dict({**state, "best_model_path": inside, "best_k_models": {inside: torch_inf()}})
     assert cb.best_model_path == inside
     for key, value in (

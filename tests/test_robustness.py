@@ -510,3 +510,20 @@ def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys, form):
         cli_main(fit_args(tmp_path, *flag))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and f"{cfg}: not UTF-8 text" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["model_metadata.json", "model.onnx"])
+def test_bench_output_never_replaces_the_runs_own_files(tmp_path, smoke_run, capsys, name):
+    """``bench --output`` wrote its JSON over the run's model_metadata.json (and would have over model.onnx), after
+    the whole benchmark (found by fuzzing)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = (run / name).read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--run", str(run), "--quick", "--skip-load", "--output", str(run / name)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    expected = "the run's own model_metadata.json" if name.endswith(".json") else "--output must end in .json"
+    assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err
+    assert (run / name).read_bytes() == before

@@ -229,3 +229,13 @@ def test_ema_averages_weights_and_keeps_the_scalers_exact(tmp_path):
     logged = read_scalars(run)["test/rtt_ms/rmse"][-1][1]
     assert logged == pytest.approx(report["per_target"]["rtt_ms"]["rmse"], rel=1e-4)
 
+
+
+def test_fast_dev_run_writes_no_model(tmp_path):
+    """fast_dev_run has no run folder: its one-batch model was exported over model.onnx / model_metadata.json in
+    the working directory (or --trainer.default_root_dir), replacing a deployed pair (found by fuzzing)."""
+    deployed = {name: b"deployed" for name in ("model.onnx", "model_metadata.json")}
+    for name, data in deployed.items():
+        (tmp_path / name).write_bytes(data)
+    cli_main(fit_args(tmp_path, "--trainer.fast_dev_run=true"))
+    assert {name: (tmp_path / name).read_bytes() for name in deployed} == deployed
