@@ -415,6 +415,9 @@ def cmd_generate(argv: list[str]) -> None:
     synthetic.write_frame(df, out)  # checks the suffix before anything is written
     if a.oracle:
         synthetic.write_frame(oracle, synthetic.oracle_path(out))
+    elif synthetic.oracle_path(out).is_file():  # the previous data's oracle: its keys match every new row
+        synthetic.oracle_path(out).unlink()
+        print(f"removed {synthetic.oracle_path(out)}: the oracle of the data this file held before", file=sys.stderr)
     n_links = df.groupby(["node_id", "peer_id"], observed=True).ngroups
     print(f"wrote {len(df)} rows, {n_links} links ({a.profile} profile, seed {a.seed}) -> {out}")
 

@@ -17,7 +17,7 @@ from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.planner import backtest_report, rows_ahead
-from dwcp_lstm.tables import DataError, atomic_write, first_line, sha256_of
+from dwcp_lstm.tables import DataError, atomic_write, first_line, log, sha256_of
 
 TARGET_CORR, TARGET_MAPE, TARGET_GAP = 0.98, 5.0, 0.9
 TARGET_GAP_PER_STEP = 0.8  # the multi-step goal: this share of the persistence-to-oracle gap at every step
@@ -513,16 +513,20 @@ def checks(report: dict, mse: dict, targets: list[str]) -> dict:
 
 
 def onnx_facts(run_dir: Path, dm, runs: int = 300) -> dict | None:
-    """Parity (from the metadata), file size and measured onnxruntime batch-1 latency of the run's model.onnx."""
+    """Parity (from the metadata), file size and measured onnxruntime batch-1 latency of the run's model.onnx; None
+    (with a warning) when the pair is missing or fails the checks ``forecast`` makes: the report is still written."""
+    from dwcp_lstm.errors import DwcpError
+    from dwcp_lstm.serve import Predictor
+
     path, meta_path = model_path_of(run_dir), run_dir / METADATA_NAME
     if not path.exists() or not meta_path.exists():
         return None
-    import onnxruntime as ort
-
-    meta = json.loads(meta_path.read_text())
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:  # the same checks as forecast's: a damaged pair raised a JSON or protobuf traceback after the evaluation
+        predictor = Predictor(path, meta_path, threads=1)
+    except DwcpError as exc:
+        log.warning("%s; the report leaves out the ONNX figures (python -m dwcp_lstm export --run %s)", exc, run_dir)
+        return None
+    sess, meta = predictor.session, predictor.metadata
     x = dm.windows(dm.raw_features, dm.starts["test"][:1]).astype(np.float32)  # [1, W, F]
     feed = {sess.get_inputs()[0].name: x}
     time_calls(lambda: sess.run(None, feed), 20)  # warm-up
