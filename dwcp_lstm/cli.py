@@ -198,6 +198,10 @@ def _lightning_cli_class():
             if not runs:
                 raise _data_error(f"--ckpt_path last: no {root}/version_<N>/checkpoints/last.ckpt to resume from")
             run = runs[-1].parent.parent
+            links = sorted(p.name for p in run.iterdir() if p.is_symlink())
+            if links:  # Lightning writes hparams.yaml and the event files with a plain open: through the link
+                raise _data_error(f"{run}: {links[0]} is a symbolic link, and resuming would write through it "
+                                  "(outside the run); replace it with a file or remove it")  # fmt: skip
             if logger is not None:
                 logger._version = int(run.name.split("_")[-1])  # artifacts land beside the checkpoint
             cfg.ckpt_path = str(runs[-1])

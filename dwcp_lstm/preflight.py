@@ -293,6 +293,10 @@ def check_trainer_config(trainer: dict, seed) -> None:
     if clip is not None and not (isinstance(clip, int | float) and not isinstance(clip, bool) and 0 <= clip < math.inf):
         raise ConfigError(f"--trainer.gradient_clip_val must be a number >= 0 (0 or null: no clipping; Lightning "
                           f"would silently skip a negative one), got {clip!r}")  # fmt: skip
+    precision = str(trainer.get("precision"))
+    if precision in ("64", "64-true", "16-true", "bf16-true") or precision.startswith("transformer-engine"):
+        raise ConfigError(f"--trainer.precision {precision}: the batches and the exported graph are float32, so the "
+                          "weights must be too: use 32-true, 16-mixed or bf16-mixed")  # fmt: skip
     strategy = trainer.get("strategy")
     if isinstance(strategy, str) and any(w in strategy for w in ("spawn", "fork", "notebook")):
         raise ConfigError(f"--trainer.strategy {strategy} starts its processes from inside Python, which this CLI "

@@ -100,12 +100,14 @@ def add_clock(
             raise ConfigError(f"{path}: each series' start time is read from one series column, got {list(series)}")
         ids = df[series[0]].astype(str)
         names = pd.unique(ids)
-        starts = pd.to_datetime(pd.Series(names), format=series_start, errors="coerce")
+        # utc: a start with an offset (%z) is that instant; one without is read as UTC, as before (a naive minus an
+        # aware time raised a TypeError traceback)
+        starts = pd.to_datetime(pd.Series(names), format=series_start, errors="coerce", utc=True)
         if starts.isna().any():
             bad = names[int(np.flatnonzero(starts.isna().to_numpy())[0])]
             raise DataError(f"{path}: series id {short_repr(bad)} in column {series[0]!r} is not a start time in the "
                             f"format {series_start!r} (--data.series_start)")  # fmt: skip
-        seconds = (starts - pd.Timestamp(0)).dt.total_seconds().to_numpy()
+        seconds = (starts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
         t = t + pd.Series(seconds, index=names).reindex(ids.to_numpy()).to_numpy()
     df = df.copy()
     for name, period in clock.items():

@@ -149,3 +149,15 @@ def test_a_file_column_named_like_a_clock_column_is_refused(clock_run, relative_
             cli_main([command, "--model", str(clock_run), "--input", str(clash), *extra])
         err = capsys.readouterr().err.strip().splitlines()
         assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_a_start_time_with_an_offset_is_that_instant():
+    """A series id such as 2025-01-01T00:00:00+0100 with ``%z`` raised a TypeError traceback (a naive epoch minus an
+    aware start; found by fuzzing); it is 23:00 UTC the day before, and an id without an offset is read as UTC."""
+    from dwcp_lstm.tables import add_clock
+
+    df = pd.DataFrame({"cap": ["2025-01-01T00:00:00+0100"] * 2 + ["2025-01-01T00:00:00+0000"] * 2, "t": [0, 1] * 2})
+    out = add_clock(df, {"day_s": 86400.0}, "%Y-%m-%dT%H:%M:%S%z", ["cap"], "t", "x.csv")
+    assert out["day_s"].tolist() == [82800.0, 82801.0, 0.0, 1.0]
+    naive = pd.DataFrame({"cap": ["2025-01-01-00-00-05"] * 2, "t": [0, 1]})
+    assert add_clock(naive, {"beat_s": 15.0}, "%Y-%m-%d-%H-%M-%S", ["cap"], "t", "x.csv")["beat_s"].tolist() == [5, 6]

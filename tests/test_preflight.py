@@ -181,6 +181,8 @@ CONFIG_CASES = [
     ("interval-beyond-epoch", ["--trainer.val_check_interval=100000"], "--trainer.val_check_interval 100000 is more"),
     ("tpu-without-xla", ["--trainer.accelerator=tpu"], "cannot build the run from its config: Requirement"),
     ("spawning-strategy", ["--trainer.strategy=ddp_spawn"], "--trainer.strategy ddp_spawn starts its processes"),
+    ("double-precision", ["--trainer.precision=64-true"], "--trainer.precision 64-true: the batches and the exported"),
+    ("half-precision", ["--trainer.precision=bf16-true"], "--trainer.precision bf16-true: the batches"),
     ("no-logger", ["--trainer.logger=false"], "--trainer.logger false leaves the learning-rate monitor"),
     ("escaping-checkpoint-name", ["--checkpoint.filename=../best"], "checkpoint filename '../best' must be a plain"),
     ("never-validates", ["--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=5"],

@@ -59,6 +59,17 @@ def test_resume_last_without_a_run_is_a_clear_error(tmp_path, capsys):
         cli_main(fit_args(tmp_path, "--ckpt_path=last"))
     assert exc.value.code == 2
     assert "checkpoints/last.ckpt to resume from" in capsys.readouterr().err
+    run = tmp_path / "lightning_logs" / "version_0"  # a link in the run folder: Lightning would write through it
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "hparams.yaml").symlink_to(tmp_path / "outside.txt")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--ckpt_path=last"))
+    assert exc.value.code == 2 and "hparams.yaml is a symbolic link" in capsys.readouterr().err
+    assert not (tmp_path / "outside.txt").exists()
+    import shutil
+
+    shutil.rmtree(run)
     backup = tmp_path / "lightning_logs" / "version_0_backup" / "checkpoints"  # a copy's name is not a version
     backup.mkdir(parents=True)
     (backup / "last.ckpt").write_bytes(b"")
