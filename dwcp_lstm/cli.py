@@ -228,6 +228,7 @@ def _lightning_cli_class():
                 preflight.check_data_settings(ckpt, self.datamodule, None, path)
             if self.subcommand != "fit":
                 return
+            preflight.check_resumable(ckpt, self.model, path)
             # Resuming restores the model, optimizer, scheduler, loops and callbacks from the checkpoint: a changed
             # value would be written to config.yaml and report.json while the run kept the old one.
             if run_config is not None:

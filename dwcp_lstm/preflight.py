@@ -98,6 +98,63 @@ def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | P
             raise CheckpointError(msg)
 
 
+PROGRESS_KEYS = ("ready", "started", "processed", "completed")  # Lightning's loop progress counters
+
+
+def check_resumable(ckpt: dict[str, Any], model, path: str | Path) -> None:
+    """The training state a resume restores can be restored and used: what Lightning and the model will do with the
+    optimizer, scheduler, early-stopping and loop state, done first on copies. A tampered or foreign state raised
+    its traceback at the first step, or only after an epoch of training (early stopping's best score)."""
+    import copy
+
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{path}: cannot resume from it: {what}")
+
+    states = ckpt.get("optimizer_states")
+    if states is not None:
+        if not isinstance(states, list) or len(states) != 1:
+            refuse("it holds no single optimizer state")
+        probe = copy.deepcopy(model)
+        probe._scheduler_state = ckpt.get("dwcp_lr_scheduler")
+        try:
+            optimizer = probe.configure_optimizers()  # loads the scheduler's state
+            optimizer.load_state_dict(states[0])
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    for name, v in optimizer.state.get(p, {}).items():
+                        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                            refuse(f"the optimizer's {name} has shape {tuple(v.shape)}, its weight {tuple(p.shape)}")
+            scheduler = probe.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(0.0)
+            else:
+                scheduler.step()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # torch's own ValueError / KeyError / TypeError for a state that does not fit
+            refuse(f"its optimizer or scheduler state does not fit ({type(exc).__name__}: {first_line(exc)[:200]})")
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if key.startswith("EarlyStopping") and isinstance(state, dict):
+            best = state.get("best_score")
+            if best is not None and not (isinstance(best, torch.Tensor) and best.numel() == 1
+                                         or isinstance(best, int | float) and not isinstance(best, bool)):  # fmt: skip
+                refuse(f"early stopping's best_score is {type(best).__name__}, not a number")
+            for name in ("wait_count", "stopped_epoch", "patience"):
+                v = state.get(name, 0)
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    refuse(f"early stopping's {name} is {v!r}, not a count")
+
+    def counters(d: Any, where: str) -> None:
+        if not isinstance(d, dict):
+            return
+        for k, v in d.items():
+            if k in PROGRESS_KEYS and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                refuse(f"loop counter {where}{k} is {v!r}, not a count")
+            counters(v, f"{where}{k}.")
+
+    counters(ckpt.get("loops"), "")
+
+
 def hparam_differences(ckpt: dict[str, Any], model, keys=None) -> list[tuple[str, Any, Any]]:
     """``(key, checkpoint's value, model's value)`` for each hyperparameter (of ``keys``, default all the model's)
     that the checkpoint records with another value; lists and tuples compare equal."""

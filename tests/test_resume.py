@@ -171,3 +171,46 @@ def torch_inf():
     import torch
 
     return torch.tensor(float("inf"))
+
+
+def _tamper(ckpt: dict, case: str) -> None:
+    import torch
+
+    if case == "optimizer-shape":
+        state = ckpt["optimizer_states"][0]["state"]
+        state[next(iter(state))]["exp_avg"] = torch.zeros(2, 2)
+    elif case == "optimizer-groups":
+        groups = ckpt["optimizer_states"][0]["param_groups"]
+        groups.append(dict(groups[0], params=[999]))
+    elif case == "scheduler-mode":
+        ckpt["dwcp_lr_scheduler"]["mode"] = "foo"
+    elif case == "early-stopping-score":
+        next(v for k, v in ckpt["callbacks"].items() if k.startswith("EarlyStopping"))["best_score"] = "abc"
+    elif case == "loop-counter":
+        ckpt["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] = -3
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("optimizer-shape", "the optimizer's exp_avg has shape (2, 2)"),
+        ("optimizer-groups", "different number of parameter groups"),
+        ("scheduler-mode", "mode foo is unknown"),
+        ("early-stopping-score", "early stopping's best_score is str, not a number"),
+        ("loop-counter", "loop counter fit_loop.epoch_progress.total.completed is -3"),
+    ],
+)
+def test_a_tampered_training_state_is_refused_before_resuming(tmp_path, smoke_run, capsys, case, expected):
+    """Each raised a traceback at the first training step, or after an epoch (early stopping's score; found by
+    fuzzing): the restore is tried first on copies of the optimizer, scheduler and callbacks."""
+    import torch
+
+    ckpt = torch.load(smoke_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    _tamper(ckpt, case)
+    path = tmp_path / "tampered.ckpt"
+    torch.save(ckpt, path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--ckpt_path={path}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"{path}: cannot resume from it" in err[0] and expected in err[0], err
