@@ -265,6 +265,10 @@ def _lightning_cli_class():
                 split = "val" if stage == "validate" else "test"
                 if len(dm.starts[split]) == 0:
                     raise _data_error(f"{dm.path}: no {split} windows to {stage} on")
+                limit = {"validate": "limit_val_batches", "test": "limit_test_batches"}.get(
+                    stage, "limit_predict_batches")
+                if getattr(self.trainer, limit) == 0:  # Lightning then scores nothing and exits 0
+                    raise _data_error(f"--trainer.{limit} 0 leaves nothing to {stage}")
 
         def after_fit(self) -> None:
             from dwcp_lstm.callbacks import best_module, run_dir_of

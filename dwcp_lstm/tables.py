@@ -15,6 +15,7 @@ Policies for messy data, all documented in the README:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -490,6 +491,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:  # the writer may have been a library (torch.onnx, matplotlib, pandas)
             os.fsync(f.fileno())
+        if path.is_dir():  # os.replace's error would name the temporary file
+            raise IsADirectoryError(errno.EISDIR, "is a directory, expected a file", str(path))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -446,6 +446,14 @@ def test_the_import_policy_refuses_every_callable_of_modules_that_can_run_code()
             assert "is not allowed" not in str(exc), exc
 
 
+def test_evaluating_nothing_is_refused(tmp_path, smoke_run, capsys):
+    """``test --trainer.limit_test_batches 0`` exited 0 having scored nothing (found by fuzzing)."""
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    err = run_cli(with_command("test", fit_args(tmp_path, f"--ckpt_path={ckpt}", "--trainer.limit_test_batches=0")),
+                  capsys)  # fmt: skip
+    assert "--trainer.limit_test_batches 0 leaves nothing to test" in err, err
+
+
 @pytest.mark.parametrize("command", ["validate", "test", "predict"])
 def test_evaluating_without_a_checkpoint_is_refused(tmp_path, capsys, command):
     """Without --ckpt_path Lightning scored the freshly initialised network, exit 0, and made a run folder."""

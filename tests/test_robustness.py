@@ -555,3 +555,14 @@ def test_report_of_a_run_with_a_damaged_model_is_written_without_the_onnx_figure
     cli_main(["report", "--run", str(run)])
     assert json.loads((run / "report.json").read_text())["onnx"] is None
     assert f"{name}" in caplog.text and "the report leaves out the ONNX figures" in caplog.text
+
+
+def test_an_artifact_name_taken_by_a_folder_is_named_in_the_error(tmp_path):
+    """A folder named report.json: the error named the temporary file (.report.json.<pid>-<hex>.tmp)."""
+    from dwcp_lstm.tables import atomic_write
+
+    (tmp_path / "report.json").mkdir()
+    with pytest.raises(IsADirectoryError) as exc:
+        atomic_write(tmp_path / "report.json", "{}")
+    assert exc.value.filename == str(tmp_path / "report.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
