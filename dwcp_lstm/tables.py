@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES  # pandas' own list of missing-value words
 
 from dwcp_lstm.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported: its old home)
 
@@ -190,10 +191,14 @@ def _read_csv_strict(path: Path, width: int, text: dict) -> pd.DataFrame:
     ParserWarning and any later row into a ParserError; a row with fewer fields reads as empty cells (checked as
     such).
     """
+    # pandas' missing-value words (NA, None, null, n/a...) are missing numbers, but a link may be named NA: in the id
+    # columns only an empty cell is missing
+    header = pd.read_csv(path, nrows=0).columns
+    na = {c: [""] if c in text else sorted(STR_NA_VALUES) for c in header}
     with warnings.catch_warnings():
         warnings.simplefilter("error", pd.errors.ParserWarning)
         try:
-            return pd.read_csv(path, index_col=False, dtype=text or None)
+            return pd.read_csv(path, index_col=False, dtype=text or None, keep_default_na=False, na_values=na)
         except pd.errors.ParserWarning:
             raise DataError(f"{path}: row 1 has more fields than the header's {width}") from None
         except pd.errors.ParserError as exc:

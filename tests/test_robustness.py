@@ -566,3 +566,15 @@ def test_an_artifact_name_taken_by_a_folder_is_named_in_the_error(tmp_path):
         atomic_write(tmp_path / "report.json", "{}")
     assert exc.value.filename == str(tmp_path / "report.json")
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
+
+
+def test_a_link_named_na_is_a_name(tmp_path):
+    """pandas reads NA, None, null... as missing: links so named were refused as "empty series id" (found by
+    fuzzing). In the id columns only an empty cell is missing; in number columns those words still are."""
+    from dwcp_lstm.tables import read_table
+
+    path = tmp_path / "na.csv"
+    path.write_text("link,t,x\nNA,0,1\nNA,1,NA\nnull,0,\n,1,2\n")
+    df = read_table(path, ["link", "t", "x"], text_columns=["link"])
+    assert df["link"].tolist()[:3] == ["NA", "NA", "null"] and pd.isna(df["link"].iloc[3])
+    assert df["x"].isna().tolist() == [False, True, True, False]
