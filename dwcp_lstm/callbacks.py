@@ -99,7 +99,8 @@ class FolderCheckpoint(ModelCheckpoint):
         if same:
             names += [state_dict.get("kth_best_model_path", ""), state_dict.get("last_model_path", ""),
                       *(state_dict.get("best_k_models") or {})]  # fmt: skip
-        outside = [n for n in names if n and not self._inside(str(n))]
+        names = ["" if n is None else n if isinstance(n, str) else repr(n) for n in names]  # a tensor: not a name
+        outside = [n for n in names if n and not self._inside(n)]
         if same and outside:
             raise CheckpointError(
                 f"{getattr(getattr(self, '_trainer', None), 'ckpt_path', None) or 'the checkpoint'}: its "
@@ -107,7 +108,7 @@ class FolderCheckpoint(ModelCheckpoint):
                 f"{str(outside[0])[:200]!r}, outside the checkpoint folder {self.dirpath}: resuming would delete or "
                 "load that file; refusing the checkpoint"
             )
-        if same and any(n and not Path(str(n)).is_file() for n in names):
+        if same and any(n and not Path(n).is_file() for n in names):
             # the same folder name, but not these files: another run's checkpoint resumed in a fresh folder (its
             # relative name, ./lightning_logs/version_0/checkpoints, is every first run's). Its best score would
             # outrank every epoch of this run, which then never saved a best and failed at the end.

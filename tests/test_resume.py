@@ -153,6 +153,7 @@ def test_checkpoint_names_are_compared_resolved(tmp_path):
         ("kth_best_model_path", escape),
         ("best_k_models", {escape: torch_inf()}),
         ("best_model_path", "memory://x.ckpt"),
+        ("best_model_path", torch_inf().repeat(2)),  # not a name at all (a tensor raised "ambiguous" before)
     ):
         with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
             FolderCheckpoint(dirpath=str(folder)).load_state_dict({**state, key: value})
