@@ -149,7 +149,7 @@ def read_table(
             _unique_header(path, _raw_csv_header(path))
             _require(path, header, columns, derived)
             text = {c: str for c in text_columns if c in header}
-            df = _read_csv_strict(path, len(header), text)
+            df = _read_csv_strict(path, list(header), text)
             if columns:
                 df = df[list(columns)]
         else:
@@ -183,8 +183,8 @@ def _pyarrow(path: Path):
     return pa, pq
 
 
-def _read_csv_strict(path: Path, width: int, text: dict) -> pd.DataFrame:
-    """Every column, refusing a row with more fields than the header.
+def _read_csv_strict(path: Path, header: list[str], text: dict) -> pd.DataFrame:
+    """Every column (``header``: the file's, as read by the caller), refusing a row with more fields than it.
 
     pandas would hide it: ``usecols`` drops the extra fields, and an extra field on the first row makes the first
     column the index, shifting every value one column left. ``index_col=False`` turns the first case into a
@@ -193,14 +193,13 @@ def _read_csv_strict(path: Path, width: int, text: dict) -> pd.DataFrame:
     """
     # pandas' missing-value words (NA, None, null, n/a...) are missing numbers, but a link may be named NA: in the id
     # columns only an empty cell is missing
-    header = pd.read_csv(path, nrows=0).columns
     na = {c: [""] if c in text else sorted(STR_NA_VALUES) for c in header}
     with warnings.catch_warnings():
         warnings.simplefilter("error", pd.errors.ParserWarning)
         try:
             return pd.read_csv(path, index_col=False, dtype=text or None, keep_default_na=False, na_values=na)
         except pd.errors.ParserWarning:
-            raise DataError(f"{path}: row 1 has more fields than the header's {width}") from None
+            raise DataError(f"{path}: row 1 has more fields than the header's {len(header)}") from None
         except pd.errors.ParserError as exc:
             found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
             if found is None:
