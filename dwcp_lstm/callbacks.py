@@ -30,7 +30,7 @@ from dwcp_lstm.contract import (
 from dwcp_lstm.errors import CheckpointError, ConfigError, check_seed
 from dwcp_lstm.intervals import BOUND_NAMES
 from dwcp_lstm.model import count_parameters
-from dwcp_lstm.tables import atomic_path, atomic_write, sha256_of
+from dwcp_lstm.tables import RANGES, atomic_path, atomic_write, sha256_of
 
 UNITS = {
     "throughput_mbps": "Mbit/s", "rtt_ms": "ms", "packet_loss": "fraction of packets (0-1)", "jitter_ms": "ms",
@@ -328,6 +328,13 @@ def export_run(
     return metadata
 
 
+def range_entry(column: str) -> dict:
+    """``{"range": [low, high]}`` (null: unbounded) for a target the graph clips (``tables.RANGES``), else empty."""
+    if column not in RANGES:
+        return {}
+    return {"range": [float(v) if np.isfinite(v) else None for v in RANGES[column]]}
+
+
 def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_dir: Path, calibration=None) -> dict:
     """The metadata of an export; first embeds its contract in ``onnx_path`` (atomically), so the JSON's contract keys
     and the graph's copy are equal by construction and ``model_sha256`` covers the final file.
@@ -339,7 +346,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
     contract = make_contract(
         window_size=dm.window_size,
         features=[{"name": c, "unit": unit_of(c)} for c in dm.features],
-        targets=[{"name": c, "unit": unit_of(c)} for c in dm.targets],
+        targets=[{"name": c, "unit": unit_of(c), **range_entry(c)} for c in dm.targets],
         target_mode=dm.target_mode,
         series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap),
                 "cadence_s": dm.cadence_s(), "duplicates": dm.duplicates, "fill_missing": dm.fill_missing,

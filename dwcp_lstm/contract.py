@@ -128,6 +128,8 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
                 raise ModelFileError(f"{path}: key '{key}[{i}]' must be an object with a non-empty string 'name'")
             if "unit" in c and not isinstance(c["unit"], str):
                 raise ModelFileError(f"{path}: key '{key}[{i}].unit' must be str, got {type(c['unit']).__name__}")
+            if "range" in c and key == "targets":  # what the graph clips its forecasts into (optional)
+                _check_range(c["range"], f"{path}: key '{key}[{i}].range'")
         names[key] = name_list(key, [c["name"] for c in cols], allow_empty=False)
     mode = need("target_mode", str)
     if mode not in TARGET_MODES:
@@ -208,6 +210,16 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
             )
         if intervals.get("beyond_horizon") is not None:
             check_beyond_horizon(intervals["beyond_horizon"], len(levels), horizon, len(names["targets"]), path)
+
+
+def _check_range(value: Any, where: str) -> None:
+    """``[low, high]``, each a finite number or null (unbounded), low < high."""
+    edges = value if isinstance(value, list) and len(value) == 2 else None
+    finite = edges is not None and all(
+        v is None or (not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)) for v in edges
+    )
+    if not finite or (edges[0] is not None and edges[1] is not None and not edges[0] < edges[1]):
+        raise ModelFileError(f"{where} must be [low, high] (numbers or null, low < high), got {short_repr(value)}")
 
 
 def check_beyond_horizon(beyond: Any, n_levels: int, horizon: int, n_targets: int, path: str | Path) -> None:

@@ -17,7 +17,7 @@ from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.planner import backtest_report, rows_ahead
-from dwcp_lstm.tables import DataError, atomic_write, first_line, log, sha256_of
+from dwcp_lstm.tables import DataError, atomic_write, clip_to, first_line, log, sha256_of, target_ranges
 
 TARGET_CORR, TARGET_MAPE, TARGET_GAP = 0.98, 5.0, 0.9
 TARGET_GAP_PER_STEP = 0.8  # the multi-step goal: this share of the persistence-to-oracle gap at every step
@@ -126,8 +126,8 @@ def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fit
     def flat(p: np.ndarray) -> tuple[np.ndarray, None]:
         return np.repeat(p[:, None], h_max, axis=1), None  # [N, T] -> [N, H, T]
 
-    def direct(p: np.ndarray) -> tuple[np.ndarray, None]:
-        return (p * ts.scale_ + ts.mean_).reshape(len(p), h_max, -1), None  # [N, H * T] -> [N, H, T]
+    def direct(p: np.ndarray) -> tuple[np.ndarray, None]:  # [N, H * T] -> [N, H, T], clipped like the model's
+        return clip_to((p * ts.scale_ + ts.mean_).reshape(len(p), h_max, -1), target_ranges(dm.targets)), None
 
     times = dm.timestamps.astype(np.float64)
     seasonal = [B.seasonal_naive(dm.raw_targets, times, dm.segment_of_row, rows + h) for h in range(h_max)]
@@ -349,7 +349,8 @@ def calibration_of(module, dm, val: dict | None) -> tuple[I.Calibration | None, 
     levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
     if val is None or len(val["y"]) < I.windows_needed(levels):
         return None, None
-    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, bool(module.delta), val["segment"])
+    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, bool(module.delta), val["segment"],
+                           target_ranges(dm.targets))
     pick = B._even_subset(len(val["y"]), 50_000)  # bounds the [n, 8 H, T] array on long validation splits
     return I.calibrate_tail(cal, val["pred"][pick], tail_targets(dm, "val", pick), val["hist"][pick]), scores
 
@@ -399,7 +400,8 @@ def interval_report(
     levels = cal.levels
     first = dm.target_rows("test")
     names = dm.series_names(first)
-    b = I.intervals(cal, pred, hist)
+    ranges = target_ranges(dm.targets)  # every bound below is clipped into them, as the graph clips its own
+    b = I.intervals(cal, pred, hist, ranges)
     mean_y = np.cumsum(y, axis=1) / np.arange(1, y.shape[1] + 1)[None, :, None]
     means = I.interval_scores(b["mean_lower"], b["mean_upper"], mean_y, levels)
 
@@ -407,20 +409,20 @@ def interval_report(
         """Static and online scores of per-step bounds [n, L, H, T] on the windows ``m``."""
         out = {"static": _scored(lower, upper, y[m], names[m], levels)}
         on = O.online_bounds(lower, upper, y[m], first[m], names[m], levels, online_rate)
-        out["online"] = _scored(*on, y[m], names[m], levels)
+        out["online"] = _scored(*(clip_to(v, ranges) for v in on), y[m], names[m], levels)
         return out
 
     model = judged(b["lower"], b["upper"])
     baselines = {}
     for name in ("persistence", "ridge"):
         (vp, vm), (tp, tm) = val["baselines"][name], base_steps[name]
-        bcal, _ = I.choose(vp[vm], val["y"][vm], val["hist"][vm], levels, groups=val["segment"][vm])
-        bb = I.intervals(bcal, tp[tm], hist[tm])
+        bcal, _ = I.choose(vp[vm], val["y"][vm], val["hist"][vm], levels, groups=val["segment"][vm], ranges=ranges)
+        bb = I.intervals(bcal, tp[tm], hist[tm], ranges)
         baselines[name] = judged(bb["lower"], bb["upper"], tm)
 
     grid = [v for v in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if I.windows_needed([v]) <= len(val["y"])]
     rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive)
-    rb = I.intervals(rcal, pred, hist)
+    rb = I.intervals(rcal, pred, hist, ranges)
     reliability = I.interval_scores(rb["lower"], rb["upper"], y, grid)["coverage"].mean(axis=1)  # [G, T]
 
     def figures(kind: str, i: int, j: int) -> dict:

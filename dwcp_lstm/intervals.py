@@ -164,24 +164,30 @@ def calibrate_tail(cal: Calibration, pred: np.ndarray, y_long: np.ndarray, hist:
     return replace(cal, tail_lo=np.stack(lo, axis=1), tail_hi=np.stack(hi, axis=1))
 
 
-def intervals(cal: Calibration, pred: np.ndarray, hist: np.ndarray) -> dict[str, np.ndarray]:
+def intervals(
+    cal: Calibration, pred: np.ndarray, hist: np.ndarray, ranges: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Bounds [N, L, H, T] of each step (``lower``/``upper``) and of the mean over the first k steps
     (``mean_lower``/``mean_upper``, the H axis is k - 1), with the mean forecast itself (``mean`` [N, H, T]); with
-    a tail calibration also ``tail_lower``/``tail_upper`` [N, L, K - H, T] for the mean over k = H + 1 .. K steps."""
+    a tail calibration also ``tail_lower``/``tail_upper`` [N, L, K - H, T] for the mean over k = H + 1 .. K steps.
+    ``ranges`` [2, T] (``tables.target_ranges``) clips every bound into the targets' physical ranges, as the graph
+    does: coverage of values inside the range is unchanged, widths only shrink."""
     scale = _scale(hist, cal.adaptive, cal.floor)[:, None]  # [N, 1, 1, T]
     mean = _running_mean(pred)
     tail = {}
     if cal.tail_lo is not None:  # [N, L, K - H, T]: the mean over k > H steps, around the held forecast mean
         held = mean[:, -1][:, None, None]  # [N, 1, 1, T]
         tail = {"tail_lower": held + scale * cal.tail_lo[None], "tail_upper": held + scale * cal.tail_hi[None]}
-    return {
+    bounds = {
         **tail,
         "lower": pred[:, None] + scale * cal.lo[None],
         "upper": pred[:, None] + scale * cal.hi[None],
-        "mean": mean,
         "mean_lower": mean[:, None] + scale * cal.mean_lo[None],
         "mean_upper": mean[:, None] + scale * cal.mean_hi[None],
     }
+    if ranges is not None:
+        bounds = {k: np.clip(v, ranges[0], ranges[1]) for k, v in bounds.items()}
+    return {**bounds, "mean": mean}
 
 
 def interval_scores(lower: np.ndarray, upper: np.ndarray, y: np.ndarray, levels: Sequence[float]) -> dict:
@@ -214,13 +220,14 @@ def earlier_half(groups: np.ndarray) -> np.ndarray:
 
 def choose(
     pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float], allow_adaptive: bool = True,
-    groups: np.ndarray | None = None,
+    groups: np.ndarray | None = None, ranges: np.ndarray | None = None,
 ) -> tuple[Calibration, dict | None]:  # fmt: skip
     """Per target, plain or locally adaptive, by the mean Winkler score (over levels and steps) of a calibration
     on the earlier half of each group's windows (``groups``: the series or segment of each window; None: one) judged
     on the later half, then calibrated on all of them. Returns the calibration and the scores of both choices per
     target (None when a half is too small to calibrate: plain then). ``allow_adaptive=False`` keeps every target
     plain (a model whose targets are not among its inputs cannot compute the window's volatility in its graph).
+    ``ranges``: the targets' physical ranges, which clip the bounds being judged (see :func:`intervals`).
 
     Chronological, not interleaved, because that is how the calibration is used: fitted on validation, it meets the
     test split, which comes after it. Neighbouring windows overlap, so an even/odd split judges a scale on nearly
@@ -235,7 +242,7 @@ def choose(
     score = {}
     for name, adaptive in (("plain", False), ("adaptive", True)):
         cal = calibrate(pred[earlier], y[earlier], hist[earlier], levels, adaptive)
-        b = intervals(cal, pred[~earlier], hist[~earlier])
+        b = intervals(cal, pred[~earlier], hist[~earlier], ranges)
         score[name] = interval_scores(b["lower"], b["upper"], y[~earlier], levels)["winkler"].mean(axis=(0, 1)).tolist()
     adaptive = np.asarray(score["adaptive"]) < np.asarray(score["plain"])
     return calibrate(pred, y, hist, levels, adaptive), score

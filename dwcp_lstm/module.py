@@ -18,6 +18,7 @@ from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.intervals import check_levels
 from dwcp_lstm.metrics import ForecastMetrics, summarize
 from dwcp_lstm.model import StackedLSTM
+from dwcp_lstm.tables import target_ranges
 
 LOSSES = ("mse", "huber", "l1")
 
@@ -27,22 +28,34 @@ class RawForecaster(nn.Module):
     sides (what ONNX ships).
 
     With ``target_index`` (delta mode) the network's output is the change from the window's last raw value of each
-    target, which is added back inside the graph.
+    target, which is added back inside the graph. ``ranges`` [2, T] (``tables.target_ranges``) clips the forecasts
+    into the targets' physical ranges (None, or no finite edge: no clipping op in the graph).
     """
 
-    def __init__(self, net: nn.Module, fmean, fscale, tmean, tscale, target_index=None, horizon: int = 1) -> None:
+    def __init__(
+        self, net: nn.Module, fmean, fscale, tmean, tscale, target_index=None, horizon: int = 1, ranges=None
+    ) -> None:
         super().__init__()
         self.net = net
         for name, v in (("fmean", fmean), ("fscale", fscale), ("tmean", tmean), ("tscale", tscale)):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
         self.target_index = None if target_index is None else [int(i) for i in target_index]
         self.horizon = horizon
+        self.clips = ranges is not None and bool(np.isfinite(np.asarray(ranges)).any())
+        if self.clips:
+            self.register_buffer("low", torch.as_tensor(np.asarray(ranges)[0], dtype=torch.float32))
+            self.register_buffer("high", torch.as_tensor(np.asarray(ranges)[1], dtype=torch.float32))
+
+    def clip(self, y: torch.Tensor) -> torch.Tensor:
+        """[..., T] clipped into the targets' ranges."""
+        return torch.minimum(torch.maximum(y, self.low), self.high) if self.clips else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, H * T]
         out = out.reshape(out.shape[0], self.horizon, -1)  # [B, H, T], step-major
         if self.target_index is not None:
             out = out + x[:, -1, self.target_index].unsqueeze(1)  # + last raw value of each target
+        out = self.clip(out)
         return out[:, 0] if self.horizon == 1 else out  # H = 1: [B, T], the one-step contract
 
 
@@ -76,11 +89,13 @@ class IntervalForecaster(nn.Module):
         else:
             scale = torch.ones_like(f[:, 0])  # [B, T]
         scale = scale[:, None, None, :]  # [B, 1, 1, T]
-        lower, upper = f[:, None] + scale * self.lo, f[:, None] + scale * self.hi  # [B, L, H, T]
+        clip = self.raw.clip  # bounds stay inside the targets' ranges, like the forecast (intervals.intervals)
+        lower, upper = clip(f[:, None] + scale * self.lo), clip(f[:, None] + scale * self.hi)  # [B, L, H, T]
         if self.horizon == 1:
             return forecast, lower[:, :, 0], upper[:, :, 0]  # the one-step contract: [B, L, T]
         mean = torch.cumsum(f, dim=1) / self.steps  # [B, H, T], entry k - 1: the mean of steps 1..k
-        return forecast, lower, upper, mean[:, None] + scale * self.mean_lo, mean[:, None] + scale * self.mean_hi
+        mean_lower, mean_upper = clip(mean[:, None] + scale * self.mean_lo), clip(mean[:, None] + scale * self.mean_hi)
+        return forecast, lower, upper, mean_lower, mean_upper
 
 
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
@@ -231,6 +246,11 @@ class DwcpForecaster(L.LightningModule):
         self.register_buffer("fscale", torch.ones(n_f))
         self.register_buffer("tmean", torch.zeros(n_t * horizon))
         self.register_buffer("tscale", torch.ones(n_t * horizon))
+        # The targets' physical ranges (tables.RANGES, by name): forecasts are clipped into them. Not persistent:
+        # they follow from the names, so checkpoints from before them load unchanged.
+        self.ranges = target_ranges(target_names)
+        self.register_buffer("tlow", torch.as_tensor(self.ranges[0], dtype=torch.float32), persistent=False)
+        self.register_buffer("thigh", torch.as_tensor(self.ranges[1], dtype=torch.float32), persistent=False)
         # keys are "<stage>_metrics": a bare "train" would shadow nn.Module.train
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": ForecastMetrics(target_names, mape_floor) for s in ("train", "val", "test")}
@@ -305,7 +325,8 @@ class DwcpForecaster(L.LightningModule):
     def raw_forecaster(self) -> RawForecaster:
         """The network with its scalers baked in, for export and raw-unit inference."""
         index = self.target_index if self.delta else None
-        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index, self.horizon)
+        return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index, self.horizon,
+                             self.ranges)  # fmt: skip
 
     def interval_forecaster(self, calibration) -> IntervalForecaster:
         """:meth:`raw_forecaster` with the calibrated intervals of ``calibration`` (see :mod:`dwcp_lstm.intervals`)."""
@@ -313,12 +334,13 @@ class DwcpForecaster(L.LightningModule):
         return IntervalForecaster(self.raw_forecaster(), calibration, index)
 
     def unscale(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Scaled network output (or target) [B, H * T] of scaled windows x [B, W, F] -> original units [B, H, T]."""
+        """Scaled network output (or target) [B, H * T] of scaled windows x [B, W, F] -> original units [B, H, T],
+        clipped into the targets' ranges as the graph clips (a no-op on actual targets, which the reader checked)."""
         out = (y * self.tscale + self.tmean).reshape(len(y), self.horizon, -1)  # [B, H, T]
         if self.delta:
             i = self.target_index
             out = out + (x[:, -1, i] * self.fscale[i] + self.fmean[i]).unsqueeze(1)  # + the window's last raw value
-        return out
+        return torch.minimum(torch.maximum(out, self.tlow), self.thigh)
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:

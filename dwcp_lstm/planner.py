@@ -750,7 +750,7 @@ def backtest_report(
     and per replayed run the (realised, median, confident) times [n] of its migrations, for the plot."""
     from dwcp_lstm import baselines as B
     from dwcp_lstm import intervals as I
-    from dwcp_lstm.tables import cadence_of
+    from dwcp_lstm.tables import cadence_of, target_ranges
 
     units = {t: "Mbit/s" for t in dm.targets if t.endswith("_mbps")}
     try:
@@ -778,15 +778,17 @@ def backtest_report(
     steps = replay_steps(h, int((seg_end - first).max()))
     real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
 
-    bounds = I.intervals(cal, pred, hist)
+    ranges = target_ranges(dm.targets)
+    bounds = I.intervals(cal, pred, hist, ranges)  # clipped into the targets' ranges, as the graph gives them to plan
     mean_lower = bounds["mean_lower"][:, li, :, j]  # [N, H]
     tail_lower = bounds["tail_lower"][:, li, :, j] if "tail_lower" in bounds else None  # [N, K - H]
     (vp, vm) = val["baselines"]["persistence"]
     pick = (vm, ..., slice(j, j + 1))
-    pcal, _ = I.choose(vp[pick], val["y"][pick], val["hist"][pick], [level], groups=val["segment"][vm])
+    pcal, _ = I.choose(vp[pick], val["y"][pick], val["hist"][pick], [level], groups=val["segment"][vm],
+                       ranges=ranges[:, j : j + 1])
     last = hist[:, -1, j]
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
-    p_lower = I.intervals(pcal, persist, hist[..., j : j + 1])["mean_lower"][:, 0, :, 0]
+    p_lower = I.intervals(pcal, persist, hist[..., j : j + 1], ranges[:, j : j + 1])["mean_lower"][:, 0, :, 0]
     out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
                    p_lower, sizes, dirty, tail_lower=tail_lower, issued=first, groups=dm.series_names(first),
                    confidence=BACKTEST_CONFIDENCE, online_rate=online_rate)  # fmt: skip

@@ -42,10 +42,12 @@ from dwcp_lstm.tables import (
     check_numeric,
     check_output_file,
     check_table_suffix,
+    clip_to,
     fill_missing,
     order_series,
     read_table,
     segment_bounds,
+    target_ranges,
     write_frame,
 )
 
@@ -465,8 +467,8 @@ def recalibrate_online(
     col = {c: i for i, c in enumerate(predictor.all_columns)}
     h = predictor.horizon
     ahead = last_rows[:, None] + np.arange(1, h + 1)[None]  # [N, H] the rows each step forecasts
-    pairs, realised, steps, alphas = [], [], [], []
-    for t in predictor.targets:
+    pairs, realised, steps, alphas, ranges = [], [], [], [], []
+    for t, r in zip(predictor.targets, target_ranges(predictor.targets).T, strict=True):
         values = x[np.minimum(ahead, len(x) - 1), predictor.features.index(t)].astype(np.float64)
         values[ahead >= seg_end[:, None]] = np.nan  # not in the data (or past a gap): never known
         means = np.cumsum(values, axis=1) / np.arange(1, h + 1)
@@ -479,12 +481,14 @@ def recalibrate_online(
                 realised.append(real)
                 steps.append(k)
                 alphas.append(1.0 - level)
+                ranges.append(r)
     lo_i, hi_i = (np.array(v) for v in zip(*pairs, strict=True))
     lower, upper = table[:, lo_i].astype(np.float64), table[:, hi_i].astype(np.float64)
     need = O.needed_scale(np.stack(realised, axis=1), lower, upper)  # [N, P]
     s = O.track(need, last_rows, last_rows[:, None] + np.array(steps)[None], links, np.array(alphas))
     out = table.copy()
-    out[:, lo_i], out[:, hi_i] = O.rescale(lower, upper, s)
+    pair_ranges = np.array(ranges).T  # [2, P]: widened bounds stay inside the targets' ranges, as the graph's do
+    out[:, lo_i], out[:, hi_i] = (clip_to(b, pair_ranges) for b in O.rescale(lower, upper, s))
     return out
 
 

@@ -50,7 +50,22 @@ RANGES = {
     "loss_rate": (0.0, 1.0),
     "obstructed": (0.0, 1.0),
     "fraction_obstructed": (0.0, 1.0),
+    "dl_mbps": (0.0, np.inf),
+    "ul_mbps": (0.0, np.inf),
+    "speed_kmh": (0.0, np.inf),
 }
+
+
+def target_ranges(names: Sequence[str]) -> np.ndarray:
+    """[2, T]: the (low, high) of each target, its physical range from :data:`RANGES` (else unbounded). Forecasts
+    and interval bounds are clipped into it, in the graph and in the report alike: a rate the data can never take
+    (a throughput of -0.5 Mbit/s beside a link that idles at 0) is always a worse forecast than the range's edge."""
+    return np.array([RANGES.get(n, (-np.inf, np.inf)) for n in names], dtype=np.float64).reshape(-1, 2).T
+
+
+def clip_to(values: np.ndarray, ranges: np.ndarray | None) -> np.ndarray:
+    """``values`` [..., T] clipped into ``ranges`` [2, T] (None: unchanged)."""
+    return values if ranges is None else np.clip(values, ranges[0], ranges[1])
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -1,0 +1,133 @@
+"""Forecasts and interval bounds stay inside the targets' physical ranges (a throughput is never negative, a loss
+fraction never above 1): in PyTorch, in the ONNX graph, in the report's numpy bounds, for the baselines and after
+online recalibration, all clipped the same way."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from dwcp_lstm import evaluate as E
+from dwcp_lstm.baselines import RidgeBaseline
+from dwcp_lstm.callbacks import export_onnx, range_entry
+from dwcp_lstm.contract import METADATA_NAME, validate_metadata
+from dwcp_lstm.data import DwcpDataModule
+from dwcp_lstm.errors import ModelFileError
+from dwcp_lstm.intervals import calibrate, intervals
+from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.serve import recalibrate_online
+from dwcp_lstm.tables import target_ranges
+
+FEATURES = ["throughput_mbps", "packet_loss", "score"]
+TARGETS = ["throughput_mbps", "packet_loss", "score"]  # "score" has no physical range: never clipped
+
+
+def test_ranges_come_from_the_names():
+    r = target_ranges(TARGETS)
+    assert r.shape == (2, 3)
+    assert r[:, 0].tolist() == [0.0, np.inf] and r[:, 1].tolist() == [0.0, 1.0]
+    assert r[:, 2].tolist() == [-np.inf, np.inf]
+    assert range_entry("throughput_mbps") == {"range": [0.0, None]} and range_entry("score") == {}
+
+
+def pushed_module(offset: float) -> DwcpForecaster:
+    """A small module whose forecasts are the window's last value plus ``offset`` (plus a little): far outside the
+    ranges for a large offset."""
+    torch.manual_seed(0)
+    m = DwcpForecaster(FEATURES, TARGETS, window_size=6, lstm_sizes=(4,), head_sizes=(4,), head_dropouts=())
+    m.tmean.fill_(offset)
+    return m.eval()
+
+
+def windows(n: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 1.0, size=(n, 6, 3)).astype(np.float32)  # every value inside every range
+    x[:, :, 2] -= 0.5  # "score" may be negative
+    return x
+
+
+@pytest.mark.parametrize("offset", [-50.0, 50.0])
+def test_the_graph_and_the_report_clip_forecasts(offset):
+    m, x = pushed_module(offset), windows()
+    with torch.no_grad():
+        raw = m.raw_forecaster()(torch.from_numpy(x)).numpy()
+        scaled = m.unscale(m(torch.from_numpy(x)), torch.from_numpy(x)).numpy()[:, 0]  # unit scalers: x is scaled x
+    np.testing.assert_allclose(raw, scaled, rtol=1e-6)
+    if offset < 0:
+        assert (raw[:, :2] == 0.0).all()  # throughput and loss held at their floor
+    else:
+        assert (raw[:, 1] == 1.0).all() and (raw[:, 0] > 40).all()  # loss at its ceiling, throughput unbounded above
+    np.testing.assert_allclose(raw[:, 2], x[:, -1, 2] + offset, atol=2.0)  # the unbounded target is not clipped
+    assert (np.abs(raw[:, 2] - x[:, -1, 2]) > 40).all()
+
+
+def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path):
+    m, x = pushed_module(-0.3), windows(200)
+    rng = np.random.default_rng(2)
+    pred = rng.uniform(0.0, 0.5, size=(100, 1, 3))
+    cal = calibrate(pred, pred + rng.normal(0, 0.5, size=pred.shape), rng.uniform(size=(100, 6, 3)), [0.8, 0.95],
+                    adaptive=np.array([False, True, False]))  # fmt: skip
+    graph = m.interval_forecaster(cal)
+    with torch.no_grad():
+        forecast, lower, upper = (t.numpy() for t in graph(torch.from_numpy(x)))
+    ranges = target_ranges(TARGETS)
+    want = intervals(cal, forecast[:, None].astype(np.float64), x[:, :, :3].astype(np.float64), ranges)
+    np.testing.assert_allclose(lower, want["lower"][:, :, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(upper, want["upper"][:, :, 0], rtol=1e-5, atol=1e-6)
+    assert (lower[:, :, :2] >= 0).all() and (upper[:, :, 1] <= 1).all()
+    assert (lower[:, :, 0] == 0).any()  # the clip is exercised, not vacuous
+    assert (lower[:, :, 2] < 0).any()  # and the unbounded target keeps its negative bounds
+    unclipped = intervals(cal, forecast[:, None].astype(np.float64), x.astype(np.float64))
+    assert (unclipped["lower"][:, :, 0, 0] < 0).any()
+    path = tmp_path / "m.onnx"
+    export_onnx(m, path, 6, calibration=cal)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["forecast", "lower", "upper"], {"metrics": x})
+    for a, b in zip(got, (forecast, lower, upper), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def dm(small_csv) -> DwcpDataModule:
+    dm = DwcpDataModule(data_path=str(small_csv), batch_size=16)
+    dm.setup("fit")
+    return dm
+
+
+def test_the_ridge_and_boosted_baselines_are_clipped_like_the_model(dm, monkeypatch):
+    monkeypatch.setattr(RidgeBaseline, "predict", lambda self, x: np.full((len(x), 4), -1e3))
+    y = E.step_targets(dm, "test")
+    _, preds = E.run_baselines(dm, y, 0.0)
+    p, _ = preds["ridge"]
+    assert (p == 0.0).all()  # every target of the default data has a floor of 0
+
+
+def test_online_recalibration_keeps_bounds_in_range():
+    # one link, one step, one level: a miss widens the next bounds about their midpoint, below 0 unless clipped
+    columns = ["throughput_mbps", "throughput_mbps_lo80", "throughput_mbps_hi80"]
+    t = ["throughput_mbps"]
+    p = SimpleNamespace(all_columns=columns, horizon=1, targets=t, features=t, levels=[0.8], model_path="m")
+    table = np.array([[1.0, 0.5, 1.5]] * 40)
+    x = np.full((60, 1), 40.0)  # realised far above every bound: the multiplier grows
+    out = recalibrate_online(p, table, x, np.arange(40), np.full(40, 60), np.zeros(40), "t")
+    assert (out[-1, 2] > 3.0) and (out[:, 1] >= 0).all() and (out[-1, 1] == 0.0)
+
+
+def test_the_exported_contract_states_the_ranges(smoke_run):
+    meta = json.loads((smoke_run / METADATA_NAME).read_text())
+    ranges = {t["name"]: t.get("range") for t in meta["targets"]}
+    assert ranges == {"throughput_mbps": [0.0, None], "rtt_ms": [0.0, None], "packet_loss": [0.0, 1.0],
+                      "jitter_ms": [0.0, None]}  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [[1.0], [1.0, 0.0], [0, "x"], [float("nan"), None], "0..1", [True, None]])
+def test_a_tampered_range_is_refused(smoke_run, bad):
+    meta = json.loads((smoke_run / METADATA_NAME).read_text())
+    meta["targets"][0]["range"] = bad
+    with pytest.raises(ModelFileError, match=r"targets\[0\]\.range"):
+        validate_metadata(meta, "m.json")
