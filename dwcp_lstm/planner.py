@@ -186,6 +186,11 @@ def plan_arrays(
     h = forecast.shape[1]
     point_tail = np.clip(forecast, 0.0, None).mean(axis=1)  # beyond the horizon: the mean over it held
     bounds = mean_lower if tail_lower is None else np.concatenate([mean_lower, tail_lower], axis=1)  # [N, K]
+    # A bound never above the median's own mean rate: past the horizon a calibrated offset can turn positive (the
+    # realised mean outgrew the held forecast on validation), and the confident time came out below the median's.
+    point_means = np.cumsum(np.clip(forecast, 0.0, None), axis=1) / np.arange(1, h + 1)  # [N, H]
+    held = np.repeat(point_tail[:, None], bounds.shape[1] - h, axis=1)  # [N, K - H]
+    bounds = np.minimum(bounds, np.concatenate([point_means, held], axis=1))
     low_rates = lower_rates(bounds)
     low_tail = np.clip(bounds[:, -1], 0.0, None)
     med = precopy(forecast, point_tail, step_s, m)

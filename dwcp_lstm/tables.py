@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+import unicodedata
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -357,17 +358,22 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
             i = int(np.flatnonzero(empty)[0])
             raise DataError(f"{path}: column {col!r} row {i + 1}: empty series id ({int(empty.sum())} rows)")
         if not pd.api.types.is_numeric_dtype(ids):  # "node-0 " and "node-0" would be two links, each half the rows
-            text = ids.astype("string")
-            stripped = text.str.strip()
-            spaced = (text != stripped).fillna(False).to_numpy(bool)
-            if spaced.any():
-                spellings = text.groupby(stripped).transform("nunique").to_numpy()  # per row: ids that strip to it
-                clash = np.flatnonzero(spaced & (spellings > 1))
-                if len(clash):
-                    i = int(clash[0])
-                    raise DataError(f"{path}: column {col!r} row {i + 1}: series id {short_repr(ids.iloc[i])} differs "
-                                    f"from another only by surrounding spaces ({short_repr(stripped.iloc[i])}): one "
-                                    "link or two? Strip or rename the ids")  # fmt: skip
+            spellings: dict[str, list[str]] = {}
+            for u in pd.unique(ids.astype("string")):
+                spellings.setdefault(canonical_id(str(u)), []).append(str(u))
+            clash = next((v for v in spellings.values() if len(v) > 1), None)
+            if clash is not None:
+                i = int(np.flatnonzero((ids.astype("string") == clash[1]).fillna(False).to_numpy(bool))[0])
+                raise DataError(f"{path}: column {col!r} row {i + 1}: series id {ascii(clash[1])} differs from "
+                                f"{ascii(clash[0])} only by surrounding spaces, invisible characters or Unicode "
+                                "form: one link or two? Rename the ids")  # fmt: skip
+
+
+def canonical_id(text: str) -> str:
+    """What a reader sees of a series id: NFKC form (``"e" + U+0301`` is ``"é"``), without invisible format
+    characters (zero-width space, BOM, joiners) and surrounding spaces. Two ids with the same one are refused."""
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
 def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:

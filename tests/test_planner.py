@@ -85,6 +85,17 @@ def test_a_link_forecast_at_zero_gets_a_statement():
     )
 
 
+@pytest.mark.parametrize("gib", [64, 10_000, 1e9])
+def test_the_confident_time_is_never_before_the_median_even_where_the_tail_bound_exceeds_the_forecast(gib):
+    # past the horizon the calibrated offset of the realised mean can be positive: a bound above the held mean
+    forecast = np.array([[700.0, 720.0, 740.0]])
+    mean_lower = np.cumsum(forecast, axis=1) / np.arange(1, 4) - 50.0
+    tail_lower = np.array([[690.0, 760.0, 900.0, 1500.0]])  # from the 5th step on above the held mean 720
+    p = P.plan_arrays(forecast, mean_lower, np.array([300.0]), P.Migration(gib), tail_lower)
+    assert p["time_confident_s"][0] >= p["time_median_s"][0]
+    assert p["guaranteed_mbps"][0] <= p["mean_mbps"][0]
+
+
 def test_lower_rates_keep_the_guaranteed_volume_and_never_unsend():
     lower = np.array([[100.0, 40.0, 90.0, -5.0]])
     rates = P.lower_rates(lower)

@@ -55,7 +55,12 @@ FIT_CASES = [
     ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),
     # "node-0 " beside "node-0": two links of every other row each, at twice the cadence (within its tolerance)
     ("spaced-link-id", _set("node_id", 12, "node-0 "), [],
-     "column 'node_id' row 13: series id 'node-0 ' differs from another only by surrounding spaces"),
+     "column 'node_id' row 13: series id 'node-0 ' differs from 'node-0' only by surrounding spaces, invisible"),
+    # the same for a zero-width space and for another Unicode form of the same text (a fullwidth zero; "e" + U+0301)
+    ("zero-width-link-id", _set("node_id", 12, "node-0\u200b"), [],
+     "column 'node_id' row 13: series id 'node-0\\u200b' differs from 'node-0' only by"),
+    ("unicode-form-link-id", _set("node_id", 12, "node-\uff10"), [],
+     "column 'node_id' row 13: series id 'node-\\uff10' differs from 'node-0' only by"),
     ("beyond-float32", _set("rtt_ms", 6, 1e39), [], "column 'rtt_ms' row 7: value 1e+39 is beyond float32 range"),
     ("duplicate-column", lambda df: pd.concat([df, df[["rtt_ms"]]], axis=1), [], "column 'rtt_ms' appears twice"),
     ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be >= 2 (a change needs two rows), got 0"),
