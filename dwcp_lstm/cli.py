@@ -132,7 +132,9 @@ def _lightning_cli_class():
             the seed, which Lightning applies right after this."""
             cfg = self.config.get(self.config.get("subcommand") or "", None)
             if cfg is not None:
-                preflight.check_trainer_config(dict(cfg.get("trainer") or {}), cfg.get("seed_everything"))
+                trainer = cfg.get("trainer")  # nested (a class path's init_args as a mapping), not flattened keys
+                trainer = trainer.as_dict() if hasattr(trainer, "as_dict") else dict(trainer or {})
+                preflight.check_trainer_config(trainer, cfg.get("seed_everything"))
 
         def instantiate_trainer(self, **kwargs):
             # checkpoints are written to a temporary name and renamed (see preflight.AtomicCheckpointIO)
@@ -329,7 +331,8 @@ def print_summary(report: dict, run_dir: str) -> None:
 
 
 def check_config_files(args: list[str]) -> None:
-    """Every ``--config`` file is UTF-8 text: jsonargparse's UnicodeDecodeError named no file and left a traceback."""
+    """Every ``--config`` file is UTF-8 text (jsonargparse's UnicodeDecodeError named no file and left a traceback)
+    whose aliases do not expand without end (:func:`dwcp_lstm.runs.check_yaml_size`)."""
     from dwcp_lstm.tables import first_line
 
     paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
@@ -337,9 +340,12 @@ def check_config_files(args: list[str]) -> None:
     for path in map(Path, paths):
         if path.is_file():  # a missing one, or a config given inline, is jsonargparse's to report
             try:
-                path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:
                 raise _data_error(f"{path}: not UTF-8 text ({first_line(exc)[:120]})") from None
+            from dwcp_lstm.runs import check_yaml_size
+
+            check_yaml_size(text, path)
 
 
 def run_lightning(args: list[str]) -> None:
@@ -534,6 +540,12 @@ def cli_main(args: ArgsType = None) -> None:
             getattr(importlib.import_module(module), func)(argv[1:])
         else:
             run_lightning(argv)
+    except SystemExit as exc:
+        if type(exc).__name__ != "SIGTERMException":  # Lightning's, code None: a terminated run exited 0
+            raise
+        print("error: stopped by SIGTERM before the run finished (nothing exported or reported); resume it with "
+              "python -m dwcp_lstm fit --ckpt_path last and the same flags", file=sys.stderr)  # fmt: skip
+        raise SystemExit(128 + 15) from None  # what a shell reports for a process that SIGTERM ended
     except DwcpError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

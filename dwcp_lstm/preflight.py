@@ -12,6 +12,7 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -355,25 +356,63 @@ def check_trainer_config(trainer: dict, seed) -> None:
         raise ConfigError(f"--trainer.precision {precision}: the batches and the exported graph are float32, so the "
                           "weights must be too: use 32-true, 16-mixed or bf16-mixed")  # fmt: skip
     strategy = trainer.get("strategy")
-    if isinstance(strategy, str) and any(w in strategy for w in ("spawn", "fork", "notebook")):
-        raise ConfigError(f"--trainer.strategy {strategy} starts its processes from inside Python, which this CLI "
+    path, init = _class_and_args(strategy)
+    start = init.get("start_method") if isinstance(init, Mapping) else None
+    if any(w in path.lower() for w in ("spawn", "fork", "notebook")) or start not in (None, "popen"):
+        shown = path if start in (None, "popen") else f"{path} with start_method {start}"
+        raise ConfigError(f"--trainer.strategy {shown} starts its processes from inside Python, which this CLI "
                           "cannot be pickled for: use ddp, which runs the command once per process "
                           "(docs/scaling_out.md)")  # fmt: skip
+    plugins = trainer.get("plugins")
+    for plugin in plugins if isinstance(plugins, list | tuple) else [plugins] if plugins is not None else []:
+        name = _class_and_args(plugin)[0].rsplit(".", 1)[-1]
+        if name.endswith("Precision") and name not in ("Precision", "MixedPrecision"):  # the precision check's bypass
+            raise ConfigError(f"--trainer.plugins {name}: the batches and the exported graph are float32, so the "
+                              "weights must be too: use --trainer.precision 32-true, 16-mixed or "
+                              "bf16-mixed")  # fmt: skip
+
+
+def _class_and_args(value) -> tuple[str, object]:
+    """A config value that names a class: its class path (a plain string as given) and its init_args."""
+    if isinstance(value, str):
+        return value, None
+    get = value.get if isinstance(value, Mapping) else (lambda k, d=None: getattr(value, k, d))
+    path = get("class_path", None)
+    init = get("init_args", None)
+    if init is not None and not isinstance(init, Mapping):  # a jsonargparse Namespace
+        init = vars(init) if hasattr(init, "__dict__") else None
+    return (path if isinstance(path, str) else type(value).__name__ if value is not None else ""), init
 
 
 def check_val_interval(trainer, dm) -> None:
     """An integer ``val_check_interval`` counts training batches: more than an epoch has, Lightning raised a
-    traceback once the data was loaded."""
-    interval = trainer.val_check_interval
-    if isinstance(interval, bool) or not isinstance(interval, int) or trainer.check_val_every_n_epoch is None:
-        return
+    traceback once the data was loaded. And a ``max_steps`` that ends training before the first validation leaves
+    the validation monitors without a value: early stopping raised a traceback after the training, nothing exported."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
     windows = len(dm.starts["train"])
     n = windows // dm.batch_size + (windows % dm.batch_size > 1)  # a last batch of one is dropped (batch norm)
     limit = trainer.limit_train_batches
     n = min(n, limit) if isinstance(limit, int) else int(n * limit)
-    if interval > n:
+    interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
+    counted = isinstance(interval, int) and not isinstance(interval, bool)
+    if counted and every is not None and interval > n:
         raise ConfigError(f"--trainer.val_check_interval {interval} is more than the {n} training batches of an "
                           "epoch: give at most that, or a fraction of the epoch (e.g. 0.5)")  # fmt: skip
+    steps = trainer.max_steps
+    monitor = next((cb.monitor for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint | EarlyStopping)
+                    and cb.monitor is not None and cb.monitor.startswith("val")), None)  # fmt: skip
+    if steps is None or steps < 1 or monitor is None or trainer.limit_val_batches == 0:
+        return
+    within = interval if counted else max(1, int(n * interval))  # Lightning's val_check_batch
+    first = within if counted and every is None else ((every or 1) - 1) * n + within  # batches before it validates
+    batches = steps * trainer.accumulate_grad_batches
+    if batches < first:
+        raise ConfigError(
+            f"--trainer.max_steps {steps} ends training after {batches} batches, before the first validation (after "
+            f"batch {first}): {monitor!r}, which the checkpoint and early stopping watch, would have no value; allow "
+            "more steps or validate sooner (--trainer.val_check_interval)"
+        )
 
 
 def check_calibration(dm, model) -> None:

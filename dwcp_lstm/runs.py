@@ -24,9 +24,9 @@ def _named(cfg: object, section: str, default: str, run_dir: Path) -> tuple[Path
 
 def find_checkpoint(run_dir: Path) -> Path:
     """The run's best checkpoint, named as its config named it (``--checkpoint.filename`` / ``dirpath``; default
-    ``checkpoints/best.ckpt``), else its last one. A name with a template (``{epoch}-{val_loss:.3f}``) is found
-    through the best name that the last checkpoint's state recorded: taking ``last.ckpt`` in its place exported and
-    reported the last epoch's weights, silently."""
+    ``checkpoints/best.ckpt``). A name with a template (``{epoch}-{val_loss:.3f}``) is found through the best name
+    that the last checkpoint's state recorded. Never ``last.ckpt`` in its place: that exported and reported the last
+    epoch's weights, silently, over the best's figures."""
     cfg = read_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     folder, name = _named(cfg, "checkpoint", "best", run_dir)
     last_folder, last_name = _named(cfg, "last_checkpoint", "last", run_dir)
@@ -34,6 +34,11 @@ def find_checkpoint(run_dir: Path) -> Path:
     if "{" not in name:
         if (folder / f"{name}.ckpt").is_file():
             return folder / f"{name}.ckpt"
+        if last.is_file():  # every fit writes both: the best one was removed, and the last epoch is another model
+            raise CheckpointError(
+                f"{folder / f'{name}.ckpt'}: the run's best checkpoint is missing ({last.name} holds the last epoch, "
+                f"not the best); restore it, or copy {last.name} to {name}.ckpt to use the last epoch"
+            )
     elif last.is_file():
         for key, state in (load_checkpoint(last).get("callbacks") or {}).items():
             if key.startswith("ModelCheckpoint") and isinstance(state, dict) and state.get("monitor") is not None:
@@ -42,16 +47,41 @@ def find_checkpoint(run_dir: Path) -> Path:
                     return path
         raise CheckpointError(f"{run_dir}: cannot tell which checkpoint is the best ({name!r} is a template and "
                               f"{last.name} records none of its files)")  # fmt: skip
-    if last.is_file():
-        return last
     raise CheckpointError(f"{run_dir}: no checkpoints/best.ckpt or checkpoints/last.ckpt (not a finished fit run?)")
+
+
+MAX_CONFIG_VALUES = 100_000  # a config has hundreds; YAML aliases of aliases ("billion laughs") expand to billions
+
+
+def check_yaml_size(text: str, path: str | Path) -> None:
+    """Refuse YAML whose aliases expand to more than :data:`MAX_CONFIG_VALUES` values: the parser stores each
+    anchor once, but jsonargparse copies every expansion (a 9-level bomb of 1 KB took over 2 GB and never ended)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return  # the reader that follows names the syntax error
+    except RecursionError:
+        raise ConfigError(f"{path}: not a usable config (nested too deeply)") from None
+    stack, seen = [root] if root is not None else [], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{path}: the YAML expands to more than {MAX_CONFIG_VALUES:,} values (aliases of "
+                              "aliases?); not a config this CLI reads")  # fmt: skip
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(v for pair in node.value for v in pair)
 
 
 def read_config(config_path: Path) -> object:
     """A run's config.yaml, parsed; unreadable, not UTF-8, not YAML or nested beyond Python's recursion limit: one
     :class:`ConfigError` naming the file."""
     try:
-        return yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        text = Path(config_path).read_text(encoding="utf-8")
+        check_yaml_size(text, config_path)
+        return yaml.safe_load(text)
     except OSError as exc:
         raise ConfigError(f"{config_path}: cannot read ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:

@@ -180,6 +180,8 @@ def read_table(
             table = pq.read_table(path, columns=list(columns) if columns else None)
             df = table.to_pandas(split_blocks=True, self_destruct=True)
             del table
+            if any(n is not None for n in df.index.names):  # written from a frame indexed by the time (or link)
+                df = df.reset_index()  # column: pandas restores it as the index, and the column was "missing"
     except DataError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:

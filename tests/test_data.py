@@ -141,6 +141,11 @@ def test_reads_parquet_like_csv(small_csv, tmp_path):
     a, b = make_dm(small_csv), make_dm(pq)
     assert torch.equal(a.datasets["train"].x, b.datasets["train"].x)
 
+    # a frame indexed by its time (or by link and time) before writing: pandas restores the columns as the index
+    for index in (["timestamp"], ["node_id", "timestamp"]):
+        pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str}).set_index(index).to_parquet(pq)
+        assert torch.equal(a.datasets["train"].x, make_dm(pq).datasets["train"].x), index
+
 
 def test_builtin_dataset_is_generated_when_missing(tmp_path):
     dm = DwcpDataModule(data_dir=str(tmp_path), synthetic=synthetic_spec(samples=1500, links=3))

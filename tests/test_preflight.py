@@ -179,6 +179,16 @@ CONFIG_CASES = [
     ("no-batches", ["--trainer.limit_train_batches=0"], "--trainer.limit_train_batches 0 runs no training step"),
     ("no-time", ["--trainer.max_time=00:00:00:00"], "--trainer.max_time 0.0 runs no training step"),
     ("interval-beyond-epoch", ["--trainer.val_check_interval=100000"], "--trainer.val_check_interval 100000 is more"),
+    # early stopping raised a traceback after the training, with nothing exported
+    ("steps-before-validation", ["--trainer.max_steps=2"], "--trainer.max_steps 2 ends training after 2 batches"),
+    ("steps-before-late-validation", ["--trainer.max_steps=5", "--trainer.val_check_interval=6"],
+     "--trainer.max_steps 5 ends training after 5 batches, before the first validation (after batch 6)"),
+    # the precision and spawn checks' bypasses through class paths
+    ("double-precision-plugin", ["--trainer.plugins.class_path=lightning.pytorch.plugins.precision.DoublePrecision"],
+     "--trainer.plugins DoublePrecision: the batches and the exported graph are float32"),
+    ("spawning-ddp-class", ["--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy",
+                            "--trainer.strategy.init_args.start_method=spawn"],
+     "--trainer.strategy lightning.pytorch.strategies.DDPStrategy with start_method spawn starts its processes"),
     ("tpu-without-xla", ["--trainer.accelerator=tpu"], "cannot build the run from its config: Requirement"),
     ("spawning-strategy", ["--trainer.strategy=ddp_spawn"], "--trainer.strategy ddp_spawn starts its processes"),
     ("double-precision", ["--trainer.precision=64-true"], "--trainer.precision 64-true: the batches and the exported"),

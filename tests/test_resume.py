@@ -54,6 +54,25 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
             assert rb[target][name] == pytest.approx(value, rel=1e-6), (target, name)
 
 
+def test_a_terminated_run_exits_non_zero_and_resumes(tmp_path):
+    """SIGTERM (a scheduler's stop, `kill`): Lightning stops gracefully and exited 0, so a supervisor saw success
+    with nothing exported."""
+    kill_cfg = tmp_path / "term.yaml"
+    kill_cfg.write_text("trainer:\n  callbacks:\n    - class_path: killer.KillAt\n"
+                        "      init_args: {epoch: 1, batch: 3, sig: SIGTERM}\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+           "DWCP_LSTM_ALLOW_IMPORTS": "killer"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "dwcp_lstm", *fit_args(tmp_path, EPOCHS), "--config", str(kill_cfg)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGTERM before the run finished")
+    assert "Traceback" not in proc.stderr
+    run = run_dir_of(tmp_path)
+    assert (run / "checkpoints" / "last.ckpt").exists() and not (run / "model.onnx").exists()
+    cli_main(fit_args(tmp_path, EPOCHS, "--ckpt_path=last"))
+    assert (run / "model.onnx").exists() and (run / "report.json").exists()
+
+
 def test_resume_last_without_a_run_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(fit_args(tmp_path, "--ckpt_path=last"))

@@ -439,14 +439,21 @@ def test_report_and_export_refuse_a_config_edited_after_training(tmp_path, smoke
     assert before == {n: (run / n).read_bytes() for n in before}
 
 
+# "billion laughs": each level ten aliases of the one before; 9 levels expand to 10**9 values (jsonargparse copied
+# them: over 2 GB and no end)
+BOMB = ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))).encode()
+
+
 @pytest.mark.parametrize(
     ("name", "data", "expected"),
     [
         ("config.yaml", b"data: \xff\xfe bad\n", "config.yaml: not UTF-8 text"),
         ("config.yaml", b"data: " + b"[" * 20000 + b"]" * 20000, "config.yaml: not"),
         ("model_metadata.json", b"[" * 100000 + b"]" * 100000, "model_metadata.json: not valid JSON"),
+        ("config.yaml", BOMB, "config.yaml: the YAML expands to more than 100,000 values"),
     ],
-    ids=["config-not-utf8", "config-nested", "metadata-nested"],
+    ids=["config-not-utf8", "config-nested", "metadata-nested", "config-alias-bomb"],
 )
 def test_hostile_run_files_are_one_line_errors(tmp_path, smoke_run, capsys, name, data, expected):
     """Each used to end in a UnicodeDecodeError or RecursionError traceback."""
@@ -504,6 +511,14 @@ def test_report_refuses_a_data_file_that_changed_since_training(tmp_path, smoke_
     cfg["data"]["data_path"] = str(moved)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     cli_main(["export", "--run", str(run)])  # the same bytes elsewhere: accepted
+
+
+def test_a_config_file_of_aliases_without_end_is_one_line(tmp_path, capsys):
+    cfg = _touch(tmp_path / "bomb.yaml", BOMB)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--config", str(cfg)))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "the YAML expands to more than 100,000 values" in err[0], err
 
 
 @pytest.mark.parametrize("form", ["separate", "equals"])

@@ -165,6 +165,15 @@ def test_export_and_report_find_the_best_checkpoint_under_its_configured_name(tm
     assert f"exported {best[0]} ->" in capsys.readouterr().out
     cli_main(["report", "--run", str(run)])
     assert json.loads((run / "report.json").read_text())["checkpoint"] == str(best[0])
+    if "{" not in filename:  # the best file removed: refused, not the last epoch reported over the best's figures
+        before = (run / "report.json").read_bytes()
+        best[0].unlink()
+        for cmd in ("report", "export"):
+            with pytest.raises(SystemExit) as exc:
+                cli_main([cmd, "--run", str(run)])
+            assert exc.value.code == 2
+            assert f"{best[0]}: the run's best checkpoint is missing (last.ckpt holds" in capsys.readouterr().err
+        assert (run / "report.json").read_bytes() == before
 
 
 def test_a_checkpoint_scales_other_data_with_its_own_training_scalers(smoke_run, small_csv, tmp_path):
