@@ -345,7 +345,8 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
     config = config_path.read_text() if config_path.exists() else None
     contract = make_contract(
         window_size=dm.window_size,
-        features=[{"name": c, "unit": unit_of(c)} for c in dm.features],
+        features=[{"name": c, "unit": unit_of(c), "train_range": [float(lo), float(hi)]}
+                  for c, (lo, hi) in zip(dm.features, dm.feature_ranges(), strict=True)],  # fmt: skip
         targets=[{"name": c, "unit": unit_of(c), **range_entry(c)} for c in dm.targets],
         target_mode=dm.target_mode,
         series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap),

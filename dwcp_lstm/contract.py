@@ -130,6 +130,8 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
                 raise ModelFileError(f"{path}: key '{key}[{i}].unit' must be str, got {type(c['unit']).__name__}")
             if "range" in c and key == "targets":  # what the graph clips its forecasts into (optional)
                 _check_range(c["range"], f"{path}: key '{key}[{i}].range'")
+            if "train_range" in c and key == "features":  # the training rows' min and max (optional)
+                _check_range(c["train_range"], f"{path}: key '{key}[{i}].train_range'", finite=True)
         names[key] = name_list(key, [c["name"] for c in cols], allow_empty=False)
     mode = need("target_mode", str)
     if mode not in TARGET_MODES:
@@ -212,14 +214,18 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
             check_beyond_horizon(intervals["beyond_horizon"], len(levels), horizon, len(names["targets"]), path)
 
 
-def _check_range(value: Any, where: str) -> None:
-    """``[low, high]``, each a finite number or null (unbounded), low < high."""
+def _check_range(value: Any, where: str, finite: bool = False) -> None:
+    """``[low, high]``, each a finite number or (unless ``finite``) null, unbounded; low < high (``finite``: <=)."""
     edges = value if isinstance(value, list) and len(value) == 2 else None
-    finite = edges is not None and all(
-        v is None or (not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)) for v in edges
+    ok = edges is not None and all(
+        (v is None and not finite) or (not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v))
+        for v in edges
     )
-    if not finite or (edges[0] is not None and edges[1] is not None and not edges[0] < edges[1]):
-        raise ModelFileError(f"{where} must be [low, high] (numbers or null, low < high), got {short_repr(value)}")
+    if ok and edges[0] is not None and edges[1] is not None:
+        ok = edges[0] <= edges[1] if finite else edges[0] < edges[1]
+    if not ok:
+        what = "two numbers, low <= high" if finite else "numbers or null, low < high"
+        raise ModelFileError(f"{where} must be [low, high] ({what}), got {short_repr(value)}")
 
 
 def check_beyond_horizon(beyond: Any, n_levels: int, horizon: int, n_targets: int, path: str | Path) -> None:

@@ -256,6 +256,13 @@ class DwcpDataModule(L.LightningDataModule):
         records it, and ``forecast`` / ``plan`` refuse input rows at another cadence)."""
         return float(np.nanmedian(cadence_of(self.timestamps, self.bounds)))
 
+    def feature_ranges(self) -> np.ndarray:
+        """[F, 2]: each feature's smallest and largest value over the training rows (the contract records them, and
+        ``forecast`` / ``plan`` refuse inputs far beyond them: a unit mix-up that would become a confident forecast)."""
+        rows = [self.raw_features[a:b] for a, b in self.train_ranges]
+        return np.stack([np.min([r.min(axis=0) for r in rows], axis=0), np.max([r.max(axis=0) for r in rows], axis=0)],
+                        axis=1).astype(np.float64)  # fmt: skip
+
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the data file's sha256. ``report`` / ``export`` (``runs.load_run``) and a
         resumed fit refuse a file whose bytes changed: its splits would not be the rows the run held out (a

@@ -345,6 +345,7 @@ def plan_table(
     x = df[predictor.features].to_numpy(np.float32)
     ok = latest[long_enough]
     windows = np.stack([x[b - w : b] for _, b in ok])  # [S, W, F]
+    predictor.check_range(windows, str(path), [link_name(df, series, a) for a, _ in ok])  # before any plan
     forecast, lower, tail = _curves(predictor, windows, tp, level, str(path))
     beyond = (predictor.metadata.get("intervals") or {}).get("beyond_horizon")
     if step_seconds is None:  # each link's median cadence over its latest segment (seconds)
@@ -615,6 +616,8 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--throughput", default=None, help="the target that is the link's bandwidth (default: in Mbit/s)")
     p.add_argument("--step-seconds", type=float, default=None, help="seconds per row; default: each link's cadence")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")
+    p.add_argument("--extrapolate", action="store_true", help="forecast inputs far outside the training rows' "
+                   "range too (refused by default: usually another unit)")
     p.add_argument("--online", action="store_true", help="recalibrate the confidence-level margin per link from "
                    "the migrations its history in the input would have seen (adaptive conformal)")  # fmt: skip
     p.add_argument("--series-columns", default=None, help="comma-separated link id columns; default: as trained")
@@ -627,6 +630,7 @@ def cmd_plan(argv: list[str]) -> None:
     model = Path(a.model)
     metadata = a.metadata or (model / METADATA_NAME if model.is_dir() else None)
     predictor = Predictor(model_path_of(model) if model.is_dir() else model, metadata, a.threads)
+    predictor.extrapolate = a.extrapolate
     level_for(a.confidence, predictor.levels) if predictor.levels else None  # bad confidence: before reading data
     trained = predictor.metadata["series"]
     df, series, time = predictor.read_telemetry(a.input, a.series_columns, a.time_column)

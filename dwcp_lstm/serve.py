@@ -44,6 +44,7 @@ from dwcp_lstm.tables import (
     check_table_suffix,
     clip_to,
     fill_missing,
+    link_name,
     order_series,
     read_table,
     segment_bounds,
@@ -120,6 +121,16 @@ class Predictor:
         self.feature_units: dict[str, str] = {c["name"]: str(c.get("unit", "")) for c in self.metadata["features"]}
         self.input_name: str = self.metadata["input"]["name"]
         self.output_name: str = self.metadata["output"]["name"]
+        # Inputs beyond the training rows' range by more than its width (or size) are refused: a value in kbit/s
+        # where Mbit/s was trained became a "confident" 0.0 s plan. `extrapolate` (--extrapolate) forecasts them.
+        self.extrapolate = False
+        ranges = [c.get("train_range") or [-np.inf, np.inf] for c in self.metadata["features"]]
+        self.train_ranges = np.asarray(ranges, dtype=np.float64)  # [F, 2]; unbounded for an export without them
+        lo, hi = self.train_ranges.T
+        margin = np.maximum.reduce([hi - lo, np.abs(lo), np.abs(hi)]) if np.isfinite(lo).all() else np.inf
+        margin = np.where(np.isfinite(lo) & (margin > 0), margin, np.inf)  # a feature always 0 in training: no check
+        with np.errstate(invalid="ignore"):
+            self._limits = np.stack([lo - margin, hi + margin], axis=1)  # [F, 2]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -250,6 +261,7 @@ class Predictor:
         if bad.any():
             b, t, f = (int(i) for i in np.argwhere(bad)[0])
             raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {x[b, t, f]}")
+        self.check_range(x, source)
         chunks = [
             self.session.run(names, {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})
             for i in range(0, len(x), CHUNK)
@@ -268,6 +280,23 @@ class Predictor:
                 "(inputs far outside the range the model was trained on)"
             )
         return outs
+
+    def check_range(self, windows: np.ndarray, source: str, labels: Sequence[str] | None = None) -> None:
+        """Refuse raw windows [B, W, F] with a value beyond its feature's training range by more than the range's
+        width (unless :attr:`extrapolate`): the network never saw anything like it, and its forecast, bounds and
+        plan would look as sure as any other. ``labels`` name the windows (e.g. their links) in the message."""
+        if self.extrapolate:
+            return
+        far = (windows < self._limits[:, 0]) | (windows > self._limits[:, 1])
+        if far.any():
+            b, t, f = (int(i) for i in np.argwhere(far)[0])
+            lo, hi = self.train_ranges[f]
+            who = f"link {labels[b]}" if labels is not None else f"window {b + 1}"
+            raise DataError(
+                f"{source}: {who} step {t + 1} column {self.features[f]!r}: {windows[b, t, f]:g} is far outside the "
+                f"training rows' range {lo:g} to {hi:g} (another unit?); its forecast would be an extrapolation: "
+                "check the input, or pass --extrapolate"
+            )
 
     def predict(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -437,6 +466,7 @@ def forecast_table(
     else:
         last_rows = bounds[:, 1] - 1
         windows = np.stack([x[b - w : b] for _, b in bounds])  # [S, W, F]
+        predictor.check_range(windows, str(path), [link_name(df, series, a) for a, _ in bounds])  # links named
         y = predictor._table(windows, str(path))  # [S, C]: forecasts and interval bounds
     out = df.loc[last_rows, [*series, time]].reset_index(drop=True)
     values = pd.DataFrame(y.reshape(len(y), -1), columns=predictor.all_columns)  # [S, C]: forecasts, then bounds
@@ -513,6 +543,8 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--input", required=True, help="telemetry CSV or Parquet with the model's feature columns")
     p.add_argument("--output", default=None, help=".csv or .parquet to write (atomically); default: CSV on stdout")
     p.add_argument("--rolling", action="store_true", help="one forecast per window instead of one per link")
+    p.add_argument("--extrapolate", action="store_true", help="forecast inputs far outside the training rows' "
+                   "range too (refused by default: usually another unit)")
     p.add_argument("--online", action="store_true", help="recalibrate the interval bounds from the outcomes realised "
                    "earlier in the input, per link (adaptive conformal; docs/method.md)")  # fmt: skip
     p.add_argument(
@@ -535,6 +567,7 @@ def cmd_forecast(argv: list[str]) -> None:
     else:
         metadata = a.metadata
     predictor = Predictor(model, metadata, a.threads)
+    predictor.extrapolate = a.extrapolate
     if a.online:
         check_online(predictor, str(predictor.model_path))
     if output is not None:

@@ -168,6 +168,34 @@ def test_plan_ranks_every_link(smoke_run, telemetry, capsys):
     assert "time p90" in text and "pre-copy" in text and text.count("Mbit/s") >= 8
 
 
+@pytest.mark.parametrize("command", ["plan", "forecast"])
+def test_inputs_far_beyond_the_training_range_are_refused_unless_asked(smoke_run, telemetry, tmp_path, capsys,
+                                                                      command):  # fmt: skip
+    """A throughput in kbit/s where Mbit/s was trained (1e5) became a confident plan of seconds, exit 0."""
+    df = pd.read_csv(telemetry, dtype={"node_id": str, "peer_id": str})
+    last = df.index[(df.node_id == "node-1")][-1]
+    df.loc[last, "throughput_mbps"] = 1e5
+    bad = tmp_path / "kbit.csv"
+    df.to_csv(bad, index=False)
+    args = plan(smoke_run, str(bad), "--memory-gib", "16") if command == "plan" else [
+        "forecast", "--model", str(smoke_run), "--input", str(bad)]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {bad}: link node-1/node-2 step 20 column 'throughput_mbps': 100000 is far "
+                             "outside the training rows' range"), err  # fmt: skip
+    cli_main([*args, "--extrapolate"])  # asked for: forecast anyway
+    assert "node-1" in capsys.readouterr().out
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    lo, hi = meta["features"][0]["train_range"]
+    assert 0 <= lo < hi < 1e5
+    df.loc[last, "throughput_mbps"] = hi * 1.5  # beyond the training maximum, but not far: a forecast
+    df.to_csv(bad, index=False)
+    cli_main(args)
+    capsys.readouterr()
+
+
 def test_plan_says_so_when_a_migration_cannot_converge(smoke_run, telemetry, capsys):
     cli_main(plan(smoke_run, telemetry, "--memory-gib", "4", "--dirty-rate-mbps", "5000", "--json"))
     links = json.loads(capsys.readouterr().out)["links"]

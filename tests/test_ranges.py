@@ -131,3 +131,12 @@ def test_a_tampered_range_is_refused(smoke_run, bad):
     meta["targets"][0]["range"] = bad
     with pytest.raises(ModelFileError, match=r"targets\[0\]\.range"):
         validate_metadata(meta, "m.json")
+
+
+@pytest.mark.parametrize("bad", [[2.0, 1.0], [0.0, None], [float("inf"), 1.0], "x"])
+def test_a_tampered_training_range_is_refused(smoke_run, bad):
+    meta = json.loads((smoke_run / METADATA_NAME).read_text())
+    assert meta["features"][0]["train_range"][0] <= meta["features"][0]["train_range"][1]
+    meta["features"][0]["train_range"] = bad
+    with pytest.raises(ModelFileError, match=r"features\[0\]\.train_range' must be \[low, high\] \(two numbers"):
+        validate_metadata(meta, "m.json")
