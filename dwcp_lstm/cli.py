@@ -401,7 +401,13 @@ def cmd_generate(argv: list[str]) -> None:
     p.add_argument("--card", action="store_true", help="print the data card's oracle/persistence table and exit")
     a = parse_flags(p, argv)
     check_seed(a.seed, "--seed")
-    if a.card:
+    if a.card:  # the card of both profiles at --samples and --seed: other flags would be ignored, silently
+        given = [f for f in ("--output", "--profile", "--links", "--noise", "--oracle", "--oracle-steps")
+                 if any(arg == f or arg.startswith(f"{f}=") for arg in argv)]  # fmt: skip
+        if given:
+            raise _data_error(f"--card prints the data card of --samples and --seed only; {given[0]} does not apply")
+        if a.samples < 1000:  # the last 15 % of each link: too few rows give NaN correlations
+            raise _data_error(f"--card needs --samples of at least 1000, got {a.samples}")
         try:
             print(synthetic.card_markdown(a.samples, a.seed))
         except ValueError as exc:  # the generator's own range checks (--samples)
@@ -449,8 +455,8 @@ def cmd_report(argv: list[str]) -> None:
     p.add_argument("--online-rate", type=float, default=RATE, help="step of the online recalibration judged beside "
                    "the static intervals (log multiplier per outcome; docs/method.md)")  # fmt: skip
     a = parse_flags(p, argv)
-    if not (math.isfinite(a.online_rate) and a.online_rate > 0):
-        raise _data_error(f"--online-rate must be a number > 0, got {a.online_rate}")
+    if not (math.isfinite(a.online_rate) and 0 < a.online_rate <= 1):  # 1: a miss at 80 % already widens 2.2x
+        raise _data_error(f"--online-rate must be a number in (0, 1] (default {RATE}), got {a.online_rate:g}")
     module, dm, ckpt = load_run(a.run)
     report = evaluate(module, dm, a.run, str(ckpt), online_rate=a.online_rate)
     print_summary(report, a.run)

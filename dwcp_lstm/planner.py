@@ -83,7 +83,7 @@ def level_for(confidence: float, levels: list[float]) -> float:
             return level
     offered = ", ".join(f"{c:g}" for c in have) or "none"
     raise ConfigError(
-        f"--confidence {confidence:g}: the model is calibrated for confidences {offered} "
+        f"--confidence {confidence!r}: the model is calibrated for confidences {offered} "
         f"(its interval levels {[float(v) for v in levels]}); a confidence c needs the level 2c - 1"
     )
 

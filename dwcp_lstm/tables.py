@@ -182,6 +182,10 @@ def read_table(
             del table
             if any(n is not None for n in df.index.names):  # written from a frame indexed by the time (or link)
                 df = df.reset_index()  # column: pandas restores it as the index, and the column was "missing"
+            for c in text_columns:  # binary ids (Parquet bytes without a string type): text, not "b'node-0'"
+                first = df[c].dropna().iloc[:1] if c in df and df[c].dtype == object else ()
+                if len(first) and isinstance(first.iloc[0], bytes):
+                    df[c] = df[c].map(lambda v: v.decode("utf-8") if isinstance(v, bytes) else v)
     except DataError:
         raise
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as exc:

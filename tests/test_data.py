@@ -145,6 +145,12 @@ def test_reads_parquet_like_csv(small_csv, tmp_path):
     for index in (["timestamp"], ["node_id", "timestamp"]):
         pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str}).set_index(index).to_parquet(pq)
         assert torch.equal(a.datasets["train"].x, make_dm(pq).datasets["train"].x), index
+    # link ids stored as bytes (a binary column): the same links, named as text
+    df = pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str})
+    df.assign(node_id=df.node_id.str.encode("utf-8")).to_parquet(pq)
+    b = make_dm(pq)
+    assert torch.equal(a.datasets["train"].x, b.datasets["train"].x)
+    assert set(b.frame_keys["node_id"]) == set(df.node_id)
 
 
 def test_builtin_dataset_is_generated_when_missing(tmp_path):

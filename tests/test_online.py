@@ -129,8 +129,9 @@ def test_planner_margin_search_brackets_the_realised_time():
     assert ((need <= 1) == (static >= t_real)).all()
 
 
-@pytest.mark.parametrize(("rate", "says"), [("0", "--online-rate must be a number > 0, got 0.0"),
-                                            ("-0.1", "--online-rate must be a number > 0, got -0.1"),
+@pytest.mark.parametrize(("rate", "says"), [("0", "--online-rate must be a number in (0, 1] (default 0.1), got 0"),
+                                            ("-0.1", "--online-rate must be a number in (0, 1] (default 0.1), got"),
+                                            ("1e308", "--online-rate must be a number in (0, 1] (default 0.1), got"),
                                             ("nan", 'Parser key "online_rate": Expected a'),
                                             ("fast", 'Parser key "online_rate": Expected a')])  # fmt: skip
 def test_report_refuses_a_rate_that_cannot_learn_in_one_line(rate, says, tmp_path, capsys):

@@ -108,6 +108,8 @@ def test_confidence_maps_to_the_lower_tail_of_a_calibrated_level():
     assert P.level_for(0.9, [0.8, 0.95]) == 0.8 and P.level_for(0.975, [0.8, 0.95]) == 0.95
     with pytest.raises(ConfigError, match=r"calibrated for confidences 0.9, 0.975 .*2c - 1"):
         P.level_for(0.95, [0.8, 0.95])
+    with pytest.raises(ConfigError, match=r"--confidence 0.9999999999: the model"):  # not rounded to "1"
+        P.level_for(0.9999999999, [0.8, 0.95])
     for bad in (0.0, 1.0, -0.2, 1.5):
         with pytest.raises(ConfigError, match="--confidence must be a number in"):
             P.level_for(bad, [0.8])

@@ -174,7 +174,10 @@ def _touch(path: Path, data: bytes) -> Path:
     [
         (["generate", "--output", "{tmp}/out.txt"], "output must end in .csv or .parquet"),
         (["generate", "--output", "{tmp}/out.csv", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
-        (["generate", "--card", "--samples", "0"], "--samples must be from 2 to 50,000,000, got 0"),  # no traceback
+        (["generate", "--card", "--samples", "0"], "--card needs --samples of at least 1000, got 0"),  # no traceback
+        (["generate", "--card", "--samples", "100"], "--card needs --samples of at least 1000, got 100"),  # NaN table
+        (["generate", "--card", "--links", "-1"], "--card prints the data card of --samples and --seed only; --links"),
+        (["generate", "--card", "--output=x.csv"], "data card of --samples and --seed only; --output does not apply"),
         (["generate", "--output", "{tmp}/d.oracle.csv"], "d.oracle.csv: a name ending in .oracle.csv is the oracle"),
         (["generate", "--card", "--seed", "-1"], "--seed must be an integer from 0 to 2**32 - 1"),
         # found before generating (it used to generate, then fail with a misleading "File exists")
