@@ -246,11 +246,10 @@ class DwcpForecaster(L.LightningModule):
         self.register_buffer("fscale", torch.ones(n_f))
         self.register_buffer("tmean", torch.zeros(n_t * horizon))
         self.register_buffer("tscale", torch.ones(n_t * horizon))
-        # The targets' physical ranges (tables.RANGES, by name): forecasts are clipped into them. Not persistent:
-        # they follow from the names, so checkpoints from before them load unchanged.
+        # The targets' physical ranges (tables.RANGES, by name): forecasts are clipped into them. Not buffers: they
+        # follow from the names (old checkpoints load unchanged), and weight averaging (callbacks.EMA) lerps buffers,
+        # which turns an infinite edge into NaN (inf + w * (inf - inf)).
         self.ranges = target_ranges(target_names)
-        self.register_buffer("tlow", torch.as_tensor(self.ranges[0], dtype=torch.float32), persistent=False)
-        self.register_buffer("thigh", torch.as_tensor(self.ranges[1], dtype=torch.float32), persistent=False)
         # keys are "<stage>_metrics": a bare "train" would shadow nn.Module.train
         self.metrics = nn.ModuleDict(
             {f"{s}_metrics": ForecastMetrics(target_names, mape_floor) for s in ("train", "val", "test")}
@@ -340,7 +339,8 @@ class DwcpForecaster(L.LightningModule):
         if self.delta:
             i = self.target_index
             out = out + (x[:, -1, i] * self.fscale[i] + self.fmean[i]).unsqueeze(1)  # + the window's last raw value
-        return torch.minimum(torch.maximum(out, self.tlow), self.thigh)
+        low, high = (torch.as_tensor(r, dtype=out.dtype, device=out.device) for r in self.ranges)
+        return torch.minimum(torch.maximum(out, low), high)
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
