@@ -169,6 +169,7 @@ def _lightning_cli_class():
                 if cb.dirpath is not None:
                     preflight.check_writable(cb.dirpath)
             preflight.check_checkpoint_names(self.trainer.checkpoint_callbacks)
+            preflight.check_fresh_run_dir(self.trainer, cfg.get("ckpt_path"))
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
             preflight.check_calibration(self.datamodule, self.model)
@@ -179,14 +180,17 @@ def _lightning_cli_class():
             preflight.check_val_interval(self.trainer, self.datamodule)
 
         def before_validate(self) -> None:
+            preflight.check_fresh_run_dir(self.trainer)
             self._check_checkpoint(self.config_init[self.subcommand], None)
             self._check_data("validate")
 
         def before_test(self) -> None:
+            preflight.check_fresh_run_dir(self.trainer)
             self._check_checkpoint(self.config_init[self.subcommand], None)
             self._check_data("test")
 
         def before_predict(self) -> None:
+            preflight.check_fresh_run_dir(self.trainer)
             self._check_checkpoint(self.config_init[self.subcommand], None)
             self._check_data("predict")
 

@@ -40,6 +40,14 @@ def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
     levels = tuple(float(v) for v in levels)
     if not levels or any(not (0.0 < v < 1.0) for v in levels) or len(set(levels)) != len(levels):
         raise ConfigError(f"--model.interval_levels must be distinct numbers in (0, 1), got {list(levels)}")
+    # Columns and report keys name a level by its percentage (level_tag): two levels with one name overwrote each
+    # other's columns, and 0.9999999 was named 100
+    tags = [level_tag(v) for v in levels]
+    clash = next((t for i, t in enumerate(tags) if t in tags[:i] or not 0.0 < float(t) < 100.0), None)
+    if clash is not None:
+        what = "two levels" if tags.count(clash) > 1 else "a level"
+        raise ConfigError(f"--model.interval_levels {list(levels)}: levels are named by their percentage to 6 "
+                          f"significant digits, and {clash} % names {what}; give levels that differ in those digits")
     return levels
 
 

@@ -316,6 +316,7 @@ def plan_table(
     from dwcp_lstm.tables import (
         cadence_of,
         check_cadence_matches,
+        latest_segments,
         link_name,
         segment_bounds,
     )
@@ -336,7 +337,7 @@ def plan_table(
     df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     bounds = segment_bounds(df, series, time, 1, max_gap, path)  # every segment; the latest of each link is used
     keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df), int)
-    latest = bounds[np.r_[keys[bounds[1:, 0]] != keys[bounds[:-1, 0]], True]]  # [links, 2]
+    latest = latest_segments(df, series, bounds)  # [links, 2]
     t = df[time].to_numpy()  # as read: steps are taken exactly (tables.time_steps)
     long_enough = (latest[:, 1] - latest[:, 0]) >= w
     if not long_enough.any():

@@ -296,6 +296,28 @@ def check_logger(trainer) -> None:
                           "logger: keep the default TensorBoard logger (or give another one)")  # fmt: skip
 
 
+RUN_ARTIFACTS = ("config.yaml", "hparams.yaml", "model.onnx", "model_metadata.json", "report.json", "checkpoints")
+
+
+def check_fresh_run_dir(trainer, ckpt_path=None) -> None:
+    """A command never writes into another run's folder. With an explicit logger version (or an empty name and
+    version, which log into the save_dir itself) the folder can already hold a run: a second fit there mixed two
+    runs' checkpoints (best-v1.ckpt) and curves, and ``test`` replaced the run's config.yaml with its own. Resuming
+    (``fit --ckpt_path`` a checkpoint inside that folder) is the one way back into a run's folder."""
+    logger = trainer.logger
+    if logger is None or getattr(logger, "_version", None) is None:
+        return  # Lightning picks a fresh version_<N>
+    run = Path(logger.log_dir)
+    held = [name for name in RUN_ARTIFACTS if (run / name).is_file() or any((run / name).glob("*"))]
+    held += sorted(p.name for p in run.glob("events.out.tfevents.*"))[:1]
+    if not held:
+        return
+    if ckpt_path is not None and not is_remote(ckpt_path) and run.resolve() in Path(ckpt_path).resolve().parents:
+        return  # resuming this run
+    raise ConfigError(f"{run}: already holds a run ({held[0]}); give a new --trainer.logger.init_args.version (or "
+                      "none, for a fresh version_<N>), or resume that run with --ckpt_path")  # fmt: skip
+
+
 def check_training_runs(trainer) -> None:
     """Some training step runs: with ``max_epochs 0``, ``max_steps 0``, ``limit_train_batches 0`` or a zero
     ``max_time`` Lightning only warns, and the run exported, reported and checkpointed nothing but the untrained
@@ -497,7 +519,7 @@ class AtomicSaveConfig(SaveConfigCallback):
         from dwcp_lstm.callbacks import run_dir_of
 
         run_dir = run_dir_of(trainer)
-        if run_dir is None:
-            return
+        if run_dir is None or trainer.logger is None:  # no run folder (validate / test / predict without a logger):
+            return  # the working directory's config.yaml, maybe the user's own --config, stays untouched
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))

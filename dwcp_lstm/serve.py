@@ -44,7 +44,9 @@ from dwcp_lstm.tables import (
     check_table_suffix,
     clip_to,
     fill_missing,
+    latest_segments,
     link_name,
+    log,
     order_series,
     read_table,
     segment_bounds,
@@ -443,14 +445,26 @@ def forecast_table(
     the interval bounds recalibrated from the outcomes realised earlier in the input, :func:`recalibrate_online`).
 
     Columns: the series columns, ``time`` (of the last input row of the window; the forecast is for the next step),
-    one column per target. Links are split at gaps longer than ``max_gap`` x their cadence, as in training, and a
-    segment with fewer than ``window`` rows is skipped with a warning.
+    one column per target. Links are split at gaps longer than ``max_gap`` x their cadence, as in training. Without
+    ``rolling`` each link is forecast from its latest segment only (an earlier one ends at a gap: its forecast is
+    of a past step); a link whose latest segment is shorter than a window is skipped with a warning. With
+    ``rolling`` every window of every segment is forecast.
     """
     w = predictor.window
     df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
+    latest = latest_segments(df, series, segment_bounds(df, series, time, 1, max_gap, path))  # [links, 2]
+    short = (latest[:, 1] - latest[:, 0]) < w
+    if short.all() and not rolling:
+        n = int((latest[:, 1] - latest[:, 0]).max())
+        raise DataError(f"{path}: no link has {w} rows since its last gap (the model's window); the most is {n}")
+    if not rolling:
+        for a, b in latest[short]:
+            log.warning("%s: link %s: %d rows since its last gap, the model needs %d: not forecast", path,
+                        link_name(df, series, a), b - a, w)  # fmt: skip
+    latest = latest[~short]
     # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
-    bounds = segment_bounds(df, series, time, w, max_gap, path)  # [S, 2] row ranges
+    bounds = segment_bounds(df, series, time, w, max_gap, path) if rolling or online else latest  # [S, 2] row ranges
     check_cadence_matches(df, series, time, bounds, predictor.cadence_s, path, w)
     if rolling or online:  # online: every window, so that each link learns from its own past outcomes
         ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
@@ -460,8 +474,8 @@ def forecast_table(
             keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df))
             seg_end = np.concatenate([np.full(b - a - w + 1, b) for a, b in bounds])
             y = recalibrate_online(predictor, y, x, last_rows, seg_end, keys[last_rows], str(path))
-        if not rolling:  # the latest window of each segment, as without --online
-            keep = np.isin(last_rows, bounds[:, 1] - 1)
+        if not rolling:  # the latest window of each link, as without --online
+            keep = np.isin(last_rows, latest[:, 1] - 1)
             y, last_rows = y[keep], last_rows[keep]
     else:
         last_rows = bounds[:, 1] - 1

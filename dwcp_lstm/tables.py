@@ -500,6 +500,13 @@ def segment_bounds(
     return bounds
 
 
+def latest_segments(df: pd.DataFrame, series: Sequence[str], bounds: np.ndarray) -> np.ndarray:
+    """The last segment of each link among ``bounds`` (of :func:`segment_bounds` with ``min_rows`` 1): [links, 2].
+    A link's present is its latest segment; an earlier one ends at a gap and is stale."""
+    codes = _series_codes(df, series)[bounds[:, 0]]
+    return bounds[np.r_[codes[1:] != codes[:-1], True]]
+
+
 def sha256_of(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

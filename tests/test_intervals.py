@@ -85,6 +85,10 @@ def test_too_few_windows_and_bad_levels_are_refused():
     for bad in ([], [0.0], [1.0], [0.8, 0.8], [1.5]):
         with pytest.raises(ConfigError, match="interval_levels must be distinct numbers in"):
             check_levels(bad)
+    for bad, name in (([0.8, 0.80000001], "80 % names two levels"), ([0.9999999], "100 % names a level")):
+        with pytest.raises(ConfigError, match=name):  # the columns lower_80 / upper_80 of both overwrote each other
+            check_levels(bad)
+    assert check_levels([0.8, 0.975]) == (0.8, 0.975)
 
 
 def long_windows(n: int, seed: int, h: int = 2, k: int = 16):

@@ -486,3 +486,47 @@ def test_a_checkpoint_is_used_only_with_the_data_settings_it_was_trained_with(tm
                   capsys)  # fmt: skip
     assert "--data.split is [0.3, 0.1, 0.6], the checkpoint copy.ckpt was trained with [0.7, 0.15, 0.15]" in err
     assert not list(tmp_path.glob("lightning_logs/version_*")), "nothing started"
+
+
+@pytest.mark.parametrize("command", ["fit", "test"])
+def test_a_command_never_writes_into_another_runs_folder(tmp_path, smoke_run, capsys, command):
+    """An explicit logger version named an existing run's folder: a second fit mixed both runs' checkpoints
+    (best-v1.ckpt) and ``test`` replaced the run's config.yaml with its own (found by fuzzing)."""
+    run = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(smoke_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ckpt = [f"--ckpt_path={run / 'checkpoints' / 'best.ckpt'}"] if command == "test" else []
+    err = run_cli(with_command(command, fit_args(tmp_path, *ckpt, "--trainer.logger.init_args.version=0")), capsys)
+    assert f"{run}: already holds a run (config.yaml)" in err, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resuming_is_the_way_back_into_a_runs_folder(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from dwcp_lstm.preflight import check_fresh_run_dir
+
+    ckpt = tmp_path / "lightning_logs" / "version_3" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+
+    class Trainer:
+        logger = TensorBoardLogger(tmp_path, version=3)
+
+    check_fresh_run_dir(Trainer, str(ckpt))  # its own checkpoint: resuming
+    with pytest.raises(ConfigError, match="already holds a run .checkpoints."):
+        check_fresh_run_dir(Trainer, str(tmp_path / "other.ckpt"))
+    Trainer.logger = TensorBoardLogger(tmp_path)  # no version: Lightning's fresh version_<N>
+    check_fresh_run_dir(Trainer, None)
+
+
+def test_without_a_logger_the_working_directorys_config_stays(tmp_path, smoke_run, monkeypatch):
+    """``test --trainer.logger false`` wrote its config.yaml over the working directory's, the user's own --config
+    among them (found by fuzzing): without a run folder no config is written."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "config.yaml"
+    mine.write_text("trainer:\n  max_epochs: 2\n")
+    args = fit_args(tmp_path, f"--ckpt_path={smoke_run / 'checkpoints' / 'best.ckpt'}", "--trainer.logger=false",
+                    "--config", str(mine))  # fmt: skip
+    cli_main(with_command("test", [a for a in args if "logger.init_args" not in a]))
+    assert mine.read_text() == "trainer:\n  max_epochs: 2\n"

@@ -388,6 +388,39 @@ def test_a_repeated_feature_column_is_refused(predictor, history):
 
 
 # -- the forecast subcommand ----------------------------------------------------------------------------------------
+def run_cli_error(args: list[str], capsys) -> str:
+    """The one error line of a refused command (exit 2)."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_forecast_uses_each_links_latest_segment(smoke_run, predictor, small_csv, tmp_path, capsys):
+    """A link split by a gap gave one row per segment, the stale one's forecast among them, and only the stale
+    one when its latest segment was short (found by fuzzing): each link is forecast from its present."""
+    df = pd.read_csv(small_csv)
+    links = df[["node_id", "peer_id"]].drop_duplicates()
+    a, b = (df.merge(links.iloc[i : i + 1], on=["node_id", "peer_id"]).iloc[:120].copy() for i in (0, 1))
+    for link, tail in ((a, 40), (b, 8)):  # a gap of a day before the last `tail` rows
+        link.loc[link.index[-tail:], "timestamp"] += 86_400
+    path = tmp_path / "gapped.csv"
+    pd.concat([a, b]).to_csv(path, index=False)
+    out = tmp_path / "f.csv"
+    cli_main(["forecast", "--model", str(smoke_run / "model.onnx"), "--input", str(path), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert f"link {b.node_id.iloc[0]}/{b.peer_id.iloc[0]}: 8 rows since its last gap, the model needs 20" in err
+    got = pd.read_csv(out)
+    assert got[["node_id", "timestamp"]].values.tolist() == [[a.node_id.iloc[0], a.timestamp.iloc[-1]]]
+    expected = predictor.predict(a.iloc[-predictor.window :])
+    assert got[predictor.all_columns].iloc[0].tolist() == pytest.approx(list(expected.values()), rel=1e-5)
+    b.to_csv(path, index=False)
+    err = run_cli_error(["forecast", "--model", str(smoke_run / "model.onnx"), "--input", str(path), "--output",
+                         str(out)], capsys)  # fmt: skip
+    assert "no link has 20 rows since its last gap (the model's window); the most is 8" in err
+
+
 @pytest.fixture(scope="module")
 def two_links(small_csv: Path, tmp_path_factory) -> Path:
     """Two links of the small dataset plus a 5-row one (too short for a window), rows shuffled."""
@@ -403,7 +436,7 @@ def two_links(small_csv: Path, tmp_path_factory) -> Path:
 def test_forecast_gives_one_row_per_link(smoke_run, predictor, two_links, tmp_path, capsys):
     out = tmp_path / "forecasts.csv"
     cli_main(["forecast", "--model", str(smoke_run / "model.onnx"), "--input", str(two_links), "--output", str(out)])
-    assert "skipped 1 of 3 series segments shorter than 20 rows" in capsys.readouterr().err
+    assert "rows since its last gap, the model needs 20: not forecast" in capsys.readouterr().err
     got = pd.read_csv(out)
     src = pd.read_csv(two_links).sort_values(["node_id", "peer_id", "timestamp"])
     full = src.groupby(["node_id", "peer_id"]).filter(lambda g: len(g) >= predictor.window)
@@ -464,7 +497,7 @@ def test_a_datetime_time_column_is_read_as_seconds(smoke_run, two_links, tmp_pat
 def test_forecast_with_no_link_long_enough_is_an_error(smoke_run, two_links, tmp_path):
     short = tmp_path / "short.csv"
     pd.read_csv(two_links).groupby(["node_id", "peer_id"]).head(10).to_csv(short, index=False)
-    with pytest.raises(DataError, match=r"short\.csv: no series has at least 20 rows"):
+    with pytest.raises(DataError, match=r"short\.csv: no link has 20 rows since its last gap .* the most is 10"):
         cmd_forecast(["--model", str(smoke_run), "--input", str(short)])
     df = pd.read_csv(two_links)
     df["queue_depth"] = df["queue_depth"].astype(object)
