@@ -375,6 +375,7 @@ class Predictor:
             twice = [c for c in self.features if list(history.columns).count(c) > 1]
             if twice:
                 raise DataError(f"{source}: column {twice[0]!r} appears more than once; which one is meant?")
+            self._check_one_link(history, source)
             frame = history[self.features].copy()  # check_numeric converts in place: never touch the caller's frame
         elif isinstance(history, np.ndarray):
             if history.ndim != 2 or history.shape[1] != len(self.features):
@@ -388,6 +389,25 @@ class Predictor:
             raise DataError(f"{source}: expected a pandas DataFrame or a numpy array, got {type(history).__name__}")
         check_numeric(frame, self.features, source)  # non-numeric, NaN/inf, out-of-range: column and row named
         return frame.to_numpy(np.float32)
+
+    def _check_one_link(self, history: pd.DataFrame, source: str) -> None:
+        """A frame that carries the training data's link id or time columns holds one link in time order: windows
+        are taken as the rows come, and rows of several links or out of order gave a confident forecast of nothing
+        (found by fuzzing). ``forecast_table`` sorts and splits a table of many links."""
+        trained = self.metadata["series"]
+        ids = [c for c in trained["columns"] if c in history.columns]
+        if ids and len(history[ids].drop_duplicates()) > 1:
+            n = len(history[ids].drop_duplicates())
+            raise DataError(f"{source}: rows of {n} links ({'/'.join(ids)}); predict one link at a time, or use "
+                            "forecast_table for a table of links")  # fmt: skip
+        time = trained["time_column"]
+        if time in history.columns and list(history.columns).count(time) == 1:
+            t = history[[time]].copy()
+            check_numeric(t, [time], source)
+            back = np.flatnonzero(np.diff(t[time].to_numpy(np.float64)) < 0)
+            if len(back):
+                raise DataError(f"{source}: column {time!r} row {back[0] + 2}: earlier than the row before; sort the "
+                                f"rows by {time!r} (windows are taken in row order)")  # fmt: skip
 
     def _check_columns(self, columns: Sequence[str] | None, source: str) -> None:
         if columns is None:

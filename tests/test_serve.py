@@ -381,6 +381,18 @@ def test_a_non_finite_forecast_is_an_error_not_a_number(smoke_run, history):
         p.predict_windows(np.concatenate([x, x]))
 
 
+def test_predict_takes_one_link_in_time_order(predictor, history):
+    """Rows of two links, or of one out of order, were windowed as they came: a forecast of nothing, exit 0."""
+    link = one_link(history).iloc[:40]
+    both = pd.concat([link, one_link(history, 1).iloc[:40]])
+    for call in (predictor.predict, predictor.predict_rolling):
+        with pytest.raises(DataError, match=r"rows of 2 links \(node_id/peer_id\); predict one link at a time"):
+            call(both)
+        with pytest.raises(DataError, match=r"column 'timestamp' row 21: earlier than the row before; sort the rows"):
+            call(pd.concat([link.iloc[20:], link.iloc[:20]]))
+    assert predictor.predict(link) == predictor.predict(link.drop(columns=["node_id", "peer_id", "timestamp"]))
+
+
 def test_a_repeated_feature_column_is_refused(predictor, history):
     link = one_link(history)
     with pytest.raises(DataError, match=r"column 'rtt_ms' appears more than once"):
