@@ -357,6 +357,7 @@ def plan_table(
     else:
         step = np.full(len(ok), float(step_seconds))
     if online:  # the margin each link's own history earned (plan_online)
+        predictor.check_rows(x, df, series, time, bounds[bounds[:, 1] - bounds[:, 0] >= w], str(path))
         scale, outcomes = plan_online(predictor, x, t, bounds, keys, ok, tp, level, step_seconds, m, confidence,
                                       str(path))  # fmt: skip
         lower, tail = scaled_bounds(forecast, lower, tail, scale)

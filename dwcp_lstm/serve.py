@@ -133,6 +133,7 @@ class Predictor:
         margin = np.where(np.isfinite(lo) & (margin > 0), margin, np.inf)  # a feature always 0 in training: no check
         with np.errstate(invalid="ignore"):
             self._limits = np.stack([lo - margin, hi + margin], axis=1)  # [F, 2]
+        self._physical = target_ranges(self.features).T  # [F, 2]: each feature's physical range (tables.RANGES)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -263,6 +264,12 @@ class Predictor:
         if bad.any():
             b, t, f = (int(i) for i in np.argwhere(bad)[0])
             raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {x[b, t, f]}")
+        out = (x < self._physical[:, 0]) | (x > self._physical[:, 1])  # what check_numeric refuses in a table
+        if out.any():
+            b, t, f = (int(i) for i in np.argwhere(out)[0])
+            what = "negative" if x[b, t, f] < self._physical[f, 0] else f"above {self._physical[f, 1]:g}"
+            raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {what} value "
+                            f"{x[b, t, f]:g}")  # fmt: skip
         self.check_range(x, source)
         chunks = [
             self.session.run(names, {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})
@@ -292,13 +299,27 @@ class Predictor:
         far = (windows < self._limits[:, 0]) | (windows > self._limits[:, 1])
         if far.any():
             b, t, f = (int(i) for i in np.argwhere(far)[0])
-            lo, hi = self.train_ranges[f]
             who = f"link {labels[b]}" if labels is not None else f"window {b + 1}"
-            raise DataError(
-                f"{source}: {who} step {t + 1} column {self.features[f]!r}: {windows[b, t, f]:g} is far outside the "
-                f"training rows' range {lo:g} to {hi:g} (another unit?); its forecast would be an extrapolation: "
-                "check the input, or pass --extrapolate"
-            )
+            raise DataError(f"{source}: {who} step {t + 1} {self._far_message(f, windows[b, t, f])}")
+
+    def check_rows(self, x: np.ndarray, df: pd.DataFrame, series: Sequence[str], time: str, bounds: np.ndarray,
+                   source: str) -> None:  # fmt: skip
+        """:meth:`check_range` for every row [rows, F] of the segments ``bounds`` (a rolling or online run reads
+        each window of the history), the offending row named by its link and time."""
+        if self.extrapolate or not len(bounds):
+            return
+        rows = np.concatenate([np.arange(a, b) for a, b in bounds])
+        far = (x[rows] < self._limits[:, 0]) | (x[rows] > self._limits[:, 1])
+        if far.any():
+            r, f = (int(i) for i in np.argwhere(far)[0])
+            i = int(rows[r])
+            raise DataError(f"{source}: link {link_name(df, series, i)} {time} {df[time].iloc[i]} "
+                            f"{self._far_message(f, x[i, f])} (every window of the history is read)")  # fmt: skip
+
+    def _far_message(self, f: int, value: float) -> str:
+        lo, hi = self.train_ranges[f]
+        return (f"column {self.features[f]!r}: {value:g} is far outside the training rows' range {lo:g} to {hi:g} "
+                "(another unit?); its forecast would be an extrapolation: check the input, or pass --extrapolate")
 
     def predict(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -425,8 +446,8 @@ class Predictor:
     def _as_float32(x: np.ndarray, source: str) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise DataError(f"{source}: expected a numpy array, got {type(x).__name__}")
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-            raise DataError(f"{source}: array of {x.dtype} is not numeric")
+        if x.dtype.kind not in "biuf":  # complex would lose its imaginary part, timedelta its unit
+            raise DataError(f"{source}: array of {x.dtype} is not real numbers (bool, integer or float)")
         return x.astype(np.float32, copy=False)
 
     def _frame(self, y: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
@@ -487,6 +508,7 @@ def forecast_table(
     bounds = segment_bounds(df, series, time, w, max_gap, path) if rolling or online else latest  # [S, 2] row ranges
     check_cadence_matches(df, series, time, bounds, predictor.cadence_s, path, w)
     if rolling or online:  # online: every window, so that each link learns from its own past outcomes
+        predictor.check_rows(x, df, series, time, bounds, str(path))  # the offending row named by link and time
         ys = [predictor._rolling(x[a:b], str(path)) for a, b in bounds]  # [n_i, T] each
         last_rows = np.concatenate([np.arange(a + w - 1, b) for a, b in bounds])
         y = np.concatenate(ys)

@@ -196,6 +196,16 @@ def test_inputs_far_beyond_the_training_range_are_refused_unless_asked(smoke_run
     df.to_csv(bad, index=False)
     cli_main(args)
     capsys.readouterr()
+    # an old spike read by every window of an online / rolling run: its link and time named (was "window 1")
+    old = df.index[(df.node_id == "node-1")][2]  # before the latest window (25 rows, window 20)
+    df.loc[old, "throughput_mbps"] = 1e5
+    df.to_csv(bad, index=False)
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*args, "--online" if command == "plan" else "--rolling"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {bad}: link node-1/node-2 timestamp {df.timestamp[old]} column "
+                             "'throughput_mbps': 100000 is far outside"), err  # fmt: skip
 
 
 def test_plan_says_so_when_a_migration_cannot_converge(smoke_run, telemetry, capsys):

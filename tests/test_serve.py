@@ -393,6 +393,19 @@ def test_predict_takes_one_link_in_time_order(predictor, history):
     assert predictor.predict(link) == predictor.predict(link.drop(columns=["node_id", "peer_id", "timestamp"]))
 
 
+def test_arrays_are_checked_like_tables(predictor, history):
+    """Windows given as arrays skipped the physical-range check of tables (a negative throughput was forecast),
+    and complex or timedelta arrays were cast silently (found by fuzzing)."""
+    x = one_link(history)[predictor.features].to_numpy(np.float32)[None, :20].repeat(2, axis=0)  # [2, 20, F]
+    x[1, 3, predictor.features.index("throughput_mbps")] = -5.0
+    for call in (predictor.predict_windows, predictor.predict):
+        with pytest.raises(DataError, match=r"window 2 step 4 column 'throughput_mbps': negative value -5"):
+            call(x)
+    for bad in (x[0].astype(np.complex64), x[0].astype("timedelta64[s]")):
+        with pytest.raises(DataError, match=r"is not real numbers \(bool, integer or float\)"):
+            predictor.predict(bad)
+
+
 def test_a_repeated_feature_column_is_refused(predictor, history):
     link = one_link(history)
     with pytest.raises(DataError, match=r"column 'rtt_ms' appears more than once"):
