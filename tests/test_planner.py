@@ -21,14 +21,14 @@ def precopy_loop(rates, tail, step, memory, dirty, downtime, max_rounds=P.MAX_RO
         i = int(t // step)
         return rates[i] if i < len(rates) else tail
 
-    def time_to(volume):  # walk the curve one step at a time
+    def time_to(volume):  # walk the curve one step at a time, then the constant tail in one go
         t, sent = 0.0, 0.0
         while True:
             r, end = rate(t), (int(t // step) + 1) * step
+            if int(t // step) >= len(rates):  # past the curve: the tail rate for ever
+                return t + (volume - sent) / r if r > 0 else (t if volume <= sent else np.inf)
             if sent + r * (end - t) >= volume:
                 return t + (volume - sent) / r if volume > sent else t
-            if int(t // step) >= len(rates) and r == 0:
-                return np.inf
             sent, t = sent + r * (end - t), end
 
     sent, start = memory, 0.0
