@@ -106,11 +106,22 @@ def _lightning_cli_class():
             from dwcp_lstm.runtime import MAX_THREADS, resolve_threads, usable_cores
 
             preflight.check_factories(self.config[self.subcommand].get("model") or {})  # before any is called
+            self._logger_follows_root()
             threads, source = resolve_threads(self.config[self.subcommand].get("threads"))
             if not 1 <= threads <= MAX_THREADS:
                 raise _data_error(f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
             torch.set_num_threads(threads)
             print(f"Using {threads} CPU thread(s) of {usable_cores()} usable cores ({source})", file=sys.stderr)
+
+        def _logger_follows_root(self) -> None:
+            """``--trainer.default_root_dir`` moves the runs: the config's logger writes under ``save_dir: .``, which
+            would keep them in the working directory while Lightning's own default logger follows the root."""
+            trainer = self.config[self.subcommand].get("trainer")
+            root = trainer.get("default_root_dir") if trainer is not None else None
+            logger = trainer.get("logger") if trainer is not None else None
+            init = logger.get("init_args") if hasattr(logger, "get") else None
+            if root is not None and init is not None and init.get("save_dir") in (".", "./"):
+                init["save_dir"] = str(root)
 
         def instantiate_classes(self) -> None:
             """A class the config names (a callback, logger, profiler) that refuses its own ``init_args`` is a

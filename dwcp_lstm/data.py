@@ -314,6 +314,7 @@ class DwcpDataModule(L.LightningDataModule):
         arguments give the same data bytes whatever the oracle's steps, so the file in place stays as it is."""
         if self.data_path is not None:
             return
+        self._check_builtin_fits()
         s = self.synthetic
         sidecar = synthetic.oracle_path(self.path)
         needs = synthetic.oracle_columns(synthetic.TARGETS, min(self.horizon, self.oracle_steps))
@@ -331,6 +332,22 @@ class DwcpDataModule(L.LightningDataModule):
             return
         synthetic.write_frame(df, self.path)
         rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
+
+    def _check_builtin_fits(self) -> None:
+        """Refuse, before generating anything, a window and horizon that no split of the built-in dataset's longest
+        link can hold: ``fit --data.horizon 200`` wrote a 200-step oracle sidecar (a Monte Carlo) and only then
+        found no windows. The exact check (:func:`~dwcp_lstm.preflight.check_splits`) follows after setup."""
+        s, w, h = self.synthetic, self.window_size, self.horizon
+        links = 1 if s.profile == "seed" else (s.links or max(1, round(s.samples / synthetic.ROWS_PER_LINK)))
+        n = -(-s.samples // max(int(links), 1))  # the longest link's rows
+        n_train, n_val = int(n * self.split[0]), int(n * self.split[1])
+        n_test = n - n_train - n_val
+        if n_train < w + h or min(n_val, n_test) < h:
+            raise ConfigError(
+                f"--data.window_size {w} and --data.horizon {h} do not fit the built-in dataset: its longest link has "
+                f"{n} rows, split {n_train} / {n_val} / {n_test}; each split needs horizon rows (training: window_size "
+                "+ horizon)"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Read, window, scale and audit the data (once; later calls reuse it). ``fit`` (or None) also refuses a

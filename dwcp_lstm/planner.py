@@ -517,10 +517,16 @@ BEYOND_NOTE = (
 def _note(p: dict, i: int, m: Migration, confidence: float, tp: str) -> str:
     if not p["converges"][i] and not p["mean_mbps"][i] > 0:
         return f"no plan: the forecast {tp} of this link is 0 Mbit/s (nothing would be sent)"
-    if not p["converges"][i]:
+    if not p["converges"][i] and p["mean_mbps"][i] <= m.dirty_rate_mbps:
         return (
             f"does not converge: the forecast {tp} ({p['mean_mbps'][i]:.4g} Mbit/s) does not outpace the dirty rate "
-            f"({m.dirty_rate_mbps:g} Mbit/s) within {MAX_ROUNDS} rounds; needs auto-converge or post-copy"
+            f"({m.dirty_rate_mbps:g} Mbit/s); needs auto-converge or post-copy"
+        )
+    if not p["converges"][i]:  # faster than the dirtying, but each round shrinks the rest too little
+        return (
+            f"does not converge: the forecast {tp} ({p['mean_mbps'][i]:.4g} Mbit/s) outpaces the dirty rate "
+            f"({m.dirty_rate_mbps:g} Mbit/s) too narrowly for the rest to fit in {m.downtime_ms:g} ms within "
+            f"{MAX_ROUNDS} rounds; needs auto-converge, post-copy or a longer downtime"
         )
     notes = []
     if not p["converges_confident"][i]:

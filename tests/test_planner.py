@@ -78,6 +78,18 @@ def test_no_convergence_when_the_vm_dirties_faster_than_the_link_and_censoring_p
     assert np.isnan(cut["time_s"][0]) and not cut["converged"][0]
 
 
+def test_a_link_that_outpaces_the_dirtying_too_narrowly_is_not_told_it_does_not():
+    """1000 Mbit/s against a dirty rate of 999: each round shrinks the rest by 0.1 %, so 100 rounds do not reach the
+    downtime limit; the note said the link "does not outpace the dirty rate" (found by fuzzing)."""
+    m = P.Migration(1, 999.0, 300.0)
+    p = P.plan_arrays(np.full((1, 3), 1000.0), np.full((1, 3), 1000.0), np.array([60.0]), m)
+    assert not p["converges"][0]
+    note = P._note(p, 0, m, 0.9, "tp")
+    assert "outpaces the dirty rate (999 Mbit/s) too narrowly for the rest to fit in 300 ms" in note, note
+    slow = P.plan_arrays(np.full((1, 3), 900.0), np.full((1, 3), 900.0), np.array([60.0]), m)
+    assert "does not outpace the dirty rate (999 Mbit/s)" in P._note(slow, 0, m, 0.9, "tp")
+
+
 def test_a_link_forecast_at_zero_gets_a_statement():
     p = P.plan_arrays(np.zeros((1, 3)), np.zeros((1, 3)), np.array([60.0]), P.Migration(1))
     assert not p["converges"][0] and P._note(p, 0, P.Migration(1), 0.9, "tp") == (

@@ -530,3 +530,13 @@ def test_without_a_logger_the_working_directorys_config_stays(tmp_path, smoke_ru
                     "--config", str(mine))  # fmt: skip
     cli_main(with_command("test", [a for a in args if "logger.init_args" not in a]))
     assert mine.read_text() == "trainer:\n  max_epochs: 2\n"
+
+
+def test_the_logger_follows_the_default_root_dir(tmp_path, smoke_run, monkeypatch):
+    """``--trainer.default_root_dir`` was ignored: the config's logger (save_dir .) kept the runs in the working
+    directory (found by fuzzing)."""
+    monkeypatch.chdir(tmp_path)
+    args = fit_args(tmp_path / "root", f"--ckpt_path={smoke_run / 'checkpoints' / 'best.ckpt'}")
+    cli_main(with_command("test", [a for a in args if "logger.init_args" not in a]))
+    assert (tmp_path / "root" / "lightning_logs" / "version_0" / "config.yaml").is_file()
+    assert not (tmp_path / "lightning_logs").exists()
