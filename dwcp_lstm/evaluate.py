@@ -349,10 +349,11 @@ def calibration_of(module, dm, val: dict | None) -> tuple[I.Calibration | None, 
     levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
     if val is None or len(val["y"]) < I.windows_needed(levels):
         return None, None
-    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, bool(module.delta), val["segment"],
-                           target_ranges(dm.targets))
+    ranges = target_ranges(dm.targets)
+    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, bool(module.delta), val["segment"], ranges)
     pick = B._even_subset(len(val["y"]), 50_000)  # bounds the [n, 8 H, T] array on long validation splits
-    return I.calibrate_tail(cal, val["pred"][pick], tail_targets(dm, "val", pick), val["hist"][pick]), scores
+    tail = tail_targets(dm, "val", pick)
+    return I.calibrate_tail(cal, val["pred"][pick], tail, val["hist"][pick], ranges), scores
 
 
 def tail_targets(dm, stage: str, pick: np.ndarray) -> np.ndarray:
@@ -421,7 +422,7 @@ def interval_report(
         baselines[name] = judged(bb["lower"], bb["upper"], tm)
 
     grid = [v for v in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if I.windows_needed([v]) <= len(val["y"])]
-    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive)
+    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive, ranges)
     rb = I.intervals(rcal, pred, hist, ranges)
     reliability = I.interval_scores(rb["lower"], rb["upper"], y, grid)["coverage"].mean(axis=1)  # [G, T]
 

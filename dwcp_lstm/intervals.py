@@ -111,10 +111,37 @@ def _scale(hist: np.ndarray, adaptive: np.ndarray, floor: np.ndarray) -> np.ndar
     return np.where(adaptive, np.maximum(volatility(hist), floor), 1.0)[:, None, :]
 
 
-def _quantiles(scores: np.ndarray, levels: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """[n, H, T] scores -> lower and upper conformal quantiles [L, H, T] (finite-sample ranks, equal tails)."""
+def _edge_scores(
+    r: np.ndarray, y: np.ndarray, ranges: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores [n, H, T] for the lower and the upper quantile, given the clipping of the bounds into ``ranges``
+    [2, T]: a value at its range's lower edge (a second without loss, a link at 0 Mbit/s) is covered by any clipped
+    upper bound, so it never binds the upper quantile (-inf there), and one at the upper edge never binds the lower
+    one (+inf). Without this, forecasts clipped onto the edge give residuals of exactly 0 there, the upper quantile
+    lands on that atom and the interval over-covers (Starlink loss_rate: 87 % for 80 %)."""
+    if ranges is None:
+        return r, None
+    low, high = np.asarray(ranges, dtype=np.float64)
+    return np.where(y >= high, np.inf, r), np.where(y <= low, -np.inf, r)
+
+
+def _quantiles(
+    scores: np.ndarray, upper_scores: np.ndarray | None = None, *, levels: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """[n, H, T] scores -> lower and upper conformal quantiles [L, H, T] (finite-sample ranks, equal tails).
+
+    ``upper_scores``: other scores for the upper quantile, infinite for the windows that a clipped bound covers
+    whatever the quantile (:func:`_edge_scores`). Where fewer such-free windows remain on one side than its tail asks
+    to miss (Starlink loss_rate: 98 % of the seconds at 0, so the upper bound can miss 2 % at most), the other side
+    misses the rest, so that the interval still misses alpha of the calibration windows instead of over-covering.
+    A quantile on an edge window (infinite) becomes the most extreme finite score: every bound stays a number."""
     n = len(scores)
     s = np.sort(scores, axis=0)
+    u = s if upper_scores is None else np.sort(upper_scores, axis=0)
+    free_lo, free_hi = np.isfinite(s).sum(axis=0), np.isfinite(u).sum(axis=0)  # [H, T]: windows that can miss
+    with np.errstate(invalid="ignore"):
+        top = np.where(np.isfinite(s), s, -np.inf).max(axis=0)  # [H, T]; -inf: every window at the edge
+        bottom = np.where(np.isfinite(u), u, np.inf).min(axis=0)
     lo, hi = [], []
     for level in levels:
         alpha = 1.0 - level
@@ -125,9 +152,16 @@ def _quantiles(scores: np.ndarray, levels: Sequence[float]) -> tuple[np.ndarray,
                 f"{n} validation windows cannot calibrate a {100 * level:g} % interval: it needs at least "
                 f"{windows_needed([level])}"
             )
-        lo.append(s[k_lo - 1])
-        hi.append(s[k_hi - 1])
-    return np.stack(lo), np.stack(hi)
+        short_hi = np.maximum(0, (n - k_hi) - np.maximum(free_hi - 1, 0))  # misses the upper side cannot make
+        short_lo = np.maximum(0, (k_lo - 1) - np.maximum(free_lo - 1, 0))
+        r_lo = np.clip(np.minimum(k_lo + short_hi, free_lo), 1, n)  # [H, T]
+        r_hi = np.clip(np.maximum(k_hi - short_lo, n - free_hi + 1), 1, n)
+        lo.append(np.take_along_axis(s, (r_lo - 1)[None], axis=0)[0])
+        hi.append(np.take_along_axis(u, (r_hi - 1)[None], axis=0)[0])
+    lo, hi = np.stack(lo), np.stack(hi)
+    lo = np.where(np.isfinite(lo), lo, np.where(np.isfinite(top), top, 0.0))
+    hi = np.where(np.isfinite(hi), hi, np.where(np.isfinite(bottom), bottom, 0.0))
+    return lo, hi
 
 
 def _running_mean(a: np.ndarray) -> np.ndarray:
@@ -136,20 +170,24 @@ def _running_mean(a: np.ndarray) -> np.ndarray:
 
 
 def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float],
-              adaptive: np.ndarray | bool) -> Calibration:  # fmt: skip
+              adaptive: np.ndarray | bool, ranges: np.ndarray | None = None) -> Calibration:  # fmt: skip
     """Calibrate on windows with forecasts ``pred`` and actuals ``y`` [n, H, T] and target history ``hist``
-    [n, W, T]; ``adaptive`` per target [T] (or one flag for all)."""
+    [n, W, T]; ``adaptive`` per target [T] (or one flag for all); ``ranges`` [2, T]: the physical ranges the bounds
+    will be clipped into (:func:`_edge_scores`)."""
     levels = check_levels(levels)
     adaptive = np.broadcast_to(np.asarray(adaptive, dtype=bool), (y.shape[2],)).copy()
     vol = volatility(hist)
     floor = np.maximum(0.05 * np.median(vol, axis=0), 1e-12)  # [T]
     scale = _scale(hist, adaptive, floor)
-    lo, hi = _quantiles((y - pred) / scale, levels)
-    mean_lo, mean_hi = _quantiles((_running_mean(y) - _running_mean(pred)) / scale, levels)
+    lo, hi = _quantiles(*_edge_scores((y - pred) / scale, y, ranges), levels=levels)
+    mean_y = _running_mean(y)
+    mean_lo, mean_hi = _quantiles(*_edge_scores((mean_y - _running_mean(pred)) / scale, mean_y, ranges), levels=levels)
     return Calibration(levels, adaptive, lo, hi, mean_lo, mean_hi, floor, len(y))
 
 
-def calibrate_tail(cal: Calibration, pred: np.ndarray, y_long: np.ndarray, hist: np.ndarray) -> Calibration:
+def calibrate_tail(
+    cal: Calibration, pred: np.ndarray, y_long: np.ndarray, hist: np.ndarray, ranges: np.ndarray | None = None
+) -> Calibration:
     """Extend ``cal`` beyond the horizon: for spans k = H + 1 .. K, the scaled residual of the realised mean over
     the first k steps (``y_long`` [n, K, T], NaN past the calibration split) against the forecast mean over the
     H steps (``pred`` [n, H, T]), with the same scale and ranks as :func:`calibrate`. A transfer that outlasts the
@@ -164,7 +202,8 @@ def calibrate_tail(cal: Calibration, pred: np.ndarray, y_long: np.ndarray, hist:
         ok = ~np.isnan(running[:, k - 1]).any(axis=1)
         if ok.sum() < windows_needed(cal.levels):
             break
-        a, b = _quantiles(((running[ok, k - 1] - held[ok]) / scale[ok])[:, None, :], cal.levels)  # [L, 1, T]
+        r, mean_y = ((running[ok, k - 1] - held[ok]) / scale[ok])[:, None, :], running[ok, k - 1][:, None, :]
+        a, b = _quantiles(*_edge_scores(r, mean_y, ranges), levels=cal.levels)  # [L, 1, T]
         lo.append(a[:, 0])
         hi.append(b[:, 0])
     if not lo:
@@ -246,11 +285,11 @@ def choose(
     earlier = earlier_half(np.zeros(len(y)) if groups is None else groups)
     need = windows_needed(levels)
     if not allow_adaptive or earlier.sum() < need or (~earlier).sum() < need:
-        return calibrate(pred, y, hist, levels, False), None
+        return calibrate(pred, y, hist, levels, False, ranges), None
     score = {}
     for name, adaptive in (("plain", False), ("adaptive", True)):
-        cal = calibrate(pred[earlier], y[earlier], hist[earlier], levels, adaptive)
+        cal = calibrate(pred[earlier], y[earlier], hist[earlier], levels, adaptive, ranges)
         b = intervals(cal, pred[~earlier], hist[~earlier], ranges)
         score[name] = interval_scores(b["lower"], b["upper"], y[~earlier], levels)["winkler"].mean(axis=(0, 1)).tolist()
     adaptive = np.asarray(score["adaptive"]) < np.asarray(score["plain"])
-    return calibrate(pred, y, hist, levels, adaptive), score
+    return calibrate(pred, y, hist, levels, adaptive, ranges), score
