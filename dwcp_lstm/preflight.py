@@ -305,8 +305,8 @@ def check_fresh_run_dir(trainer, ckpt_path=None) -> None:
     runs' checkpoints (best-v1.ckpt) and curves, and ``test`` replaced the run's config.yaml with its own. Resuming
     (``fit --ckpt_path`` a checkpoint inside that folder) is the one way back into a run's folder."""
     logger = trainer.logger
-    if logger is None or getattr(logger, "_version", None) is None:
-        return  # Lightning picks a fresh version_<N>
+    if logger is None or getattr(logger, "_version", None) is None or getattr(logger, "log_dir", None) is None:
+        return  # Lightning picks a fresh version_<N> (or, under fast_dev_run, logs nothing)
     run = Path(logger.log_dir)
     held = [name for name in RUN_ARTIFACTS if (run / name).is_file() or any((run / name).glob("*"))]
     held += sorted(p.name for p in run.glob("events.out.tfevents.*"))[:1]

@@ -15,7 +15,10 @@ from dwcp_lstm.plots import read_scalars
 EPOCHS = "--trainer.max_epochs=3"
 
 
-@pytest.mark.parametrize("extra", [[], ["--model.linear_skip=true"]], ids=["lstm", "linear_skip"])
+SKIP = pytest.param(["--model.linear_skip=true"], id="linear_skip", marks=pytest.mark.slow)  # same path, 40 s
+
+
+@pytest.mark.parametrize("extra", [pytest.param([], id="lstm"), SKIP])
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, extra):
     """With the linear skip, setup() starts it at ridge before Lightning restores the checkpoint: the resumed run
     must go on from the restored weights."""
