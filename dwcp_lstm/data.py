@@ -334,20 +334,24 @@ class DwcpDataModule(L.LightningDataModule):
         rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
 
     def _check_builtin_fits(self) -> None:
-        """Refuse, before generating anything, a window and horizon that no split of the built-in dataset's longest
-        link can hold: ``fit --data.horizon 200`` wrote a 200-step oracle sidecar (a Monte Carlo) and only then
-        found no windows. The exact check (:func:`~dwcp_lstm.preflight.check_splits`) follows after setup."""
+        """Refuse, before generating anything, a window and horizon that a split of the built-in dataset's longest
+        link cannot hold: ``fit --data.horizon 200`` wrote a 200-step oracle sidecar (a Monte Carlo) and only then
+        found no windows. The exact check (:func:`~dwcp_lstm.preflight.check_splits`) follows after setup; the
+        generator's own argument checks come first."""
         s, w, h = self.synthetic, self.window_size, self.horizon
         links = 1 if s.profile == "seed" else (s.links or max(1, round(s.samples / synthetic.ROWS_PER_LINK)))
-        n = -(-s.samples // max(int(links), 1))  # the longest link's rows
-        n_train, n_val = int(n * self.split[0]), int(n * self.split[1])
-        n_test = n - n_train - n_val
-        if n_train < w + h or min(n_val, n_test) < h:
-            raise ConfigError(
-                f"--data.window_size {w} and --data.horizon {h} do not fit the built-in dataset: its longest link has "
-                f"{n} rows, split {n_train} / {n_val} / {n_test}; each split needs horizon rows (training: window_size "
-                "+ horizon)"
-            )
+        if not 2 <= s.samples <= synthetic.MAX_SAMPLES or not 1 <= links <= s.samples // 2:
+            return
+        n = -(-s.samples // links)  # the longest link's rows
+        rows = [int(n * self.split[0]), int(n * self.split[1])]
+        rows.append(n - sum(rows))
+        for what, have, need in zip(("training", "validation", "test"), rows, (w + h, h, h), strict=True):
+            if have < need:
+                raise ConfigError(
+                    f"no {what} windows: the built-in dataset's longest link has {n} rows, split "
+                    f"{' / '.join(map(str, rows))}, and a {what} window needs "
+                    + (f"window_size {w} + horizon {h} rows" if what == "training" else f"horizon {h} rows")
+                )
 
     def setup(self, stage: str | None = None) -> None:
         """Read, window, scale and audit the data (once; later calls reuse it). ``fit`` (or None) also refuses a

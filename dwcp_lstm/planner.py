@@ -356,6 +356,8 @@ def plan_table(
         check_cadence_matches(df, series, time, ok, predictor.cadence_s, path, w)
     else:
         step = np.full(len(ok), float(step_seconds))
+        if predictor.clock:  # the wall-clock inputs read the time column as seconds: milliseconds would be wrong
+            check_cadence_matches(df, series, time, ok, predictor.cadence_s, path, w)
     if online:  # the margin each link's own history earned (plan_online)
         predictor.check_rows(x, df, series, time, bounds[bounds[:, 1] - bounds[:, 0] >= w], str(path))
         scale, outcomes = plan_online(predictor, x, t, bounds, keys, ok, tp, level, step_seconds, m, confidence,

@@ -132,6 +132,15 @@ def test_plan_derives_the_clock_too(clock_run, relative_csv, capsys):
     cli_main(["plan", "--model", str(clock_run), "--input", str(relative_csv), "--memory-gib", "1", "--json"])
     plan = json.loads(capsys.readouterr().out)
     assert len(plan["links"]) == 4
+    # --step-seconds skips the cadence check, but the clock still reads the time column as seconds: milliseconds
+    # would have been a wrong beat, silently (found by fuzzing)
+    ms = relative_csv.parent / "ms.csv"
+    df = pd.read_csv(relative_csv)
+    df["seconds"] = df["seconds"] * 1000
+    df.to_csv(ms, index=False)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["plan", "--model", str(clock_run), "--input", str(ms), "--memory-gib", "1", "--step-seconds", "300"])
+    assert exc.value.code == 2 and "cadence" in capsys.readouterr().err
 
 
 def test_a_file_column_named_like_a_clock_column_is_refused(clock_run, relative_csv, tmp_path, capsys):
