@@ -23,9 +23,10 @@ fit: install
 smoke: install
 	$(BIN)/python -m dwcp_lstm fit --config configs/smoke.yaml $(ARGS)
 
+# Two worker processes (pytest-xdist), one test file each at a time: module fixtures (a fit) are built once.
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(ARGS)
