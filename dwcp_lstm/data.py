@@ -339,7 +339,7 @@ class DwcpDataModule(L.LightningDataModule):
         found no windows. The exact check (:func:`~dwcp_lstm.preflight.check_splits`) follows after setup; the
         generator's own argument checks come first."""
         s, w, h = self.synthetic, self.window_size, self.horizon
-        links = 1 if s.profile == "seed" else (s.links or max(1, round(s.samples / synthetic.ROWS_PER_LINK)))
+        links = 1 if s.profile == "seed" else synthetic.link_count(s.samples, s.links)
         if not 2 <= s.samples <= synthetic.MAX_SAMPLES or not 1 <= links <= s.samples // 2:
             return
         n = -(-s.samples // links)  # the longest link's rows

@@ -47,6 +47,7 @@ from dwcp_lstm.tables import (
     latest_segments,
     link_name,
     log,
+    long_segments,
     order_series,
     read_table,
     segment_bounds,
@@ -417,8 +418,8 @@ class Predictor:
         (found by fuzzing). ``forecast_table`` sorts and splits a table of many links."""
         trained = self.metadata["series"]
         ids = [c for c in trained["columns"] if c in history.columns]
-        if ids and len(history[ids].drop_duplicates()) > 1:
-            n = len(history[ids].drop_duplicates())
+        n = len(history[ids].drop_duplicates()) if ids else 1
+        if n > 1:
             raise DataError(f"{source}: rows of {n} links ({'/'.join(ids)}); predict one link at a time, or use "
                             "forecast_table for a table of links")  # fmt: skip
         time = trained["time_column"]
@@ -494,7 +495,8 @@ def forecast_table(
     w = predictor.window
     df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
-    latest = latest_segments(df, series, segment_bounds(df, series, time, 1, max_gap, path))  # [links, 2]
+    every = segment_bounds(df, series, time, 1, max_gap, path)  # [S, 2]: the links split at gaps, as in training
+    latest = latest_segments(df, series, every)  # [links, 2]
     short = (latest[:, 1] - latest[:, 0]) < w
     if short.all() and not rolling:
         n = int((latest[:, 1] - latest[:, 0]).max())
@@ -504,8 +506,8 @@ def forecast_table(
             log.warning("%s: link %s: %d rows since its last gap, the model needs %d: not forecast", path,
                         link_name(df, series, a), b - a, w)  # fmt: skip
     latest = latest[~short]
-    # The same segmentation as training: links split at gaps, segments shorter than a window skipped with a warning.
-    bounds = segment_bounds(df, series, time, w, max_gap, path) if rolling or online else latest  # [S, 2] row ranges
+    # Rolling / online: every segment at least a window long, as training read them (the others skipped, warned).
+    bounds = long_segments(every, w, path) if rolling or online else latest  # [S, 2] row ranges
     check_cadence_matches(df, series, time, bounds, predictor.cadence_s, path, w)
     if rolling or online:  # online: every window, so that each link learns from its own past outcomes
         predictor.check_rows(x, df, series, time, bounds, str(path))  # the offending row named by link and time

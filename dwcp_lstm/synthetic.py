@@ -135,6 +135,11 @@ def generate(
     return generate_with_oracle(samples, seed, profile, links, noise, start)[0]
 
 
+def link_count(samples: int, links: int | None) -> int:
+    """Links of the dynamic profile: ``links``, or one per :data:`ROWS_PER_LINK` rows."""
+    return links if links is not None else max(1, round(samples / ROWS_PER_LINK))
+
+
 def generate_with_oracle(
     samples: int = 15_000,
     seed: int = 42,
@@ -165,7 +170,7 @@ def generate_with_oracle(
         if links not in (None, 1):  # it would be ignored: the earlier attempt's data is one series
             raise ValueError(f"--links: the seed profile writes one link, got {links}")
         return _seed_profile(samples, rng, start, int(oracle_steps))
-    n_links = links if links is not None else max(1, round(samples / ROWS_PER_LINK))
+    n_links = link_count(samples, links)
     if not 1 <= n_links <= samples // 2:
         raise ValueError(f"--links must be between 1 and samples / 2 = {samples // 2}, got {n_links}")
     mc = np.random.default_rng([seed, 1])  # the oracle's own stream: the data's draws never depend on oracle_steps

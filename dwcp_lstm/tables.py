@@ -485,15 +485,15 @@ def segment_bounds(
             log.warning("%s: %d gaps longer than %g x the cadence; series split there", path, n_gaps, max_gap)
     starts = np.flatnonzero(cut)
     bounds = np.stack([starts, np.r_[starts[1:], len(df)]], axis=1).astype(np.int64)
+    return long_segments(bounds, min_rows, path)
+
+
+def long_segments(bounds: np.ndarray, min_rows: int, path: str | Path) -> np.ndarray:
+    """The segments of ``bounds`` [S, 2] with at least ``min_rows`` rows; the others skipped with a warning."""
     short = (bounds[:, 1] - bounds[:, 0]) < min_rows
     if short.any():
-        log.warning(
-            "%s: skipped %d of %d series segments shorter than %d rows",
-            path,
-            int(short.sum()),
-            len(bounds),
-            min_rows,
-        )
+        log.warning("%s: skipped %d of %d series segments shorter than %d rows", path, int(short.sum()), len(bounds),
+                    min_rows)  # fmt: skip
     bounds = bounds[~short]
     if len(bounds) == 0:
         raise DataError(f"{path}: no series has at least {min_rows} rows; nothing to use")
