@@ -77,6 +77,8 @@ def level_for(confidence: float, levels: list[float]) -> float:
     """The calibrated two-sided level whose lower bound is a one-sided ``confidence`` bound: ``2 c - 1``."""
     if not (isinstance(confidence, int | float) and 0.0 < confidence < 1.0):
         raise ConfigError(f"--confidence must be a number in (0, 1), got {confidence}")
+    if f"{100 * confidence:g}" == "50":  # the median, which every plan gives: two columns named p50 otherwise
+        raise ConfigError(f"--confidence {confidence!r} is the median, which plan gives anyway; ask for more than 0.5")
     have = [round((1 + v) / 2, 9) for v in levels]
     for level, c in zip(levels, have, strict=True):
         if abs(c - confidence) < 1e-9:

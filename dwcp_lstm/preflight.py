@@ -302,20 +302,30 @@ RUN_ARTIFACTS = ("config.yaml", "hparams.yaml", "model.onnx", "model_metadata.js
 def check_fresh_run_dir(trainer, ckpt_path=None) -> None:
     """A command never writes into another run's folder. With an explicit logger version (or an empty name and
     version, which log into the save_dir itself) the folder can already hold a run: a second fit there mixed two
-    runs' checkpoints (best-v1.ckpt) and curves, and ``test`` replaced the run's config.yaml with its own. Resuming
-    (``fit --ckpt_path`` a checkpoint inside that folder) is the one way back into a run's folder."""
+    runs' checkpoints (best-v1.ckpt) and curves, and ``test`` replaced the run's config.yaml with its own. A
+    ``sub_dir`` moves the logs but not the checkpoints (Lightning keeps them in the version folder), and
+    ``--checkpoint.dirpath`` can name another run's checkpoints folder: both are checked too. Resuming (``fit
+    --ckpt_path`` a checkpoint inside that folder) is the one way back into a run's folder."""
+    folders: list[tuple[Path, str]] = []  # (folder, the flag that chose it)
     logger = trainer.logger
-    if logger is None or getattr(logger, "_version", None) is None or getattr(logger, "log_dir", None) is None:
-        return  # Lightning picks a fresh version_<N> (or, under fast_dev_run, logs nothing)
-    run = Path(logger.log_dir)
-    held = [name for name in RUN_ARTIFACTS if (run / name).is_file() or any((run / name).glob("*"))]
-    held += sorted(p.name for p in run.glob("events.out.tfevents.*"))[:1]
-    if not held:
-        return
-    if ckpt_path is not None and not is_remote(ckpt_path) and run.resolve() in Path(ckpt_path).resolve().parents:
-        return  # resuming this run
-    raise ConfigError(f"{run}: already holds a run ({held[0]}); give a new --trainer.logger.init_args.version (or "
-                      "none, for a fresh version_<N>), or resume that run with --ckpt_path")  # fmt: skip
+    if logger is not None and getattr(logger, "_version", None) is not None and getattr(logger, "log_dir", None):
+        flag = "--trainer.logger.init_args.version"
+        folders.append((Path(logger.log_dir), flag))
+        if getattr(logger, "sub_dir", None) and getattr(logger, "root_dir", None):  # where the checkpoints go
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            folders.append((Path(logger.root_dir) / version, flag))
+    for cb in getattr(trainer, "checkpoint_callbacks", []):
+        if cb.dirpath is not None:
+            folders.append((Path(cb.dirpath), "--checkpoint.dirpath / --last_checkpoint.dirpath"))
+    resumed = None if ckpt_path is None or is_remote(ckpt_path) else Path(ckpt_path).resolve()
+    for run, flag in folders:
+        held = [name for name in RUN_ARTIFACTS if (run / name).is_file() or any((run / name).glob("*"))]
+        held += sorted(p.name for p in run.glob("events.out.tfevents.*"))[:1]
+        held += sorted(p.name for p in run.glob("*.ckpt"))[:1]
+        if not held or (resumed is not None and run.resolve() in resumed.parents):
+            continue  # a fresh folder, or resuming the run it holds
+        raise ConfigError(f"{run}: already holds a run ({held[0]}); give a new folder ({flag}; none: a fresh "
+                          "version_<N>), or resume that run with --ckpt_path")  # fmt: skip
 
 
 def check_training_runs(trainer) -> None:

@@ -37,6 +37,7 @@ from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
 from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
+    FLOAT32_MAX,
     add_clock,
     check_cadence_matches,
     check_numeric,
@@ -52,6 +53,7 @@ from dwcp_lstm.tables import (
     read_table,
     segment_bounds,
     target_ranges,
+    time_steps,
     write_frame,
 )
 
@@ -413,23 +415,41 @@ class Predictor:
         return frame.to_numpy(np.float32)
 
     def _check_one_link(self, history: pd.DataFrame, source: str) -> None:
-        """A frame that carries the training data's link id or time columns holds one link in time order: windows
-        are taken as the rows come, and rows of several links or out of order gave a confident forecast of nothing
-        (found by fuzzing). ``forecast_table`` sorts and splits a table of many links."""
+        """A frame that carries the training data's link id or time columns (or index levels) holds one gap-free
+        link in time order at the training cadence, as every training window did: windows are taken as the rows
+        come, and rows of several links, out of order, repeated, across a gap or at another cadence gave a confident
+        forecast of nothing (found by fuzzing). ``forecast_table`` sorts, de-duplicates and splits a table of links."""
         trained = self.metadata["series"]
-        ids = [c for c in trained["columns"] if c in history.columns]
-        n = len(history[ids].drop_duplicates()) if ids else 1
+        time, keys = trained["time_column"], [*trained["columns"], trained["time_column"]]
+        levels = [n for n in history.index.names if n in keys and n not in history.columns]
+        frame = history.reset_index(level=levels) if levels else history
+        twice = [c for c in keys if list(frame.columns).count(c) > 1]
+        if twice:
+            raise DataError(f"{source}: column {twice[0]!r} appears more than once; which one is meant?")
+        ids = [c for c in trained["columns"] if c in frame.columns]
+        n = len(frame[ids].drop_duplicates()) if ids else 1
         if n > 1:
             raise DataError(f"{source}: rows of {n} links ({'/'.join(ids)}); predict one link at a time, or use "
                             "forecast_table for a table of links")  # fmt: skip
-        time = trained["time_column"]
-        if time in history.columns and list(history.columns).count(time) == 1:
-            t = history[[time]].copy()
-            check_numeric(t, [time], source)
-            back = np.flatnonzero(np.diff(t[time].to_numpy(np.float64)) < 0)
-            if len(back):
-                raise DataError(f"{source}: column {time!r} row {back[0] + 2}: earlier than the row before; sort the "
-                                f"rows by {time!r} (windows are taken in row order)")  # fmt: skip
+        if time not in frame.columns or len(frame) < 2:
+            return
+        t = frame[[time]].copy()
+        check_numeric(t, [time], source)
+        steps = time_steps(t[time].to_numpy())
+        for bad, what in ((steps < 0, "earlier than the row before; sort the rows by time"),
+                          (steps == 0, "the same time as the row before (a repeated row); forecast_table reads "
+                                       "repeated rows as the model was trained to")):  # fmt: skip
+            if bad.any():
+                raise DataError(f"{source}: column {time!r} row {int(np.flatnonzero(bad)[0]) + 2}: {what} "
+                                "(windows are taken in row order)")  # fmt: skip
+        max_gap, median = float(trained.get("max_gap") or 0), float(np.median(steps))
+        gap = steps > max_gap * median if max_gap > 0 else np.zeros(len(steps), bool)
+        if gap.any():
+            i = int(np.flatnonzero(gap)[0])
+            raise DataError(f"{source}: column {time!r} row {i + 2}: a gap of {steps[i]:g} (over {max_gap:g} x the "
+                            "median step): a window must not cross a gap; pass the rows since the gap")  # fmt: skip
+        plain = t.assign(**{c: frame[c].to_numpy() for c in ids}).reset_index(drop=True)
+        check_cadence_matches(plain, ids, time, np.array([[0, len(plain)]]), self.cadence_s, source, self.window)
 
     def _check_columns(self, columns: Sequence[str] | None, source: str) -> None:
         if columns is None:
@@ -449,6 +469,11 @@ class Predictor:
             raise DataError(f"{source}: expected a numpy array, got {type(x).__name__}")
         if x.dtype.kind not in "biuf":  # complex would lose its imaginary part, timedelta its unit
             raise DataError(f"{source}: array of {x.dtype} is not real numbers (bool, integer or float)")
+        if x.dtype.kind == "f" and x.dtype.itemsize > 4:  # the model works in float32: 1e300 would become inf
+            huge = np.isfinite(x) & (np.abs(x) > FLOAT32_MAX)
+            if huge.any():
+                at = [int(i) for i in np.argwhere(huge)[0]]
+                raise DataError(f"{source}: value {x[tuple(at)]:g} at index {at} is beyond float32 range")
         return x.astype(np.float32, copy=False)
 
     def _frame(self, y: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
@@ -642,7 +667,8 @@ def cmd_forecast(argv: list[str]) -> None:
     csv_out = out
     if pd.api.types.is_float_dtype(out[time]):  # the 7 digits below are for forecasts, not keys: 1762134000.25 stays
         csv_out = out.assign(**{time: [repr(float(v)) for v in out[time]]})
-    what = f"{len(out)} forecasts ({'every window' if a.rolling else 'next step'}) for {n_links} links"
+    ahead = "next step" if predictor.horizon == 1 else f"next {predictor.horizon} steps"
+    what = f"{len(out)} forecasts ({'every window' if a.rolling else ahead}) for {n_links} links"
     if output is None:
         sys.stdout.write(csv_out.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
         print(f"{what}; units: {units}", file=sys.stderr)  # stdout stays pure CSV

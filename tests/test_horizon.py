@@ -134,11 +134,12 @@ def test_fit_exports_a_multi_step_graph_the_predictor_reads(horizon_run, small_c
     np.testing.assert_allclose([one[c] for c in p.columns], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_forecast_command_writes_one_column_per_step_and_target(horizon_run, small_csv, tmp_path):
+def test_forecast_command_writes_one_column_per_step_and_target(horizon_run, small_csv, tmp_path, capsys):
     out = tmp_path / "f.csv"
     cli_main(["forecast", "--model", str(horizon_run), "--input", str(small_csv), "--output", str(out)])
     df = pd.read_csv(out)
     assert list(df.columns[3:]) == Predictor.from_run(horizon_run).all_columns and len(df) == 4
+    assert f"4 forecasts (next {H} steps) for 4 links" in capsys.readouterr().out  # was "(next step)"
 
 
 def test_plan_reads_every_step_and_the_mean_bounds(horizon_run, small_csv, capsys):

@@ -125,6 +125,8 @@ def test_confidence_maps_to_the_lower_tail_of_a_calibrated_level():
     for bad in (0.0, 1.0, -0.2, 1.5):
         with pytest.raises(ConfigError, match="--confidence must be a number in"):
             P.level_for(bad, [0.8])
+    with pytest.raises(ConfigError, match="--confidence 0.5000000005 is the median"):  # columns p50 and p50
+        P.level_for(0.5000000005, [1e-9])
     for kwargs in ({"memory_gib": 0}, {"memory_gib": 1, "dirty_rate_mbps": -1}, {"memory_gib": 1, "downtime_ms": 0}):
         with pytest.raises(ConfigError, match="must be a finite number"):
             P.Migration(**kwargs)

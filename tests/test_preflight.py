@@ -499,6 +499,14 @@ def test_a_command_never_writes_into_another_runs_folder(tmp_path, smoke_run, ca
     err = run_cli(with_command(command, fit_args(tmp_path, *ckpt, "--trainer.logger.init_args.version=0")), capsys)
     assert f"{run}: already holds a run (config.yaml)" in err, err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    if command == "fit":  # a sub_dir moves the logs, not the checkpoints; a dirpath can name the run's folder
+        for extra, folder, held in (
+            (["--trainer.logger.init_args.version=0", "--trainer.logger.init_args.sub_dir=x"], run, "config.yaml"),
+            ([f"--checkpoint.dirpath={run / 'checkpoints'}"], run / "checkpoints", "best.ckpt"),
+        ):
+            err = run_cli(fit_args(tmp_path, *extra), capsys)
+            assert f"{folder}: already holds a run ({held})" in err, err
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_resuming_is_the_way_back_into_a_runs_folder(tmp_path):

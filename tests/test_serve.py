@@ -391,6 +391,17 @@ def test_predict_takes_one_link_in_time_order(predictor, history):
         with pytest.raises(DataError, match=r"column 'timestamp' row 21: earlier than the row before; sort the rows"):
             call(pd.concat([link.iloc[20:], link.iloc[:20]]))
     assert predictor.predict(link) == predictor.predict(link.drop(columns=["node_id", "peer_id", "timestamp"]))
+    cases = [  # what slipped through the first version of the check (fuzzing round 8)
+        (link.set_index("timestamp").iloc[::-1], r"column 'timestamp' row 2: earlier than the row before"),
+        (both.set_index(["node_id", "peer_id"]), r"rows of 2 links"),
+        (pd.concat([link.iloc[:15]] * 2).sort_values("timestamp", kind="stable"), r"row 2: the same time as the row"),
+        (pd.concat([link, link[["timestamp"]]], axis=1), r"column 'timestamp' appears more than once"),
+        (link.assign(timestamp=link.timestamp + np.where(np.arange(40) >= 30, 10**6, 0)), r"row 31: a gap of 1.0003e"),
+        (link.assign(timestamp=np.arange(40)), r"a row every 1 s, the model was trained on a row every 300 s"),
+    ]
+    for frame, message in cases:
+        with pytest.raises(DataError, match=message):
+            predictor.predict(frame)
 
 
 def test_arrays_are_checked_like_tables(predictor, history):
@@ -401,6 +412,10 @@ def test_arrays_are_checked_like_tables(predictor, history):
     for call in (predictor.predict_windows, predictor.predict):
         with pytest.raises(DataError, match=r"window 2 step 4 column 'throughput_mbps': negative value -5"):
             call(x)
+    huge = x[0].astype(np.float64)
+    huge[2, 0] = 1e300  # became inf in the cast, reported as "inf" with a numpy warning
+    with pytest.raises(DataError, match=r"value 1e\+300 at index \[2, 0\] is beyond float32 range"):
+        predictor.predict(huge)
     for bad in (x[0].astype(np.complex64), x[0].astype("timedelta64[s]")):
         with pytest.raises(DataError, match=r"is not real numbers \(bool, integer or float\)"):
             predictor.predict(bad)
