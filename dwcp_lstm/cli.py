@@ -191,17 +191,17 @@ def _lightning_cli_class():
             preflight.check_val_interval(self.trainer, self.datamodule)
 
         def before_validate(self) -> None:
-            preflight.check_fresh_run_dir(self.trainer)
+            preflight.check_fresh_run_dir(self.trainer, fitting=False)
             self._check_checkpoint(self.config_init[self.subcommand], None)
             self._check_data("validate")
 
         def before_test(self) -> None:
-            preflight.check_fresh_run_dir(self.trainer)
+            preflight.check_fresh_run_dir(self.trainer, fitting=False)
             self._check_checkpoint(self.config_init[self.subcommand], None)
             self._check_data("test")
 
         def before_predict(self) -> None:
-            preflight.check_fresh_run_dir(self.trainer)
+            preflight.check_fresh_run_dir(self.trainer, fitting=False)
             self._check_checkpoint(self.config_init[self.subcommand], None)
             self._check_data("predict")
 

@@ -299,13 +299,14 @@ def check_logger(trainer) -> None:
 RUN_ARTIFACTS = ("config.yaml", "hparams.yaml", "model.onnx", "model_metadata.json", "report.json", "checkpoints")
 
 
-def check_fresh_run_dir(trainer, ckpt_path=None) -> None:
+def check_fresh_run_dir(trainer, ckpt_path=None, fitting: bool = True) -> None:
     """A command never writes into another run's folder. With an explicit logger version (or an empty name and
     version, which log into the save_dir itself) the folder can already hold a run: a second fit there mixed two
     runs' checkpoints (best-v1.ckpt) and curves, and ``test`` replaced the run's config.yaml with its own. A
     ``sub_dir`` moves the logs but not the checkpoints (Lightning keeps them in the version folder), and
     ``--checkpoint.dirpath`` can name another run's checkpoints folder: both are checked too. Resuming (``fit
-    --ckpt_path`` a checkpoint inside that folder) is the one way back into a run's folder."""
+    --ckpt_path`` a checkpoint inside that folder) is the one way back into a run's folder. Without ``fitting``
+    (validate / test / predict write no checkpoint) only the log folder is checked."""
     folders: list[tuple[Path, str]] = []  # (folder, the flag that chose it)
     logger = trainer.logger
     if logger is not None and getattr(logger, "_version", None) is not None and getattr(logger, "log_dir", None):
@@ -314,7 +315,7 @@ def check_fresh_run_dir(trainer, ckpt_path=None) -> None:
         if getattr(logger, "sub_dir", None) and getattr(logger, "root_dir", None):  # where the checkpoints go
             version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
             folders.append((Path(logger.root_dir) / version, flag))
-    for cb in getattr(trainer, "checkpoint_callbacks", []):
+    for cb in getattr(trainer, "checkpoint_callbacks", []) if fitting else []:
         if cb.dirpath is not None:
             folders.append((Path(cb.dirpath), "--checkpoint.dirpath / --last_checkpoint.dirpath"))
     resumed = None if ckpt_path is None or is_remote(ckpt_path) else Path(ckpt_path).resolve()

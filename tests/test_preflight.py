@@ -526,6 +526,10 @@ def test_resuming_is_the_way_back_into_a_runs_folder(tmp_path):
         check_fresh_run_dir(Trainer, str(tmp_path / "other.ckpt"))
     Trainer.logger = TensorBoardLogger(tmp_path)  # no version: Lightning's fresh version_<N>
     check_fresh_run_dir(Trainer, None)
+    Trainer.checkpoint_callbacks = [type("Cb", (), {"dirpath": str(ckpt.parent)})()]  # another run's checkpoints
+    with pytest.raises(ConfigError, match="already holds a run .last.ckpt.; give a new folder .--checkpoint.dirpath"):
+        check_fresh_run_dir(Trainer, None)
+    check_fresh_run_dir(Trainer, None, fitting=False)  # `test` with the run's own config writes no checkpoint
 
 
 def test_without_a_logger_the_working_directorys_config_stays(tmp_path, smoke_run, monkeypatch):
