@@ -26,6 +26,7 @@ smoke: install
 # Two worker processes (pytest-xdist), one test file each at a time: module fixtures (a fit) are built once.
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 test-slow: install

@@ -310,7 +310,12 @@ class OnnxExport(L.Callback):
 
 
 def export_run(
-    module, dm, run_dir: Path, opset: int = 17, filename: str = MODEL_NAME, parity_windows: int | None = 2048,
+    module,
+    dm,
+    run_dir: Path,
+    opset: int = 17,
+    filename: str = MODEL_NAME,
+    parity_windows: int | None = 2048,
     calibration=None,
 ) -> dict:
     """Export ``module`` to ``run_dir/filename`` with its interval ``calibration`` (None: calibrated here on the
@@ -345,13 +350,21 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
     config = config_path.read_text() if config_path.exists() else None
     contract = make_contract(
         window_size=dm.window_size,
-        features=[{"name": c, "unit": unit_of(c), "train_range": [float(lo), float(hi)]}
-                  for c, (lo, hi) in zip(dm.features, dm.feature_ranges(), strict=True)],  # fmt: skip
+        features=[
+            {"name": c, "unit": unit_of(c), "train_range": [float(lo), float(hi)]}
+            for c, (lo, hi) in zip(dm.features, dm.feature_ranges(), strict=True)
+        ],
         targets=[{"name": c, "unit": unit_of(c), **range_entry(c)} for c in dm.targets],
         target_mode=dm.target_mode,
-        series={"columns": list(dm.series_columns), "time_column": dm.time_column, "max_gap": float(dm.max_gap),
-                "cadence_s": dm.cadence_s(), "duplicates": dm.duplicates, "fill_missing": dm.fill_missing,
-                **({"clock": dict(dm.clock), "start_format": dm.series_start} if dm.clock else {})},  # fmt: skip
+        series={
+            "columns": list(dm.series_columns),
+            "time_column": dm.time_column,
+            "max_gap": float(dm.max_gap),
+            "cadence_s": dm.cadence_s(),
+            "duplicates": dm.duplicates,
+            "fill_missing": dm.fill_missing,
+            **({"clock": dict(dm.clock), "start_format": dm.series_start} if dm.clock else {}),
+        },
         external_data=external_data_hashes(onnx_path),
         horizon=dm.horizon,
         interval_levels=list(calibration.levels) if calibration is not None else None,

@@ -210,8 +210,14 @@ def _lightning_cli_class():
             fresh version_N and silently start over). Returns that run's config.yaml."""
             logger = self.trainer.logger
             root = Path(logger.root_dir) if logger is not None else Path(self.trainer.default_root_dir)
-            runs = sorted((p for p in root.glob("version_*/checkpoints/last.ckpt")  # not a copy named version_0_old
-                           if p.parent.parent.name.removeprefix("version_").isdigit()), key=lambda p: p.stat().st_mtime)
+            runs = sorted(
+                (
+                    p
+                    for p in root.glob("version_*/checkpoints/last.ckpt")  # not a copy named version_0_old
+                    if p.parent.parent.name.removeprefix("version_").isdigit()
+                ),
+                key=lambda p: p.stat().st_mtime,
+            )
             if not runs:
                 raise _data_error(f"--ckpt_path last: no {root}/version_<N>/checkpoints/last.ckpt to resume from")
             run = runs[-1].parent.parent
@@ -283,7 +289,8 @@ def _lightning_cli_class():
                 if len(dm.starts[split]) == 0:
                     raise _data_error(f"{dm.path}: no {split} windows to {stage} on")
                 limit = {"validate": "limit_val_batches", "test": "limit_test_batches"}.get(
-                    stage, "limit_predict_batches")
+                    stage, "limit_predict_batches"
+                )
                 if getattr(self.trainer, limit) == 0:  # Lightning then scores nothing and exits 0
                     raise _data_error(f"--trainer.{limit} 0 leaves nothing to {stage}")
 

@@ -477,7 +477,7 @@ class DwcpDataModule(L.LightningDataModule):
             block = out[:, h * self.n_targets : (h + 1) * self.n_targets]
             if self.target_mode == "delta":
                 rows = np.arange(1, n - h)
-                ok = (seg[rows + h] == seg[rows - 1])  # the window's last row and the target in one segment
+                ok = seg[rows + h] == seg[rows - 1]  # the window's last row and the target in one segment
                 block[rows[ok]] = v[rows[ok] + h] - v[rows[ok] - 1]
             else:
                 rows = np.arange(0, n - h)
@@ -507,7 +507,10 @@ class DwcpDataModule(L.LightningDataModule):
         """Scale with a trained model's scalers instead of this data's own (evaluating a checkpoint on other data).
         A no-op when they are the ones fitted here, as during and after fit."""
         if (list(scalers.features), list(scalers.targets), scalers.target_mode, scalers.horizon) != (
-            self.features, self.targets, self.target_mode, self.horizon
+            self.features,
+            self.targets,
+            self.target_mode,
+            self.horizon,
         ):
             raise ConfigError(f"{self.path}: the model's features/targets/target_mode/horizon differ from this data's")
         fs, ts = self.feature_scaler, self.target_scaler

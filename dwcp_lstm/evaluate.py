@@ -167,8 +167,13 @@ def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fit
 
 
 def evaluate(
-    module, dm, run_dir: str | Path, checkpoint: str | None = None, val_pred: np.ndarray | None = None,
-    val_calibration: tuple | None = None, online_rate: float = O.RATE,
+    module,
+    dm,
+    run_dir: str | Path,
+    checkpoint: str | None = None,
+    val_pred: np.ndarray | None = None,
+    val_calibration: tuple | None = None,
+    online_rate: float = O.RATE,
 ) -> dict:
     """Evaluate on the test split, write ``report.json``, ``report.md`` and the plots into ``run_dir``.
 
@@ -387,7 +392,14 @@ def validation_head_to_head(dm, val: dict | None, mape_floor: float) -> dict | N
 
 
 def interval_report(
-    dm, val: dict | None, pred: np.ndarray, y: np.ndarray, base_steps: dict, cal, choice, hist: np.ndarray,
+    dm,
+    val: dict | None,
+    pred: np.ndarray,
+    y: np.ndarray,
+    base_steps: dict,
+    cal,
+    choice,
+    hist: np.ndarray,
     online_rate: float = O.RATE,
 ) -> dict | None:
     """Split conformal intervals calibrated on the validation split, judged on the test split: per target and
@@ -406,20 +418,20 @@ def interval_report(
     mean_y = np.cumsum(y, axis=1) / np.arange(1, y.shape[1] + 1)[None, :, None]
     means = I.interval_scores(b["mean_lower"], b["mean_upper"], mean_y, levels)
 
-    def judged(lower, upper, m=slice(None)) -> dict:
-        """Static and online scores of per-step bounds [n, L, H, T] on the windows ``m``."""
+    def judged(lower, upper, forecast, m=slice(None)) -> dict:
+        """Static and online scores of per-step bounds [n, L, H, T] around ``forecast`` on the windows ``m``."""
         out = {"static": _scored(lower, upper, y[m], names[m], levels)}
-        on = O.online_bounds(lower, upper, y[m], first[m], names[m], levels, online_rate)
+        on = O.online_bounds(lower, upper, y[m], first[m], names[m], levels, forecast, online_rate)
         out["online"] = _scored(*(clip_to(v, ranges) for v in on), y[m], names[m], levels)
         return out
 
-    model = judged(b["lower"], b["upper"])
+    model = judged(b["lower"], b["upper"], pred)
     baselines = {}
     for name in ("persistence", "ridge"):
         (vp, vm), (tp, tm) = val["baselines"][name], base_steps[name]
         bcal, _ = I.choose(vp[vm], val["y"][vm], val["hist"][vm], levels, groups=val["segment"][vm], ranges=ranges)
         bb = I.intervals(bcal, tp[tm], hist[tm], ranges)
-        baselines[name] = judged(bb["lower"], bb["upper"], tm)
+        baselines[name] = judged(bb["lower"], bb["upper"], tp[tm], tm)
 
     grid = [v for v in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if I.windows_needed([v]) <= len(val["y"])]
     rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive, ranges)

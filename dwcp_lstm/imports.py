@@ -65,5 +65,7 @@ def denied_message(text: str) -> str | None:
         return None
     key = re.search(r'Parser key "([^"]+)"', text)
     where = f"--{key.group(1)}: " if key else ""
-    return (f"{where}a config may not name {found.group(1)}: only code from {', '.join(ALLOWED)}, less the classes "
-            f"that call a function the config names (trusted modules of your own: {ENV}=module,...)")
+    return (
+        f"{where}a config may not name {found.group(1)}: only code from {', '.join(ALLOWED)}, less the classes "
+        f"that call a function the config names (trusted modules of your own: {ENV}=module,...)"
+    )

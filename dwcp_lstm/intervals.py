@@ -46,8 +46,10 @@ def check_levels(levels: Sequence[float]) -> tuple[float, ...]:
     clash = next((t for i, t in enumerate(tags) if t in tags[:i] or not 0.0 < float(t) < 100.0), None)
     if clash is not None:
         what = "two levels" if tags.count(clash) > 1 else "a level"
-        raise ConfigError(f"--model.interval_levels {list(levels)}: levels are named by their percentage to 6 "
-                          f"significant digits, and {clash} % names {what}; give levels that differ in those digits")
+        raise ConfigError(
+            f"--model.interval_levels {list(levels)}: levels are named by their percentage to 6 "
+            f"significant digits, and {clash} % names {what}; give levels that differ in those digits"
+        )
     return levels
 
 
@@ -111,9 +113,7 @@ def _scale(hist: np.ndarray, adaptive: np.ndarray, floor: np.ndarray) -> np.ndar
     return np.where(adaptive, np.maximum(volatility(hist), floor), 1.0)[:, None, :]
 
 
-def _edge_scores(
-    r: np.ndarray, y: np.ndarray, ranges: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray | None]:
+def _edge_scores(r: np.ndarray, y: np.ndarray, ranges: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores [n, H, T] for the lower and the upper quantile, given the clipping of the bounds into ``ranges``
     [2, T]: a value at its range's lower edge (a second without loss, a link at 0 Mbit/s) is covered by any clipped
     upper bound, so it never binds the upper quantile (-inf there), and one at the upper edge never binds the lower

@@ -52,11 +52,12 @@ class RawForecaster(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, H * T]
-        out = out.reshape(out.shape[0], self.horizon, -1)  # [B, H, T], step-major
+        if self.horizon > 1:  # H = 1 stays [B, T], the one-step contract, without a reshape in the graph
+            out = out.reshape(out.shape[0], self.horizon, -1)  # [B, H, T], step-major
         if self.target_index is not None:
-            out = out + x[:, -1, self.target_index].unsqueeze(1)  # + last raw value of each target
-        out = self.clip(out)
-        return out[:, 0] if self.horizon == 1 else out  # H = 1: [B, T], the one-step contract
+            last = x[:, -1, self.target_index]  # [B, T]: the last raw value of each target
+            out = out + (last if self.horizon == 1 else last.unsqueeze(1))
+        return self.clip(out)
 
 
 class IntervalForecaster(nn.Module):
@@ -74,28 +75,37 @@ class IntervalForecaster(nn.Module):
         if adaptive.any() and target_index is None:
             raise ConfigError("adaptive intervals need every target among the features (delta mode)")
         self.target_index = list(target_index) if target_index is not None else []
-        for name in ("lo", "hi", "mean_lo", "mean_hi", "floor"):
-            self.register_buffer(name, torch.as_tensor(np.asarray(getattr(calibration, name)), dtype=torch.float32))
+        self.levels = len(calibration.levels)
+        # Lower and upper quantiles stacked [2L, H, T] ([2L, T] for H = 1, like the forecast), so that both bounds
+        # take one Add and one clip: at batch 1 the graph's time goes to the number of operators, not to their
+        # arithmetic (docs/benchmarks.md)
+        pairs = {"q": ("lo", "hi"), "mean_q": ("mean_lo", "mean_hi")} if self.horizon > 1 else {"q": ("lo", "hi")}
+        for name, parts in pairs.items():
+            stacked = np.concatenate([np.asarray(getattr(calibration, p)) for p in parts])
+            stacked = stacked[:, 0] if self.horizon == 1 else stacked
+            self.register_buffer(name, torch.as_tensor(stacked, dtype=torch.float32))
+        self.register_buffer("floor", torch.as_tensor(np.asarray(calibration.floor), dtype=torch.float32))
         self.register_buffer("adaptive", torch.as_tensor(adaptive))
+        self.register_buffer("one", torch.ones(len(adaptive)))
+        self.any_adaptive = bool(adaptive.any())  # a plain calibration adds no scale to the graph at all
         self.register_buffer("steps", torch.arange(1, self.horizon + 1, dtype=torch.float32).view(1, -1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        forecast = self.raw(x)
-        f = forecast.reshape(x.shape[0], self.horizon, -1)  # [B, H, T] (x.shape, not len(x): the batch stays dynamic)
-        if bool(self.adaptive.any()):
-            changes = x[:, 1:, self.target_index] - x[:, :-1, self.target_index]  # [B, W - 1, T]
-            vol = torch.maximum(changes.std(dim=1, unbiased=False), self.floor)  # [B, T]
-            scale = torch.where(self.adaptive, vol, torch.ones_like(vol))
-        else:
-            scale = torch.ones_like(f[:, 0])  # [B, T]
-        scale = scale[:, None, None, :]  # [B, 1, 1, T]
-        clip = self.raw.clip  # bounds stay inside the targets' ranges, like the forecast (intervals.intervals)
-        lower, upper = clip(f[:, None] + scale * self.lo), clip(f[:, None] + scale * self.hi)  # [B, L, H, T]
+        f = self.raw(x)  # [B, T] (H = 1) or [B, H, T]
+        clip, n = self.raw.clip, self.levels  # bounds stay inside the targets' ranges, like the forecast
+        scale = None
+        if self.any_adaptive:
+            target = x[:, :, self.target_index]  # [B, W, T]
+            vol = (target[:, 1:] - target[:, :-1]).std(dim=1, unbiased=False, keepdim=True)  # [B, 1, T]
+            scale = torch.where(self.adaptive, torch.maximum(vol, self.floor), self.one)
+            scale = scale if self.horizon == 1 else scale.unsqueeze(1)  # [B, 1, (1,) T]
+        bounds = clip(f[:, None] + (self.q if scale is None else scale * self.q))  # [B, 2L, (H,) T]: lower, upper
+        lower, upper = bounds.split(n, dim=1)
         if self.horizon == 1:
-            return forecast, lower[:, :, 0], upper[:, :, 0]  # the one-step contract: [B, L, T]
+            return f, lower, upper  # the one-step contract: [B, T], [B, L, T] each
         mean = torch.cumsum(f, dim=1) / self.steps  # [B, H, T], entry k - 1: the mean of steps 1..k
-        mean_lower, mean_upper = clip(mean[:, None] + scale * self.mean_lo), clip(mean[:, None] + scale * self.mean_hi)
-        return forecast, lower, upper, mean_lower, mean_upper
+        means = clip(mean[:, None] + (self.mean_q if scale is None else scale * self.mean_q))
+        return f, lower, upper, *means.split(n, dim=1)
 
 
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:
@@ -313,7 +323,10 @@ class DwcpForecaster(L.LightningModule):
         """Copy a dataset's train-fit scalers into the buffers (they travel in every checkpoint and the export)."""
         h = self.hparams
         if (list(scalers.features), list(scalers.targets), scalers.target_mode, scalers.horizon) != (
-            list(h.feature_names), list(h.target_names), h.target_mode, self.horizon
+            list(h.feature_names),
+            list(h.target_names),
+            h.target_mode,
+            self.horizon,
         ):
             raise ConfigError("the model's features/targets/target_mode/horizon differ from the data's (link them)")
         values = (scalers.feature_mean, scalers.feature_scale, scalers.target_mean, scalers.target_scale)

@@ -59,10 +59,18 @@ class Migration:
 
     def __post_init__(self) -> None:
         for name, value, ok, need in (
-            ("--memory-gib", self.memory_gib, lambda v: MIN_MEMORY_GIB <= v <= MAX_MEMORY_GIB,
-             f"from {MIN_MEMORY_GIB:.3g} (a byte) to {MAX_MEMORY_GIB:g}"),
-            ("--dirty-rate-mbps", self.dirty_rate_mbps, lambda v: 0 <= v <= MAX_RATE_MBPS,
-             f"from 0 to {MAX_RATE_MBPS:g}"),
+            (
+                "--memory-gib",
+                self.memory_gib,
+                lambda v: MIN_MEMORY_GIB <= v <= MAX_MEMORY_GIB,
+                f"from {MIN_MEMORY_GIB:.3g} (a byte) to {MAX_MEMORY_GIB:g}",
+            ),
+            (
+                "--dirty-rate-mbps",
+                self.dirty_rate_mbps,
+                lambda v: 0 <= v <= MAX_RATE_MBPS,
+                f"from 0 to {MAX_RATE_MBPS:g}",
+            ),
             ("--downtime-ms", self.downtime_ms, lambda v: 0 < v <= MAX_DOWNTIME_MS, f"> 0 and <= {MAX_DOWNTIME_MS:g}"),
         ):
             if not (isinstance(value, int | float) and np.isfinite(value) and ok(value)):
@@ -628,8 +636,11 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--throughput", default=None, help="the target that is the link's bandwidth (default: in Mbit/s)")
     p.add_argument("--step-seconds", type=float, default=None, help="seconds per row; default: each link's cadence")
     p.add_argument("--json", action="store_true", help="JSON instead of the table")
-    p.add_argument("--extrapolate", action="store_true", help="forecast inputs far outside the training rows' "
-                   "range too (refused by default: usually another unit)")
+    p.add_argument(
+        "--extrapolate",
+        action="store_true",
+        help="forecast inputs far outside the training rows' range too (refused by default: usually another unit)",
+    )
     p.add_argument("--online", action="store_true", help="recalibrate the confidence-level margin per link from "
                    "the migrations its history in the input would have seen (adaptive conformal)")  # fmt: skip
     p.add_argument("--series-columns", default=None, help="comma-separated link id columns; default: as trained")
@@ -805,8 +816,9 @@ def backtest_report(
     tail_lower = bounds["tail_lower"][:, li, :, j] if "tail_lower" in bounds else None  # [N, K - H]
     (vp, vm) = val["baselines"]["persistence"]
     pick = (vm, ..., slice(j, j + 1))
-    pcal, _ = I.choose(vp[pick], val["y"][pick], val["hist"][pick], [level], groups=val["segment"][vm],
-                       ranges=ranges[:, j : j + 1])
+    pcal, _ = I.choose(
+        vp[pick], val["y"][pick], val["hist"][pick], [level], groups=val["segment"][vm], ranges=ranges[:, j : j + 1]
+    )
     last = hist[:, -1, j]
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1], ranges[:, j : j + 1])["mean_lower"][:, 0, :, 0]

@@ -50,6 +50,7 @@ from dwcp_lstm.tables import (
     log,
     long_segments,
     order_series,
+    outside_range,
     read_table,
     segment_bounds,
     target_ranges,
@@ -136,7 +137,6 @@ class Predictor:
         margin = np.where(np.isfinite(lo) & (margin > 0), margin, np.inf)  # a feature always 0 in training: no check
         with np.errstate(invalid="ignore"):
             self._limits = np.stack([lo - margin, hi + margin], axis=1)  # [F, 2]
-        self._physical = target_ranges(self.features).T  # [F, 2]: each feature's physical range (tables.RANGES)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -267,12 +267,10 @@ class Predictor:
         if bad.any():
             b, t, f = (int(i) for i in np.argwhere(bad)[0])
             raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {x[b, t, f]}")
-        out = (x < self._physical[:, 0]) | (x > self._physical[:, 1])  # what check_numeric refuses in a table
-        if out.any():
-            b, t, f = (int(i) for i in np.argwhere(out)[0])
-            what = "negative" if x[b, t, f] < self._physical[f, 0] else f"above {self._physical[f, 1]:g}"
-            raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {what} value "
-                            f"{x[b, t, f]:g}")  # fmt: skip
+        hit = outside_range(x, self.features)  # what check_numeric refuses in a table
+        if hit is not None:
+            (b, t, f), what = hit
+            raise DataError(f"{source}: window {b + 1} step {t + 1} column {self.features[f]!r}: {what}")
         self.check_range(x, source)
         chunks = [
             self.session.run(names, {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})
@@ -321,8 +319,10 @@ class Predictor:
 
     def _far_message(self, f: int, value: float) -> str:
         lo, hi = self.train_ranges[f]
-        return (f"column {self.features[f]!r}: {value:g} is far outside the training rows' range {lo:g} to {hi:g} "
-                "(another unit?); its forecast would be an extrapolation: check the input, or pass --extrapolate")
+        return (
+            f"column {self.features[f]!r}: {value:g} is far outside the training rows' range {lo:g} to {hi:g} "
+            "(another unit?); its forecast would be an extrapolation: check the input, or pass --extrapolate"
+        )
 
     def predict(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history"
@@ -580,28 +580,35 @@ def recalibrate_online(
     col = {c: i for i, c in enumerate(predictor.all_columns)}
     h = predictor.horizon
     ahead = last_rows[:, None] + np.arange(1, h + 1)[None]  # [N, H] the rows each step forecasts
-    pairs, realised, steps, alphas, ranges = [], [], [], [], []
+    pairs, realised, forecasts, steps, alphas, ranges = [], [], [], [], [], []
     for t, r in zip(predictor.targets, target_ranges(predictor.targets).T, strict=True):
         values = x[np.minimum(ahead, len(x) - 1), predictor.features.index(t)].astype(np.float64)
         values[ahead >= seg_end[:, None]] = np.nan  # not in the data (or past a gap): never known
         means = np.cumsum(values, axis=1) / np.arange(1, h + 1)
-        names = [(t if h == 1 else f"{t}_h{k}", values[:, k - 1], k) for k in range(1, h + 1)]
-        names += [(f"{t}_mean{k}", means[:, k - 1], k) for k in range(1, h + 1) if h > 1]
-        for name, real, k in names:
-            for level in predictor.levels:
+        steps_f = table[:, [col[t if h == 1 else f"{t}_h{k}"] for k in range(1, h + 1)]].astype(np.float64)
+        mean_f = np.cumsum(steps_f, axis=1) / np.arange(1, h + 1)  # the forecast of the mean over k steps
+        names = [(t if h == 1 else f"{t}_h{k}", values[:, k - 1], steps_f[:, k - 1], k) for k in range(1, h + 1)]
+        names += [(f"{t}_mean{k}", means[:, k - 1], mean_f[:, k - 1], k) for k in range(1, h + 1) if h > 1]
+        for name, real, fc, k in names:
+            for level in predictor.levels:  # innermost: the levels of one column side by side, for O.nested
                 tag = f"{100 * level:g}"
                 pairs.append((col[f"{name}_lo{tag}"], col[f"{name}_hi{tag}"]))
                 realised.append(real)
+                forecasts.append(fc)
                 steps.append(k)
                 alphas.append(1.0 - level)
                 ranges.append(r)
     lo_i, hi_i = (np.array(v) for v in zip(*pairs, strict=True))
     lower, upper = table[:, lo_i].astype(np.float64), table[:, hi_i].astype(np.float64)
-    need = O.needed_scale(np.stack(realised, axis=1), lower, upper)  # [N, P]
+    centre = O.centre_of(np.stack(forecasts, axis=1), lower, upper)  # [N, P]
+    need = O.needed_scale(np.stack(realised, axis=1), lower, upper, centre)
     s = O.track(need, last_rows, last_rows[:, None] + np.array(steps)[None], links, np.array(alphas))
+    n, n_levels = len(table), len(predictor.levels)
+    lower, upper = (b.reshape(n, -1, n_levels) for b in O.rescale(lower, upper, s, centre))  # [N, columns, L]
+    lower, upper = (b.reshape(n, -1) for b in O.nested(lower, upper, predictor.levels, axis=2))
     out = table.copy()
     pair_ranges = np.array(ranges).T  # [2, P]: widened bounds stay inside the targets' ranges, as the graph's do
-    out[:, lo_i], out[:, hi_i] = (clip_to(b, pair_ranges) for b in O.rescale(lower, upper, s))
+    out[:, lo_i], out[:, hi_i] = clip_to(lower, pair_ranges), clip_to(upper, pair_ranges)
     return out
 
 
@@ -626,8 +633,11 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--input", required=True, help="telemetry CSV or Parquet with the model's feature columns")
     p.add_argument("--output", default=None, help=".csv or .parquet to write (atomically); default: CSV on stdout")
     p.add_argument("--rolling", action="store_true", help="one forecast per window instead of one per link")
-    p.add_argument("--extrapolate", action="store_true", help="forecast inputs far outside the training rows' "
-                   "range too (refused by default: usually another unit)")
+    p.add_argument(
+        "--extrapolate",
+        action="store_true",
+        help="forecast inputs far outside the training rows' range too (refused by default: usually another unit)",
+    )
     p.add_argument("--online", action="store_true", help="recalibrate the interval bounds from the outcomes realised "
                    "earlier in the input, per link (adaptive conformal; docs/method.md)")  # fmt: skip
     p.add_argument(

@@ -64,14 +64,26 @@ def target_ranges(names: Sequence[str]) -> np.ndarray:
     return np.array([RANGES.get(n, (-np.inf, np.inf)) for n in names], dtype=np.float64).reshape(-1, 2).T
 
 
+def outside_range(values: np.ndarray, names: Sequence[str]) -> tuple[tuple[int, ...], str] | None:
+    """The first value of ``values`` [..., F] outside its column's physical range (``names``: the F columns), as
+    (its index, ``"negative value -3"`` / ``"above 1 value 1.5"``); None when every value is inside. One rule for
+    tables (:func:`check_numeric`) and raw windows (``serve.Predictor``). NaN is never out of range."""
+    ranges = target_ranges(names)
+    out = (values < ranges[0]) | (values > ranges[1])
+    if not out.any():
+        return None
+    idx = tuple(int(i) for i in np.argwhere(out)[0])
+    v, (low, high) = values[idx], ranges[:, idx[-1]]
+    what = f"above {high:g}" if v > high else ("negative" if low == 0 else f"below {low:g}")
+    return idx, f"{what} value {v:g}"
+
+
 def clip_to(values: np.ndarray, ranges: np.ndarray | None) -> np.ndarray:
     """``values`` [..., T] clipped into ``ranges`` [2, T] (None: unchanged)."""
     return values if ranges is None else np.clip(values, ranges[0], ranges[1])
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 
 
 def check_clock(
@@ -302,13 +314,9 @@ def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, al
         if huge.any():
             i = int(np.flatnonzero(huge)[0])
             raise DataError(f"{path}: column {col!r} row {i + 1}: value {arr[i]:g} is beyond float32 range")
-        if col in RANGES:
-            low, high = RANGES[col]
-            out = (arr < low) | (arr > high)  # NaN compares False: never "out of range"
-            if out.any():
-                i = int(np.flatnonzero(out)[0])
-                what = "negative" if arr[i] < low else f"above {high:g}"
-                raise DataError(f"{path}: column {col!r} row {i + 1}: {what} value {arr[i]:g}")
+        hit = outside_range(arr[:, None], [col])
+        if hit is not None:
+            raise DataError(f"{path}: column {col!r} row {hit[0][0] + 1}: {hit[1]}")
         if values.dtype != df[col].dtype:
             df[col] = values
 
@@ -460,8 +468,10 @@ def check_cadence_matches(
             link = link_name(df, series, int(spans[i, 0]))
             found = (f"a row every {steps[i] * trained:g} s{what}" if abs(np.log(steps[i])) > np.log(CADENCE_TOLERANCE)
                      else f"a quarter of the steps{what} {short[i] * trained:g} s or shorter")  # fmt: skip
-            raise DataError(f"{path}: link {link}: {found}, the model was trained on a row every {trained:g} s (it "
-                            "forecasts rows, not seconds: resample the input or train on its cadence)")
+            raise DataError(
+                f"{path}: link {link}: {found}, the model was trained on a row every {trained:g} s (it "
+                "forecasts rows, not seconds: resample the input or train on its cadence)"
+            )
 
 
 def segment_bounds(

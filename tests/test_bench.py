@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dwcp_lstm.bench import cmd_bench
@@ -34,11 +35,13 @@ def test_bench_quick_emits_every_figure(tmp_path: Path, capsys):
         assert isinstance(value, int | float) and not isinstance(value, bool), key
         assert math.isfinite(value) and value > 0, (key, value)
     assert printed["onnx_parity_max_rel"] < 1e-4
+    assert math.isfinite(printed["interval_latency_overhead"]) and printed["interval_latency_overhead"] > -1
     assert printed["datamodule_rows"] == 20_000
     assert printed["plan_links"] == 50  # every link of the telemetry got a plan
     assert printed["onnx_speedup_b1"] == pytest.approx(printed["torch_b1_p50_ms"] / printed["onnx_b1_p50_ms"])
     assert "1 intra-op thread" in printed["threads"]["b1_latency"]
     assert printed["settings"]["quick"] is True and printed["settings"]["train_batch_size"] == 64
+    assert set(printed["settings"]["interval_scales"]) == {"throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms"}
     assert printed["device"]["logical_cpus"] >= 1
     assert torch.get_num_threads() == threads  # the 1-thread latency section restores the caller's setting
     from dwcp_lstm.runtime import default_threads, usable_cores
@@ -63,3 +66,23 @@ def test_bench_leaves_the_run_it_measures_untouched(tmp_path: Path, smoke_run: P
     cli_main(["bench", "--quick", "--skip-load", "--run", str(run)])
     assert json.loads(capsys.readouterr().out)["onnx_b1_forecast_only_graph_p50_ms"] > 0
     assert before == {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_paired_calls_alternate_the_two_graphs_call_by_call(tmp_path: Path):
+    """Each pair is one call of each graph on the same input, the sessions taken in turn; the ratio is per pair."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from dwcp_lstm.bench import paired_calls
+
+    def graph(path: Path, ops: int) -> Path:
+        nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"]) for i in range(ops)]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(f"t{ops}", TensorProto.FLOAT, [1, 4])])  # fmt: skip
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    inputs = [np.full((1, 4), i, dtype=np.float32) for i in range(3)]
+    ta, tb, ratios = paired_calls(graph(tmp_path / "a.onnx", 3), graph(tmp_path / "b.onnx", 1), inputs, 10, sessions=3)
+    assert len(ta) == len(tb) == len(ratios) == 10
+    assert ratios == [a / b for a, b in zip(ta, tb, strict=True)] and min(ta + tb) > 0

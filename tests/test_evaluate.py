@@ -138,7 +138,7 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
 
     rows = dm.target_rows("test")
     lo, hi = online_bounds(lower[:, None, None, None], upper[:, None, None, None], y[:, :1, j : j + 1], rows,
-                           dm.series_names(rows), [0.8])  # fmt: skip
+                           dm.series_names(rows), [0.8], module_pred[:, :1, j : j + 1])  # fmt: skip
     covered = ((y[:, 0, j] >= lo[:, 0, 0, 0]) & (y[:, 0, j] <= hi[:, 0, 0, 0])).mean()
     online = iv["per_target"][dm.targets[j]]["80"]["online"]
     assert online["coverage_per_step"][0] == pytest.approx(covered)

@@ -115,4 +115,3 @@ def test_two_writers_of_one_file_at_once_both_finish(tmp_path):
             second.write_text("second")
         assert target.read_text() == "second" and first.read_text() == "first"
     assert target.read_text() == "first" and not list(tmp_path.glob(".*.tmp"))
-

@@ -296,7 +296,8 @@ def test_the_built_in_oracle_steps_are_capped_on_huge_data(samples, horizon, ste
 
 
 def test_forecast_online_recalibrates_each_bound_from_realised_values(horizon_run, small_csv, tmp_path):
-    """``forecast --rolling --online``: the forecasts are the rolling ones, every bound keeps its midpoint, the first
+    """``forecast --rolling --online``: the forecasts are the rolling ones, every interval is scaled about its
+    forecast (which stays inside it) and holds the lower level's, the first
     window of each link has the static bounds, and from one window to the next the step-1 multiplier moves by
     rate x (miss - alpha), the miss judged on the row that window forecast (checked here by hand, from the CSV)."""
     from dwcp_lstm.online import RATE
@@ -309,7 +310,11 @@ def test_forecast_online_recalibrates_each_bound_from_realised_values(horizon_ru
     p = Predictor.from_run(horizon_run)
     np.testing.assert_array_equal(a[p.columns].to_numpy(), b[p.columns].to_numpy())
     lo, hi = "rtt_ms_h1_lo80", "rtt_ms_h1_hi80"
-    np.testing.assert_allclose(a[lo] + a[hi], b[lo] + b[hi], rtol=1e-6)  # same midpoint
+    f = a["rtt_ms_h1"]  # scaled about the forecast: it splits the static and the online interval alike
+    np.testing.assert_allclose((f - b[lo]) * (a[hi] - f), (b[hi] - f) * (f - a[lo]), rtol=1e-4, atol=1e-9)
+    for c in p.columns:  # every column, every row: the forecast inside both intervals, the 95 % one around the 80 %
+        assert (b[f"{c}_lo80"] <= b[c] + 1e-6).all() and (b[c] <= b[f"{c}_hi80"] + 1e-6).all(), c
+        assert (b[f"{c}_lo95"] <= b[f"{c}_lo80"]).all() and (b[f"{c}_hi95"] >= b[f"{c}_hi80"]).all(), c
     data = pd.read_csv(small_csv)
     for _, link in b.groupby(["node_id", "peer_id"]):
         ref = a.loc[link.index]

@@ -81,14 +81,37 @@ def test_needed_scale_is_the_smallest_covering_multiplier():
     lower = rng.normal(size=500)
     upper = lower + rng.uniform(0.1, 2.0, 500)
     y = rng.normal(scale=2.0, size=500)
-    r = O.needed_scale(y, lower, upper)
-    lo, hi = O.rescale(lower, upper, r * (1 + 1e-9))
+    forecast = lower + rng.uniform(-0.5, 1.5, 500) * (upper - lower)  # a fifth outside its interval (an edge)
+    c = O.centre_of(forecast, lower, upper)
+    r = O.needed_scale(y, lower, upper, c)
+    inside = (lower <= forecast) & (forecast <= upper)
+    np.testing.assert_array_equal(c, np.where(inside, forecast, (lower + upper) / 2))  # outside: the midpoint
+    lo, hi = O.rescale(lower, upper, r * (1 + 1e-9), c)
     assert ((y >= lo) & (y <= hi)).all()
-    lo, hi = O.rescale(lower, upper, r * (1 - 1e-6))
+    lo, hi = O.rescale(lower, upper, r * (1 - 1e-6), c)
     assert not ((y >= lo) & (y <= hi))[r > 0].any()
     assert (((y >= lower) & (y <= upper)) == (r <= 1)).all()
-    np.testing.assert_allclose(O.rescale(lower, upper, np.ones(500)), (lower, upper))
-    assert O.needed_scale(np.array([1.0]), np.array([0.0]), np.array([0.0]))[0] == np.inf
+    np.testing.assert_allclose(O.rescale(lower, upper, np.ones(500), c), (lower, upper))
+    zero = np.array([0.0])
+    assert O.needed_scale(np.array([1.0]), zero, zero, zero)[0] == np.inf
+
+
+def test_rescaled_intervals_keep_their_forecast_and_nest_across_levels():
+    """Found by fuzzing (forecast --rolling --online): scaled about its midpoint, a lopsided interval narrowed past
+    its forecast, and with a multiplier per level the 95 % bound crossed the 80 % one."""
+    forecast = np.array([0.0157])
+    lower, upper = np.array([[0.0151], [0.0140]]), np.array([[0.0180], [0.0200]])  # [L, 1]: 80 %, then 95 %
+    c = O.centre_of(forecast, lower, upper)
+    lo, hi = O.rescale(lower, upper, np.array([[0.3], [0.1]]), c)  # 95 % narrowed more than 80 %
+    assert (lo <= forecast).all() and (hi >= forecast).all()
+    assert lo[1, 0] > lo[0, 0]  # crossed before nesting
+    lo, hi = O.nested(lo, hi, [0.8, 0.95], axis=0)
+    assert lo[1, 0] <= lo[0, 0] and hi[1, 0] >= hi[0, 0]
+    np.testing.assert_array_equal(O.nested(lo[::-1], hi[::-1], [0.95, 0.8], axis=0)[0], lo[::-1])  # any order
+    # a forecast that a physical edge left outside its interval (loss rate 0.0005, 80 % interval [0, 0.0004]): scaled
+    # about the midpoint, so that both sides can still widen
+    c = O.centre_of(np.array([5e-4]), np.zeros(1), np.array([4e-4]))
+    np.testing.assert_allclose(O.rescale(np.zeros(1), np.array([4e-4]), np.array([2.0]), c), ([-2e-4], [6e-4]))
 
 
 def test_online_bounds_start_at_the_static_ones_and_learn_per_link():
@@ -98,7 +121,7 @@ def test_online_bounds_start_at_the_static_ones_and_learn_per_link():
     issued = np.tile(np.arange(n // 2), 2)
     y = rng.normal(size=(n, h, 1)) * np.where(groups == 1, 3.0, 1.0)[:, None, None]  # link 1 three times as wide
     lower, upper = np.full((n, 1, h, 1), -1.28), np.full((n, 1, h, 1), 1.28)  # 80 % for a unit normal
-    lo, hi = O.online_bounds(lower, upper, y, issued, groups, [0.8])
+    lo, hi = O.online_bounds(lower, upper, y, issued, groups, [0.8], np.zeros((n, h, 1)))
     first = issued == 0
     np.testing.assert_allclose(lo[first], lower[first])
     width = (hi - lo)[:, 0, :, 0]

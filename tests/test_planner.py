@@ -335,7 +335,7 @@ def test_report_backtests_the_planner(smoke_run):
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**12, 10**12))
+ANY_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**12), 10**12))
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)

@@ -181,22 +181,36 @@ CONFIG_CASES = [
     ("interval-beyond-epoch", ["--trainer.val_check_interval=100000"], "--trainer.val_check_interval 100000 is more"),
     # early stopping raised a traceback after the training, with nothing exported
     ("steps-before-validation", ["--trainer.max_steps=2"], "--trainer.max_steps 2 ends training after 2 batches"),
-    ("steps-before-late-validation", ["--trainer.max_steps=5", "--trainer.val_check_interval=6"],
-     "--trainer.max_steps 5 ends training after 5 batches, before the first validation (after batch 6)"),
+    (
+        "steps-before-late-validation",
+        ["--trainer.max_steps=5", "--trainer.val_check_interval=6"],
+        "--trainer.max_steps 5 ends training after 5 batches, before the first validation (after batch 6)",
+    ),
     # the precision and spawn checks' bypasses through class paths
-    ("double-precision-plugin", ["--trainer.plugins.class_path=lightning.pytorch.plugins.precision.DoublePrecision"],
-     "--trainer.plugins DoublePrecision: the batches and the exported graph are float32"),
-    ("spawning-ddp-class", ["--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy",
-                            "--trainer.strategy.init_args.start_method=spawn"],
-     "--trainer.strategy lightning.pytorch.strategies.DDPStrategy with start_method spawn starts its processes"),
+    (
+        "double-precision-plugin",
+        ["--trainer.plugins.class_path=lightning.pytorch.plugins.precision.DoublePrecision"],
+        "--trainer.plugins DoublePrecision: the batches and the exported graph are float32",
+    ),
+    (
+        "spawning-ddp-class",
+        [
+            "--trainer.strategy.class_path=lightning.pytorch.strategies.DDPStrategy",
+            "--trainer.strategy.init_args.start_method=spawn",
+        ],
+        "--trainer.strategy lightning.pytorch.strategies.DDPStrategy with start_method spawn starts its processes",
+    ),
     ("tpu-without-xla", ["--trainer.accelerator=tpu"], "cannot build the run from its config: Requirement"),
     ("spawning-strategy", ["--trainer.strategy=ddp_spawn"], "--trainer.strategy ddp_spawn starts its processes"),
     ("double-precision", ["--trainer.precision=64-true"], "--trainer.precision 64-true: the batches and the exported"),
     ("half-precision", ["--trainer.precision=bf16-true"], "--trainer.precision bf16-true: the batches"),
     ("no-logger", ["--trainer.logger=false"], "--trainer.logger false leaves the learning-rate monitor"),
     ("escaping-checkpoint-name", ["--checkpoint.filename=../best"], "checkpoint filename '../best' must be a plain"),
-    ("never-validates", ["--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=5"],
-     "--trainer.check_val_every_n_epoch 5 never validates in --trainer.max_epochs 3"),
+    (
+        "never-validates",
+        ["--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=5"],
+        "--trainer.check_val_every_n_epoch 5 never validates in --trainer.max_epochs 3",
+    ),
     ("huge-step-seed", ["--step_seed.seed=99999999999999999999999"], "--step_seed.seed must be an integer from 0"),
     ("too-few-to-calibrate", ["--data.split=[0.94,0.01,0.05]"], "calibrating 95 % intervals needs at least 39"),
     ("bad-levels", ["--model.interval_levels=[0.8,1.2]"], "--model.interval_levels must be distinct numbers"),
@@ -438,9 +452,32 @@ def test_the_import_policy_refuses_every_callable_of_modules_that_can_run_code()
     restrict_config_imports()
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--f", type=Callable)
-    modules = ["builtins", "os", "shutil", "subprocess", "pickle", "importlib", "unittest.mock", "code", "pdb",
-               "runpy", "ctypes", "socket", "urllib.request", "pathlib", "io", "sys", "yaml", "numpy", "torch",
-               "torch.hub", "torch.serialization", "lightning.pytorch.cli", "dwcp_lstm.cli", "dwcp_lstm.tables"]
+    modules = [
+        "builtins",
+        "os",
+        "shutil",
+        "subprocess",
+        "pickle",
+        "importlib",
+        "unittest.mock",
+        "code",
+        "pdb",
+        "runpy",
+        "ctypes",
+        "socket",
+        "urllib.request",
+        "pathlib",
+        "io",
+        "sys",
+        "yaml",
+        "numpy",
+        "torch",
+        "torch.hub",
+        "torch.serialization",
+        "lightning.pytorch.cli",
+        "dwcp_lstm.cli",
+        "dwcp_lstm.tables",
+    ]
     names = [f"{m}.{n}" for m in modules for n in dir(importlib.import_module(m))
              if not n.startswith("_") and callable(getattr(importlib.import_module(m), n))]  # fmt: skip
     assert len(names) > 1000

@@ -45,8 +45,12 @@ FIT_CASES = [
     ("negative-rtt", _set("rtt_ms", 2, -3.0), [], "column 'rtt_ms' row 3: negative value -3"),
     ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),
     # a unit mix-up (milliseconds for hours) would become a confident forecast: the contract's units are checked
-    ("hour-out-of-range", lambda df: _set("time_of_day", 4, 1e30)(df.astype({"time_of_day": float})), [],
-     "column 'time_of_day' row 5: above 24 value 1e+30"),
+    (
+        "hour-out-of-range",
+        lambda df: _set("time_of_day", 4, 1e30)(df.astype({"time_of_day": float})),
+        [],
+        "column 'time_of_day' row 5: above 24 value 1e+30",
+    ),
     ("weekday-out-of-range", _set("day_of_week", 8, 7), [], "column 'day_of_week' row 9: above 6 value 7"),
     ("negative-counter", _set("queue_depth", 1, -2), [], "column 'queue_depth' row 2: negative value -2"),
     ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id='node-0'"),
@@ -54,13 +58,25 @@ FIT_CASES = [
     ("empty-link-id", _set("node_id", 12, np.nan), [], "column 'node_id' row 13: empty series id (1 rows)"),
     ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),
     # "node-0 " beside "node-0": two links of every other row each, at twice the cadence (within its tolerance)
-    ("spaced-link-id", _set("node_id", 12, "node-0 "), [],
-     "column 'node_id' row 13: series id 'node-0 ' differs from 'node-0' only by surrounding spaces, invisible"),
+    (
+        "spaced-link-id",
+        _set("node_id", 12, "node-0 "),
+        [],
+        "column 'node_id' row 13: series id 'node-0 ' differs from 'node-0' only by surrounding spaces, invisible",
+    ),
     # the same for a zero-width space and for another Unicode form of the same text (a fullwidth zero; "e" + U+0301)
-    ("zero-width-link-id", _set("node_id", 12, "node-0\u200b"), [],
-     "column 'node_id' row 13: series id 'node-0\\u200b' differs from 'node-0' only by"),
-    ("unicode-form-link-id", _set("node_id", 12, "node-\uff10"), [],
-     "column 'node_id' row 13: series id 'node-\\uff10' differs from 'node-0' only by"),
+    (
+        "zero-width-link-id",
+        _set("node_id", 12, "node-0\u200b"),
+        [],
+        "column 'node_id' row 13: series id 'node-0\\u200b' differs from 'node-0' only by",
+    ),
+    (
+        "unicode-form-link-id",
+        _set("node_id", 12, "node-\uff10"),
+        [],
+        "column 'node_id' row 13: series id 'node-\\uff10' differs from 'node-0' only by",
+    ),
     ("beyond-float32", _set("rtt_ms", 6, 1e39), [], "column 'rtt_ms' row 7: value 1e+39 is beyond float32 range"),
     ("duplicate-column", lambda df: pd.concat([df, df[["rtt_ms"]]], axis=1), [], "column 'rtt_ms' appears twice"),
     ("window-zero", None, ["--data.window_size=0"], "--data.window_size must be >= 2 (a change needs two rows), got 0"),
@@ -72,10 +88,18 @@ FIT_CASES = [
     ("bad-loss", None, ["--model.loss=mae"], "--model.loss must be one of mse, huber, l1, got 'mae'"),
     ("bad-huber-delta", None, ["--model.huber_delta=0"], "--model.huber_delta must be > 0, got 0"),
     # a clean link's loss: nothing to learn, refused before training (a constant *feature* only warns, below)
-    ("constant-target", lambda df: df.assign(packet_loss=0.0), [],
-     "column 'packet_loss': target is constant on the training split (all 420 training rows are 0)"),
-    ("constant-on-training-rows", lambda df: _constant_while_training(df, "jitter_ms"), [],
-     "column 'jitter_ms': target is constant on the training split (all 420 training rows are 1.5)"),
+    (
+        "constant-target",
+        lambda df: df.assign(packet_loss=0.0),
+        [],
+        "column 'packet_loss': target is constant on the training split (all 420 training rows are 0)",
+    ),
+    (
+        "constant-on-training-rows",
+        lambda df: _constant_while_training(df, "jitter_ms"),
+        [],
+        "column 'jitter_ms': target is constant on the training split (all 420 training rows are 1.5)",
+    ),
 ]
 
 
@@ -135,8 +159,11 @@ def _word_in_last_row(text: str) -> str:
     ("case", "spoil", "expected"),
     [
         ("empty", lambda text: "", "cannot read the oracle sidecar (No columns to parse from file)"),
-        ("repeated-key", lambda text: text + "".join(text.splitlines(keepends=True)[-5:]),
-         ": a (series, time) key repeated in the oracle sidecar"),
+        (
+            "repeated-key",
+            lambda text: text + "".join(text.splitlines(keepends=True)[-5:]),
+            ": a (series, time) key repeated in the oracle sidecar",
+        ),
         ("text", _word_in_last_row, "row 600: not a number in the oracle sidecar"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
@@ -444,8 +471,10 @@ def test_report_and_export_refuse_a_config_edited_after_training(tmp_path, smoke
 
 # "billion laughs": each level ten aliases of the one before; 9 levels expand to 10**9 values (jsonargparse copied
 # them: over 2 GB and no end)
-BOMB = ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))).encode()
+BOMB = (
+    "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+).encode()
 
 
 @pytest.mark.parametrize(
@@ -465,8 +494,11 @@ def test_hostile_run_files_are_one_line_errors(tmp_path, smoke_run, capsys, name
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     (run / name).write_bytes(data)
-    command = ["report", "--run", str(run)] if name == "config.yaml" else ["forecast", "--model", str(run),
-                                                                            "--input", str(tmp_path / "none.csv")]
+    command = (
+        ["report", "--run", str(run)]
+        if name == "config.yaml"
+        else ["forecast", "--model", str(run), "--input", str(tmp_path / "none.csv")]
+    )
     with pytest.raises(SystemExit) as exc:
         cli_main(command)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

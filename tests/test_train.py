@@ -239,7 +239,6 @@ def test_ema_averages_weights_and_keeps_the_scalers_exact(tmp_path):
     assert logged == pytest.approx(report["per_target"]["rtt_ms"]["rmse"], rel=1e-4)
 
 
-
 def test_fast_dev_run_writes_no_model(tmp_path):
     """fast_dev_run has no run folder: its one-batch model was exported over model.onnx / model_metadata.json in
     the working directory (or --trainer.default_root_dir), replacing a deployed pair (found by fuzzing)."""
