@@ -301,10 +301,21 @@ def bench_plan(model_path: Path, work: Path, links: int, threads: int | None, re
     if not predictor.levels:
         return {"plan_links": links, "plan_s": None, "plan_note": "the model has no intervals"}
     rows = links * (predictor.window + 4)
-    path = work / "plan_telemetry.csv"
-    synthetic.write_frame(synthetic.generate(samples=rows, links=links), path)
+    frame = synthetic.generate(samples=rows, links=links)
     series, time_col = predictor.metadata["series"]["columns"], predictor.metadata["series"]["time_column"]
     columns = list(dict.fromkeys([*series, time_col, *predictor.file_features]))
+    # The telemetry is the built-in data's: a model of other columns or another cadence (a real trace's) has no
+    # input to plan from here (it failed, naming this scratch file; found by fuzzing)
+    missing = [c for c in columns if c not in frame.columns]
+    cadence = predictor.cadence_s
+    if missing or "throughput_mbps" not in predictor.targets or (cadence and cadence != synthetic.DYNAMIC_CADENCE_S):
+        why = (f"column {missing[0]!r}" if missing else "throughput_mbps" if "throughput_mbps" not in
+               predictor.targets else f"a row every {cadence:g} s")  # fmt: skip
+        return {"plan_links": links, "plan_s": None,
+                "plan_note": f"the model reads {why}; the plan section times models of the built-in data (columns, "
+                             f"throughput target, a row every {synthetic.DYNAMIC_CADENCE_S} s)"}  # fmt: skip
+    path = work / "plan_telemetry.csv"
+    synthetic.write_frame(frame, path)
 
     def once() -> int:
         df = read_table(path, columns, text_columns=series)

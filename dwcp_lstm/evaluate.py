@@ -240,7 +240,7 @@ def evaluate(
     }
     config = run_dir / "config.yaml"
     report["config"] = config.read_text() if config.exists() else None
-    report["onnx"] = onnx_facts(run_dir, dm)
+    report["onnx"] = onnx_facts(run_dir, dm, module)
     plots.write_all(run_dir, dm, y, pred, base_preds, oracle, report, plan_points)
     atomic_write(run_dir / "report.json", json.dumps(finite_or_null(report), indent=2, default=_json_default))
     atomic_write(run_dir / "report.md", markdown(report, dm.targets))
@@ -527,30 +527,52 @@ def checks(report: dict, mse: dict, targets: list[str]) -> dict:
     return out
 
 
-def onnx_facts(run_dir: Path, dm, runs: int = 300) -> dict | None:
-    """Parity (from the metadata), file size and measured onnxruntime batch-1 latency of the run's model.onnx; None
-    (with a warning) when the pair is missing or fails the checks ``forecast`` makes: the report is still written."""
+PARITY_WINDOWS, PARITY_LIMIT = 256, 1e-3  # the report's own parity check of the run's model.onnx
+
+
+def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
+    """Parity with the run's checkpoint (measured here on up to 256 test windows), file size and measured
+    onnxruntime batch-1 latency of the run's model.onnx; None (with a warning) when the pair is missing, fails the
+    checks ``forecast`` makes, or is not the checkpoint's model (another run's pair copied in vouched for itself
+    with the parity figure of its own metadata; found by fuzzing): the report is still written."""
+    from dwcp_lstm.callbacks import onnx_parity
     from dwcp_lstm.errors import DwcpError
     from dwcp_lstm.serve import Predictor
 
     path, meta_path = model_path_of(run_dir), run_dir / METADATA_NAME
     if not path.exists() or not meta_path.exists():
         return None
+    again = f"the report leaves out the ONNX figures (python -m dwcp_lstm export --run {run_dir})"
     try:  # the same checks as forecast's: a damaged pair raised a JSON or protobuf traceback after the evaluation
         predictor = Predictor(path, meta_path, threads=1)
     except DwcpError as exc:
-        log.warning("%s; the report leaves out the ONNX figures (python -m dwcp_lstm export --run %s)", exc, run_dir)
+        log.warning("%s; %s", exc, again)
+        return None
+    ours = {"window_size": dm.window_size, "features": list(dm.features), "targets": list(dm.targets),
+            "horizon": dm.horizon}  # fmt: skip
+    theirs = {"window_size": predictor.window, "features": predictor.features, "targets": predictor.targets,
+              "horizon": predictor.horizon}  # fmt: skip
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        log.warning("%s: its %s is %s, the run's checkpoint has %s; %s", path, differ[0], theirs[differ[0]],
+                    ours[differ[0]], again)  # fmt: skip
+        return None
+    x = dm.windows(dm.raw_features, dm.starts["test"][:PARITY_WINDOWS]).astype(np.float32)  # [N, W, F]
+    parity = onnx_parity(path, module.cpu().eval(), x)
+    if not parity["max_rel_diff"] <= PARITY_LIMIT:
+        log.warning("%s: its forecasts differ from the run's checkpoint's by up to %.3g (relative) on %d test "
+                    "windows: not this run's model; %s", path, parity["max_rel_diff"], len(x), again)  # fmt: skip
         return None
     sess, meta = predictor.session, predictor.metadata
-    x = dm.windows(dm.raw_features, dm.starts["test"][:1]).astype(np.float32)  # [1, W, F]
-    feed = {sess.get_inputs()[0].name: x}
+    feed = {sess.get_inputs()[0].name: x[:1]}  # [1, W, F]
     time_calls(lambda: sess.run(None, feed), 20)  # warm-up
     ns = time_calls(lambda: sess.run(None, feed), runs)
     return {
         "file_mb": path.stat().st_size / 1e6,
         "sha256_matches_metadata": sha256_of(path) == meta.get("model_sha256"),
-        "parity_max_rel": meta.get("parity", {}).get("max_rel_diff"),
-        "parity_max_abs": meta.get("parity", {}).get("max_abs_diff"),
+        "parity_max_rel": parity["max_rel_diff"],
+        "parity_max_abs": parity["max_abs_diff"],
+        "parity_windows": parity["windows"],
         "b1_p50_ms": percentile_ms(ns, 50),
         "b1_p99_ms": percentile_ms(ns, 99),
         "opset": meta.get("opset"),

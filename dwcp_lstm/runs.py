@@ -12,7 +12,7 @@ from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.preflight import check_data_settings, load_checkpoint
-from dwcp_lstm.tables import first_line
+from dwcp_lstm.tables import first_line, log
 
 
 def _named(cfg: object, section: str, default: str, run_dir: Path) -> tuple[Path, str]:
@@ -139,4 +139,31 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     ):
         if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
             raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
+    warn_edited_model_settings(read_config(config), h, config, ckpt)
     return module.eval(), dm, ckpt
+
+
+def warn_edited_model_settings(cfg: object, hparams, config: Path, ckpt: Path) -> None:
+    """The model's settings come from the checkpoint: a ``model`` value in config.yaml that differs from what the
+    checkpoint was trained with is ignored, and says so (an edited ``interval_levels`` or ``mape_floor`` changed
+    nothing in the report, while the report echoed the edited file; found by fuzzing)."""
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    args = model.get("init_args", model) if isinstance(model, dict) else None
+    if not isinstance(args, dict):
+        return
+    for key, value in args.items():
+        if key in hparams and _plain(value) != _plain(hparams[key]):
+            log.warning("%s: model.%s is %s, but the checkpoint %s was trained with %s; the checkpoint's value is "
+                        "used", config, key, value, ckpt.name, hparams[key])  # fmt: skip
+            return
+
+
+def _plain(value: object) -> object:
+    """Lists and tuples compare alike (YAML gives lists, hparams may hold tuples); ints as floats."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -355,7 +355,7 @@ class Predictor:
         """Raw windows [B, W, F] -> [B, C]: the forecast and every interval bound, in the order of
         :attr:`all_columns` (the forecast alone when the model has no intervals)."""
         outs = self._run(windows, [self.output_name, *self.bound_outputs], source)  # one pass: [B, (L,) ...] each
-        return np.concatenate([o.reshape(len(o), -1) for o in outs], axis=1)
+        return np.concatenate([o.reshape(len(o), int(np.prod(o.shape[1:]))) for o in outs], axis=1)  # 0 rows too
 
     def predict_rolling(
         self, history: pd.DataFrame | np.ndarray, columns: Sequence[str] | None = None, source: str = "history",
@@ -393,6 +393,9 @@ class Predictor:
     ) -> np.ndarray:
         """One series -> float32 [rows, F] in the model's feature order, with the training data's value checks."""
         if isinstance(history, pd.DataFrame):
+            if isinstance(history.columns, pd.MultiIndex):  # a TypeError traceback (found by fuzzing)
+                raise DataError(f"{source}: the columns have {history.columns.nlevels} levels; give one level of "
+                                f"column names (the model needs {self.features})")  # fmt: skip
             missing = [c for c in self.features if c not in history.columns]
             if missing:
                 raise DataError(f"{source}: missing required column {missing[0]!r} (the model needs {self.features})")
@@ -477,7 +480,7 @@ class Predictor:
         return x.astype(np.float32, copy=False)
 
     def _frame(self, y: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
-        df = pd.DataFrame(y.reshape(len(y), -1), columns=self.all_columns, index=index)
+        df = pd.DataFrame(y.reshape(len(y), len(self.all_columns)), columns=self.all_columns, index=index)
         df.attrs["units"] = {c: next(u for t, u in self.units.items() if c == t or c.startswith(t + "_"))
                              for c in self.all_columns}  # fmt: skip
         return df

@@ -123,6 +123,9 @@ def add_clock(
     the time column counts from each capture's start. The time column must be numeric seconds."""
     if not clock:
         return df
+    if series_start is not None and pd.api.types.is_datetime64_any_dtype(df[time]):
+        raise DataError(f"{path}: column {time!r} holds dates and times; with --data.series_start the time column "
+                        "counts seconds from each series' start (parsed from its id), as in training")  # fmt: skip
     check_numeric(df, [time], path)
     t = df[time].to_numpy(np.float64)
     if series_start is not None:
@@ -137,8 +140,17 @@ def add_clock(
             bad = names[int(np.flatnonzero(starts.isna().to_numpy())[0])]
             raise DataError(f"{path}: series id {short_repr(bad)} in column {series[0]!r} is not a start time in the "
                             f"format {series_start!r} (--data.series_start)")  # fmt: skip
-        seconds = (starts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy()
-        t = t + pd.Series(seconds, index=names).reindex(ids.to_numpy()).to_numpy()
+        seconds = pd.Series((starts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(), index=names)
+        start = seconds.reindex(ids.to_numpy()).to_numpy()
+        # Seconds since a series' start as large as the start's own seconds since 1970 are an absolute time: added to
+        # the start, the clock inputs were those of another second (found by fuzzing: a 15 s beat off by 12 s)
+        absolute = (t >= start) & (start > 0)
+        if absolute.any():
+            i = int(np.flatnonzero(absolute)[0])
+            raise DataError(f"{path}: column {time!r} row {i + 1}: {t[i]:g} looks like an absolute time (seconds "
+                            f"since 1970); with --data.series_start it counts seconds from the start of series "
+                            f"{ids.iloc[i]!r}")  # fmt: skip
+        t = t + start
     df = df.copy()
     for name, period in clock.items():
         df[name] = np.mod(t, period)

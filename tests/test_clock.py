@@ -170,3 +170,26 @@ def test_a_start_time_with_an_offset_is_that_instant():
     assert out["day_s"].tolist() == [82800.0, 82801.0, 0.0, 1.0]
     naive = pd.DataFrame({"cap": ["2025-01-01-00-00-05"] * 2, "t": [0, 1]})
     assert add_clock(naive, {"beat_s": 15.0}, "%Y-%m-%d-%H-%M-%S", ["cap"], "t", "x.csv")["beat_s"].tolist() == [5, 6]
+
+
+def test_absolute_times_are_refused_when_the_start_comes_from_the_series_id(clock_run, relative_csv, tmp_path, capsys):
+    """Found by fuzzing: a capture log whose time column held the wall clock itself (a datetime column, or Unix
+    seconds) had the start added twice; the clock input was that of another second, and forecast said nothing."""
+    rel = pd.read_csv(relative_csv)
+    start = pd.to_datetime(rel["series_id"], format=FORMAT, utc=True)
+    as_dates = rel.assign(seconds=start + pd.to_timedelta(rel["seconds"], unit="s"))
+    with pytest.raises(DataError, match=r"x.parquet: column 'seconds' holds dates and times; with --data.series_start"):
+        add_clock(as_dates, {"beat": PERIOD}, FORMAT, ["series_id"], "seconds", "x.parquet")
+    unix = rel.assign(seconds=(start - pd.Timestamp(0, tz="UTC")).dt.total_seconds() + rel["seconds"])
+    with pytest.raises(DataError, match=r"x.csv: column 'seconds' row 1: 1\.\d+e\+09 looks like an absolute time"):
+        add_clock(unix, {"beat": PERIOD}, FORMAT, ["series_id"], "seconds", "x.csv")
+    as_deltas = rel.assign(seconds=pd.to_timedelta(rel["seconds"], unit="s"))  # seconds since the start: fine
+    beat = {name: add_clock(df, {"beat": PERIOD}, FORMAT, ["series_id"], "seconds", "x")["beat"]
+            for name, df in (("deltas", as_deltas), ("seconds", rel))}  # fmt: skip
+    np.testing.assert_allclose(beat["deltas"], beat["seconds"])
+    path = tmp_path / "unix.csv"
+    unix.to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["forecast", "--model", str(clock_run), "--input", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "looks like an absolute time" in err[0], err

@@ -612,6 +612,59 @@ def test_report_of_a_run_with_a_damaged_model_is_written_without_the_onnx_figure
     assert f"{name}" in caplog.text and "the report leaves out the ONNX figures" in caplog.text
 
 
+def test_report_does_not_vouch_for_another_models_onnx_pair(tmp_path, smoke_run, caplog):
+    """Another run's model.onnx + model_metadata.json copied into a run: a consistent pair, so every check of
+    ``forecast`` passed and the report printed the pair's own parity figure, 1e-7, as this run's (found by fuzzing).
+    The report now measures the parity against the run's checkpoint."""
+    import json
+    import shutil
+
+    import torch
+
+    from dwcp_lstm.callbacks import export_run
+    from dwcp_lstm.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    module, dm, _ = load_run(run)
+    other = tmp_path / "other"
+    other.mkdir()
+    with torch.no_grad():
+        for p in module.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # another training run of the same contract
+    export_run(module, dm, other, parity_windows=64)
+    for name in ("model.onnx", "model_metadata.json"):
+        shutil.copy(other / name, run / name)
+    cli_main(["report", "--run", str(run)])
+    assert json.loads((run / "report.json").read_text())["onnx"] is None
+    assert "differ from the run's checkpoint's" in caplog.text and "not this run's model" in caplog.text
+    shutil.copytree(smoke_run, run, dirs_exist_ok=True)  # its own pair: measured, and within the limit
+    cli_main(["report", "--run", str(run)])
+    onnx = json.loads((run / "report.json").read_text())["onnx"]
+    assert onnx["parity_max_rel"] < 1e-4 and onnx["parity_windows"] > 0
+
+
+def test_an_edited_model_setting_in_a_runs_config_is_named(tmp_path, smoke_run, caplog):
+    """The model comes from the checkpoint: an edited ``model.interval_levels`` in config.yaml changed nothing in the
+    report, silently, while report.json echoed the edited file (found by fuzzing). Now a warning names it."""
+    import shutil
+
+    import yaml
+
+    from dwcp_lstm.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    load_run(run)
+    assert "the checkpoint's value is used" not in caplog.text  # the run as written: nothing to say
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["interval_levels"] = [0.5, 0.99]
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    load_run(run)
+    assert "model.interval_levels is [0.5, 0.99], but the checkpoint" in caplog.text
+    assert "the checkpoint's value is used" in caplog.text
+
+
 def test_an_artifact_name_taken_by_a_folder_is_named_in_the_error(tmp_path):
     """A folder named report.json: the error named the temporary file (.report.json.<pid>-<hex>.tmp)."""
     from dwcp_lstm.tables import atomic_write

@@ -427,6 +427,17 @@ def test_a_repeated_feature_column_is_refused(predictor, history):
         predictor.predict(pd.concat([link, link[["rtt_ms"]] * 2], axis=1))
 
 
+def test_an_empty_batch_and_multi_level_columns(predictor, history):
+    """Found by fuzzing: ``predict`` on [0, W, F] raised a reshape ValueError (``predict_windows`` gave an empty
+    array), and a frame with two levels of column names a TypeError."""
+    empty = predictor.predict(np.zeros((0, predictor.window, len(predictor.features)), np.float32))
+    assert len(empty) == 0 and list(empty.columns) == predictor.all_columns
+    link = one_link(history)[predictor.features]
+    link.columns = pd.MultiIndex.from_product([["metrics"], link.columns])
+    with pytest.raises(DataError, match=r"^history: the columns have 2 levels; give one level of column names"):
+        predictor.predict(link)
+
+
 # -- the forecast subcommand ----------------------------------------------------------------------------------------
 def run_cli_error(args: list[str], capsys) -> str:
     """The one error line of a refused command (exit 2)."""
