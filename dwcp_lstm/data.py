@@ -364,6 +364,7 @@ class DwcpDataModule(L.LightningDataModule):
         self._split_windows()
         if stage in (None, "fit"):  # evaluating a trained model on other data scales with the model's own scalers
             self._check_targets_vary()
+            self._check_cyclic_periods()
         self._fit_scalers()
         self._make_datasets()
         self.audit()
@@ -441,6 +442,28 @@ class DwcpDataModule(L.LightningDataModule):
                 f"{self.path}: column {self.targets[j]!r}: target is constant on the training split (all {rows} "
                 f"training rows are {lo[j]:g}): there is nothing to learn; drop it from --data.targets"
             )
+
+    def _check_cyclic_periods(self) -> None:
+        """A cyclic column's period is in the column's own unit: shorter than two of its steps between rows, its
+        phase is noise (``{time_of_day: 1e-30}`` trained as if it were fine; found by fuzzing), so it is refused; a
+        period far longer than the column's span on the training rows (86400 for an hours column) is warned about."""
+        for j, period in self.cyclic:  # (feature index, period)
+            name = self.features[j]
+            steps, lo, hi = [], np.inf, -np.inf
+            for a, b in self.train_ranges:
+                col = self.raw_features[a:b, j].astype(np.float64)
+                if len(col):
+                    steps.append(np.abs(np.diff(col)))
+                    lo, hi = min(lo, col.min()), max(hi, col.max())
+            moves = np.concatenate(steps) if steps else np.empty(0)
+            moves = moves[moves > 0]
+            if len(moves) and period < 2 * np.median(moves):
+                raise ConfigError(f"--data.cyclic: the period {period:g} of {name!r} is shorter than two of its "
+                                  f"steps between rows (median {np.median(moves):g}): its phase would be noise; give "
+                                  "the period in the column's own unit")  # fmt: skip
+            if np.isfinite(hi) and hi - lo < period / 10:
+                log.warning("%s: column %r spans %g to %g on the training rows, under a tenth of its cyclic period "
+                            "%g (another unit?)", self.path, name, lo, hi, period)  # fmt: skip
 
     def _fit_scalers(self) -> None:
         """StandardScalers on the training rows only; kept on the module for the export and the report.

@@ -396,6 +396,7 @@ def plan_table(
             f"no plan: {b - a} rows since the last gap, the model needs {w}" for a, b in latest[~long_enough]
         ]
         out = pd.concat([out, skipped], ignore_index=True)
+        out["rounds_median"] = out["rounds_median"].astype("Int64")  # a count, null without a plan (was 18.0)
     order = np.lexsort((out["time_median_s"].fillna(np.inf), out[f"time_{c}_s"].fillna(np.inf)))
     out = out.iloc[order].reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))

@@ -565,10 +565,11 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 
 def check_table_suffix(path: str | Path) -> Path:
-    """A table to write ends in .csv or .parquet: checked before the work that produces it (and by the writer)."""
+    """A table to write ends in .csv or .parquet (.pq, as the reader takes): checked before the work that produces
+    it (and by the writer)."""
     path = Path(path)
-    if path.suffix.lower() not in (".csv", ".parquet"):
-        raise DataError(f"{path}: output must end in .csv or .parquet")
+    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"{path}: output must end in .csv or .parquet (or .pq)")
     return path
 
 

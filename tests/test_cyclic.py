@@ -117,6 +117,20 @@ def test_bad_cyclic_settings_are_refused(small_csv, cyclic, message):
         DwcpForecaster(cyclic=cyclic)
 
 
+def test_a_period_the_data_cannot_resolve_is_refused_before_training(small_csv, caplog):
+    """``{time_of_day: 1e-30}`` trained as if it were fine, its phase float32 noise (found by fuzzing): a period
+    under two of the column's steps is refused when the data is read; one far beyond its span is warned about."""
+    dm = DwcpDataModule(data_path=str(small_csv), cyclic={"time_of_day": 1e-30})
+    with pytest.raises(ConfigError, match=r"the period 1e-30 of 'time_of_day' is shorter than two of its steps"):
+        dm.setup("fit")
+    dm = DwcpDataModule(data_path=str(small_csv), cyclic={"time_of_day": 86400})  # seconds for an hours column
+    dm.setup("fit")
+    assert "column 'time_of_day' spans 0 to" in caplog.text and "cyclic period 86400 (another unit?)" in caplog.text
+    caplog.clear()
+    DwcpDataModule(data_path=str(small_csv), cyclic=CYCLIC).setup("fit")
+    assert "another unit" not in caplog.text
+
+
 def test_cross_products_need_the_skip_and_the_targets_among_the_features():
     with pytest.raises(ConfigError, match="--model.skip_cross needs --model.linear_skip true"):
         DwcpForecaster(skip_cross=True)

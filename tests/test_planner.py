@@ -315,6 +315,8 @@ def test_a_link_without_a_fresh_window_gets_a_statement_not_a_stale_plan(smoke_r
     row = out[out["node_id"].astype(str) == str(first)].iloc[0]
     assert row["note"] == "no plan: 3 rows since the last gap, the model needs 20" and np.isnan(row["time_p90_s"])
     assert row["rank"] == len(out)
+    rounds = json.loads(out.to_json(orient="records"))  # as plan --json writes them: counts, null without a plan
+    assert rounds[-1]["rounds_median"] is None and all(isinstance(r["rounds_median"], int) for r in rounds[:-1])
 
 
 def test_report_backtests_the_planner(smoke_run):

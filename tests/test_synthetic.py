@@ -111,6 +111,10 @@ def test_generate_command_writes_data_and_sidecar(tmp_path, capsys):
     assert len(df) == 1200 and list(df.columns) == COLUMNS
     assert synthetic.oracle_path(out).exists()
     assert "wrote 1200 rows, 2 links" in capsys.readouterr().out
+    pq = tmp_path / "d.pq"  # the readers take .pq as Parquet; generate refused to write it (found by fuzzing)
+    cli_main(["generate", "--output", str(pq), "--samples", "1200", "--seed", "1", "--links", "2"])
+    pd.testing.assert_frame_equal(pd.read_parquet(pq), df)
+    assert synthetic.oracle_path(pq).exists()
 
 
 # -- the h-step oracle ------------------------------------------------------------------------------------------------
