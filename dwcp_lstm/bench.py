@@ -126,7 +126,7 @@ def interval_scales(meta: dict) -> dict[str, str] | None:
     beyond = (meta.get("intervals") or {}).get("beyond_horizon")
     if beyond is None:
         return None
-    names = [t["name"] if isinstance(t, dict) else t for t in meta["targets"]]
+    names = [t["name"] for t in meta["targets"]]  # the contract's targets: {"name", "unit", ...}
     return {t: "volatility" if a else "plain" for t, a in zip(names, beyond["adaptive"], strict=True)}
 
 
@@ -243,7 +243,7 @@ def bench_inference(
         with torch.inference_mode():
             raw(batch_t)
 
-    ns: dict[str, list[int]] = {"onnx": [], "predictor": [], "torch": [], "onnx_all": [], "onnx_plain": []}
+    ns: dict[str, list[int]] = {"onnx": [], "predictor": [], "torch": []}  # + the paired pair, below
     b256: dict[str, list[int]] = {"onnx": [], "torch": []}
     # batch-1 calls take about a millisecond: 50 short rounds, so that load that comes and goes within seconds hits
     # every variant alike (5 rounds of 2.4 s gave overheads of -7 % to +39 % on a busy afternoon)

@@ -11,7 +11,7 @@ from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
-from dwcp_lstm.preflight import check_data_settings, load_checkpoint
+from dwcp_lstm.preflight import check_data_settings, load_checkpoint, plain_value
 from dwcp_lstm.tables import first_line, log
 
 
@@ -152,18 +152,7 @@ def warn_edited_model_settings(cfg: object, hparams, config: Path, ckpt: Path) -
     if not isinstance(args, dict):
         return
     for key, value in args.items():
-        if key in hparams and _plain(value) != _plain(hparams[key]):
+        if key in hparams and plain_value(value) != plain_value(hparams[key]):
             log.warning("%s: model.%s is %s, but the checkpoint %s was trained with %s; the checkpoint's value is "
                         "used", config, key, value, ckpt.name, hparams[key])  # fmt: skip
             return
-
-
-def _plain(value: object) -> object:
-    """Lists and tuples compare alike (YAML gives lists, hparams may hold tuples); ints as floats."""
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return value
