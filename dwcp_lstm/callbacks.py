@@ -135,14 +135,19 @@ def run_dir_of(trainer: L.Trainer) -> Path | None:
 
 
 def best_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-    """The best checkpoint's weights (loaded with ``weights_only=True``), or the current ones with a warning."""
+    """The best checkpoint's weights (loaded with ``weights_only=True``), or the current ones with a warning, with
+    its blend with ridge fitted on the validation split (:mod:`dwcp_lstm.blend`)."""
+    from dwcp_lstm.blend import fit_blend
+
     ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
     if ckpt and Path(ckpt).exists():
         module = type(pl_module).load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     else:
         rank_zero_warn("no best checkpoint (fast_dev_run or checkpointing off): using the current weights")
         module = pl_module
-    return module.cpu().eval()
+    module = module.cpu().eval()
+    fit_blend(module, trainer.datamodule)
+    return module
 
 
 def max_opset() -> int:
@@ -289,7 +294,8 @@ class OnnxExport(L.Callback):
             raise ConfigError(f"--onnx.parity_windows must be >= 1 or null (all), got {parity_windows!r}")
         self.opset, self.filename, self.parity_windows = opset, filename, parity_windows
         self.metadata: dict | None = None
-        self.val_pred = None  # set at fit end, with the calibration: the report reuses both
+        self.val_pred = None  # set at fit end, with the module and its calibration: the report reuses all three
+        self.module = None
         self.calibration: tuple = (None, None)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -300,7 +306,7 @@ class OnnxExport(L.Callback):
         from dwcp_lstm.evaluate import validation_calibration
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        module = best_module(trainer, pl_module)
+        module = self.module = best_module(trainer, pl_module)
         # kept for the report that follows (the same module and data): one pass over the validation split
         self.val_pred, self.calibration = validation_calibration(module, trainer.datamodule)
         self.metadata = export_run(module, trainer.datamodule, run_dir, self.opset, self.filename, self.parity_windows,
@@ -389,6 +395,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         "model_bytes": onnx_path.stat().st_size,
         "parity": parity,
         "calibration": calibration.to_dict() if calibration is not None else None,  # applied inside the graph
+        "blend": getattr(module, "blend_summary", None),  # the mix with ridge (blend.py), applied inside the graph
         "data": {"path": str(dm.path.resolve()), "sha256": sha256_of(dm.path)},
         "config": config,
     }

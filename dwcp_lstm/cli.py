@@ -308,7 +308,10 @@ def _lightning_cli_class():
                 return
             export = next((cb for cb in trainer.callbacks if isinstance(cb, OnnxExport)), None)
             reuse = {"val_pred": export.val_pred, "val_calibration": export.calibration} if export else {}
-            report = evaluate(best_module(trainer, self.model), self.datamodule, run_dir, best or None, **reuse)
+            module = export.module if export is not None else None  # its blend fitted: not fitted twice
+            if module is None:
+                module = best_module(trainer, self.model)
+            report = evaluate(module, self.datamodule, run_dir, best or None, **reuse)
             log_to_tensorboard(trainer, self.model, report, run_dir)
             print_summary(report, str(run_dir))
 

@@ -25,13 +25,14 @@ TARGET_GAP_PER_STEP = 0.8  # the multi-step goal: this share of the persistence-
 GOAL_BASELINES = ("persistence", "harmonic_mean_5", "window_mean", "ridge")
 
 
-def predict_raw(module, dm, stage: str = "test") -> np.ndarray:
-    """Model forecasts in original units [N, H, T] for a split's windows, in loader order."""
-    module = module.cpu().eval()
+def predict_raw(module, dm, stage: str = "test", blend: bool = True, clip: bool = True) -> np.ndarray:
+    """Model forecasts in original units [N, H, T] for a split's windows, in loader order (see
+    ``DwcpForecaster.forecast`` for ``blend`` and ``clip``)."""
+    module = module.eval()  # on its own device: the blend is fitted inside a test loop too (on_test_start)
     out = []
     with torch.no_grad():
         for x, _ in dm.loader(stage):
-            out.append(module.unscale(module(x), x).double().numpy())
+            out.append(module.forecast(x.to(module.device), clip=clip, blend=blend).double().cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, dm.horizon, dm.n_targets))
 
 
@@ -106,9 +107,22 @@ def fit_baselines(dm) -> tuple[B.RidgeBaseline, B.BoostingBaseline, np.ndarray]:
     train_y = dm.raw_targets[rows[:, None] + np.arange(dm.horizon)].reshape(len(pick), -1)  # [N, H * T] step-major
     ts = dm.target_scaler  # any fixed affine map of the targets: here the model's, so the scales are comparable
     x_train = scaled_windows(dm, pick)
-    ridge = B.RidgeBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)  # one output per step and target
+    ridge = fit_ridge(dm, x_train, train_y)
     gbt = B.BoostingBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)  # direct: one model per step and target
     return ridge, gbt, B.fit_ewma_alpha(train_hist, train_y[:, : dm.n_targets])
+
+
+def fit_ridge(dm, x_train: np.ndarray | None = None, train_y: np.ndarray | None = None) -> B.RidgeBaseline:
+    """The ridge baseline: direct (one output per step and target) on the scaled window, fit on (at most 100,000
+    evenly spaced) training windows (given, or picked here as :func:`fit_baselines` picks them); the model's blend
+    (:mod:`dwcp_lstm.blend`) uses this same fit."""
+    if x_train is None or train_y is None:
+        pick = dm.starts["train"][B._even_subset(len(dm.starts["train"]), 100_000)]
+        x_train = scaled_windows(dm, pick)
+        rows = pick + dm.window_size
+        train_y = dm.raw_targets[rows[:, None] + np.arange(dm.horizon)].reshape(len(pick), -1)  # [N, H * T]
+    ts = dm.target_scaler  # any fixed affine map of the targets: here the model's, so the scales are comparable
+    return B.RidgeBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)
 
 
 def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fitted=None) -> tuple[dict, dict]:
@@ -224,6 +238,7 @@ def evaluate(
     if dm.horizon > 1:
         report["horizon"] = per_step(pred_steps, y_steps, base_steps, dm.targets, oracle_steps)
     report["head_to_head"] = head_to_head(pred, y, base_preds, dm.targets)
+    report["blend"] = blend_report(module, dm, pred_steps, y_steps)
     val = validation_split(module, dm, mape_floor, fitted, val_pred)
     report["validation"] = validation_head_to_head(dm, val, mape_floor)
     cal, choice = calibration_of(module, dm, val) if val_calibration is None else val_calibration
@@ -245,6 +260,18 @@ def evaluate(
     atomic_write(run_dir / "report.json", json.dumps(finite_or_null(report), indent=2, default=_json_default))
     atomic_write(run_dir / "report.md", markdown(report, dm.targets))
     return report
+
+
+def blend_report(module, dm, pred: np.ndarray, y: np.ndarray) -> dict | None:
+    """What the blend with ridge chose (``module.blend_summary``, :mod:`dwcp_lstm.blend`) and what it did on the
+    test split: RMSE per target (pooled over steps) of the network alone and of the blend the report judges (``pred``,
+    ``y`` [N, H, T]). None without a blend."""
+    if module.blend is None or module.blend_summary is None:
+        return None
+    alone = predict_raw(module, dm, "test", blend=False)
+    rmse = {name: np.sqrt(((p - y) ** 2).mean(axis=(0, 1))) for name, p in (("network", alone), ("blend", pred))}
+    test = {t: {k: float(v[j]) for k, v in rmse.items()} for j, t in enumerate(dm.targets)}
+    return {**module.blend_summary, "test_rmse": test}
 
 
 def per_step(
@@ -719,6 +746,17 @@ def markdown(report: dict, targets: list[str]) -> str:
                 f"| {t} | {name} | {_fmt(h['model_rmse'])} | {_fmt(h['rmse'])} | {_pct(h['rmse_change'])} | "
                 f"{_fmt(h['model_mae'])} | {_fmt(h['mae'])} | {_pct(h['mae_change'])} | {_fmt(h['beats'])} |"
             )
+    if report.get("blend"):
+        bl = report["blend"]
+        lines += ["", "## Mix with ridge", "",
+                  "Each step and target's forecast is w x network + (1 - w) x ridge, w chosen on the validation split "
+                  f"({bl['val_windows']} windows; 1 = the network alone). RMSE pooled over steps.", "",
+                  "| target | w (mean over steps) | w range | val RMSE network | val RMSE ridge | val RMSE mix | "
+                  "test RMSE network | test RMSE mix |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for t in targets:
+            w, v, te = bl["weights"][t], bl["val_rmse"][t], bl["test_rmse"][t]
+            cells = [_fmt(v["network"]), _fmt(v["ridge"]), _fmt(v["blend"]), _fmt(te["network"]), _fmt(te["blend"])]
+            lines.append(f"| {t} | {np.mean(w):.2f} | {min(w):.2f}-{max(w):.2f} | " + " | ".join(cells) + " |")
     if report.get("validation"):
         val = report["validation"]
         lines += ["", f"The same on the validation split ({val['windows']} windows), where settings are chosen:", "",

@@ -178,5 +178,36 @@ class StackedLSTM(nn.Module):
         return torch.cat([flat, products, levels * levels, moved], dim=1)
 
 
+class RidgeBlend(nn.Module):
+    """The forecast as ``w x network + (1 - w) x ridge``, per step and target, in raw units: [B, (H,) T] -> same.
+
+    Ridge is the report's ridge baseline (a linear map of the encoded, flattened window); ``w`` is chosen on the
+    validation split after training (:mod:`dwcp_lstm.blend`). Folded at construction into one weight per output and
+    one affine map, so that the graph gains one Gemm, one Mul and one Add (and a Reshape for H > 1).
+
+    Args:
+        weight: ``w`` [H, T] in [0, 1] (1 = the network alone).
+        coef: ridge's weights in raw target units [H * T, D], D = window x encoded features.
+        intercept: ridge's intercepts in raw target units [H * T].
+    """
+
+    def __init__(self, weight, coef, intercept) -> None:
+        super().__init__()
+        w = torch.as_tensor(weight, dtype=torch.float64)
+        rest = (1 - w).reshape(-1)  # [H * T]: ridge's share of each output
+        coef, intercept = torch.as_tensor(coef, dtype=torch.float64), torch.as_tensor(intercept, dtype=torch.float64)
+        # not in the state dict: a blend is fitted after training from the checkpoint and the data, like the
+        # interval calibration, so checkpoints keep their keys
+        self.register_buffer("w", w.float(), persistent=False)  # [H, T]: broadcasts over [B, H, T] and [B, T] (H = 1)
+        self.register_buffer("a", (rest[:, None] * coef).float(), persistent=False)  # [H * T, D]
+        self.register_buffer("b", (rest * intercept).float(), persistent=False)  # [H * T]
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        lin = nn.functional.linear(x.flatten(1), self.a, self.b)  # [B, W, F + C] -> [B, H * T]
+        if lin.dim() != out.dim():
+            lin = lin.reshape(out.shape)  # [B, H, T]
+        return out * self.w + lin
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -17,7 +17,7 @@ from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, Scalers, check_cyc
 from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.intervals import check_levels
 from dwcp_lstm.metrics import ForecastMetrics, summarize
-from dwcp_lstm.model import StackedLSTM
+from dwcp_lstm.model import RidgeBlend, StackedLSTM
 from dwcp_lstm.tables import target_ranges
 
 LOSSES = ("mse", "huber", "l1")
@@ -28,15 +28,25 @@ class RawForecaster(nn.Module):
     sides (what ONNX ships).
 
     With ``target_index`` (delta mode) the network's output is the change from the window's last raw value of each
-    target, which is added back inside the graph. ``ranges`` [2, T] (``tables.target_ranges``) clips the forecasts
-    into the targets' physical ranges (None, or no finite edge: no clipping op in the graph).
+    target, which is added back inside the graph. ``blend`` (:class:`~dwcp_lstm.model.RidgeBlend`) mixes the result
+    with ridge's forecast. ``ranges`` [2, T] (``tables.target_ranges``) then clips the forecasts into the targets'
+    physical ranges (None, or no finite edge: no clipping op in the graph).
     """
 
     def __init__(
-        self, net: nn.Module, fmean, fscale, tmean, tscale, target_index=None, horizon: int = 1, ranges=None
+        self,
+        net: nn.Module,
+        fmean,
+        fscale,
+        tmean,
+        tscale,
+        target_index=None,
+        horizon: int = 1,
+        ranges=None,
+        blend: RidgeBlend | None = None,
     ) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.blend = net, blend
         for name, v in (("fmean", fmean), ("fscale", fscale), ("tmean", tmean), ("tscale", tscale)):
             self.register_buffer(name, torch.as_tensor(v, dtype=torch.float32).clone())
         self.target_index = None if target_index is None else [int(i) for i in target_index]
@@ -51,12 +61,15 @@ class RawForecaster(nn.Module):
         return torch.minimum(torch.maximum(y, self.low), self.high) if self.clips else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net((x - self.fmean) / self.fscale) * self.tscale + self.tmean  # [B, W, F] -> [B, H * T]
+        scaled = (x - self.fmean) / self.fscale  # [B, W, F]
+        out = self.net(scaled) * self.tscale + self.tmean  # [B, W, F] -> [B, H * T]
         if self.horizon > 1:  # H = 1 stays [B, T], the one-step contract, without a reshape in the graph
             out = out.reshape(out.shape[0], self.horizon, -1)  # [B, H, T], step-major
         if self.target_index is not None:
             last = x[:, -1, self.target_index]  # [B, T]: the last raw value of each target
             out = out + (last if self.horizon == 1 else last.unsqueeze(1))
+        if self.blend is not None:
+            out = self.blend(self.net.encode(scaled), out)
         return self.clip(out)
 
 
@@ -171,6 +184,10 @@ class DwcpForecaster(L.LightningModule):
         mape_floor: MAPE skips targets with ``|y| <= mape_floor`` (see :mod:`dwcp_lstm.metrics`).
         interval_levels: nominal coverage of the prediction intervals, calibrated on the validation split after
             training (see :mod:`dwcp_lstm.intervals`); the validation split must hold enough windows for the widest.
+        blend_ridge: after training, each step and target's forecast becomes ``w x network + (1 - w) x ridge``
+            (the report's ridge baseline, fit on the training windows), ``w`` from 0, 0.05, .., 1 chosen on the
+            validation split (see :mod:`dwcp_lstm.blend`); ridge is linear in the window, so the exported graph
+            carries it. Where ridge adds nothing ``w`` is 1. false = the network alone.
         optimizer: optimizer factory (Adam, lr 1e-3 by default).
         scheduler: LR scheduler factory; null = ReduceLROnPlateau(factor 0.5, patience 5) on val_loss.
     """
@@ -196,6 +213,7 @@ class DwcpForecaster(L.LightningModule):
         loss_weights: list[float] | None = None,
         mape_floor: float = 0.0,
         interval_levels: list[float] = [0.8, 0.95],  # noqa: B006 (literal default for the CLI; never mutated)
+        blend_ridge: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -268,6 +286,10 @@ class DwcpForecaster(L.LightningModule):
         self.val_loss_mean = MeanMetric()  # drives the LR scheduler (see configure_optimizers)
         self.scheduler = None
         self._scheduler_state: dict | None = None
+        if not isinstance(blend_ridge, bool):
+            raise ConfigError(f"--model.blend_ridge must be true or false, got {blend_ridge!r}")
+        self.blend: RidgeBlend | None = None  # fitted after training (blend.fit_blend), never in the state dict
+        self.blend_summary: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # scaled [B, W, F] -> scaled [B, T]
@@ -301,6 +323,11 @@ class DwcpForecaster(L.LightningModule):
 
     def on_test_start(self) -> None:
         self._lend_scalers()
+        dm = self.trainer.datamodule
+        if isinstance(dm, DwcpDataModule) and dm.scalers is not None:  # refitted: the weights may be new
+            from dwcp_lstm.blend import fit_blend
+
+            fit_blend(self, dm)  # test figures are the forecast's, as the report and the export make it
 
     def on_predict_start(self) -> None:
         self._lend_scalers()
@@ -338,22 +365,34 @@ class DwcpForecaster(L.LightningModule):
         """The network with its scalers baked in, for export and raw-unit inference."""
         index = self.target_index if self.delta else None
         return RawForecaster(self.net, self.fmean, self.fscale, self.tmean, self.tscale, index, self.horizon,
-                             self.ranges)  # fmt: skip
+                             self.ranges, self.blend)  # fmt: skip
 
     def interval_forecaster(self, calibration) -> IntervalForecaster:
         """:meth:`raw_forecaster` with the calibrated intervals of ``calibration`` (see :mod:`dwcp_lstm.intervals`)."""
         index = self.target_index if self.delta else None
         return IntervalForecaster(self.raw_forecaster(), calibration, index)
 
-    def unscale(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def unscale(self, y: torch.Tensor, x: torch.Tensor, clip: bool = True) -> torch.Tensor:
         """Scaled network output (or target) [B, H * T] of scaled windows x [B, W, F] -> original units [B, H, T],
         clipped into the targets' ranges as the graph clips (a no-op on actual targets, which the reader checked)."""
         out = (y * self.tscale + self.tmean).reshape(len(y), self.horizon, -1)  # [B, H, T]
         if self.delta:
             i = self.target_index
             out = out + (x[:, -1, i] * self.fscale[i] + self.fmean[i]).unsqueeze(1)  # + the window's last raw value
+        return self._clip(out) if clip else out
+
+    def _clip(self, out: torch.Tensor) -> torch.Tensor:
         low, high = (torch.as_tensor(r, dtype=out.dtype, device=out.device) for r in self.ranges)
         return torch.minimum(torch.maximum(out, low), high)
+
+    def forecast(self, x: torch.Tensor, clip: bool = True, blend: bool = True) -> torch.Tensor:
+        """Raw forecasts [B, H, T] of scaled windows x [B, W, F], as the exported graph makes them: the network's
+        output in original units, mixed with ridge's where a blend was fitted (unless ``blend`` is false), then
+        clipped into the targets' ranges (unless ``clip`` is false)."""
+        out = self.unscale(self(x), x, clip=False)
+        if blend and self.blend is not None:
+            out = self.blend(self.net.encode(x), out)
+        return self._clip(out) if clip else out
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -366,9 +405,10 @@ class DwcpForecaster(L.LightningModule):
                 "lower the learning rate or set trainer.gradient_clip_val"
             )
         n_t = len(self.hparams.target_names)  # metrics pooled over the horizon's steps: [B * H, T]
-        self.metrics[f"{stage}_metrics"].update(
-            self.unscale(pred.detach(), x).reshape(-1, n_t), self.unscale(y, x).reshape(-1, n_t)
-        )
+        # the test metrics judge the forecast as shipped (mixed with ridge where a blend was fitted, on_test_start);
+        # the loss stays the network's own
+        raw = self.forecast(x) if stage == "test" and self.blend is not None else self.unscale(pred.detach(), x)
+        self.metrics[f"{stage}_metrics"].update(raw.reshape(-1, n_t), self.unscale(y, x).reshape(-1, n_t))
         # val/test losses are averaged over ranks under DDP: checkpointing and early stopping must agree on them
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x),
                  sync_dist=stage != "train")  # fmt: skip
@@ -412,7 +452,7 @@ class DwcpForecaster(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        out = self.unscale(self(x), x)  # raw units [B, H, T]
+        out = self.forecast(x)  # raw units [B, H, T]
         return out[:, 0] if self.horizon == 1 else out
 
     def _log_metrics(self, stage: str) -> None:

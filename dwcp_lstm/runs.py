@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
+from dwcp_lstm.blend import fit_blend
 from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
@@ -140,7 +141,9 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
             raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
     warn_edited_model_settings(read_config(config), h, config, ckpt)
-    return module.eval(), dm, ckpt
+    module = module.eval()
+    fit_blend(module, dm)  # after training, like the intervals: from the checkpoint and the validation split
+    return module, dm, ckpt
 
 
 def warn_edited_model_settings(cfg: object, hparams, config: Path, ckpt: Path) -> None:

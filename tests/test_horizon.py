@@ -16,6 +16,7 @@ from dwcp_lstm.cli import cli_main
 from dwcp_lstm.data import DwcpDataModule, LeakageError
 from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.runs import load_run
 from dwcp_lstm.serve import Predictor
 
 H = 3
@@ -112,6 +113,7 @@ def horizon_run(tmp_path_factory):
     small.append("--model.linear_skip=true")  # the real-trace recipe's skip through export, predictor and planner
     small.append("--data.cyclic={time_of_day: 24, day_of_week: 7}")  # and the calendar's sine and cosine in the graph
     small.append("--model.skip_cross=true")  # and the skip's products of levels and phase
+    small.append("--model.blend_ridge=true")  # and the mix with ridge, fitted at fit end, in the graph
     cli_main(fit_args(tmp, f"--data.horizon={H}", "--trainer.max_epochs=1", "--onnx.filename=net.onnx", *small))
     return run_dir_of(tmp)
 
@@ -126,7 +128,8 @@ def test_fit_exports_a_multi_step_graph_the_predictor_reads(horizon_run, small_c
     one = p.predict(link)
     assert list(one) == p.all_columns and all(np.isfinite(list(one.values())))
     assert f"throughput_mbps_h{H}_hi95" in one and f"jitter_ms_mean{H}_lo80" in one  # per step, and the mean over k
-    module = DwcpForecaster.load_from_checkpoint(horizon_run / "checkpoints" / "best.ckpt", weights_only=True).eval()
+    module, _, _ = load_run(horizon_run)  # the checkpoint with its blend fitted again: the exported forecast
+    assert module.blend is not None and json.loads(json.dumps(module.blend_summary)) == meta["blend"]
     assert module.net.encode.index == [4, 5] and p.features == module.hparams.feature_names  # raw columns in
     x = link[p.features].to_numpy(np.float32)[-20:][None]
     with torch.no_grad():

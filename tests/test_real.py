@@ -28,6 +28,7 @@ def test_real_trace_config_trains_and_reports(tmp_path, name):
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=3",
             "--trainer.limit_val_batches=2",
+            "--model.blend_ridge=true",  # the shipped recipe: the mix with ridge on every source's quirks
         )
     )
     run = run_dir_of(tmp_path)
@@ -35,6 +36,8 @@ def test_real_trace_config_trains_and_reports(tmp_path, name):
     assert list(report["per_target"]) == targets
     assert {"persistence", "harmonic_mean_5", "window_mean", "ridge"} <= set(report["baselines"])
     assert report["oracle"] is None and report["gap_closed"] is None  # no ceiling for real data
+    assert all(0 <= w <= 1 for ws in report["blend"]["weights"].values() for w in ws)  # fitted, and in the graph:
+    assert report["onnx"]["parity_max_rel"] < 1e-4  # the report measured the export against the blended module
     # relative errors for the model and every baseline; those judged on every test window share one denominator
     full = [report] + [b for b in report["baselines"].values() if b["windows"] == report["windows"]]
     for t in targets:
