@@ -130,6 +130,10 @@ def test_fit_exports_a_multi_step_graph_the_predictor_reads(horizon_run, small_c
     assert f"throughput_mbps_h{H}_hi95" in one and f"jitter_ms_mean{H}_lo80" in one  # per step, and the mean over k
     module, _, _ = load_run(horizon_run)  # the checkpoint with its blend fitted again: the exported forecast
     assert module.blend is not None and json.loads(json.dumps(module.blend_summary)) == meta["blend"]
+    report = json.loads((horizon_run / "report.json").read_text())  # the report says what the mix chose and did
+    assert report["blend"]["weights"] == meta["blend"]["weights"]
+    assert set(report["blend"]["test_rmse"]) == set(p.targets)
+    assert "## Mix with ridge" in (horizon_run / "report.md").read_text()
     assert module.net.encode.index == [4, 5] and p.features == module.hparams.feature_names  # raw columns in
     x = link[p.features].to_numpy(np.float32)[-20:][None]
     with torch.no_grad():
