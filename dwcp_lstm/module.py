@@ -323,14 +323,20 @@ class DwcpForecaster(L.LightningModule):
 
     def on_test_start(self) -> None:
         self._lend_scalers()
-        dm = self.trainer.datamodule
-        if isinstance(dm, DwcpDataModule) and dm.scalers is not None:  # refitted: the weights may be new
-            from dwcp_lstm.blend import fit_blend
-
-            fit_blend(self, dm)  # test figures are the forecast's, as the report and the export make it
+        self._fit_blend()  # test figures are the forecast's, as the report and the export make it
 
     def on_predict_start(self) -> None:
         self._lend_scalers()
+        self._fit_blend()  # forecasts as the exported graph makes them
+
+    def _fit_blend(self) -> None:
+        """Fit the mix with ridge on the loop's data (again on every call: the weights may have been restored
+        since); nothing without a DwcpDataModule."""
+        dm = self.trainer.datamodule
+        if isinstance(dm, DwcpDataModule) and dm.scalers is not None:
+            from dwcp_lstm.blend import fit_blend
+
+            fit_blend(self, dm)
 
     def _lend_scalers(self) -> None:
         """A restored checkpoint brings the scalers of the data it was trained on: evaluating it on other data must

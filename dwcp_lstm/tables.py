@@ -403,8 +403,9 @@ def canonical_id(text: str) -> str:
 
 
 def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:
-    """Fill empty cells from the previous row of the same series (the last known value), and a series' leading empty
-    cells from its first known value. A series with a column that is empty throughout is skipped with a warning
+    """Fill empty cells from the previous row of the same series (the last known value). A series' leading rows
+    that come before a column's first known value are dropped, not back-filled: a back-fill reads a later row into
+    an earlier window, ahead of time. A series with a column that is empty throughout is skipped with a warning
     (nothing to carry); none left is an error. ``df`` must be ordered by :func:`order_series`."""
     cols = list(columns)
     n_missing = int(df[cols].isna().to_numpy().sum())
@@ -412,16 +413,23 @@ def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str]
         return df
     keys = list(series)
     df[cols] = df.groupby(keys, sort=False, observed=True)[cols].ffill() if keys else df[cols].ffill()
-    df[cols] = df.groupby(keys, sort=False, observed=True)[cols].bfill() if keys else df[cols].bfill()
-    empty = df[cols].isna().any(axis=1).to_numpy()  # only rows of series with an all-empty column remain
+    empty = df[cols].isna().any(axis=1)  # after a forward fill: only a series' leading rows
     log.warning("%s: filled %d empty cells with the last known value of their series", path, n_missing)
-    if empty.any():
-        n_series = df.loc[empty, keys].drop_duplicates().shape[0] if keys else 1
-        col = df.loc[empty, cols].isna().any().idxmax()
+    if not empty.any():
+        return df
+    whole = empty.groupby([df[k] for k in keys], sort=False, observed=True).transform("all") if keys else empty.all()
+    whole = np.broadcast_to(np.asarray(whole, dtype=bool), len(df))
+    col = df.loc[empty, cols].isna().any().idxmax()
+    if whole.any():
+        n_series = df.loc[whole, keys].drop_duplicates().shape[0] if keys else 1
         log.warning("%s: skipped %d series with a column that is empty throughout (e.g. %r)", path, n_series, col)
-        df = df.loc[~empty].reset_index(drop=True)
-        if df.empty:
-            raise DataError(f"{path}: column {col!r} is empty throughout every series")
+    leading = empty.to_numpy() & ~whole
+    if leading.any():
+        log.warning("%s: dropped %d rows at the start of their series, before a column's first value (e.g. %r): "
+                    "filling them would read a later row", path, int(leading.sum()), col)  # fmt: skip
+    df = df.loc[~empty.to_numpy()].reset_index(drop=True)
+    if df.empty:
+        raise DataError(f"{path}: column {col!r} is empty throughout every series")
     return df
 
 

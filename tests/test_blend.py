@@ -138,3 +138,7 @@ def test_the_test_loop_judges_the_blended_forecast(small_csv):
     ref = compute_metrics(predict_raw(module, dm, "test")[:, 0], y, dm.targets)
     for t in dm.targets:
         assert logged[f"test/{t}/rmse"] == pytest.approx(ref[t]["rmse"], rel=1e-4)
+    module.blend = None
+    predicted = torch.cat(trainer.predict(module, datamodule=dm)).numpy()  # the predict loop mixes too
+    assert module.blend is not None
+    np.testing.assert_allclose(predicted, predict_raw(module, dm, "test")[:, 0], rtol=1e-5, atol=1e-5)

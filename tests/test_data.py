@@ -165,3 +165,24 @@ def synthetic_spec(**kw):
     from dwcp_lstm.data import SyntheticSpec
 
     return SyntheticSpec(**kw)
+
+
+def test_fill_missing_carries_values_forward_only(caplog):
+    from dwcp_lstm.tables import DataError, fill_missing
+
+    nan = np.nan
+    df = pd.DataFrame({
+        "link": ["a"] * 5 + ["b"] * 3 + ["c"] * 2,
+        "x": [nan, nan, 3.0, nan, 5.0, 1.0, 2.0, 3.0, 7.0, nan],
+        "y": [1.0, 2.0, nan, 4.0, 5.0, nan, nan, nan, 8.0, 9.0],
+    })  # fmt: skip
+    out = fill_missing(df.copy(), ["x", "y"], ["link"], "t.csv")
+    # a: its first two rows precede x's first value and are dropped (a back-fill put row 2's 3.0 into rows 0-1);
+    # b: y is empty throughout, skipped; c: its last x is the previous row's
+    assert out["link"].tolist() == ["a", "a", "a", "c", "c"]
+    assert out["x"].tolist() == [3.0, 3.0, 5.0, 7.0, 7.0] and out["y"].tolist() == [2.0, 4.0, 5.0, 8.0, 9.0]
+    assert "dropped 2 rows at the start of their series" in caplog.text and "skipped 1 series" in caplog.text
+    one = pd.DataFrame({"x": [nan, 1.0, nan], "y": [1.0, 2.0, 3.0]})  # no series columns: one series
+    assert fill_missing(one, ["x", "y"], [], "t.csv")["x"].tolist() == [1.0, 1.0]
+    with pytest.raises(DataError, match="'y' is empty throughout every series"):
+        fill_missing(df[df.link == "b"].copy(), ["x", "y"], ["link"], "t.csv")
