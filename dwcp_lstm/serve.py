@@ -521,6 +521,7 @@ def forecast_table(
     ``rolling`` every window of every segment is forecast.
     """
     w = predictor.window
+    time_dtype = df[time].dtype  # read as seconds below; written back as it came
     df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     x = df[predictor.features].to_numpy(np.float32)  # [rows, F]
     every = segment_bounds(df, series, time, 1, max_gap, path)  # [S, 2]: the links split at gaps, as in training
@@ -555,8 +556,22 @@ def forecast_table(
         predictor.check_range(windows, str(path), [link_name(df, series, a) for a, _ in bounds])  # links named
         y = predictor._table(windows, str(path))  # [S, C]: forecasts and interval bounds
     out = df.loc[last_rows, [*series, time]].reset_index(drop=True)
+    out[time] = as_dtype(out[time], time_dtype)
     values = pd.DataFrame(y.reshape(len(y), -1), columns=predictor.all_columns)  # [S, C]: forecasts, then bounds
     return pd.concat([out, values], axis=1)
+
+
+def as_dtype(seconds: pd.Series, dtype) -> pd.Series:
+    """Times in seconds (as :func:`~dwcp_lstm.tables.as_seconds` reads a datetime or timedelta column) back in the
+    input's own dtype, so that a forecast's time column matches its input's (was: epoch seconds in the output of a
+    Parquet timestamp input). Rounded to the microsecond: float seconds near 2026 hold about 0.2 us."""
+    if pd.api.types.is_datetime64_any_dtype(dtype):
+        t = pd.to_datetime(seconds.round(6), unit="s", utc=True)
+        t = t.dt.tz_convert(dtype.tz) if getattr(dtype, "tz", None) is not None else t.dt.tz_localize(None)
+        return t.astype(dtype)
+    if pd.api.types.is_timedelta64_dtype(dtype):
+        return pd.to_timedelta(seconds.round(6), unit="s").astype(dtype)
+    return seconds
 
 
 def check_online(predictor: Predictor, source: str) -> None:

@@ -527,19 +527,34 @@ def test_fractional_times_are_written_in_full(smoke_run, two_links, tmp_path, ca
                                                                                         "timestamp"]).any()  # fmt: skip
 
 
+def cmd_forecast_frame(run: Path, data: Path, out: Path) -> pd.DataFrame:
+    cmd_forecast(["--model", str(run), "--input", str(data), "--output", str(out)])
+    return pd.read_parquet(out)
+
+
 def test_a_datetime_time_column_is_read_as_seconds(smoke_run, two_links, tmp_path, capsys):
     """A Parquet timestamp column is stored in microseconds; read as a number it would make the 5-minute cadence
-    300,000,000 s and the planner's horizon days long. Datetimes are converted to Unix seconds."""
+    300,000,000 s and the planner's horizon days long. Datetimes are converted to Unix seconds, and the forecast's
+    time column is written back as the input's datetimes (it was epoch seconds)."""
     import json
 
     df = pd.read_csv(two_links)
-    seconds = df["timestamp"].copy()
-    df["timestamp"] = pd.to_datetime(df["timestamp"], unit="s").astype("datetime64[us]")
-    path = tmp_path / "dt.parquet"
-    df.to_parquet(path, index=False)
-    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path)])
-    got = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert set(got["timestamp"]) <= set(seconds)
+    plain = cmd_forecast_frame(smoke_run, two_links, tmp_path / "plain.parquet")
+    for tz in (None, "Europe/Oslo"):
+        df["timestamp"] = pd.to_datetime(pd.read_csv(two_links)["timestamp"], unit="s", utc=tz is not None)
+        df["timestamp"] = (df["timestamp"].dt.tz_convert(tz) if tz else df["timestamp"]).astype(
+            "datetime64[us]" if tz is None else f"datetime64[us, {tz}]"
+        )
+        path = tmp_path / "dt.parquet"
+        df.to_parquet(path, index=False)
+        got = cmd_forecast_frame(smoke_run, path, tmp_path / "dt_out.parquet")
+        assert got["timestamp"].dtype == df["timestamp"].dtype and set(got["timestamp"]) <= set(df["timestamp"])
+        assert (got["timestamp"] == pd.to_datetime(plain["timestamp"], unit="s", utc=True).dt.tz_convert(tz)
+                if tz else got["timestamp"] == pd.to_datetime(plain["timestamp"], unit="s")).all()  # fmt: skip
+        pd.testing.assert_frame_equal(got.drop(columns="timestamp"), plain.drop(columns="timestamp"))
+    capsys.readouterr()
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path)])  # CSV: the datetimes as text
+    assert pd.to_datetime(pd.read_csv(io.StringIO(capsys.readouterr().out))["timestamp"]).dt.tz is not None
     cli_main(["plan", "--model", str(smoke_run), "--input", str(path), "--memory-gib", "16", "--json"])
     steps = {link["step_s"] for link in json.loads(capsys.readouterr().out)["links"]}
     assert steps - {None} == {300.0}  # None: the 5-row link, too short for a window
