@@ -34,6 +34,17 @@ def blend_weights(net: np.ndarray, ridge: np.ndarray, y: np.ndarray, ranges: np.
     return best_w
 
 
+def ridge_in_raw_units(dm):
+    """The report's ridge fit (:func:`~dwcp_lstm.evaluate.fit_ridge`) and its map in raw target units: weights
+    [H * T, D] and intercepts [H * T], as :class:`~dwcp_lstm.model.RidgeBlend` takes them."""
+    ridge, ts = fit_ridge(dm), dm.target_scaler
+    n = dm.horizon * dm.n_targets
+    scale = np.broadcast_to(ts.scale_, (n,))
+    coef = ridge.model.coef_.reshape(n, -1) * scale[:, None]  # ridge predicts scaled targets
+    intercept = np.broadcast_to(ridge.model.intercept_, (n,)) * scale + np.broadcast_to(ts.mean_, (n,))
+    return ridge, coef, intercept
+
+
 def fit_blend(module, dm) -> dict | None:
     """Fit the module's blend on the validation split (``module.blend``; None when ``blend_ridge`` is off or the
     split has fewer than :data:`MIN_WINDOWS` windows) and return what it chose (``module.blend_summary``): ``w``
@@ -46,16 +57,12 @@ def fit_blend(module, dm) -> dict | None:
         log.warning("%d validation windows: too few to choose a mix with ridge (%d needed); the network alone",
                     len(starts), MIN_WINDOWS)  # fmt: skip
         return None
-    ridge = fit_ridge(dm)
-    ts = dm.target_scaler
-    r = ridge.predict(scaled_windows(dm, starts)) * ts.scale_ + ts.mean_  # [N, H * T] raw
+    ridge, coef, intercept = ridge_in_raw_units(dm)
+    r = scaled_windows(dm, starts).reshape(len(starts), -1) @ coef.T + intercept  # [N, H * T] raw, as in the graph
     r = r.reshape(len(starts), dm.horizon, -1)  # [N, H, T]
     net = predict_raw(module, dm, "val", blend=False, clip=False)
     y, ranges = step_targets(dm, "val"), target_ranges(dm.targets)
     w = blend_weights(net, r, y, ranges)
-    scale = np.broadcast_to(ts.scale_, (w.size,))
-    coef = ridge.model.coef_.reshape(w.size, -1) * scale[:, None]  # raw units: ridge predicts scaled targets
-    intercept = np.broadcast_to(ridge.model.intercept_, (w.size,)) * scale + np.broadcast_to(ts.mean_, (w.size,))
     module.blend = RidgeBlend(w, coef, intercept).to(module.device)
 
     def rmse(p: np.ndarray) -> list[float]:

@@ -42,6 +42,7 @@ def test_bench_quick_emits_every_figure(tmp_path: Path, capsys):
     assert "1 intra-op thread" in printed["threads"]["b1_latency"]
     assert printed["settings"]["quick"] is True and printed["settings"]["train_batch_size"] == 64
     assert set(printed["settings"]["interval_scales"]) == {"throughput_mbps", "rtt_ms", "packet_loss", "jitter_ms"}
+    assert printed["settings"]["mix_with_ridge"] is True  # the graph as `fit` ships it
     assert printed["device"]["logical_cpus"] >= 1
     assert torch.get_num_threads() == threads  # the 1-thread latency section restores the caller's setting
     from dwcp_lstm.runtime import default_threads, usable_cores

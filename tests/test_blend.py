@@ -79,14 +79,8 @@ def test_with_the_network_share_at_zero_the_forecast_is_the_reports_ridge(blende
     module, dm, _ = blended
     keep = module.blend
     try:
-        w = torch.zeros_like(keep.w)
-        ridge = BL.fit_ridge(dm)
-        ts = dm.target_scaler
-        scale = np.broadcast_to(ts.scale_, (w.numel(),))
-        module.blend = RidgeBlend(
-            w, ridge.model.coef_.reshape(w.numel(), -1) * scale[:, None],
-            ridge.model.intercept_ * scale + np.broadcast_to(ts.mean_, (w.numel(),)),
-        )  # fmt: skip
+        _, coef, intercept = BL.ridge_in_raw_units(dm)
+        module.blend = RidgeBlend(torch.zeros_like(keep.w), coef, intercept)
         ours = predict_raw(module, dm, "test")
     finally:
         module.blend = keep
