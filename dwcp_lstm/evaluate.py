@@ -98,31 +98,31 @@ def oracle_forecasts(dm, target_rows: np.ndarray, steps: int | None = None) -> n
     return None if np.isnan(values).any() else values
 
 
-def fit_baselines(dm) -> tuple[B.RidgeBaseline, B.BoostingBaseline, np.ndarray]:
-    """Ridge, boosted trees and the EWMA alpha, fit on (at most 100,000 evenly spaced) training windows."""
-    train_starts = dm.starts["train"]
-    pick = train_starts[B._even_subset(len(train_starts), 100_000)]
+def training_sample(dm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the fitted baselines learn from: (at most 100,000 evenly spaced) training window starts, their scaled
+    windows [N, W, F + C] and their targets scaled by the model's target scaler [N, H * T] step-major (any fixed
+    affine map of the targets would do: the model's keeps the scales comparable)."""
+    pick = dm.starts["train"][B._even_subset(len(dm.starts["train"]), 100_000)]
     rows = pick + dm.window_size
-    train_hist = target_history(dm, pick)
-    train_y = dm.raw_targets[rows[:, None] + np.arange(dm.horizon)].reshape(len(pick), -1)  # [N, H * T] step-major
-    ts = dm.target_scaler  # any fixed affine map of the targets: here the model's, so the scales are comparable
-    x_train = scaled_windows(dm, pick)
-    ridge = fit_ridge(dm, x_train, train_y)
-    gbt = B.BoostingBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)  # direct: one model per step and target
-    return ridge, gbt, B.fit_ewma_alpha(train_hist, train_y[:, : dm.n_targets])
+    train_y = dm.raw_targets[rows[:, None] + np.arange(dm.horizon)].reshape(len(pick), -1)  # [N, H * T]
+    ts = dm.target_scaler
+    return pick, scaled_windows(dm, pick), (train_y - ts.mean_) / ts.scale_
 
 
-def fit_ridge(dm, x_train: np.ndarray | None = None, train_y: np.ndarray | None = None) -> B.RidgeBaseline:
-    """The ridge baseline: direct (one output per step and target) on the scaled window, fit on (at most 100,000
-    evenly spaced) training windows (given, or picked here as :func:`fit_baselines` picks them); the model's blend
-    (:mod:`dwcp_lstm.blend`) uses this same fit."""
-    if x_train is None or train_y is None:
-        pick = dm.starts["train"][B._even_subset(len(dm.starts["train"]), 100_000)]
-        x_train = scaled_windows(dm, pick)
-        rows = pick + dm.window_size
-        train_y = dm.raw_targets[rows[:, None] + np.arange(dm.horizon)].reshape(len(pick), -1)  # [N, H * T]
-    ts = dm.target_scaler  # any fixed affine map of the targets: here the model's, so the scales are comparable
-    return B.RidgeBaseline().fit(x_train, (train_y - ts.mean_) / ts.scale_)
+def fit_baselines(dm) -> tuple[B.RidgeBaseline, B.BoostingBaseline, np.ndarray]:
+    """Ridge, boosted trees and the EWMA alpha, fit on the training sample (:func:`training_sample`)."""
+    pick, x_train, y_scaled = training_sample(dm)
+    ridge = B.RidgeBaseline().fit(x_train, y_scaled)  # one output per step and target, as fit_ridge fits it
+    gbt = B.BoostingBaseline().fit(x_train, y_scaled)  # direct: one model per step and target
+    train_y = dm.raw_targets[pick + dm.window_size]  # [N, T]: step 1
+    return ridge, gbt, B.fit_ewma_alpha(target_history(dm, pick), train_y)
+
+
+def fit_ridge(dm) -> B.RidgeBaseline:
+    """The ridge baseline alone, fit as :func:`fit_baselines` fits it; the model's blend (:mod:`dwcp_lstm.blend`)
+    uses this same fit."""
+    _, x_train, y_scaled = training_sample(dm)
+    return B.RidgeBaseline().fit(x_train, y_scaled)
 
 
 def run_baselines(dm, y: np.ndarray, mape_floor: float, stage: str = "test", fitted=None) -> tuple[dict, dict]:
