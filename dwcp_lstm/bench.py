@@ -121,6 +121,46 @@ def paired_calls(
     return ta, tb, [x / y for x, y in zip(ta, tb, strict=True)]
 
 
+_PAIRED_CHILD = """
+import json, sys
+import numpy as np
+from dwcp_lstm.bench import paired_calls
+
+x = np.load(sys.argv[3])
+ta, tb, ratios = paired_calls(sys.argv[1], sys.argv[2], [x[i : i + 1] for i in range(len(x))], int(sys.argv[4]))
+print(json.dumps({"a": ta, "b": tb, "ratios": ratios}))
+"""
+
+
+def _child_env() -> dict[str, str]:
+    """This process's environment with the package's folder on PYTHONPATH, for ``python -P -c`` children (``-P``:
+    without it the working directory comes first on the path, and a ``dwcp_lstm`` folder there, another checkout's,
+    was imported instead of this one)."""
+    here = str(Path(__file__).parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+
+
+def paired_calls_apart(
+    path_a: Path, path_b: Path, inputs: np.ndarray, iters: int, work: Path
+) -> tuple[list[int], list[int], list[float]]:
+    """:func:`paired_calls` in a fresh interpreter that loads only numpy and onnxruntime; ``inputs`` [N, W, F].
+
+    Why apart: inside ``bench``, after the sections before it (torch, the training data module, the other
+    sessions), the same comparison read +3.6 % and +19.2 % in two runs of one model, where a process of its own
+    repeats within about a point (docs/benchmarks.md)."""
+    feed = work / "paired_inputs.npy"
+    np.save(feed, np.ascontiguousarray(inputs, dtype=np.float32))
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _PAIRED_CHILD, str(path_a), str(path_b), str(feed), str(iters)],
+        capture_output=True, text=True, env=_child_env(), check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise DataError(f"bench: paired-calls child process failed ({tail[0]})")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["a"], out["b"], out["ratios"]
+
+
 def interval_scales(meta: dict) -> dict[str, str] | None:
     """Per target, the scale its calibrated bounds use (as recorded in the metadata); None without intervals."""
     beyond = (meta.get("intervals") or {}).get("beyond_horizon")
@@ -263,9 +303,9 @@ def bench_inference(
             ns["onnx"] += time_calls(onnx_b1, per_round)
             ns["predictor"] += time_calls(predictor_b1, per_round)
             ns["torch"] += time_calls(torch_b1, per_round)
-        ns["onnx_all"], ns["onnx_plain"], ratios = paired_calls(model_path, plain_path, singles, s["b1_iters"])
     finally:
         torch.set_num_threads(default_threads)
+    ns["onnx_all"], ns["onnx_plain"], ratios = paired_calls_apart(model_path, plain_path, x[:64], s["b1_iters"], work)
     time_calls(onnx_b256, 2)
     time_calls(torch_b256, 2)
     for _ in range(s["rounds"]):
@@ -481,11 +521,8 @@ def bench_datamodule(rows: int, work: Path) -> dict[str, Any]:
     df = synthetic.generate(samples=rows)
     synthetic.write_frame(df, path)
     del df
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent),
-                                                                        os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-c", _DATAMODULE_CHILD, str(path)], capture_output=True, text=True, env=env, check=False
-    )
+    cmd = [sys.executable, "-P", "-c", _DATAMODULE_CHILD, str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), check=False)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
         raise DataError(f"bench: DataModule child process failed ({tail[0]})")
