@@ -79,7 +79,7 @@ def delayed_rate(rate: float, issued: np.ndarray, known: np.ndarray, horizon: in
 
 def track(
     needed: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, alpha: np.ndarray | float,
-    rate: np.ndarray | float = RATE,
+    rate: np.ndarray | float = RATE, censored: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Multipliers ``s`` [n, K] for n forecasts in K columns (levels, steps, targets flattened by the caller).
 
@@ -88,7 +88,9 @@ def track(
     its outcome is known, on the same clock (rows of its series), ``known > issued``; ``groups`` [n]: one multiplier
     per group (a link), carried over gaps; ``alpha`` [K] or one number: the nominal miss rate of each column;
     ``rate`` one number or [n]: the step of each outcome. The forecast issued at ``t`` uses every outcome of its
-    group known by ``t``, each judged against the multiplier its own forecast was issued with."""
+    group known by ``t``, each judged against the multiplier its own forecast was issued with. ``censored`` [n]:
+    outcomes seen only in part (a migration still running when the data ended; ``needed`` is then what covering the
+    part seen needed): a miss is certain where the multiplier fell short of it, and only such misses are used."""
     needed = np.asarray(needed, np.float64)
     n, k = needed.shape
     known = np.broadcast_to(np.asarray(known), (k, n)).T if np.ndim(known) == 1 else np.asarray(known)
@@ -97,14 +99,15 @@ def track(
         raise ValueError("an outcome must become known after its forecast was issued")
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (k,))
     rate = np.broadcast_to(np.asarray(rate, np.float64), (n,))
+    censored = np.zeros(n, bool) if censored is None else np.asarray(censored, bool)
     s = np.ones((n, k))
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
-        _track_group(needed, s, idx[np.argsort(issued[idx], kind="stable")], issued, known, alpha, rate)
+        _track_group(needed, s, idx[np.argsort(issued[idx], kind="stable")], issued, known, alpha, rate, censored)
     return s
 
 
-def _track_group(needed, s, idx, issued, known, alpha, rate) -> None:
+def _track_group(needed, s, idx, issued, known, alpha, rate, censored) -> None:
     """:func:`track` for one group, every column; the outcome queue is ordered per column by when it is known."""
     k = needed.shape[1]
     order = np.argsort(known[idx], axis=0, kind="stable")  # [m, K]: per column, outcomes by when they are known
@@ -124,7 +127,8 @@ def _track_group(needed, s, idx, issued, known, alpha, rate) -> None:
             c = cols_k[take]
             e = who[ptr[c], c]
             miss = needed[e, c] > s[e, c]
-            log_s[c] = np.clip(log_s[c] + rate[e] * (miss - alpha[c]), -LOG_LIMIT, LOG_LIMIT)
+            used = miss | ~censored[e]  # a partly seen outcome tells only of a miss
+            log_s[c] = np.where(used, np.clip(log_s[c] + rate[e] * (miss - alpha[c]), -LOG_LIMIT, LOG_LIMIT), log_s[c])
             ptr[c] += 1
         s[i] = np.exp(log_s)
 

@@ -323,6 +323,7 @@ def plan_table(
     (:func:`plan_online`)."""
     import pandas as pd
 
+    from dwcp_lstm.serve import as_dtype
     from dwcp_lstm.tables import (
         cadence_of,
         check_cadence_matches,
@@ -344,6 +345,7 @@ def plan_table(
         raise ConfigError(f"--step-seconds must be a number of seconds from {MIN_STEP_S:g} to {MAX_STEP_S:g}, got "
                           f"{step_seconds}")  # fmt: skip
     w, h = predictor.window, predictor.horizon
+    time_dtype = df[time].dtype  # read as seconds below; written back as it came, as forecast does
     df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
     bounds = segment_bounds(df, series, time, 1, max_gap, path)  # every segment; the latest of each link is used
     keys = df.groupby(series, sort=False, observed=True).ngroup().to_numpy() if series else np.zeros(len(df), int)
@@ -397,6 +399,7 @@ def plan_table(
         ]
         out = pd.concat([out, skipped], ignore_index=True)
         out["rounds_median"] = out["rounds_median"].astype("Int64")  # a count, null without a plan (was 18.0)
+    out[time] = as_dtype(out[time], time_dtype)
     order = np.lexsort((out["time_median_s"].fillna(np.inf), out[f"time_{c}_s"].fillna(np.inf)))
     out = out.iloc[order].reset_index(drop=True)
     out.insert(0, "rank", np.arange(1, len(out) + 1))
@@ -458,7 +461,7 @@ def plan_online(
     w, j = predictor.window, predictor.features.index(tp)
     planned = set(keys[latest[:, 1] - 1].tolist())
     rate = x[:, j].astype(np.float64)
-    issued, groups, need, known = [], [], [], []
+    issued, groups, need, known, censored = [], [], [], [], []
     for a, b in bounds:
         if b - a < w or keys[a] not in planned:
             continue
@@ -474,20 +477,28 @@ def plan_online(
             t_real = precopy(real, np.full(len(r), np.nan), steps, m)
             t_real = t_real["time_s"]
             done = np.isfinite(t_real)  # ended inside the data: its outcome is known
+            # Still running when the data ended, after ``seen`` seconds: a miss already if the confident time came
+            # before that (a link that never finished one in 41 hours kept its calibrated promise of two, unlearnt)
+            seen = np.isfinite(real).sum(axis=1) * steps
+            part = ~done & (seen > 0)
+            t_known = np.where(done, t_real, seen)
             nd = np.full(len(r), np.nan)
-            nd[done] = scale_needed(f[done], lo[done], steps[done], m, None if tail is None else tail[done],
-                                    t_real[done])  # fmt: skip
+            ok = done | part
+            nd[ok] = scale_needed(f[ok], lo[ok], steps[ok], m, None if tail is None else tail[ok], t_known[ok])
             issued.append(r)
             groups.append(keys[r])
             need.append(nd)
-            known.append(ended_row(r, np.where(done, t_real, 0.0), steps))
-    issued, groups, need, known = (np.concatenate(v) for v in (issued, groups, need, known))
-    s = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon)
+            known.append(ended_row(r, np.where(ok, t_known, 0.0), steps))
+            censored.append(part)
+    issued, groups, need, known, censored = (np.concatenate(v) for v in (issued, groups, need, known, censored))
+    s = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon, censored=censored)
     at = np.searchsorted(issued, latest[:, 1] - 1)  # each link's latest window (issued rows ascend: row order)
     _, code = np.unique(groups, return_inverse=True)
     last_of_group = np.zeros(code.max() + 1, np.int64)
     last_of_group[code[at]] = issued[at]
-    used = np.isfinite(need) & (known <= last_of_group[code])  # outcomes known by the link's latest window
+    # outcomes known by the link's latest window: the ended migrations, and the unfinished ones already missed
+    learnt = np.where(censored, need > s, ~np.isnan(need))
+    used = learnt & (known <= last_of_group[code])
     return s[at], np.bincount(code, weights=used, minlength=len(last_of_group))[code[at]].astype(np.int64)
 
 
@@ -500,13 +511,15 @@ def replay_steps(horizon: int, longest: int) -> int:
 
 def margin_multipliers(
     need: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, confidence: float, horizon: int,
-    rate: float = O.RATE,
+    rate: float = O.RATE, censored: np.ndarray | None = None,
 ) -> np.ndarray:  # fmt: skip
     """Each migration's margin multiplier [n], learnt online per link from the migrations already ended (``need``
     [n] from :func:`scale_needed`, known from row ``known``), the step damped for those that ended more than the
-    horizon after they started (:func:`~dwcp_lstm.online.delayed_rate`). The backtest's and ``plan --online``'s."""
+    horizon after they started (:func:`~dwcp_lstm.online.delayed_rate`). The backtest's and ``plan --online``'s.
+    ``censored`` [n]: migrations still running when the data ended (``need``: for the time they were seen), which
+    count only where that already makes them misses (:func:`~dwcp_lstm.online.track`)."""
     gain = O.delayed_rate(rate, issued, known, horizon)
-    return O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain)[:, 0]
+    return O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain, censored)[:, 0]
 
 
 def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.ndarray:
@@ -517,7 +530,8 @@ def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.nda
 
 ONLINE_NOTE = (
     "the distance of each link's bound below its forecast is multiplied by online_scale, learnt from online_outcomes "
-    "migrations that its own history in the input would have seen and that ended before its latest row (each "
+    "migrations that its own history in the input would have seen and that ended before its latest row, or were "
+    "still running at it past their confident time (certain misses; the others still running are not used) (each "
     "outcome moves its log by rate x (miss - (1 - confidence)), the rate times horizon / rows for a migration that "
     "ended more rows than the horizon after it started)"
 )
@@ -662,6 +676,8 @@ def cmd_plan(argv: list[str]) -> None:
                             a.step_seconds, a.duplicates, float(trained["max_gap"]), a.online,
                             a.fill_missing)  # fmt: skip
     if a.json:
+        if out[time].dtype.kind in "mM":  # dates and durations as the input wrote them (to_json: epoch milliseconds)
+            out[time] = out[time].astype(str)
         links = json.loads(out.to_json(orient="records"))  # NaN -> null
         print(json.dumps({**facts, "links": links}, indent=2))
     else:

@@ -425,8 +425,16 @@ def check_val_interval(trainer, dm) -> None:
 
     windows = len(dm.starts["train"])
     n = windows // dm.batch_size + (windows % dm.batch_size > 1)  # a last batch of one is dropped (batch norm)
+    if n < 1:  # Lightning only says "No training batches", and the untrained network was exported and reported
+        raise DataError(
+            f"{dm.path}: the training split has {windows} window, which gives no training batch (a last "
+            "batch of one window is dropped): give more rows or a larger training share (--data.split)"
+        )
     limit = trainer.limit_train_batches
     n = min(n, limit) if isinstance(limit, int) else int(n * limit)
+    if n < 1:
+        raise ConfigError(f"--trainer.limit_train_batches {limit} leaves no training batch of the {windows} training "
+                          f"windows' batches of {dm.batch_size}: give at least one batch")  # fmt: skip
     interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
     counted = isinstance(interval, int) and not isinstance(interval, bool)
     if counted and every is not None and interval > n:

@@ -38,6 +38,7 @@ from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
     FLOAT32_MAX,
+    TICKS_PER_S,
     add_clock,
     check_cadence_matches,
     check_numeric,
@@ -564,14 +565,17 @@ def forecast_table(
 def as_dtype(seconds: pd.Series, dtype) -> pd.Series:
     """Times in seconds (as :func:`~dwcp_lstm.tables.as_seconds` reads a datetime or timedelta column) back in the
     input's own dtype, so that a forecast's time column matches its input's (was: epoch seconds in the output of a
-    Parquet timestamp input). Rounded to the microsecond: float seconds near 2026 hold about 0.2 us."""
-    if pd.api.types.is_datetime64_any_dtype(dtype):
-        t = pd.to_datetime(seconds.round(6), unit="s", utc=True)
-        t = t.dt.tz_convert(dtype.tz) if getattr(dtype, "tz", None) is not None else t.dt.tz_localize(None)
-        return t.astype(dtype)
-    if pd.api.types.is_timedelta64_dtype(dtype):
-        return pd.to_timedelta(seconds.round(6), unit="s").astype(dtype)
-    return seconds
+    Parquet timestamp input). Rounded to the microsecond: float seconds near 2026 hold about 0.2 us. Built in the
+    dtype's own unit, so that a time that only microseconds can hold (after 2262) is written back, not refused."""
+    is_time = pd.api.types.is_datetime64_any_dtype(dtype)
+    if not (is_time or pd.api.types.is_timedelta64_dtype(dtype)):
+        return seconds
+    unit = getattr(dtype, "unit", None) or np.datetime_data(dtype)[0]
+    ticks = np.round(seconds.round(6).to_numpy(np.float64) * TICKS_PER_S[unit]).astype(np.int64)
+    t = pd.Series(ticks.astype(f"{'datetime64' if is_time else 'timedelta64'}[{unit}]"), index=seconds.index)
+    if getattr(dtype, "tz", None) is not None:
+        t = t.dt.tz_localize("UTC").dt.tz_convert(dtype.tz)
+    return t.astype(dtype)
 
 
 def check_online(predictor: Predictor, source: str) -> None:

@@ -126,6 +126,9 @@ def add_clock(
     if series_start is not None and pd.api.types.is_datetime64_any_dtype(df[time]):
         raise DataError(f"{path}: column {time!r} holds dates and times; with --data.series_start the time column "
                         "counts seconds from each series' start (parsed from its id), as in training")  # fmt: skip
+    if series_start is None and pd.api.types.is_timedelta64_dtype(df[time]):  # was read as the clock, silently
+        raise DataError(f"{path}: column {time!r} holds durations; the wall-clock inputs (--data.clock) need absolute "
+                        "times (Unix seconds or dates), or --data.series_start to read each series' start")  # fmt: skip
     check_numeric(df, [time], path)
     t = df[time].to_numpy(np.float64)
     if series_start is not None:
@@ -293,16 +296,19 @@ def short_repr(value, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+TICKS_PER_S = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}  # pandas' datetime / timedelta units
+
+
 def as_seconds(df: pd.DataFrame, col: str) -> None:
     """A datetime (or timedelta) column becomes float seconds (since 1970-01-01 UTC), in place: every time here is
     in seconds, and ``pd.to_numeric`` would give the storage unit instead (microseconds for a Parquet timestamp, so
     a 5-minute cadence would read as 300,000,000 s)."""
     column = df[col]
-    if pd.api.types.is_datetime64_any_dtype(column):
-        epoch = pd.Timestamp(0, tz=column.dt.tz) if column.dt.tz is not None else pd.Timestamp(0)
-        df[col] = (column - epoch).dt.total_seconds()
-    elif pd.api.types.is_timedelta64_dtype(column):
-        df[col] = column.dt.total_seconds()
+    if pd.api.types.is_datetime64_any_dtype(column) or pd.api.types.is_timedelta64_dtype(column):
+        # From the column's own ticks in its own unit (UTC for a zoned column): subtracting a Timestamp converted it
+        # to nanoseconds first, and a Parquet time in microseconds past 2262 (or before 1677) raised a traceback
+        ticks = column.array.asi8.astype(np.float64)  # NaT: the smallest int64, masked below
+        df[col] = np.where(column.isna().to_numpy(), np.nan, ticks / TICKS_PER_S[column.dt.unit])
 
 
 def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
@@ -350,19 +356,21 @@ def order_series(
     # compared, not subtracted: a difference of unsigned (or extreme int64) times wraps around and reads as sorted
     same, later = codes[1:] == codes[:-1], t[1:] >= t[:-1]
     in_order = bool(np.all((codes[1:] > codes[:-1]) | (same & later)))
+    row = np.arange(len(df))  # each row's position in the file, for messages: sorting moves them
     if not in_order:
         log.warning("%s: rows are not sorted by %s; sorted them", path, ", ".join(keys))
-        order = np.lexsort((t, codes))
+        order = np.lexsort((t, codes))  # stable: of two equal keys, the file's earlier row stays first
         df = df.iloc[order].reset_index(drop=True)
-        codes, t = codes[order], t[order]
+        codes, t, row = codes[order], t[order], row[order]
     dup = np.r_[False, (codes[1:] == codes[:-1]) & (t[1:] == t[:-1])]
     if dup.any():
         n_dup = int(dup.sum())
         if duplicates == "error":
-            i = int(np.flatnonzero(dup)[0])
+            flagged = np.flatnonzero(dup)
+            i = int(flagged[np.argmin(row[flagged])])  # the first repeat in the file's order (was: in sorted order)
             who = "".join(f"{c}={short_repr(df[c].iloc[i])}, " for c in series)
             raise DataError(
-                f"{path}: row {i + 1}: duplicated ({who}{time}={df[time].iloc[i]}) "
+                f"{path}: row {row[i] + 1} repeats row {row[i - 1] + 1}: duplicated ({who}{time}={df[time].iloc[i]}) "
                 f"({n_dup} duplicates; set duplicates: first or mean to accept them)"
             )
         log.warning("%s: %d rows repeat a (%s); policy %r", path, n_dup, ", ".join(keys), duplicates)

@@ -193,3 +193,13 @@ def test_absolute_times_are_refused_when_the_start_comes_from_the_series_id(cloc
         cli_main(["forecast", "--model", str(clock_run), "--input", str(path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "looks like an absolute time" in err[0], err
+
+
+def test_durations_are_refused_as_the_wall_clock():
+    """Without --data.series_start the clock reads the time column as the wall clock: seconds since a capture began
+    (a timedelta column) were read as seconds since 1970, and the forecast moved with them, exit 0."""
+    df = pd.DataFrame({"link": ["a", "a"], "timestamp": pd.to_timedelta([1800, 1801], unit="s")})
+    with pytest.raises(DataError, match=r"^td\.parquet: column 'timestamp' holds durations; the wall-clock inputs "):
+        add_clock(df, {"beat_s": 3600}, None, ["link"], "timestamp", "td.parquet")
+    got = add_clock(df.assign(timestamp=[1800.0, 1801.0]), {"beat_s": 3600}, None, ["link"], "timestamp", "t")
+    assert got["beat_s"].tolist() == [1800.0, 1801.0]  # absolute seconds still work

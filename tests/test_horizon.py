@@ -374,6 +374,30 @@ def test_plan_online_learns_each_links_margin_from_its_own_history(horizon_run, 
         assert row["time_p90_s"] == pytest.approx(expected[0], rel=1e-6)
 
 
+def test_plan_online_learns_from_migrations_still_running_past_their_confident_time(horizon_run, small_csv, tmp_path,
+                                                                                    capsys):  # fmt: skip
+    """A link that carried nothing for its whole history: none of its replayed migrations ended inside the data, so
+    it learnt from none and kept its calibrated promise (a 2-hour migration at 90 % after 41 hours at 0 Mbit/s).
+    Those still running past their confident time are certain misses, and now widen its margin."""
+    data = pd.read_csv(small_csv)
+    dead = (data["node_id"] == "node-0") & (data["peer_id"] == "node-1")
+    data.loc[dead, "throughput_mbps"] = 0.0
+    path = tmp_path / "dead.csv"
+    data.to_csv(path, index=False)
+
+    def plan(*extra) -> dict:
+        cli_main(["plan", "--model", str(horizon_run), "--input", str(path), "--json", "--memory-gib", "64", *extra])
+        return {(r["node_id"], r["peer_id"]): r for r in json.loads(capsys.readouterr().out)["links"]}
+
+    static, learnt = plan(), plan("--online")
+    row = learnt[("node-0", "node-1")]
+    assert row["online_outcomes"] > 50 and row["online_scale"] > 2
+    slower = row["time_p90_s"] is None or row["time_p90_s"] > 2 * static[("node-0", "node-1")]["time_p90_s"]
+    assert slower, (row, static[("node-0", "node-1")])
+    others = [r for k, r in learnt.items() if k != ("node-0", "node-1")]
+    assert all(0.2 < r["online_scale"] < 5 for r in others)  # the live links' margins stay near their calibration
+
+
 def test_predictor_rolling_online_matches_the_forecast_command(horizon_run, small_csv, tmp_path):
     out = tmp_path / "online.csv"
     cli_main(["forecast", "--model", str(horizon_run), "--input", str(small_csv), "--rolling", "--online",

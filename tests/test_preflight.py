@@ -246,6 +246,19 @@ CONFIG_CASES = [
 ]
 
 
+def test_a_training_split_without_a_batch_is_refused_before_training(tmp_path, capsys):
+    """One training window: its only batch (of one) is dropped, Lightning said "No training batches" and the run
+    exported, reported and exited 0 with the untrained network, and no checkpoint to report on again."""
+    from dwcp_lstm import synthetic
+
+    path = tmp_path / "one_link.csv"
+    synthetic.generate(samples=3000, seed=0).iloc[:210].to_csv(path, index=False)  # 21 training rows: one window
+    err = run_cli(fit_args(tmp_path, f"--data.data_path={path}", "--data.split=[0.1,0.8,0.1]"), capsys)
+    assert err == (f"error: {path}: the training split has 1 window, which gives no training batch (a last batch of "
+                   "one window is dropped): give more rows or a larger training share (--data.split)")  # fmt: skip
+    assert not list(tmp_path.glob("lightning_logs/version_*/model.onnx"))
+
+
 @pytest.mark.parametrize(("case", "flags", "expected"), CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_bad_settings_are_refused_before_training(tmp_path, capsys, case, flags, expected):
     err = run_cli(fit_args(tmp_path, *flags), capsys)

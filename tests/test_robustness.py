@@ -53,7 +53,9 @@ FIT_CASES = [
     ),
     ("weekday-out-of-range", _set("day_of_week", 8, 7), [], "column 'day_of_week' row 9: above 6 value 7"),
     ("negative-counter", _set("queue_depth", 1, -2), [], "column 'queue_depth' row 2: negative value -2"),
-    ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6: duplicated (node_id='node-0'"),
+    ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6 repeats row 5: duplicated (node_id="),
+    # the repeat at the end of an unsorted file: named by its row in the file (was: its position once sorted)
+    ("duplicate-at-end", lambda df: pd.concat([df, df.iloc[[450]]]), [], "row 601 repeats row 451: duplicated"),
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
     ("empty-link-id", _set("node_id", 12, np.nan), [], "column 'node_id' row 13: empty series id (1 rows)"),
     ("blank-link-id", _set("peer_id", 4, "  "), [], "column 'peer_id' row 5: empty series id"),

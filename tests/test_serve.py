@@ -556,8 +556,33 @@ def test_a_datetime_time_column_is_read_as_seconds(smoke_run, two_links, tmp_pat
     cli_main(["forecast", "--model", str(smoke_run), "--input", str(path)])  # CSV: the datetimes as text
     assert pd.to_datetime(pd.read_csv(io.StringIO(capsys.readouterr().out))["timestamp"]).dt.tz is not None
     cli_main(["plan", "--model", str(smoke_run), "--input", str(path), "--memory-gib", "16", "--json"])
-    steps = {link["step_s"] for link in json.loads(capsys.readouterr().out)["links"]}
-    assert steps - {None} == {300.0}  # None: the 5-row link, too short for a window
+    links = json.loads(capsys.readouterr().out)["links"]
+    assert {link["step_s"] for link in links} - {None} == {300.0}  # None: the 5-row link, too short for a window
+    # the links' times as the input wrote them, zone included (were epoch milliseconds)
+    assert {pd.Timestamp(link["timestamp"]) for link in links} <= set(df["timestamp"])
+
+
+def test_a_parquet_time_past_2262_is_read_and_written_back(smoke_run, two_links, tmp_path, capsys):
+    """Pandas' nanoseconds end in 2262; a Parquet timestamp in microseconds goes further, and reading it through a
+    nanosecond subtraction raised OutOfBoundsDatetime (a traceback in forecast, plan and fit)."""
+    import json
+
+    df = pd.read_csv(two_links)
+    seconds = df["timestamp"].to_numpy()
+    plain = cmd_forecast_frame(smoke_run, two_links, tmp_path / "plain.parquet")
+    for unit, tz in (("us", "UTC"), ("s", None)):
+        shifted = (seconds + 10_000_000_000).astype("datetime64[s]").astype(f"datetime64[{unit}]")
+        df["timestamp"] = pd.Series(shifted).dt.tz_localize(tz) if tz else pd.Series(shifted)  # year 2342
+        path = tmp_path / f"y2342_{unit}.parquet"
+        df.to_parquet(path, index=False)
+        got = cmd_forecast_frame(smoke_run, path, tmp_path / "out.parquet")
+        read = pd.read_parquet(path)["timestamp"]  # Parquet has no seconds unit: [s] is stored, and read, as [ms]
+        assert got["timestamp"].dtype == read.dtype and set(got["timestamp"]) <= set(read)
+        pd.testing.assert_frame_equal(got.drop(columns="timestamp"), plain.drop(columns="timestamp"))
+        capsys.readouterr()
+        cli_main(["plan", "--model", str(smoke_run), "--input", str(path), "--memory-gib", "16", "--json"])
+        stamps = {pd.Timestamp(link["timestamp"]) for link in json.loads(capsys.readouterr().out)["links"]}
+        assert stamps <= set(df["timestamp"]) and min(t.year for t in stamps) == 2342
 
 
 def test_forecast_with_no_link_long_enough_is_an_error(smoke_run, two_links, tmp_path):
