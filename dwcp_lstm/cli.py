@@ -28,6 +28,7 @@ except ModuleNotFoundError:
     CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+MAX_MESSAGE = 1000  # characters of a parser message shown: it quotes the value it refuses, whatever its size
 # name -> (help, "module:function"); each takes the remaining argv. Imported lazily: `forecast` stays torch-free.
 OWN_COMMANDS = {
     "generate": ("write synthetic DWCP telemetry (and its oracle sidecar)", "dwcp_lstm.cli:cmd_generate"),
@@ -187,6 +188,7 @@ def _lightning_cli_class():
             preflight.check_optimizer(self.model)
             preflight.check_monitors(self.trainer, self.model)
             preflight.check_training_runs(self.trainer)
+            preflight.check_callbacks(self.trainer)
             preflight.check_logger(self.trainer)
             preflight.check_val_interval(self.trainer, self.datamodule)
 
@@ -357,8 +359,12 @@ def print_summary(report: dict, run_dir: str) -> None:
 
 def check_config_files(args: list[str]) -> None:
     """Every ``--config`` file is UTF-8 text (jsonargparse's UnicodeDecodeError named no file and left a traceback)
-    whose aliases do not expand without end (:func:`dwcp_lstm.runs.check_yaml_size`)."""
-    from dwcp_lstm.tables import first_line
+    whose aliases do not expand without end and whose keys are not written twice
+    (:func:`dwcp_lstm.runs.check_yaml_size`), holding a mapping of settings."""
+    import yaml
+
+    from dwcp_lstm.runs import check_yaml_size
+    from dwcp_lstm.tables import first_line, short_repr
 
     paths = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
     paths += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
@@ -368,9 +374,14 @@ def check_config_files(args: list[str]) -> None:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:
                 raise _data_error(f"{path}: not UTF-8 text ({first_line(exc)[:120]})") from None
-            from dwcp_lstm.runs import check_yaml_size
-
-            check_yaml_size(text, path)
+            if isinstance(check_yaml_size(text, path), yaml.MappingNode):
+                continue
+            try:  # not a mapping: jsonargparse said only "Unexpected config: <the text>"
+                value = yaml.safe_load(text)  # its size was checked above
+            except yaml.YAMLError:
+                continue  # jsonargparse names the syntax error
+            what = "empty (or only comments)" if value is None else f"a {type(value).__name__}, {short_repr(value)}"
+            raise _data_error(f"{path}: the config is {what}; expected a mapping of settings (e.g. trainer: ...)")
 
 
 def run_lightning(args: list[str]) -> None:
@@ -442,6 +453,8 @@ def cmd_generate(argv: list[str]) -> None:
         raise _data_error(f"--oracle-steps must be from 1 to 288, got {a.oracle_steps}")
     if not 0 <= a.noise <= 0.1:  # beyond ~0.2 the noise drives throughput, RTT or jitter below zero: unreadable data
         raise _data_error(f"--noise must be from 0 to 0.1 (relative), got {a.noise}")
+    if a.profile == "seed" and any(arg == "--noise" or arg.startswith("--noise=") for arg in argv):
+        raise _data_error("--noise applies to the dynamic profile only; the seed profile's noise is its own (fixed)")
     out = Path(a.output)
     check_table_suffix(out)
     if out.stem.endswith(".oracle"):  # it would replace the sidecar of the data file beside it, and get its own
@@ -460,7 +473,7 @@ def cmd_generate(argv: list[str]) -> None:
         raise _data_error(str(exc)) from None
     synthetic.write_frame(df, out)  # checks the suffix before anything is written
     if a.oracle:
-        synthetic.write_frame(oracle, synthetic.oracle_path(out))
+        synthetic.write_oracle(oracle, out)
     elif synthetic.oracle_path(out).is_file():  # the previous data's oracle: its keys match every new row
         synthetic.oracle_path(out).unlink()
         print(f"removed {synthetic.oracle_path(out)}: the oracle of the data this file held before", file=sys.stderr)
@@ -583,7 +596,10 @@ def cli_main(args: ArgsType = None) -> None:
     except ArgumentError as exc:  # jsonargparse's message, on one line
         from dwcp_lstm.imports import denied_message
 
-        print(f"error: {denied_message(str(exc)) or ' '.join(str(exc).split())}", file=sys.stderr)
+        text = denied_message(str(exc)) or " ".join(str(exc).split())
+        if len(text) > MAX_MESSAGE:  # it quotes the value: a 1 MB string in a config was one 1 MB error line
+            text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
+        print(f"error: {text}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as exc:  # the machine, not the input: a full disk, a folder that vanished (exit 1)
         where = f"{exc.filename}: " if exc.filename else ""

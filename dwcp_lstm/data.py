@@ -326,11 +326,12 @@ class DwcpDataModule(L.LightningDataModule):
             )
         except ValueError as exc:  # the generator's own argument checks
             raise ConfigError(f"--data.synthetic: {exc}") from None
-        synthetic.write_frame(oracle, sidecar)
         if self.path.exists():
+            synthetic.write_oracle(oracle, self.path)
             rank_zero_info(f"Wrote the {self.oracle_steps}-step oracle of {self.path} -> {sidecar}")
             return
         synthetic.write_frame(df, self.path)
+        synthetic.write_oracle(oracle, self.path)  # after the data: it records the data file's sha256
         rank_zero_info(f"Generated {len(df)} rows ({s.profile} profile, seed {s.seed}) -> {self.path}")
 
     def _check_builtin_fits(self) -> None:

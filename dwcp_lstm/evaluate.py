@@ -70,17 +70,24 @@ def oracle_forecasts(dm, target_rows: np.ndarray, steps: int | None = None) -> n
     if not path.exists():
         return None
     fix = "delete it (the report then has no oracle) or generate the data again"
+    stamp = synthetic.DATA_HASH_COLUMN
     try:
         if path.suffix.lower() == ".csv":  # the header first: only the columns needed are parsed
-            if not {*keys, *cols} <= set(pd.read_csv(path, nrows=0).columns):
+            header = set(pd.read_csv(path, nrows=0).columns)
+            if not {*keys, *cols} <= header:
                 return None
-            oracle = pd.read_csv(path, usecols=[*keys, *cols])
+            oracle = pd.read_csv(path, usecols=[*keys, *cols, *([stamp] if stamp in header else [])])
         else:
             oracle = pd.read_parquet(path)
             if not {*keys, *cols} <= set(oracle.columns):
                 return None
     except (OSError, ValueError, ImportError) as exc:  # pandas' and pyarrow's parse errors are ValueErrors
         raise DataError(f"{path}: cannot read the oracle sidecar ({first_line(exc)[:200]}); {fix}") from None
+    if stamp in oracle.columns:  # sidecars written before it have none: joined by keys alone, as before
+        recorded, actual = str(oracle[stamp].iloc[0]) if len(oracle) else "", sha256_of(dm.path)
+        if recorded != actual:
+            raise DataError(f"{path}: the oracle sidecar belongs to other data (it records sha256 {recorded[:12]}..., "
+                            f"{dm.path.name} is {actual[:12]}...); {fix}")  # fmt: skip
     repeated = np.flatnonzero(oracle.duplicated(keys).to_numpy())
     if len(repeated):
         raise DataError(f"{path}: row {repeated[0] + 1}: a (series, time) key repeated in the oracle sidecar; {fix}")

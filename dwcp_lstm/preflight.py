@@ -214,6 +214,9 @@ def check_factories(model_config: Any) -> None:
         name, obj = _named_object(value)
         if not (isinstance(obj, type) and issubclass(obj, bases)):
             raise ConfigError(f"--model.{key}: {name} is not {what}; refusing to call it")
+        if isinstance(obj, type) and issubclass(obj, torch.optim.SparseAdam):  # it failed at the first step
+            raise ConfigError(f"--model.{key}: {name} takes sparse gradients only, and this model's are dense: use "
+                              "torch.optim.Adam or AdamW")  # fmt: skip
 
 
 def check_optimizer(model) -> None:
@@ -344,6 +347,21 @@ def check_training_runs(trainer) -> None:
                               "untrained network")  # fmt: skip
 
 
+def check_callbacks(trainer) -> None:
+    """Callbacks that need what this model does not have: a ``backbone`` attribute (BackboneFinetuning) or an
+    ``lr`` hyperparameter (LearningRateFinder; the learning rate is ``--model.optimizer.init_args.lr``). Both raised
+    an AttributeError traceback at fit start."""
+    from lightning.pytorch.callbacks import BackboneFinetuning, LearningRateFinder
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, BackboneFinetuning):
+            raise ConfigError("--trainer.callbacks BackboneFinetuning unfreezes a model's 'backbone', which this "
+                              "model does not have")  # fmt: skip
+        if isinstance(cb, LearningRateFinder):
+            raise ConfigError("--trainer.callbacks LearningRateFinder sets a model's 'lr' hyperparameter, which this "
+                              "model does not have: the learning rate is --model.optimizer.init_args.lr")  # fmt: skip
+
+
 def check_checkpoint_names(callbacks) -> None:
     """No two checkpoint callbacks write the same file: with ``--last_checkpoint.filename best`` the every-epoch copy
     overwrote the best one, and the report and the ONNX model came silently from the last epoch's weights."""
@@ -396,12 +414,24 @@ def check_trainer_config(trainer: dict, seed) -> None:
         raise ConfigError(f"--trainer.strategy {shown} starts its processes from inside Python, which this CLI "
                           "cannot be pickled for: use ddp, which runs the command once per process "
                           "(docs/scaling_out.md)")  # fmt: skip
+    callbacks = trainer.get("callbacks")
+    for cb in callbacks if isinstance(callbacks, list | tuple) else [callbacks] if callbacks is not None else []:
+        if _class_and_args(cb)[0].rsplit(".", 1)[-1] == "Timer":  # its enum argument cannot be saved in config.yaml:
+            raise ConfigError("--trainer.callbacks Timer: give --trainer.max_time DD:HH:MM:SS instead (Lightning adds "
+                              "its own Timer for it)")  # fmt: skip  # jsonargparse's refusal named no reason
     plugins = trainer.get("plugins")
     for plugin in plugins if isinstance(plugins, list | tuple) else [plugins] if plugins is not None else []:
-        name = _class_and_args(plugin)[0].rsplit(".", 1)[-1]
+        path, init = _class_and_args(plugin)
+        name = path.rsplit(".", 1)[-1]
         if name.endswith("Precision") and name not in ("Precision", "MixedPrecision"):  # the precision check's bypass
             raise ConfigError(f"--trainer.plugins {name}: the batches and the exported graph are float32, so the "
                               "weights must be too: use --trainer.precision 32-true, 16-mixed or "
+                              "bf16-mixed")  # fmt: skip
+        args = init if isinstance(init, Mapping) else {}
+        if name == "MixedPrecision" and str(args.get("precision")) == "16-mixed" and args.get("device") == "cpu":
+            # float16 autocast on the CPU: the LSTM kernel has no such primitive, and the first step raised
+            raise ConfigError("--trainer.plugins MixedPrecision with precision 16-mixed on device cpu: the CPU's LSTM "
+                              "has no float16 kernel; use --trainer.precision 16-mixed (bf16 on a CPU) or "
                               "bf16-mixed")  # fmt: skip
 
 
@@ -541,4 +571,11 @@ class AtomicSaveConfig(SaveConfigCallback):
         if run_dir is None or trainer.logger is None:  # no run folder (validate / test / predict without a logger):
             return  # the working directory's config.yaml, maybe the user's own --config, stays untouched
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(run_dir / self.config_filename, self.parser.dump(self.config, skip_none=False))
+        config = self.config.clone()
+        for key in ("checkpoint.dirpath", "last_checkpoint.dirpath"):
+            # Lightning resolves a relative folder against the working directory, which the run does not record:
+            # read later from elsewhere, `export --run` found another run's checkpoint there and exported it here
+            value = config.get(key) if key in config else None
+            if isinstance(value, str) and value and not is_remote(value) and not Path(value).expanduser().is_absolute():
+                config[key] = str(Path(value).expanduser().resolve())
+        atomic_write(run_dir / self.config_filename, self.parser.dump(config, skip_none=False))

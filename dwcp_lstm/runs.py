@@ -13,14 +13,20 @@ from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.preflight import check_data_settings, load_checkpoint, plain_value
-from dwcp_lstm.tables import first_line, log
+from dwcp_lstm.tables import first_line, log, short_repr
 
 
 def _named(cfg: object, section: str, default: str, run_dir: Path) -> tuple[Path, str]:
     """The folder and file name (no suffix) a run's config gave one of its checkpoint callbacks."""
     s = cfg.get(section) if isinstance(cfg, dict) else None
     s = s if isinstance(s, dict) else {}
-    return (Path(s["dirpath"]) if s.get("dirpath") else run_dir / "checkpoints"), str(s.get("filename") or default)
+    if not s.get("dirpath"):
+        return run_dir / "checkpoints", str(s.get("filename") or default)
+    folder = Path(str(s["dirpath"])).expanduser()
+    if not folder.is_absolute():  # fit records it absolute: relative to which folder is not known
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {section}.dirpath {str(folder)!r} is relative to the folder "
+                          "the fit ran in, which the run does not record; write it as an absolute path")  # fmt: skip
+    return folder, str(s.get("filename") or default)
 
 
 def find_checkpoint(run_dir: Path) -> Path:
@@ -54,13 +60,16 @@ def find_checkpoint(run_dir: Path) -> Path:
 MAX_CONFIG_VALUES = 100_000  # a config has hundreds; YAML aliases of aliases ("billion laughs") expand to billions
 
 
-def check_yaml_size(text: str, path: str | Path) -> None:
+def check_yaml_size(text: str, path: str | Path) -> yaml.Node | None:
     """Refuse YAML whose aliases expand to more than :data:`MAX_CONFIG_VALUES` values: the parser stores each
-    anchor once, but jsonargparse copies every expansion (a 9-level bomb of 1 KB took over 2 GB and never ended)."""
+    anchor once, but jsonargparse copies every expansion (a 9-level bomb of 1 KB took over 2 GB and never ended).
+    Refuse a key written twice in one mapping, too: YAML readers keep the last, so a second ``data:`` section
+    replaced the first whole (its ``data_path`` with it: the run trained on the built-in data, exit 0). Returns the
+    composed document (None: empty, or a syntax error that the reader which follows names)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return  # the reader that follows names the syntax error
+        return None  # the reader that follows names the syntax error
     except RecursionError:
         raise ConfigError(f"{path}: not a usable config (nested too deeply)") from None
     stack, seen = [root] if root is not None else [], 0
@@ -73,7 +82,15 @@ def check_yaml_size(text: str, path: str | Path) -> None:
         if isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
         elif isinstance(node, yaml.MappingNode):
+            keys: set = set()
+            for key, _ in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in keys:
+                    raise ConfigError(f"{path}: line {key.start_mark.line + 1}: key {short_repr(name)} appears twice "
+                                      "in one section (the second would replace the first whole)")  # fmt: skip
+                keys.add(name)
             stack.extend(v for pair in node.value for v in pair)
+    return root
 
 
 def read_config(config_path: Path) -> object:

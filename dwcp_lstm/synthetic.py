@@ -554,3 +554,19 @@ def oracle_path(data_path: str | Path) -> Path:
     """Where the oracle sidecar of a generated file lives: ``x.csv`` -> ``x.oracle.csv``."""
     p = Path(data_path)
     return p.with_name(f"{p.stem}.oracle{p.suffix}")
+
+
+DATA_HASH_COLUMN = "data_sha256"  # the sidecar's first row: the sha256 of the data file it belongs to
+
+
+def write_oracle(oracle: pd.DataFrame, data_path: str | Path) -> Path:
+    """Write the oracle sidecar of the data file ``data_path`` (written already), bound to that file's bytes: its
+    sha256 in column :data:`DATA_HASH_COLUMN` of the first row (the others empty: a constant column added 65 bytes
+    a row to a CSV). Its rows are joined by link and time only, and other data of the same size has the same keys:
+    a file replaced by ``cp`` kept its old sidecar, and the report's oracle and gap closed were another seed's."""
+    from dwcp_lstm.tables import sha256_of
+
+    stamp = pd.Series([sha256_of(data_path)] + [None] * (len(oracle) - 1), index=oracle.index, dtype=object)
+    path = oracle_path(data_path)
+    write_frame(oracle.assign(**{DATA_HASH_COLUMN: stamp}), path)
+    return path

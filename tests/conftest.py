@@ -56,7 +56,7 @@ def small_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.csv"
     df, oracle = synthetic.generate_with_oracle(samples=2000, seed=7, links=4)
     synthetic.write_frame(df, path)
-    synthetic.write_frame(oracle, synthetic.oracle_path(path))
+    synthetic.write_oracle(oracle, path)
     return path
 
 

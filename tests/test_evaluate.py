@@ -45,7 +45,7 @@ def evaluated(tmp_path_factory):
     path = tmp / "d.csv"
     df, oracle = synthetic.generate_with_oracle(samples=1200, seed=2, links=2)
     synthetic.write_frame(df, path)
-    synthetic.write_frame(oracle, synthetic.oracle_path(path))
+    synthetic.write_oracle(oracle, path)
     dm = DwcpDataModule(data_path=str(path), batch_size=64)
     dm.setup("fit")
     torch.manual_seed(0)

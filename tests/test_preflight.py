@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import fit_args
+from conftest import fit_args, run_dir_of
 
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.errors import ConfigError
@@ -221,6 +221,20 @@ CONFIG_CASES = [
     ("dropout-count", ["--model.head_dropouts=[0.3]"], "--model.head_dropouts needs 2 entries"),
     ("dropout-range", ["--model.head_dropouts=[0.3,1.5]"], "--model.head_dropouts must be in [0, 1)"),
     ("negative-lr", ["--model.optimizer.init_args.lr=-0.001"], "Invalid learning rate: -0.001"),
+    # each used to fail with a traceback once training started
+    ("sparse-adam", ["--model.optimizer=torch.optim.SparseAdam"], "SparseAdam takes sparse gradients only"),
+    (
+        "half-autocast-on-cpu",
+        [
+            "--trainer.plugins=lightning.pytorch.plugins.MixedPrecision",
+            "--trainer.plugins.init_args.precision=16-mixed",
+            "--trainer.plugins.init_args.device=cpu",
+        ],
+        "--trainer.plugins MixedPrecision with precision 16-mixed on device cpu",
+    ),  # fmt: skip
+    ("backbone", ["--trainer.callbacks+=lightning.pytorch.callbacks.BackboneFinetuning"], "BackboneFinetuning unfre"),
+    ("lr-finder", ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateFinder"], "LearningRateFinder sets"),
+    ("timer", ["--trainer.callbacks+=lightning.pytorch.callbacks.Timer"], "--trainer.callbacks Timer: give --trainer"),
     ("plateau-factor", ["--model.scheduler.init_args.factor=2.0"], "--model.scheduler"),
     ("nan-split", ["--data.split=[0.7,.nan,0.15]"], "--data.split must be three non-negative fractions"),
     ("no-val", ["--data.split=[0.85,0.0,0.15]"], "no validation windows"),
@@ -602,3 +616,27 @@ def test_the_logger_follows_the_default_root_dir(tmp_path, smoke_run, monkeypatc
     cli_main(with_command("test", [a for a in args if "logger.init_args" not in a]))
     assert (tmp_path / "root" / "lightning_logs" / "version_0" / "config.yaml").is_file()
     assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_a_relative_checkpoint_folder_is_recorded_absolute(tmp_path, monkeypatch, capsys):
+    """Lightning reads ``--checkpoint.dirpath ck`` from the working directory, which config.yaml did not record:
+    ``export --run`` from another folder with its own ``ck/`` exported that other run's checkpoint into this run's
+    model.onnx, exit 0. The saved config now names the folder absolute; an edited relative one is refused."""
+    import yaml
+
+    from dwcp_lstm.runs import find_checkpoint
+
+    work = tmp_path / "a"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cli_main(fit_args(tmp_path, "--checkpoint.dirpath=ck", "--last_checkpoint.dirpath=ck"))
+    capsys.readouterr()
+    run = run_dir_of(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["checkpoint"]["dirpath"] == cfg["last_checkpoint"]["dirpath"] == str(work / "ck")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the same checkpoint
+    assert find_checkpoint(run) == work / "ck" / "best.ckpt"
+    cfg["checkpoint"]["dirpath"] = "ck"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    err = run_cli(["export", "--run", str(run)], capsys)
+    assert "checkpoint.dirpath 'ck' is relative to the folder the fit ran in" in err, err

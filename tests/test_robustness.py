@@ -185,6 +185,29 @@ def test_fit_refuses_a_broken_oracle_sidecar_before_training(tmp_path, capsys, c
     assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"))
 
 
+def test_an_oracle_sidecar_left_beside_other_data_is_refused(tmp_path, capsys):
+    """Its rows are joined by link and time, which other data of the same size shares: a file replaced by ``cp``
+    kept its old sidecar, and fit and report joined it silently (gap closed -0.08 where 0.95 was true). The sidecar
+    records its data file's sha256 now; one written by ``generate`` for these bytes is accepted."""
+    import shutil
+
+    for seed, folder in ((7, "stale"), (8, "fresh")):
+        cli_main(["generate", "--samples", "600", "--links", "2", "--seed", str(seed), "--output",
+                  str(tmp_path / folder / "d.csv")])  # fmt: skip
+    shutil.copy(tmp_path / "fresh" / "d.csv", tmp_path / "stale" / "d.csv")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--data.data_path={tmp_path / 'stale' / 'd.csv'}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "d.oracle.csv: the oracle sidecar belongs to other data" in err[0]
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.evaluate import oracle_forecasts
+
+    dm = DwcpDataModule(data_path=str(tmp_path / "fresh" / "d.csv"))
+    dm.setup("test")
+    assert oracle_forecasts(dm, dm.target_rows("test")) is not None  # its own sidecar: read
+
+
 def _extra_field(tmp: Path, line: int) -> Path:
     path = write(tmp, base_frame())
     lines = path.read_text().splitlines(keepends=True)
@@ -215,6 +238,8 @@ def _touch(path: Path, data: bytes) -> Path:
         (["generate", "--output", "{tmp}/out.csv", "--samples", "100000000000"], "--samples must be from 2 to"),
         (["generate", "--output", "{tmp}/out.csv", "--noise", "0.3"], "--noise must be from 0 to 0.1"),
         (["generate", "--output", "{tmp}/out.csv", "--profile", "seed", "--links", "3"], "the seed profile writes one"),
+        # ignored: the file was byte-identical to the one without it
+        (["generate", "--output", "{tmp}/o.csv", "--profile", "seed", "--noise", "0.05"], "--noise applies to the dyn"),
         (["generate", "--output", "{tmp}/out.csv", "--oracle-steps", "100000"], "--oracle-steps must be from 1 to 288"),
         (["bench", "--quick", "--skip-load", "--rows", "100000000000"], "--rows must be from 1000 to 50,000,000"),
         (["bench", "--quick", "--skip-load", "--threads", "99999999999"], "--threads must be from 1 to 1024"),
@@ -486,8 +511,9 @@ BOMB = (
         ("config.yaml", b"data: " + b"[" * 20000 + b"]" * 20000, "config.yaml: not"),
         ("model_metadata.json", b"[" * 100000 + b"]" * 100000, "model_metadata.json: not valid JSON"),
         ("config.yaml", BOMB, "config.yaml: the YAML expands to more than 100,000 values"),
+        ("config.yaml", b"data:\n  seed: 1\nmodel: {}\ndata:\n  seed: 2\n", "config.yaml: line 4: key 'data' appears"),
     ],
-    ids=["config-not-utf8", "config-nested", "metadata-nested", "config-alias-bomb"],
+    ids=["config-not-utf8", "config-nested", "metadata-nested", "config-alias-bomb", "config-key-twice"],
 )
 def test_hostile_run_files_are_one_line_errors(tmp_path, smoke_run, capsys, name, data, expected):
     """Each used to end in a UnicodeDecodeError or RecursionError traceback."""
@@ -556,6 +582,33 @@ def test_a_config_file_of_aliases_without_end_is_one_line(tmp_path, capsys):
         cli_main(fit_args(tmp_path, "--config", str(cfg)))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "the YAML expands to more than 100,000 values" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # PyYAML keeps the last of two equal keys: the second data section replaced the first, data_path with it,
+        # and the run trained on the built-in data instead of the user's file, exit 0
+        (
+            "data:\n  data_path: x.csv\ntrainer:\n  max_epochs: 1\ndata:\n  batch_size: 32\n",
+            "line 5: key 'data' appears twice in one section",
+        ),
+        ("trainer:\n  max_epochs: 1\n  max_epochs: 2\n", "line 3: key 'max_epochs' appears twice"),
+        # jsonargparse said "Unexpected config: <the text>", naming no file
+        ("", "the config is empty (or only comments); expected a mapping of settings"),
+        ("# just a comment\n", "the config is empty (or only comments)"),
+        ("hello\n", "the config is a str, 'hello'; expected a mapping"),
+        ("- a\n- b\n", "the config is a list, ['a', 'b']; expected a mapping"),
+    ],
+    ids=["section-twice", "key-twice", "empty", "comment-only", "scalar", "list"],
+)
+def test_a_config_file_that_is_not_one_mapping_of_settings_is_one_line(tmp_path, capsys, text, expected):
+    cfg = _touch(tmp_path / "c.yaml", text.encode())
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--config", str(cfg)))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and f"{cfg}: {expected}" in err[0], err
+    assert not list(tmp_path.glob("lightning_logs/version_*"))
 
 
 @pytest.mark.parametrize("form", ["separate", "equals"])
@@ -688,3 +741,12 @@ def test_a_link_named_na_is_a_name(tmp_path):
     df = read_table(path, ["link", "t", "x"], text_columns=["link"])
     assert df["link"].tolist()[:3] == ["NA", "NA", "null"] and pd.isna(df["link"].iloc[3])
     assert df["x"].isna().tolist() == [False, True, True, False]
+
+
+def test_a_parser_message_quoting_a_huge_value_is_cut(tmp_path, capsys):
+    """jsonargparse quotes the value it refuses: a 1 MB string in a config was one 1 MB error line."""
+    cfg = _touch(tmp_path / "huge.yaml", ('trainer:\n  max_epochs: "' + "a" * 100_000 + '"\n').encode())
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, "--config", str(cfg)))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and len(err[0]) < 1100 and "more characters)" in err[0], err[0][:300]
