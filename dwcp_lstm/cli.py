@@ -203,8 +203,14 @@ def _lightning_cli_class():
             self._check_data("test")
 
         def before_predict(self) -> None:
+            from lightning.pytorch.callbacks import BasePredictionWriter
+
             preflight.check_fresh_run_dir(self.trainer, fitting=False)
             self._check_checkpoint(self.config_init[self.subcommand], None)
+            if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):  # found by fuzzing
+                raise _data_error("predict keeps its forecasts in memory and writes none (it ran, exit 0, and "
+                                  "left nothing): use python -m dwcp_lstm forecast --model RUN --input FILE --output "
+                                  "F, or give a writer (--trainer.callbacks+=<a BasePredictionWriter>)")  # fmt: skip
             self._check_data("predict")
 
         def _resolve_last(self, cfg) -> Path | None:

@@ -320,6 +320,8 @@ class DwcpForecaster(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._lend_scalers()
+        if self.trainer.state.fn == "validate":  # the validate command scores the forecast (during fit: the network)
+            self._fit_blend()
 
     def on_test_start(self) -> None:
         self._lend_scalers()
@@ -411,9 +413,9 @@ class DwcpForecaster(L.LightningModule):
                 "lower the learning rate or set trainer.gradient_clip_val"
             )
         n_t = len(self.hparams.target_names)  # metrics pooled over the horizon's steps: [B * H, T]
-        # the test metrics judge the forecast as shipped (mixed with ridge where a blend was fitted, on_test_start);
-        # the loss stays the network's own
-        raw = self.forecast(x) if stage == "test" and self.blend is not None else self.unscale(pred.detach(), x)
+        # the test (and validate command's) metrics judge the forecast as shipped: mixed with ridge where a blend was
+        # fitted (on_test_start; never during fit, where validation judges the network); the loss stays the network's
+        raw = self.forecast(x) if stage != "train" and self.blend is not None else self.unscale(pred.detach(), x)
         self.metrics[f"{stage}_metrics"].update(raw.reshape(-1, n_t), self.unscale(y, x).reshape(-1, n_t))
         # val/test losses are averaged over ranks under DDP: checkpointing and early stopping must agree on them
         self.log(f"{stage}_loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x),

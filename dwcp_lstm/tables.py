@@ -111,6 +111,9 @@ def check_clock(
     return {str(k): float(v) for k, v in clock.items()}
 
 
+CLOCK_EPOCH_MIN = 946_684_800.0  # 2000-01-01 in Unix seconds: a wall-clock time column below it counts from a start
+
+
 def add_clock(
     df: pd.DataFrame, clock: dict[str, float], series_start: str | None, series: Sequence[str], time: str,
     path: str | Path,
@@ -131,6 +134,10 @@ def add_clock(
                         "times (Unix seconds or dates), or --data.series_start to read each series' start")  # fmt: skip
     check_numeric(df, [time], path)
     t = df[time].to_numpy(np.float64)
+    if series_start is None and len(t) and np.nanmax(t) < CLOCK_EPOCH_MIN:  # seconds since each capture began
+        raise DataError(f"{path}: column {time!r} reaches only {np.nanmax(t):g} s (before 2000 as a Unix time): it "
+                        "counts from each series' start, so the wall-clock inputs (--data.clock) need "
+                        "--data.series_start to read that start from the series id")  # fmt: skip
     if series_start is not None:
         if len(series) != 1:  # a config is refused earlier (check_clock); this catches forecast's --series-columns
             raise ConfigError(f"{path}: each series' start time is read from one series column, got {list(series)}")
@@ -401,6 +408,14 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
                 raise DataError(f"{path}: column {col!r} row {i + 1}: series id {ascii(clash[1])} differs from "
                                 f"{ascii(clash[0])} only by surrounding spaces, invisible characters or Unicode "
                                 "form: one link or two? Rename the ids")  # fmt: skip
+    if len(series) > 1:  # reports, intervals, online state and plans name a link by its ids joined with "->"
+        pairs = df[list(series)].astype(str).drop_duplicates()
+        names = pairs.agg("->".join, axis=1)
+        twice = names.duplicated(keep=False).to_numpy()
+        if twice.any():  # ("x->y", "z") and ("x", "y->z") were one link of the report, silently
+            a, b = (tuple(r) for r in pairs[twice].head(2).itertuples(index=False))
+            raise DataError(f"{path}: links {a} and {b} have the same name {names[twice].iloc[0]!r} (ids joined with "
+                            "'->'): rename the ids so that no id holds '->'")  # fmt: skip
 
 
 def canonical_id(text: str) -> str:

@@ -136,3 +136,9 @@ def test_the_test_loop_judges_the_blended_forecast(small_csv):
     predicted = torch.cat(trainer.predict(module, datamodule=dm)).numpy()  # the predict loop mixes too
     assert module.blend is not None
     np.testing.assert_allclose(predicted, predict_raw(module, dm, "test")[:, 0], rtol=1e-5, atol=1e-5)
+    module.blend = None  # and the validate command (it scored the network alone, the report the mix: found by fuzzing)
+    logged = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    assert module.blend is not None
+    ref = compute_metrics(predict_raw(module, dm, "val")[:, 0], step_targets(dm, "val")[:, 0], dm.targets)
+    for t in dm.targets:
+        assert logged[f"val/{t}/rmse"] == pytest.approx(ref[t]["rmse"], rel=1e-4)

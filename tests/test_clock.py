@@ -201,5 +201,8 @@ def test_durations_are_refused_as_the_wall_clock():
     df = pd.DataFrame({"link": ["a", "a"], "timestamp": pd.to_timedelta([1800, 1801], unit="s")})
     with pytest.raises(DataError, match=r"^td\.parquet: column 'timestamp' holds durations; the wall-clock inputs "):
         add_clock(df, {"beat_s": 3600}, None, ["link"], "timestamp", "td.parquet")
-    got = add_clock(df.assign(timestamp=[1800.0, 1801.0]), {"beat_s": 3600}, None, ["link"], "timestamp", "t")
+    absolute = df.assign(timestamp=[1_762_128_000.0 + 1800, 1_762_128_000.0 + 1801])  # Unix seconds, 2025
+    got = add_clock(absolute, {"beat_s": 3600}, None, ["link"], "timestamp", "t")
     assert got["beat_s"].tolist() == [1800.0, 1801.0]  # absolute seconds still work
+    with pytest.raises(DataError, match=r"^t: column 'timestamp' reaches only 1801 s \(before 2000 as a Unix time\)"):
+        add_clock(df.assign(timestamp=[1800.0, 1801.0]), {"beat_s": 3600}, None, ["link"], "timestamp", "t")

@@ -186,3 +186,26 @@ def test_fill_missing_carries_values_forward_only(caplog):
     assert fill_missing(one, ["x", "y"], [], "t.csv")["x"].tolist() == [1.0, 1.0]
     with pytest.raises(DataError, match="'y' is empty throughout every series"):
         fill_missing(df[df.link == "b"].copy(), ["x", "y"], ["link"], "t.csv")
+
+
+def test_fit_warns_of_what_forecasting_or_calibration_will_not_survive(tmp_path, caplog):
+    """Found by fuzzing, each trained silently: a link at another cadence (forecast then refused the model's own
+    training file), a target constant on the validation split (intervals about zero wide: test coverage 0.7 %), a
+    link cut by a gap (each segment split on its own: its test rows precede the later segment's training rows)."""
+    df = synthetic.generate(samples=900, links=3, seed=4)  # 3 links x 300 rows at 300 s
+    links = df["node_id"].astype(str)
+    third = links == links.unique()[2]
+    t0 = df.loc[third, "timestamp"].min()
+    df.loc[third, "timestamp"] = t0 + (df.loc[third, "timestamp"] - t0) // 300 * 5  # a row every 5 s
+    first = links == links.unique()[0]
+    df.loc[first & (df.groupby(links).cumcount() >= 150), "timestamp"] += 86_400  # a day's gap halfway
+    val = df.groupby(links).cumcount().between(100, 285)  # every validation target of every segment
+    df.loc[val, "packet_loss"] = 0.02
+    path = tmp_path / "d.csv"
+    df.to_csv(path, index=False)
+    DwcpDataModule(data_path=str(path), batch_size=32).setup("fit")
+    assert "1 of 4 series segments (the first: node-2->node-0, a row every 5 s) are not at the data's cadence" in (
+        caplog.text
+    )
+    assert "column 'packet_loss' is constant on the validation split" in caplog.text
+    assert "1 of 3 series are cut by gaps into several segments (the first: node-0->node-1, 2)" in caplog.text

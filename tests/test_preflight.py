@@ -640,3 +640,10 @@ def test_a_relative_checkpoint_folder_is_recorded_absolute(tmp_path, monkeypatch
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     err = run_cli(["export", "--run", str(run)], capsys)
     assert "checkpoint.dirpath 'ck' is relative to the folder the fit ran in" in err, err
+
+
+def test_predict_without_a_writer_is_refused(tmp_path, smoke_run, capsys):
+    """It forecast the test split, kept the result in memory and wrote nothing, exit 0 (found by fuzzing)."""
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    err = run_cli(with_command("predict", fit_args(tmp_path, f"--ckpt_path={ckpt}")), capsys)
+    assert "predict keeps its forecasts in memory and writes none" in err and "dwcp_lstm forecast" in err, err

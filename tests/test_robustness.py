@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,15 @@ def write(tmp: Path, df: pd.DataFrame, name: str = "bad.csv") -> Path:
     path = tmp / name
     df.to_csv(path, index=False)
     return path
+
+
+def _names_that_join_alike(df: pd.DataFrame) -> pd.DataFrame:
+    """Two links whose ids joined with "->" read the same: ("x->y", "z") and ("x", "y->z")."""
+    df = df.astype({"node_id": str, "peer_id": str})
+    first = df["node_id"] == df["node_id"].iloc[0]
+    df.loc[first, ["node_id", "peer_id"]] = ["x->y", "z"]
+    df.loc[~first, ["node_id", "peer_id"]] = ["x", "y->z"]
+    return df
 
 
 def _set(col, row, value):
@@ -54,6 +64,15 @@ FIT_CASES = [
     ("weekday-out-of-range", _set("day_of_week", 8, 7), [], "column 'day_of_week' row 9: above 6 value 7"),
     ("negative-counter", _set("queue_depth", 1, -2), [], "column 'queue_depth' row 2: negative value -2"),
     ("duplicate", lambda df: pd.concat([df.iloc[:5], df.iloc[4:]]), [], "row 6 repeats row 5: duplicated (node_id="),
+    # the report grouped both as one link 'x->y->z' (per-link figures, worst link, online state), exit 0
+    ("names-join-alike", _names_that_join_alike, [], "links ('x->y', 'z') and ('x', 'y->z') have the same name"),
+    # seconds since each capture began read as the wall clock (1970-01-01 00:00 to 01:00), exit 0
+    (
+        "relative-clock",
+        lambda df: df.assign(timestamp=df["timestamp"] - df["timestamp"].min()),
+        ["--data.clock={beat_s: 900}", f"--data.features=[{', '.join([*synthetic.TARGETS, 'beat_s'])}]"],
+        "column 'timestamp' reaches only 89700 s (before 2000 as a Unix time)",
+    ),
     # the repeat at the end of an unsorted file: named by its row in the file (was: its position once sorted)
     ("duplicate-at-end", lambda df: pd.concat([df, df.iloc[[450]]]), [], "row 601 repeats row 451: duplicated"),
     ("all-too-short", lambda df: df.groupby("node_id", observed=True).head(15), [], "no series has at least 21 rows"),
@@ -750,3 +769,15 @@ def test_a_parser_message_quoting_a_huge_value_is_cut(tmp_path, capsys):
         cli_main(fit_args(tmp_path, "--config", str(cfg)))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and len(err[0]) < 1100 and "more characters)" in err[0], err[0][:300]
+
+
+def test_a_file_without_series_columns_is_one_series(tmp_path, capsys):
+    """``--data.series_columns []``: the file is one series; the run trained and exported, then the report's
+    per-link sections raised an IndexError (exit 1, no report.json)."""
+    from conftest import run_dir_of
+
+    df = base_frame()
+    path = write(tmp_path, df[df["node_id"] == df["node_id"].iloc[0]], "one.csv")
+    cli_main(fit_args(tmp_path, f"--data.data_path={path}", "--data.series_columns=[]"))
+    report = json.loads((run_dir_of(tmp_path) / "report.json").read_text())
+    assert list(report["per_link"]) == ["all"]
