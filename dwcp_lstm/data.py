@@ -29,6 +29,7 @@ from dwcp_lstm.model import CyclicEncoding
 from dwcp_lstm.tables import (
     CADENCE_TOLERANCE,
     DUPLICATE_POLICIES,
+    LINK_SEPARATOR,
     ConfigError,
     DataError,
     add_clock,
@@ -670,7 +671,9 @@ class DwcpDataModule(L.LightningDataModule):
         if not self.series_columns:
             return np.full(len(rows), "all", dtype=object)
         keys = self.frame_keys.iloc[rows][self.series_columns].astype(str)
-        return keys.agg("->".join, axis=1).to_numpy() if len(self.series_columns) > 1 else keys.iloc[:, 0].to_numpy()
+        if len(self.series_columns) == 1:
+            return keys.iloc[:, 0].to_numpy()
+        return keys.agg(LINK_SEPARATOR.join, axis=1).to_numpy()
 
 
 def _has_columns(path: Path, columns: list[str]) -> bool:

@@ -408,9 +408,9 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
                 raise DataError(f"{path}: column {col!r} row {i + 1}: series id {ascii(clash[1])} differs from "
                                 f"{ascii(clash[0])} only by surrounding spaces, invisible characters or Unicode "
                                 "form: one link or two? Rename the ids")  # fmt: skip
-    if len(series) > 1:  # reports, intervals, online state and plans name a link by its ids joined with "->"
+    if len(series) > 1:  # reports, intervals, online state and plans name a link by its joined ids
         pairs = df[list(series)].astype(str).drop_duplicates()
-        names = pairs.agg("->".join, axis=1)
+        names = pairs.agg(LINK_SEPARATOR.join, axis=1)
         twice = names.duplicated(keep=False).to_numpy()
         if twice.any():  # ("x->y", "z") and ("x", "y->z") were one link of the report, silently
             a, b = (tuple(r) for r in pairs[twice].head(2).itertuples(index=False))
@@ -470,6 +470,9 @@ def time_steps(t: np.ndarray) -> np.ndarray:
     if np.issubdtype(t.dtype, np.integer):
         return np.diff(t).astype(np.float64)
     return np.diff(t.astype(np.float64))
+
+
+LINK_SEPARATOR = "->"  # joins a link's series ids into the name reports, intervals, online state and plans use
 
 
 def link_name(df: pd.DataFrame, series: Sequence[str], row: int) -> str:
