@@ -358,7 +358,7 @@ def order_series(
         raise ConfigError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     keys = [*series, time]
     check_series_ids(df, series, path)
-    codes = _series_codes(df, series)
+    codes = series_codes(df, series)
     t = df[time].to_numpy()
     # compared, not subtracted: a difference of unsigned (or extreme int64) times wraps around and reads as sorted
     same, later = codes[1:] == codes[:-1], t[1:] >= t[:-1]
@@ -456,7 +456,7 @@ def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str]
     return df
 
 
-def _series_codes(df: pd.DataFrame, series: Sequence[str]) -> np.ndarray:
+def series_codes(df: pd.DataFrame, series: Sequence[str]) -> np.ndarray:
     """One integer per row identifying its series, ordered like a sort by the series columns."""
     if not series:
         return np.zeros(len(df), dtype=np.int64)
@@ -528,7 +528,7 @@ def segment_bounds(
     ``df`` must already be ordered by :func:`order_series`. A gap is a step larger than ``max_gap`` times the series'
     median step; ``max_gap <= 0`` turns gap splitting off.
     """
-    codes = _series_codes(df, series)
+    codes = series_codes(df, series)
     new_series = np.r_[True, codes[1:] != codes[:-1]]
     step = np.r_[np.nan, time_steps(df[time].to_numpy())]
     step[new_series] = np.nan
@@ -559,7 +559,7 @@ def long_segments(bounds: np.ndarray, min_rows: int, path: str | Path) -> np.nda
 def latest_segments(df: pd.DataFrame, series: Sequence[str], bounds: np.ndarray) -> np.ndarray:
     """The last segment of each link among ``bounds`` (of :func:`segment_bounds` with ``min_rows`` 1): [links, 2].
     A link's present is its latest segment; an earlier one ends at a gap and is stale."""
-    codes = _series_codes(df, series)[bounds[:, 0]]
+    codes = series_codes(df, series)[bounds[:, 0]]
     return bounds[np.r_[codes[1:] != codes[:-1], True]]
 
 

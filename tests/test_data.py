@@ -135,6 +135,56 @@ def test_audit_catches_a_validation_target_inside_training(small_csv):
         dm.audit()
 
 
+def test_a_link_cut_by_gaps_is_split_in_time_across_its_segments(tmp_path):
+    """Found by fuzzing: each gap-separated segment was split 70/15/15 on its own, so the test rows of a link's first
+    segment came before the training rows of its second (Starlink: 17,728 of 21,768 test windows). Now the link's
+    rows are cut in time order across its segments; windows still stay within one segment."""
+    df = synthetic.generate(samples=1200, links=2, seed=5)  # 2 links x 600 rows at 300 s
+    links = df["node_id"].astype(str)
+    first = links == links.unique()[0]
+    k = df.groupby(links).cumcount()
+    for cut in (200, 400):  # the first link in three segments of 200 rows, a day apart
+        df.loc[first & (k >= cut), "timestamp"] += 86_400
+    path = tmp_path / "gaps.csv"
+    df.to_csv(path, index=False)
+    dm = make_dm(path)
+    assert len(dm.bounds) == 4
+    a0 = dm.bounds[0, 0]
+    rows = {s: dm.target_rows(s) for s in ("train", "val", "test")}
+    one = {s: r[dm.link_of_segment[dm.segment_of_row[r]] == dm.link_of_segment[0]] for s, r in rows.items()}
+    # 600 rows: training targets in rows 20..199 and 220..399 (a segment's first 20 rows have no full window; the
+    # third segment's rows 400..419 are training rows but none is a target), val 420..509, test 510..599
+    assert one["train"].max() == a0 + 399 and one["val"].min() == a0 + 420 and one["val"].max() == a0 + 509
+    assert one["test"].min() == a0 + 510 and one["test"].max() == a0 + 599
+    assert len(one["train"]) == 2 * (200 - 20)
+    t = dm.timestamps
+    assert t[one["train"]].max() < t[one["val"]].min() and t[one["val"]].max() < t[one["test"]].min()
+    assert dm.train_ranges.tolist()[:3] == [[a0, a0 + 200], [a0 + 200, a0 + 400], [a0 + 400, a0 + 420]]
+    assert (dm.train_ranges[:, 1] > dm.train_ranges[:, 0]).all()  # none empty: the export's input ranges failed on one
+    seg = dm.segment_of_row
+    for s in ("train", "val", "test"):  # no window crosses a gap
+        assert (seg[dm.starts[s]] == seg[dm.starts[s] + dm.window_size]).all()
+    dm.audit()
+    # the old per-segment split: the first segment's test targets precede the third one's training targets
+    dm.starts["test"] = np.r_[dm.starts["test"], a0 + 190 - dm.window_size]
+    with pytest.raises(LeakageError, match="test target is not later"):
+        dm.audit()
+
+
+def test_a_segment_wholly_after_the_training_cut_has_no_training_range(tmp_path):
+    """The export read each training range's smallest value and failed after training on an empty one (every real
+    trace has segments that lie wholly in validation or test)."""
+    df = synthetic.generate(samples=1200, links=2, seed=5)
+    links = df["node_id"].astype(str)
+    df.loc[(links == links.unique()[0]) & (df.groupby(links).cumcount() >= 450), "timestamp"] += 86_400
+    path = tmp_path / "late.csv"
+    df.to_csv(path, index=False)
+    dm = make_dm(path)
+    assert len(dm.bounds) == 3 and len(dm.train_ranges) == 2  # the late segment (rows 450..599) has none
+    assert (dm.train_ranges[:, 1] > dm.train_ranges[:, 0]).all()
+    np.testing.assert_array_equal(dm.feature_ranges()[:, 0], dm.raw_features[dm.train_rows].min(axis=0))
+
+
 def test_reads_parquet_like_csv(small_csv, tmp_path):
     pq = tmp_path / "small.parquet"
     synthetic.write_frame(pd.read_csv(small_csv), pq)
@@ -190,22 +240,18 @@ def test_fill_missing_carries_values_forward_only(caplog):
 
 def test_fit_warns_of_what_forecasting_or_calibration_will_not_survive(tmp_path, caplog):
     """Found by fuzzing, each trained silently: a link at another cadence (forecast then refused the model's own
-    training file), a target constant on the validation split (intervals about zero wide: test coverage 0.7 %), a
-    link cut by a gap (each segment split on its own: its test rows precede the later segment's training rows)."""
+    training file), a target constant on the validation split (intervals about zero wide: test coverage 0.7 %)."""
     df = synthetic.generate(samples=900, links=3, seed=4)  # 3 links x 300 rows at 300 s
     links = df["node_id"].astype(str)
     third = links == links.unique()[2]
     t0 = df.loc[third, "timestamp"].min()
     df.loc[third, "timestamp"] = t0 + (df.loc[third, "timestamp"] - t0) // 300 * 5  # a row every 5 s
-    first = links == links.unique()[0]
-    df.loc[first & (df.groupby(links).cumcount() >= 150), "timestamp"] += 86_400  # a day's gap halfway
     val = df.groupby(links).cumcount().between(100, 285)  # every validation target of every segment
     df.loc[val, "packet_loss"] = 0.02
     path = tmp_path / "d.csv"
     df.to_csv(path, index=False)
     DwcpDataModule(data_path=str(path), batch_size=32).setup("fit")
-    assert "1 of 4 series segments (the first: node-2->node-0, a row every 5 s) are not at the data's cadence" in (
+    assert "1 of 3 series segments (the first: node-2->node-0, a row every 5 s) are not at the data's cadence" in (
         caplog.text
     )
     assert "column 'packet_loss' is constant on the validation split" in caplog.text
-    assert "1 of 3 series are cut by gaps into several segments (the first: node-0->node-1, 2)" in caplog.text

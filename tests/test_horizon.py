@@ -32,7 +32,8 @@ def dm(small_csv) -> DwcpDataModule:
 def test_every_target_of_a_window_lies_in_its_split_and_segment(dm):
     w = dm.window_size
     split_of = np.full(len(dm.raw_targets), -1)
-    for a, b in dm.bounds:  # the split of each row, per segment, by the same cut as the DataModule
+    assert len(set(dm.link_of_segment)) == len(dm.bounds)
+    for a, b in dm.bounds:  # the split of each row, per link, by the same cut as the DataModule (one segment a link)
         n = b - a
         n_train, n_val = int(n * dm.split[0]), int(n * dm.split[1])
         split_of[a : a + n_train] = 0
