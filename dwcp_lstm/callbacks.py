@@ -298,6 +298,12 @@ class OnnxExport(L.Callback):
         self.module = None
         self.calibration: tuple = (None, None)
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The contract's data-derived parts, computed before the first training step: an empty training range made
+        # them raise after a 10-minute fit (found re-running the real traces), and the training was lost.
+        if trainer.datamodule is not None:
+            json.dumps(data_contract(trainer.datamodule))
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = run_dir_of(trainer)
         # fast_dev_run has no logger, so no run folder: the export replaced model.onnx in the working directory
@@ -346,6 +352,29 @@ def range_entry(column: str) -> dict:
     return {"range": [float(v) if np.isfinite(v) else None for v in RANGES[column]]}
 
 
+def data_contract(dm) -> dict:
+    """The parts of an export's contract that come from the data: window, features with their training ranges,
+    targets, target mode and the series definition."""
+    return {
+        "window_size": dm.window_size,
+        "features": [
+            {"name": c, "unit": unit_of(c), "train_range": [float(lo), float(hi)]}
+            for c, (lo, hi) in zip(dm.features, dm.feature_ranges(), strict=True)
+        ],
+        "targets": [{"name": c, "unit": unit_of(c), **range_entry(c)} for c in dm.targets],
+        "target_mode": dm.target_mode,
+        "series": {
+            "columns": list(dm.series_columns),
+            "time_column": dm.time_column,
+            "max_gap": float(dm.max_gap),
+            "cadence_s": dm.cadence_s(),
+            "duplicates": dm.duplicates,
+            "fill_missing": dm.fill_missing,
+            **({"clock": dict(dm.clock), "start_format": dm.series_start} if dm.clock else {}),
+        },
+    }
+
+
 def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_dir: Path, calibration=None) -> dict:
     """The metadata of an export; first embeds its contract in ``onnx_path`` (atomically), so the JSON's contract keys
     and the graph's copy are equal by construction and ``model_sha256`` covers the final file.
@@ -355,22 +384,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
     config_path = run_dir / "config.yaml"
     config = config_path.read_text() if config_path.exists() else None
     contract = make_contract(
-        window_size=dm.window_size,
-        features=[
-            {"name": c, "unit": unit_of(c), "train_range": [float(lo), float(hi)]}
-            for c, (lo, hi) in zip(dm.features, dm.feature_ranges(), strict=True)
-        ],
-        targets=[{"name": c, "unit": unit_of(c), **range_entry(c)} for c in dm.targets],
-        target_mode=dm.target_mode,
-        series={
-            "columns": list(dm.series_columns),
-            "time_column": dm.time_column,
-            "max_gap": float(dm.max_gap),
-            "cadence_s": dm.cadence_s(),
-            "duplicates": dm.duplicates,
-            "fill_missing": dm.fill_missing,
-            **({"clock": dict(dm.clock), "start_format": dm.series_start} if dm.clock else {}),
-        },
+        **data_contract(dm),
         external_data=external_data_hashes(onnx_path),
         horizon=dm.horizon,
         interval_levels=list(calibration.levels) if calibration is not None else None,

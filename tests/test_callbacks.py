@@ -86,3 +86,18 @@ def test_units_by_name_and_suffix():
     assert unit_of("rtt_ms") == "ms" and unit_of("dl_mbps") == "Mbit/s" and unit_of("rsrp_dbm") == "dBm"
     assert unit_of("mystery") == "as in the training data"
     assert unit_of("loss_rate") == "fraction of pings dropped (0-1)"  # Starlink: no suffix says it
+
+
+def test_the_contracts_data_parts_are_built_before_training(small_module, monkeypatch):
+    """An empty training range made the contract's feature ranges raise at the export, after a 10-minute fit: the
+    data-derived parts are now computed when the fit starts, before the first training step."""
+    _, dm = small_module
+    trainer = SimpleNamespace(datamodule=dm)
+    OnnxExport().on_fit_start(trainer, None)  # a sound data module: nothing to say
+
+    def broken():
+        raise ValueError("zero-size array to reduction operation minimum which has no identity")
+
+    monkeypatch.setattr(dm, "feature_ranges", broken)
+    with pytest.raises(ValueError, match="zero-size"):
+        OnnxExport().on_fit_start(trainer, None)
