@@ -2,9 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dwcp_lstm import synthetic
 from dwcp_lstm.data import FEATURES, TARGETS, DwcpDataModule, LeakageError
+from dwcp_lstm.tables import DataError
 
 
 def make_dm(path, **kw) -> DwcpDataModule:
@@ -255,3 +258,47 @@ def test_fit_warns_of_what_forecasting_or_calibration_will_not_survive(tmp_path,
         caplog.text
     )
     assert "column 'packet_loss' is constant on the validation split" in caplog.text
+
+
+# Generated gap layouts: whatever gaps cut a link, its split is one chronological 70/15/15 cut of its rows, windows
+# stay inside a segment, and every window the cut allows is used.
+
+BASE = synthetic.generate(samples=3 * 160, links=3, seed=6)  # 3 links x 160 rows at 300 s
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.lists(st.integers(1, 159), max_size=4, unique=True), min_size=3, max_size=3),
+       horizon=st.integers(1, 3))  # fmt: skip
+def test_any_gap_layout_splits_each_link_by_time(tmp_path, cuts, horizon):
+    df = BASE.copy()
+    links = df["node_id"].astype(str).to_numpy()
+    k = df.groupby(links).cumcount().to_numpy()
+    for link, at in zip(pd.unique(links), cuts, strict=True):
+        for c in at:  # a day's gap before row c of the link
+            df.loc[(links == link) & (k >= c), "timestamp"] += 86_400
+    path = tmp_path / "g.csv"
+    df.to_csv(path, index=False)
+    try:
+        dm = make_dm(path, window_size=5, horizon=horizon, batch_size=8)
+    except DataError as exc:  # every segment too short, or no training window at all: refused, not mis-split
+        assert "no training windows" in str(exc) or "has at least" in str(exc)
+        return
+    w, seg, link = dm.window_size, dm.segment_of_row, dm.link_of_segment[dm.segment_of_row]
+    split_of = np.full(len(seg), -1)
+    for code in np.unique(link):
+        rows = np.flatnonzero(link == code)  # contiguous, in time order
+        n = len(rows)
+        n_train, n_val = int(n * 0.7), int(n * 0.15)
+        split_of[rows[:n_train]], split_of[rows[n_train : n_train + n_val]], split_of[rows[n_train + n_val :]] = 0, 1, 2
+    expected = {s: [] for s in ("train", "val", "test")}
+    for t in range(w, len(seg) - horizon + 1):  # every target row whose window and steps fit in one segment and split
+        steps = np.arange(t, t + horizon)
+        if seg[t - w] == seg[steps[-1]] and (split_of[steps] == split_of[t]).all():
+            expected[("train", "val", "test")[split_of[t]]].append(t)
+    for s in expected:
+        np.testing.assert_array_equal(np.sort(dm.target_rows(s)), expected[s], err_msg=s)
+    train = np.zeros(len(seg), dtype=bool)
+    for a, b in dm.train_ranges:
+        train[a:b] = True
+    np.testing.assert_array_equal(train, split_of == 0)  # the scalers' rows: exactly the training split
+    dm.audit()
