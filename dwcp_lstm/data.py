@@ -2,11 +2,11 @@
 
 Split semantics (per link, across its segments; see :mod:`dwcp_lstm.tables` for how gaps make segments): the link's
 rows are cut chronologically into train / val / test by the split fractions, whatever gaps lie between them; windows
-stay within one segment. A window of ``window_size`` rows forecasts the row right after it, and belongs to the split of
-that *target* row. Validation and test inputs may reach back into the
-previous split: at forecast time the past is known, and dropping those windows would waste ``window_size`` targets
-per split boundary. So every val target is later than every train target of its link, every test target later than
-every val target, and no window spans two series. Scalers see exactly the training rows.
+stay within one segment. A window of ``window_size`` rows forecasts the row right after it, and belongs to the split
+of that *target* row. Validation and test inputs may reach back into the previous split: at forecast time the past is
+known, and dropping those windows would waste ``window_size`` targets per split boundary. So every val target is later
+than every train target of its link, every test target later than every val target, and no window spans two series.
+Scalers see exactly the training rows.
 """
 
 from __future__ import annotations

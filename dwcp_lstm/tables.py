@@ -415,7 +415,7 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
         if twice.any():  # ("x->y", "z") and ("x", "y->z") were one link of the report, silently
             a, b = (tuple(r) for r in pairs[twice].head(2).itertuples(index=False))
             raise DataError(f"{path}: links {a} and {b} have the same name {names[twice].iloc[0]!r} (ids joined with "
-                            "'->'): rename the ids so that no id holds '->'")  # fmt: skip
+                            f"{LINK_SEPARATOR!r}): rename the ids so that no id holds {LINK_SEPARATOR!r}")  # fmt: skip
 
 
 def canonical_id(text: str) -> str:
