@@ -148,6 +148,24 @@ def test_plans_keep_their_confidence_when_the_bound_is_exact():
         assert r["censored"] == 0
 
 
+def test_the_backtest_counts_a_migration_cut_off_after_its_confident_time_as_a_miss():
+    n, h = 10, 5
+    real = np.full((n, 50), 100.0)  # Mbit/s: 1,000 Mbit take 10 s
+    real[7:] = 1.0  # three slow starts ...
+    real[7:, 20:] = np.nan  # ... whose data ends after 20 s, when the 11.1 s promised at 90 Mbit/s had passed
+    real[6, 5:] = np.nan  # one whose data ends after 5 s, before its confident time: unknown, left out
+    forecast, lower, rate = np.full((n, h), 100.0), np.full((n, h), 90.0), np.full(n, 100.0)
+    size = 1000.0 / P.MBIT_PER_GIB
+    out = P.backtest(real, np.full(n, 1.0), forecast, lower, rate, rate, lower, [size], [0.0],
+                     issued=np.arange(n) * 100, groups=np.zeros(n, int))  # fmt: skip
+    run = out["runs"][0]
+    assert (run["migrations"], run["censored"]) == (6, 4)
+    assert run["model"]["coverage"] == pytest.approx(6 / 9)  # dropped, the misses made it 6 of 6
+    assert run["persistence_conformal_coverage"] == pytest.approx(6 / 9)
+    assert run["simple"]["current_rate_held"]["done_by_estimate"] == pytest.approx(6 / 9)
+    assert run["model"]["online_coverage"] <= 6 / 9 + 1e-12
+
+
 def test_carried_volume_matches_a_direct_sum():
     rng = np.random.default_rng(3)
     stretches, steps = [rng.exponential(2.0, n) for n in (1, 7, 30)], [1.0, 0.5, 2.0]
