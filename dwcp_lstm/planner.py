@@ -871,6 +871,9 @@ def backtest_report(
     mean_mbps, h = float(np.mean(np.concatenate(train))), dm.horizon
     carried = [carried_mbit(train, train_step, f * h) for f in LADDER_SHARES]
     sizes, dirty = workload(mean_mbps, float(np.median(step_s)) * h, carried)
+    if not sizes:  # nothing to replay: say so, rather than checks that pass on no migration at all
+        why = f"mean {mean_mbps:.4g} Mbit/s, median volume {carried[-1]:.4g} Mbit"
+        return {"skipped": f"no VM size to replay: {tp} carried nothing in a typical {h}-step stretch ({why})"}, []
     steps = replay_steps(h, int((seg_end - first).max()))
     real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
 

@@ -182,6 +182,7 @@ def test_carried_volume_matches_a_direct_sum():
 
 def test_the_ladder_fits_the_horizon_even_on_a_bursty_link():
     assert P.workload(540.0, 3600.0, [1.0, 2.0, 3.0]) == ([16.0, 64.0, 256.0, 1024.0], [0.0, 108.0])
+    assert P.workload(0.5, 10.0, [0.0, 0.0, 0.0]) == ([], [0.0])  # idle in most stretches: the report says skipped
     # 1 Mbit/s with a 100 Mbit/s burst of 2 s every 30 s: mean 7.7 Mbit/s, but 10 s from a typical row carry 10 Mbit.
     rates = np.tile(np.r_[100.0, 100.0, np.ones(28)], 60)
     carried = [P.carried_mbit([rates], [1.0], f * 10) for f in P.LADDER_SHARES]
