@@ -454,7 +454,8 @@ def plan_online(
     """The margin multiplier [S] for each planned link's latest window (``latest`` [S, 2] row ranges), learnt
     online (:mod:`dwcp_lstm.online`) as the backtest does: the same migration started at every earlier window of
     the link in the input (every segment of ``bounds``, ``x`` [rows, F] raw inputs, ``t`` times, ``keys`` link of
-    each row), its realised time from the measured throughput, its outcome known from the row it ended on. Also
+    each row), its realised time from the measured throughput, a hit known from the row it ended on, a miss from
+    the row its confident time passed (:func:`~dwcp_lstm.online.track_promises`). Also
     the number of outcomes each link had learnt from [S] (0: the calibrated margin, unchanged)."""
     from dwcp_lstm.serve import CHUNK
     from dwcp_lstm.tables import time_steps
@@ -462,7 +463,7 @@ def plan_online(
     w, j = predictor.window, predictor.features.index(tp)
     planned = set(keys[latest[:, 1] - 1].tolist())
     rate = x[:, j].astype(np.float64)
-    issued, groups, need, known, censored = [], [], [], [], []
+    issued, groups, need, known, censored, promised = [], [], [], [], [], []
     for a, b in bounds:
         if b - a < w or keys[a] not in planned:
             continue
@@ -491,15 +492,19 @@ def plan_online(
             need.append(nd)
             known.append(ended_row(r, np.where(ok, t_known, 0.0), steps))
             censored.append(part)
-    issued, groups, need, known, censored = (np.concatenate(v) for v in (issued, groups, need, known, censored))
-    s = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon, censored=censored)
+            pr = np.full((len(r), len(MARGIN_GRID)), np.inf)
+            pr[ok] = promised_rows(f[ok], lo[ok], steps[ok], m, None if tail is None else tail[ok], r[ok])
+            promised.append(pr)
+    issued, groups, need, known, censored, promised = (
+        np.concatenate(v) for v in (issued, groups, need, known, censored, promised)
+    )
+    s, learnt_at = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon,
+                                      censored=censored, promised=promised)  # fmt: skip
     at = np.searchsorted(issued, latest[:, 1] - 1)  # each link's latest window (issued rows ascend: row order)
     _, code = np.unique(groups, return_inverse=True)
     last_of_group = np.zeros(code.max() + 1, np.int64)
     last_of_group[code[at]] = issued[at]
-    # outcomes known by the link's latest window: the ended migrations, and the unfinished ones already missed
-    learnt = np.where(censored, need > s, ~np.isnan(need))
-    used = learnt & (known <= last_of_group[code])
+    used = learnt_at <= last_of_group[code]  # outcomes learnt by the link's latest window
     return s[at], np.bincount(code, weights=used, minlength=len(last_of_group))[code[at]].astype(np.int64)
 
 
@@ -512,15 +517,41 @@ def replay_steps(horizon: int, longest: int) -> int:
 
 def margin_multipliers(
     need: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, confidence: float, horizon: int,
-    rate: float = O.RATE, censored: np.ndarray | None = None,
-) -> np.ndarray:  # fmt: skip
+    rate: float = O.RATE, censored: np.ndarray | None = None, promised: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each migration's margin multiplier [n], learnt online per link from the migrations already ended (``need``
     [n] from :func:`scale_needed`, known from row ``known``), the step damped for those that ended more than the
     horizon after they started (:func:`~dwcp_lstm.online.delayed_rate`). The backtest's and ``plan --online``'s.
     ``censored`` [n]: migrations still running when the data ended (``need``: for the time they were seen), which
-    count only where that already makes them misses (:func:`~dwcp_lstm.online.track`)."""
+    count only where that already makes them misses (:func:`~dwcp_lstm.online.track`). ``promised`` [n, G]
+    (:func:`promised_rows`): a miss is then learnt once its confident time has passed
+    (:func:`~dwcp_lstm.online.track_promises`), not only when the migration ends. Also returns the row from which
+    each outcome was learnt [n] (``inf``: never)."""
+    known = np.where(np.isnan(need), np.inf, np.asarray(known, np.float64))
+    if promised is not None:
+        return O.track_promises(need, issued, known, groups, 1.0 - confidence, horizon, promised, MARGIN_GRID, rate,
+                                censored)  # fmt: skip
     gain = O.delayed_rate(rate, issued, known, horizon)
-    return O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain, censored)[:, 0]
+    s = O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain, censored)[:, 0]
+    used = ~np.isnan(need) if censored is None else np.where(censored, need > s, ~np.isnan(need))
+    return s, np.where(used, known, np.inf)
+
+
+MARGIN_GRID = 10.0 ** (np.arange(-12, 13) / 12)  # multipliers 0.1..10 (1 exactly) whose confident times are computed
+
+
+def promised_rows(
+    forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration, tail_lower: np.ndarray | None,
+    issued: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """[n, G]: the row by which each migration's confident time at multiplier ``MARGIN_GRID[g]`` has passed (its
+    start ``issued`` plus the time in whole rows, as :func:`ended_row` counts; ``inf`` where it never ends)."""
+    out = np.full((len(forecast), len(MARGIN_GRID)), np.inf)
+    for g, v in enumerate(MARGIN_GRID):
+        t = confident_time(forecast, mean_lower, step_s, m, tail_lower, np.full(len(forecast), v))
+        done = np.isfinite(t)
+        out[done, g] = issued[done] + np.maximum(np.ceil(t[done] / step_s[done]), 1)
+    return out
 
 
 def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.ndarray:
@@ -531,10 +562,10 @@ def ended_row(issued: np.ndarray, t_s: np.ndarray, step_s: np.ndarray) -> np.nda
 
 ONLINE_NOTE = (
     "the distance of each link's bound below its forecast is multiplied by online_scale, learnt from online_outcomes "
-    "migrations that its own history in the input would have seen and that ended before its latest row, or were "
-    "still running at it past their confident time (certain misses; the others still running are not used) (each "
-    "outcome moves its log by rate x (miss - (1 - confidence)), the rate times horizon / rows for a migration that "
-    "ended more rows than the horizon after it started)"
+    "migrations that its own history in the input would have seen: those that ended before its latest row, and "
+    "misses from the row their confident time had passed (the others still running are not used) (each outcome "
+    "moves its log by rate x (miss - (1 - confidence)), the rate times horizon / rows for a migration promised to "
+    "take more rows than the horizon)"
 )
 BEYOND_NOTE = (
     "after the model's horizon the forecast mean over the horizon is assumed to hold for the median plan, and {bound}; "
@@ -774,9 +805,9 @@ def backtest(
     inside the data (``migrations``; ``censored`` ran past the end of their series); a censored migration still
     running at an estimate's time also counts against that estimate's coverage (a certain miss). With ``issued``
     [N] (each window's first forecast row) and ``groups`` [N] (its link), also ``online_coverage``: the
-    confidence-level time recalibrated online (:mod:`dwcp_lstm.online`), each migration's outcome used from the row
-    it ended on (a censored one's, a miss only, from the end of its data), its step damped when that is more than
-    the horizon later (:func:`~dwcp_lstm.online.delayed_rate`)."""
+    confidence-level time recalibrated online (:func:`~dwcp_lstm.online.track_promises`): a hit used from the row
+    the migration ended on, a miss from the row its confident time passed (a censored one's, a miss only, no later
+    than the end of its data), the step damped when the promise is longer than the horizon."""
     n, h = forecast.shape
     none = np.empty((n, 0))
     seen = np.isfinite(real).sum(axis=1) * np.broadcast_to(step_s, (n,))  # [N] seconds of data after each start
@@ -813,8 +844,9 @@ def backtest(
                 args = (forecast[use], mean_lower[use], step_s[use], m, tail)
                 need = scale_needed(*args, t_known)
                 known = ended_row(issued[use], t_known, step_s[use])
-                scale = margin_multipliers(need, issued[use], known, groups[use], confidence, h, online_rate,
-                                           censored=part[use])  # fmt: skip
+                promised = promised_rows(*args, issued[use])
+                scale, _ = margin_multipliers(need, issued[use], known, groups[use], confidence, h, online_rate,
+                                              censored=part[use], promised=promised)  # fmt: skip
                 t_online = np.full(n, np.inf)
                 t_online[use] = confident_time(*args, scale)
                 online = {"online_coverage": covered(t_online), "online_median_scale": float(np.median(scale[ok[use]]))}
