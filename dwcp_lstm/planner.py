@@ -498,8 +498,8 @@ def plan_online(
     issued, groups, need, known, censored, promised = (
         np.concatenate(v) for v in (issued, groups, need, known, censored, promised)
     )
-    s, learnt_at = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon,
-                                      censored=censored, promised=promised)  # fmt: skip
+    s, learnt_at = margin_multipliers(need, issued, known, groups, confidence, predictor.horizon, promised,
+                                      censored=censored)  # fmt: skip
     at = np.searchsorted(issued, latest[:, 1] - 1)  # each link's latest window (issued rows ascend: row order)
     _, code = np.unique(groups, return_inverse=True)
     last_of_group = np.zeros(code.max() + 1, np.int64)
@@ -517,24 +517,17 @@ def replay_steps(horizon: int, longest: int) -> int:
 
 def margin_multipliers(
     need: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, confidence: float, horizon: int,
-    rate: float = O.RATE, censored: np.ndarray | None = None, promised: np.ndarray | None = None,
+    promised: np.ndarray, rate: float = O.RATE, censored: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Each migration's margin multiplier [n], learnt online per link from the migrations already ended (``need``
-    [n] from :func:`scale_needed`, known from row ``known``), the step damped for those that ended more than the
-    horizon after they started (:func:`~dwcp_lstm.online.delayed_rate`). The backtest's and ``plan --online``'s.
-    ``censored`` [n]: migrations still running when the data ended (``need``: for the time they were seen), which
-    count only where that already makes them misses (:func:`~dwcp_lstm.online.track`). ``promised`` [n, G]
-    (:func:`promised_rows`): a miss is then learnt once its confident time has passed
-    (:func:`~dwcp_lstm.online.track_promises`), not only when the migration ends. Also returns the row from which
-    each outcome was learnt [n] (``inf``: never)."""
+    """Each migration's margin multiplier [n], learnt online per link (:func:`~dwcp_lstm.online.track_promises`; the
+    backtest's and ``plan --online``'s) from the migrations already ended (``need`` [n] from :func:`scale_needed`,
+    known from row ``known``) and the misses whose confident time (``promised`` [n, G], :func:`promised_rows`) has
+    passed; the step damped for promises longer than the horizon. ``censored`` [n]: migrations still running when
+    the data ended (``need``: for the time they were seen), which count only as misses. Also returns the row from
+    which each outcome was learnt [n] (``inf``: never)."""
     known = np.where(np.isnan(need), np.inf, np.asarray(known, np.float64))
-    if promised is not None:
-        return O.track_promises(need, issued, known, groups, 1.0 - confidence, horizon, promised, MARGIN_GRID, rate,
-                                censored)  # fmt: skip
-    gain = O.delayed_rate(rate, issued, known, horizon)
-    s = O.track(need[:, None], issued, known, groups, 1.0 - confidence, gain, censored)[:, 0]
-    used = ~np.isnan(need) if censored is None else np.where(censored, need > s, ~np.isnan(need))
-    return s, np.where(used, known, np.inf)
+    return O.track_promises(need, issued, known, groups, 1.0 - confidence, horizon, promised, MARGIN_GRID, rate,
+                            censored)  # fmt: skip
 
 
 MARGIN_GRID = 10.0 ** (np.arange(-12, 13) / 12)  # multipliers 0.1..10 (1 exactly) whose confident times are computed
@@ -845,8 +838,8 @@ def backtest(
                 need = scale_needed(*args, t_known)
                 known = ended_row(issued[use], t_known, step_s[use])
                 promised = promised_rows(*args, issued[use])
-                scale, _ = margin_multipliers(need, issued[use], known, groups[use], confidence, h, online_rate,
-                                              censored=part[use], promised=promised)  # fmt: skip
+                scale, _ = margin_multipliers(need, issued[use], known, groups[use], confidence, h, promised,
+                                              online_rate, censored=part[use])  # fmt: skip
                 t_online = np.full(n, np.inf)
                 t_online[use] = confident_time(*args, scale)
                 online = {"online_coverage": covered(t_online), "online_median_scale": float(np.median(scale[ok[use]]))}
