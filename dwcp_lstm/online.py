@@ -80,7 +80,7 @@ def delayed_rate(rate: float, issued: np.ndarray, known: np.ndarray, horizon: in
 
 def track(
     needed: np.ndarray, issued: np.ndarray, known: np.ndarray, groups: np.ndarray, alpha: np.ndarray | float,
-    rate: np.ndarray | float = RATE, censored: np.ndarray | None = None,
+    rate: np.ndarray | float = RATE,
 ) -> np.ndarray:  # fmt: skip
     """Multipliers ``s`` [n, K] for n forecasts in K columns (levels, steps, targets flattened by the caller).
 
@@ -89,9 +89,8 @@ def track(
     its outcome is known, on the same clock (rows of its series), ``known > issued``; ``groups`` [n]: one multiplier
     per group (a link), carried over gaps; ``alpha`` [K] or one number: the nominal miss rate of each column;
     ``rate`` one number or [n]: the step of each outcome. The forecast issued at ``t`` uses every outcome of its
-    group known by ``t``, each judged against the multiplier its own forecast was issued with. ``censored`` [n]:
-    outcomes seen only in part (a migration still running when the data ended; ``needed`` is then what covering the
-    part seen needed): a miss is certain where the multiplier fell short of it, and only such misses are used."""
+    group known by ``t``, each judged against the multiplier its own forecast was issued with. (Migrations, whose
+    misses are known before they end, have :func:`track_promises`.)"""
     needed = np.asarray(needed, np.float64)
     n, k = needed.shape
     known = np.broadcast_to(np.asarray(known), (k, n)).T if np.ndim(known) == 1 else np.asarray(known)
@@ -100,11 +99,10 @@ def track(
         raise ValueError("an outcome must become known after its forecast was issued")
     alpha = np.broadcast_to(np.asarray(alpha, np.float64), (k,))
     rate = np.broadcast_to(np.asarray(rate, np.float64), (n,))
-    censored = np.zeros(n, bool) if censored is None else np.asarray(censored, bool)
     s = np.ones((n, k))
     for g in np.unique(groups):
         idx = np.flatnonzero(groups == g)
-        _track_group(needed, s, idx[np.argsort(issued[idx], kind="stable")], issued, known, alpha, rate, censored)
+        _track_group(needed, s, idx[np.argsort(issued[idx], kind="stable")], issued, known, alpha, rate)
     return s
 
 
@@ -153,7 +151,7 @@ def track_promises(
     return s, learnt
 
 
-def _track_group(needed, s, idx, issued, known, alpha, rate, censored) -> None:
+def _track_group(needed, s, idx, issued, known, alpha, rate) -> None:
     """:func:`track` for one group, every column; the outcome queue is ordered per column by when it is known."""
     k = needed.shape[1]
     order = np.argsort(known[idx], axis=0, kind="stable")  # [m, K]: per column, outcomes by when they are known
@@ -173,8 +171,7 @@ def _track_group(needed, s, idx, issued, known, alpha, rate, censored) -> None:
             c = cols_k[take]
             e = who[ptr[c], c]
             miss = needed[e, c] > s[e, c]
-            used = miss | ~censored[e]  # a partly seen outcome tells only of a miss
-            log_s[c] = np.where(used, np.clip(log_s[c] + rate[e] * (miss - alpha[c]), -LOG_LIMIT, LOG_LIMIT), log_s[c])
+            log_s[c] = np.clip(log_s[c] + rate[e] * (miss - alpha[c]), -LOG_LIMIT, LOG_LIMIT)
             ptr[c] += 1
         s[i] = np.exp(log_s)
 
