@@ -238,3 +238,44 @@ def test_misses_that_end_late_keep_their_weight_when_learnt_at_the_promise():
     s_old = O.track(needed[:, None], issued, ended, groups, 0.1, O.delayed_rate(0.1, issued, ended, 10))[:, 0]
     cover = {k: float(np.mean(needed[n // 4 :] <= s[n // 4 :])) for k, s in (("new", s_new), ("old", s_old))}
     assert abs(cover["new"] - 0.9) < 0.01 and cover["old"] < 0.8, cover
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(n=st.integers(1, 40), seed=st.integers(0, 2**32 - 1), links=st.integers(1, 3))
+def test_any_promises_are_learnt_no_earlier_than_certain(n, seed, links):
+    """Generated promises: a miss is used no earlier than the promise made with the forecast's own multiplier (read
+    at the next grid value up) and no later than its end, a hit exactly at its end (never, if seen only in part),
+    and each multiplier is the sum of the damped steps of the outcomes its link had learnt by its issue row."""
+    rng = np.random.default_rng(seed)
+    issued = np.sort(rng.integers(0, 60, n))
+    groups = rng.integers(0, links, n)
+    needed = np.where(rng.random(n) < 0.1, np.nan, np.exp(rng.normal(0, 1, n)))
+    length = rng.uniform(0.5, 30.0, n)  # rows per unit of multiplier
+    promised = issued[:, None] + np.maximum(np.ceil(length[:, None] * GRID[None, :]), 1)
+    promised[rng.random(n) < 0.1] = np.inf  # a bound at 0: the promise never ends
+    ended = np.where(rng.random(n) < 0.1, np.inf, issued + np.maximum(np.ceil(length * np.nan_to_num(needed)), 1))
+    censored = rng.random(n) < 0.2
+    s, learnt = O.track_promises(needed, issued, ended, groups, 0.1, 12, promised, GRID, censored=censored)
+    for i in range(n):
+        if np.isnan(needed[i]) or not np.isfinite(learnt[i]):
+            continue
+        assert learnt[i] > issued[i]
+        if needed[i] > s[i]:  # a miss
+            due = promised[i, np.searchsorted(GRID, s[i])] if s[i] <= GRID[-1] else np.inf
+            assert learnt[i] == min(ended[i], due)
+        else:
+            assert not censored[i] and learnt[i] == ended[i]
+    # each multiplier is exp of the damped steps of the outcomes its link learnt by its issue row
+    for i in range(n):
+        mine = (groups == groups[i]) & (learnt <= issued[i])
+        miss = needed[mine] > s[mine]
+        due = np.array([promised[j, np.searchsorted(GRID, s[j])] if s[j] <= GRID[-1] else np.inf
+                        for j in np.flatnonzero(mine)])  # fmt: skip
+        basis = np.where(np.isfinite(due), due, learnt[mine])
+        steps = O.delayed_rate(O.RATE, issued[mine], basis, 12) * (miss - 0.1)
+        if np.all(np.abs(np.cumsum(steps)) < O.LOG_LIMIT):  # the clip never bound
+            assert np.log(s[i]) == pytest.approx(steps.sum(), abs=1e-9)
