@@ -26,6 +26,8 @@ with a multiplier of its own per level, a lopsided interval narrowed past its fo
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 RATE = 0.1  # step of log s per outcome: a miss at 80 % widens by e^0.08 (8 %), a hit narrows by e^-0.02
@@ -126,8 +128,6 @@ def track_promises(
     (:func:`delayed_rate`; a promise that never ends, a bound at 0, by when its end is learnt), the same for a hit
     and a miss: damped by when each is learnt, the misses (learnt later) weighed less and coverage settled low.
     Also returns the row from which each outcome was used [n] (``inf``: never)."""
-    import heapq
-
     censored = np.zeros(len(needed), bool) if censored is None else np.asarray(censored, bool)
     s, learnt = np.ones(len(needed)), np.full(len(needed), np.inf)
     for g in np.unique(groups):

@@ -543,7 +543,7 @@ def promised_rows(
     for g, v in enumerate(MARGIN_GRID):
         t = confident_time(forecast, mean_lower, step_s, m, tail_lower, np.full(len(forecast), v))
         done = np.isfinite(t)
-        out[done, g] = issued[done] + np.maximum(np.ceil(t[done] / step_s[done]), 1)
+        out[done, g] = ended_row(issued[done], t[done], step_s[done])
     return out
 
 
