@@ -127,11 +127,15 @@ def _lightning_cli_class():
         def instantiate_classes(self) -> None:
             """A class the config names (a callback, logger, profiler) that refuses its own ``init_args`` is a
             config error, one line, not a traceback; the project's own errors pass through as they are."""
+            from lightning.fabric.utilities.exceptions import MisconfigurationException
+
             from dwcp_lstm.errors import DwcpError
 
             try:
                 super().instantiate_classes()
-            except (ValueError, TypeError, ImportError) as exc:  # ImportError: e.g. a TPU accelerator without XLA
+            # ImportError: e.g. a TPU accelerator without XLA; RuntimeError: e.g. a second checkpoint callback whose
+            # state key clashes with the run's own (same monitor and mode), refused by the Trainer's constructor
+            except (ValueError, TypeError, ImportError, RuntimeError, MisconfigurationException) as exc:
                 if isinstance(exc, DwcpError):
                     raise
                 text = " ".join(str(exc).split())

@@ -46,6 +46,7 @@ from dwcp_lstm.tables import (
     check_table_suffix,
     clip_to,
     fill_missing,
+    is_gap,
     latest_segments,
     link_name,
     log,
@@ -447,7 +448,7 @@ class Predictor:
                 raise DataError(f"{source}: column {time!r} row {int(np.flatnonzero(bad)[0]) + 2}: {what} "
                                 "(windows are taken in row order)")  # fmt: skip
         max_gap, median = float(trained.get("max_gap") or 0), float(np.median(steps))
-        gap = steps > max_gap * median if max_gap > 0 else np.zeros(len(steps), bool)
+        gap = is_gap(steps, median, max_gap)
         if gap.any():
             i = int(np.flatnonzero(gap)[0])
             raise DataError(f"{source}: column {time!r} row {i + 2}: a gap of {steps[i]:g} (over {max_gap:g} x the "

@@ -535,13 +535,19 @@ def segment_bounds(
     cut = new_series.copy()
     if max_gap > 0:
         cadence = pd.Series(step).groupby(codes).transform("median").to_numpy()
-        cut |= step > max_gap * cadence
+        cut |= is_gap(step, cadence, max_gap)
         n_gaps = int((cut & ~new_series).sum())
         if n_gaps:
             log.warning("%s: %d gaps longer than %g x the cadence; series split there", path, n_gaps, max_gap)
     starts = np.flatnonzero(cut)
     bounds = np.stack([starts, np.r_[starts[1:], len(df)]], axis=1).astype(np.int64)
     return long_segments(bounds, min_rows, path)
+
+
+def is_gap(steps: np.ndarray, cadence: np.ndarray | float, max_gap: float) -> np.ndarray:
+    """Which time steps are gaps: longer than ``max_gap`` x the cadence (the one rule for training data and for a
+    link's rows at serving time); ``max_gap <= 0`` means none. NaN steps (a series' first row) are not gaps."""
+    return steps > max_gap * cadence if max_gap > 0 else np.zeros(len(steps), bool)
 
 
 def long_segments(bounds: np.ndarray, min_rows: int, path: str | Path) -> np.ndarray:

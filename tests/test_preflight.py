@@ -234,6 +234,11 @@ CONFIG_CASES = [
     ),  # fmt: skip
     ("backbone", ["--trainer.callbacks+=lightning.pytorch.callbacks.BackboneFinetuning"], "BackboneFinetuning unfre"),
     ("lr-finder", ["--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateFinder"], "LearningRateFinder sets"),
+    (
+        "clashing-checkpoint-state",
+        ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.monitor=val_loss"],
+        "cannot build the run from its config: Found more than one stateful callback of type `FolderCheckpoint`",
+    ),
     ("timer", ["--trainer.callbacks+=lightning.pytorch.callbacks.Timer"], "--trainer.callbacks Timer: give --trainer"),
     ("plateau-factor", ["--model.scheduler.init_args.factor=2.0"], "--model.scheduler"),
     ("nan-split", ["--data.split=[0.7,.nan,0.15]"], "--data.split must be three non-negative fractions"),

@@ -565,6 +565,20 @@ def test_integer_times_beyond_float_precision_keep_their_cadence(caplog):
     np.testing.assert_array_equal(time_steps(t.astype(np.uint64)), np.full(59, 300.0))
 
 
+def test_a_step_of_exactly_max_gap_cadences_is_not_a_gap():
+    """Training (``segment_bounds``) and serving (``Predictor``) cut links by one rule, ``tables.is_gap``: a step of
+    exactly ``max_gap`` x the cadence stays, anything longer splits the link; ``max_gap <= 0`` never splits."""
+    from dwcp_lstm.tables import is_gap, segment_bounds
+
+    steps = np.full(40, 300.0)
+    steps[[10, 25]] = [900.0, 900.5]  # 3.0 x and just over 3 x the 300 s cadence
+    t = np.r_[0.0, np.cumsum(steps)]
+    df = pd.DataFrame({"link": ["a"] * len(t), "timestamp": t})
+    assert segment_bounds(df, ["link"], "timestamp", 1, 3.0, "t.csv").tolist() == [[0, 26], [26, 41]]
+    np.testing.assert_array_equal(np.flatnonzero(is_gap(steps, 300.0, 3.0)), [25])
+    assert not is_gap(steps, 300.0, 0.0).any() and not is_gap(np.array([np.nan]), 300.0, 3.0).any()
+
+
 def test_report_refuses_a_data_file_that_changed_since_training(tmp_path, smoke_run, capsys):
     """A truncated file put the model's training rows into the test split (and the calibration's validation rows
     elsewhere): report.json overwritten with flattering figures. The checkpoint records the file's sha256; a moved
