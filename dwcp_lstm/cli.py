@@ -151,6 +151,7 @@ def _lightning_cli_class():
                 trainer = cfg.get("trainer")  # nested (a class path's init_args as a mapping), not flattened keys
                 trainer = trainer.as_dict() if hasattr(trainer, "as_dict") else dict(trainer or {})
                 preflight.check_trainer_config(trainer, cfg.get("seed_everything"))
+                preflight.check_early_stopping(cfg.get("early_stopping"))
 
         def instantiate_trainer(self, **kwargs):
             # checkpoints are written to a temporary name and renamed (see preflight.AtomicCheckpointIO)

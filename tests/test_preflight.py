@@ -254,6 +254,10 @@ CONFIG_CASES = [
     ("cross-without-skip", ["--model.skip_cross=true"], "--model.skip_cross needs --model.linear_skip true"),
     ("clock-not-a-feature", ["--data.clock={beat_s: 15}"], "--data.clock: 'beat_s' is not among the features"),
     ("negative-clip", ["--trainer.gradient_clip_val=-1"], "--trainer.gradient_clip_val must be a number >= 0"),
+    ("nan-min-delta", ["--early_stopping.min_delta=.nan"], "--early_stopping.min_delta must be a finite number >="),
+    ("negative-min-delta", ["--early_stopping.min_delta=-5.0"], "--early_stopping.min_delta must be a finite"),
+    ("inf-min-delta", ["--early_stopping.min_delta=.inf"], "--early_stopping.min_delta must be a finite number"),
+    ("negative-patience", ["--early_stopping.patience=-1"], "--early_stopping.patience must be an integer >= 0"),
     ("fraction-clip", ["--trainer.gradient_clip_val=-0.5"], "--trainer.gradient_clip_val must be a number >= 0"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
     # both used to fail only after the first training epoch
