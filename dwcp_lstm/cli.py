@@ -109,8 +109,9 @@ def _lightning_cli_class():
             preflight.check_factories(self.config[self.subcommand].get("model") or {})  # before any is called
             self._logger_follows_root()
             threads, source = resolve_threads(self.config[self.subcommand].get("threads"))
-            if not 1 <= threads <= MAX_THREADS:
-                raise _data_error(f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
+            if not 1 <= threads <= MAX_THREADS:  # named as given: the flag, or the environment variable
+                where = "the environment variable OMP_NUM_THREADS" if source == "OMP_NUM_THREADS" else "--threads"
+                raise _data_error(f"{where} must be from 1 to {MAX_THREADS}, got {threads}")
             torch.set_num_threads(threads)
             print(f"Using {threads} CPU thread(s) of {usable_cores()} usable cores ({source})", file=sys.stderr)
 

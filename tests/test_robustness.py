@@ -278,6 +278,15 @@ def test_other_commands_reject_bad_input(tmp_path, capsys, argv, expected):
     assert len(err) == 1 and expected.format(tmp=tmp_path) in err[0], err
 
 
+def test_a_thread_count_from_the_environment_is_named_as_such(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "99999")  # read by resolve_threads when --threads is not given
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", f"--trainer.default_root_dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ["error: the environment variable OMP_NUM_THREADS must be from 1 to 1024, got 99999"], err
+
+
 def test_bench_checks_its_output_before_benchmarking(tmp_path, monkeypatch, capsys):
     from dwcp_lstm import bench
 
