@@ -245,6 +245,18 @@ CONFIG_CASES = [
     ("no-val", ["--data.split=[0.85,0.0,0.15]"], "no validation windows"),
     ("no-test", ["--data.split=[0.85,0.15,0.0]"], "no test windows"),
     ("nan-gap", ["--data.max_gap=.nan"], "--data.max_gap must be a finite number"),
+    (
+        "time-as-input",
+        ["--data.features=[timestamp,throughput_mbps,rtt_ms,packet_loss,jitter_ms]"],
+        "--data.features / --data.targets: 'timestamp' is the time column (--data.time_column), not a measurement; to",
+    ),
+    (
+        "link-as-input",
+        ["--data.features=[node_id,throughput_mbps,rtt_ms,packet_loss,jitter_ms]"],
+        "'node_id' is a series id column (--data.series_columns), not a measurement",
+    ),
+    ("data-dir-in-a-file", ["--data.data_dir=/dev/null/d"], "--data.data_dir /dev/null/d: cannot create or write"),
+    ("data-dir-in-proc", ["--data.data_dir=/proc/x"], "--data.data_dir /proc/x: cannot create or write the folder"),
     ("time-is-series", ["--data.time_column=node_id"], "--data.time_column must be a column other than"),
     ("bad-samples", ["--data.synthetic.samples=1"], "--data.synthetic:"),
     ("negative-mape-floor", ["--model.mape_floor=-1"], "--model.mape_floor must be"),
