@@ -400,6 +400,7 @@ def run_lightning(args: list[str]) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.imports import config_files_checked
     from dwcp_lstm.module import DwcpForecaster
     from dwcp_lstm.preflight import AtomicSaveConfig
     from dwcp_lstm.tables import first_line
@@ -413,14 +414,15 @@ def run_lightning(args: list[str]) -> None:
     # stay intact: DDP's launcher re-runs it for the other ranks.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
     try:
-        _lightning_cli_class()(
-            DwcpForecaster,
-            DwcpDataModule,
-            save_config_callback=AtomicSaveConfig,
-            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
-            parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
-            args=args,
-        )
+        with config_files_checked():  # a group given as a file (--data FILE) is checked like a --config file
+            _lightning_cli_class()(
+                DwcpForecaster,
+                DwcpDataModule,
+                save_config_callback=AtomicSaveConfig,
+                save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
+                parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
+                args=args,
+            )
     except MisconfigurationException as exc:  # a Trainer argument Lightning refuses (e.g. max_epochs < -1)
         raise _data_error(" ".join(first_line(exc).split())) from None
 

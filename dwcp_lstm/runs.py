@@ -10,7 +10,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 from dwcp_lstm.blend import fit_blend
 from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
-from dwcp_lstm.imports import restrict_config_imports
+from dwcp_lstm.imports import config_files_checked, restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.preflight import check_data_settings, load_checkpoint, plain_value
 from dwcp_lstm.tables import first_line, log, short_repr
@@ -118,10 +118,15 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
     if not isinstance(cfg["data"], dict):  # anything else would silently fall back to the default data
         raise ConfigError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
     restrict_config_imports()  # a run folder's config may come from anyone
+    for key, value in cfg["data"].items():  # the fit writes every group inline: a file name here was put there
+        if key == "synthetic" and isinstance(value, str):  # (report read any YAML file and echoed its keys)
+            raise ConfigError(f"{config_path}: data.synthetic is {short_repr(value)}, a file name; a run's "
+                              "config.yaml holds every setting inline (as the fit wrote it)")  # fmt: skip
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DwcpDataModule, "data")
     try:
-        ns = parser.parse_object({"data": cfg["data"]})
+        with config_files_checked(str(config_path)):  # no other file is read for it
+            ns = parser.parse_object({"data": cfg["data"]})
         return parser.instantiate_classes(ns).data
     except ArgumentError as exc:  # an unknown key or a value of the wrong type (jsonargparse's text spans lines)
         raise ConfigError(f"{config_path}: {' '.join(str(exc).split())[:400]}") from None

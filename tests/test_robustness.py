@@ -14,6 +14,7 @@ from conftest import fit_args
 
 from dwcp_lstm import synthetic
 from dwcp_lstm.cli import cli_main
+from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.synthetic import TARGETS
 
 
@@ -662,6 +663,71 @@ def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys, form):
         cli_main(fit_args(tmp_path, *flag))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and f"{cfg}: not UTF-8 text" in err[0], err
+
+
+NESTED_CONTENTS = {  # (a data section's text, a synthetic section's text, the expected refusal)
+    "not-utf8": (b"batch_size: 32\n\xff\xfe\n", b"samples: 2000\n\xff\xfe\n", "not UTF-8 text"),
+    "key-twice": (b"batch_size: 32\nbatch_size: 16\n", b"samples: 2000\nsamples: 3000\n", "line 2: key"),
+    "alias-bomb": (BOMB, BOMB, "the YAML expands to more than 100,000 values"),
+}
+
+
+@pytest.mark.parametrize("content", list(NESTED_CONTENTS))
+@pytest.mark.parametrize("where", ["--data", "--data.synthetic", "data-in-config", "synthetic-in-config"])
+def test_a_group_given_as_a_file_gets_the_checks_of_a_config_file(tmp_path, capsys, where, content):
+    """jsonargparse reads a group given as a file path itself: a non-UTF-8 one was a UnicodeDecodeError traceback,
+    a key written twice was taken silently (the last), and an alias bomb took a minute of CPU."""
+    data, synthetic, expected = NESTED_CONTENTS[content]
+    nested = _touch(tmp_path / "nested.yaml", synthetic if "synthetic" in where else data)
+    if where.endswith("-in-config"):
+        text = f"data: {nested}\n" if where == "data-in-config" else f"data:\n  synthetic: {nested}\n"
+        flags = ["--config", str(_touch(tmp_path / "outer.yaml", text.encode()))]
+    else:
+        flags = [where, str(nested)]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, *flags))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and f"{nested}: {expected}" in err[0], err
+    assert not list(tmp_path.glob("lightning_logs/version_*"))
+
+
+@pytest.mark.parametrize("content", [b"samples: 2000\n", b"samples: 2000\n\xff\xfe\n", b"secret_key: 1\n"])
+def test_a_run_config_naming_another_file_is_refused_unread(tmp_path, smoke_run, capsys, content):
+    """A run's config.yaml is written by the fit with every section inline: ``synthetic: /any/file`` made ``report``
+    read any YAML file on the machine (a traceback where it was not UTF-8) and echo its keys in the error."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    other = _touch(tmp_path / "other.yaml", content)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["synthetic"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"config.yaml: data.synthetic is '{other}', a file name; a run's config.yaml holds" in err[0], err
+    assert "secret_key" not in err[0]
+
+
+def test_a_run_config_cannot_make_the_parser_read_a_file(tmp_path):
+    """Beyond ``data.synthetic``: whatever group a run's config.yaml would have jsonargparse read from a file."""
+    from jsonargparse import ArgumentParser
+
+    from dwcp_lstm.data import SyntheticSpec
+    from dwcp_lstm.imports import config_files_checked
+
+    other = _touch(tmp_path / "other.yaml", b"samples: 2000\n")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SyntheticSpec, "synthetic")
+    refused = pytest.raises(ConfigError, match=f"run/config.yaml: a setting names the file {other}")
+    with refused, config_files_checked("run/config.yaml"):
+        parser.parse_object({"synthetic": str(other)})
+    with config_files_checked():  # a command's own flags and --config files may name one
+        assert parser.parse_object({"synthetic": str(other)}).synthetic.samples == 2000
 
 
 @pytest.mark.parametrize("name", ["model_metadata.json", "model.onnx"])
