@@ -466,6 +466,40 @@ def test_report_refuses_a_run_config_that_does_not_match_its_checkpoint(tmp_path
     assert (run / "report.json").read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        # the module was built first: 36 GB for its example input, then "can't allocate memory"
+        ("window_size", 10**9, "config.yaml: data.window_size is 20, the checkpoint best.ckpt was trained with 10000"),
+        ("lstm_sizes", [10**6], "best.ckpt: its model.lstm_sizes is [1000000], but the run's config.yaml records"),
+        # the message ended at jsonargparse's first line, "Parser key "module.optimizer":", saying nothing
+        ("optimizer", {"class_path": "os.system"}, 'Parser key "module.optimizer": Type'),
+    ],
+    ids=["huge-window", "huge-layer", "optimizer-function"],
+)
+def test_tampered_checkpoint_hyperparameters_are_refused_before_the_model_is_built(
+    tmp_path, smoke_run, capsys, key, value, expected
+):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    contents = torch.load(ckpt, weights_only=True)
+    contents["hyper_parameters"][key] = value
+    torch.save(contents, ckpt)
+    before = (run / "model.onnx").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["export", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err
+    if key == "optimizer":
+        assert "Importing 'os.system' is not allowed" in err[0]
+    assert (run / "model.onnx").read_bytes() == before
+
+
 @pytest.mark.parametrize("dtype", [np.uint64, np.int64])
 def test_rows_out_of_order_are_found_whatever_the_time_dtype(dtype, caplog):
     """A difference of unsigned times wraps around (and one of extreme int64 times overflows) into a step >= 0: rows
