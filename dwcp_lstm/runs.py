@@ -8,6 +8,7 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
 from dwcp_lstm.blend import fit_blend
+from dwcp_lstm.callbacks import check_finite_weights
 from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
 from dwcp_lstm.imports import config_files_checked, restrict_config_imports
@@ -155,6 +156,7 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         module = DwcpForecaster.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, not a traceback
         raise CheckpointError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {cause(exc)})") from None
+    check_finite_weights(module, str(ckpt))  # report printed "mean correlation nan", export replaced model.onnx
     warn_edited_model_settings(cfg, module.hparams, config, ckpt)
     module = module.eval()
     fit_blend(module, dm)  # after training, like the intervals: from the checkpoint and the validation split

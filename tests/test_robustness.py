@@ -500,6 +500,62 @@ def test_tampered_checkpoint_hyperparameters_are_refused_before_the_model_is_bui
     assert (run / "model.onnx").read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_a_checkpoint_with_nan_weights_is_refused_and_replaces_nothing(tmp_path, smoke_run, capsys, command):
+    """``export --run`` replaced a working model.onnx with a NaN one and wrote ``"max_rel_diff": NaN`` (not JSON);
+    ``report --run`` printed "mean correlation nan ... target met: False", exit 0."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    contents = torch.load(ckpt, weights_only=True)
+    name = next(k for k in contents["state_dict"] if k.endswith("weight_ih_l0"))
+    contents["state_dict"][name] = torch.full_like(contents["state_dict"][name], float("nan"))
+    torch.save(contents, ckpt)
+    kept = ("model.onnx", "model_metadata.json", "report.json", "report.md")
+    before = {n: (run / n).read_bytes() for n in kept}
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"best.ckpt: the weight {name} holds NaN or infinite values" in err[0], err
+    assert {n: (run / n).read_bytes() for n in kept} == before
+
+
+@pytest.mark.parametrize("bad", ["weights", "parity"])
+def test_an_export_with_non_finite_weights_or_parity_keeps_the_files_in_place(tmp_path, smoke_run, monkeypatch, bad):
+    """The fit-end export (``OnnxExport`` calls ``export_run``) and ``export --run`` alike: a diverged model, or a
+    NaN parity figure, is refused before model.onnx or model_metadata.json is replaced, and no JSON holds NaN."""
+    import shutil
+
+    import torch
+
+    from dwcp_lstm import callbacks
+    from dwcp_lstm.errors import DwcpError
+    from dwcp_lstm.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    module, dm, _ = load_run(run)
+    if bad == "weights":
+        with torch.no_grad():
+            next(module.parameters()).fill_(float("inf"))
+        expected = "model.onnx: not exported: the weight"
+    else:
+        real = callbacks.onnx_parity
+        monkeypatch.setattr(callbacks, "onnx_parity", lambda *a: {**real(*a), "max_rel_diff": float("nan")})
+        expected = "model.onnx: not exported: model_metadata.json would hold a non-finite parity.max_rel_diff"
+    before = {n: (run / n).read_bytes() for n in ("model.onnx", "model_metadata.json")}
+    with pytest.raises(DwcpError, match=expected):
+        callbacks.export_run(module, dm, run)
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert not list(run.glob(".export-*"))  # the staging folder is gone
+    json.loads((run / "model_metadata.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON holds {c}"))
+
+
 @pytest.mark.parametrize("dtype", [np.uint64, np.int64])
 def test_rows_out_of_order_are_found_whatever_the_time_dtype(dtype, caplog):
     """A difference of unsigned times wraps around (and one of extreme int64 times overflows) into a step >= 0: rows
