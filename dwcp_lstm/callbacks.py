@@ -27,7 +27,7 @@ from dwcp_lstm.contract import (
     external_data_hashes,
     make_contract,
 )
-from dwcp_lstm.errors import CheckpointError, ConfigError, check_seed
+from dwcp_lstm.errors import CheckpointError, ConfigError, ModelFileError, check_seed
 from dwcp_lstm.intervals import BOUND_NAMES
 from dwcp_lstm.model import count_parameters
 from dwcp_lstm.tables import RANGES, atomic_path, atomic_write, sha256_of
@@ -333,16 +333,57 @@ def export_run(
     """Export ``module`` to ``run_dir/filename`` with its interval ``calibration`` (None: calibrated here on the
     validation split, as the report does), check it against PyTorch on the test windows and write
     ``model_metadata.json`` beside it; both files atomically. Returns the metadata."""
+    import os
+    import shutil
+    import tempfile
+
     from dwcp_lstm.evaluate import validation_calibration
 
     path = Path(run_dir) / filename
+    check_finite_weights(module, f"{path}: not exported")  # a diverged or damaged model replaced a working one
     if calibration is None:
         _, (calibration, _) = validation_calibration(module, dm)
-    export_onnx(module, path, dm.window_size, opset, calibration)
-    parity = onnx_parity(path, module, raw_windows(dm, "test", parity_windows), calibration)
-    metadata = build_metadata(module, dm, path, opset, parity, Path(run_dir), calibration)
-    atomic_write(Path(run_dir) / METADATA_NAME, json.dumps(metadata, indent=2))
+    # staged in a folder of its own beside the run's files, under the final name (the contract records it), and
+    # moved into place only once its parity and metadata are known to be finite: a NaN model replaced model.onnx
+    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=run_dir))
+    try:
+        staged = stage / filename
+        export_onnx(module, staged, dm.window_size, opset, calibration)
+        parity = onnx_parity(staged, module, raw_windows(dm, "test", parity_windows), calibration)
+        metadata = build_metadata(module, dm, staged, opset, parity, Path(run_dir), calibration)
+        key = nonfinite_key(metadata)
+        if key is not None:  # JSON has no NaN: "max_rel_diff": NaN is a token strict readers (Go's) refuse
+            raise ModelFileError(f"{path}: not exported: {METADATA_NAME} would hold a non-finite {key} (NaN or "
+                                 "infinite); the files in place are kept")  # fmt: skip
+        text = json.dumps(metadata, indent=2, allow_nan=False)
+        os.replace(staged, path)
+        atomic_write(Path(run_dir) / METADATA_NAME, text)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return metadata
+
+
+def check_finite_weights(module, where: str) -> None:
+    """Every weight and scaler of ``module`` is finite: a NaN one exported, reported and served NaN forecasts (exit
+    0). The clipping ranges (``low`` / ``high``) may be infinite by design and are not checked."""
+    tensors = [*module.named_parameters()]
+    tensors += [(n, b) for n, b in module.named_buffers() if n in ("fmean", "fscale", "tmean", "tscale")]
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: the weight {name} holds NaN or infinite values (a diverged or damaged "
+                                  "model)")  # fmt: skip
+
+
+def nonfinite_key(value, key: str = "") -> str | None:
+    """The dotted key of the first NaN or infinite float in a JSON-bound value, or None."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return key or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for k, v in items:
+        found = nonfinite_key(v, f"{key}.{k}" if key else str(k))
+        if found is not None:
+            return found
+    return None
 
 
 def range_entry(column: str) -> dict:

@@ -109,8 +109,9 @@ def _lightning_cli_class():
             preflight.check_factories(self.config[self.subcommand].get("model") or {})  # before any is called
             self._logger_follows_root()
             threads, source = resolve_threads(self.config[self.subcommand].get("threads"))
-            if not 1 <= threads <= MAX_THREADS:
-                raise _data_error(f"--threads must be from 1 to {MAX_THREADS}, got {threads}")
+            if not 1 <= threads <= MAX_THREADS:  # named as given: the flag, or the environment variable
+                where = "the environment variable OMP_NUM_THREADS" if source == "OMP_NUM_THREADS" else "--threads"
+                raise _data_error(f"{where} must be from 1 to {MAX_THREADS}, got {threads}")
             torch.set_num_threads(threads)
             print(f"Using {threads} CPU thread(s) of {usable_cores()} usable cores ({source})", file=sys.stderr)
 
@@ -151,6 +152,7 @@ def _lightning_cli_class():
                 trainer = cfg.get("trainer")  # nested (a class path's init_args as a mapping), not flattened keys
                 trainer = trainer.as_dict() if hasattr(trainer, "as_dict") else dict(trainer or {})
                 preflight.check_trainer_config(trainer, cfg.get("seed_everything"))
+                preflight.check_early_stopping(cfg.get("early_stopping"))
 
         def instantiate_trainer(self, **kwargs):
             # checkpoints are written to a temporary name and renamed (see preflight.AtomicCheckpointIO)
@@ -398,6 +400,7 @@ def run_lightning(args: list[str]) -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.imports import config_files_checked
     from dwcp_lstm.module import DwcpForecaster
     from dwcp_lstm.preflight import AtomicSaveConfig
     from dwcp_lstm.tables import first_line
@@ -411,14 +414,15 @@ def run_lightning(args: list[str]) -> None:
     # stay intact: DDP's launcher re-runs it for the other ranks.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python")
     try:
-        _lightning_cli_class()(
-            DwcpForecaster,
-            DwcpDataModule,
-            save_config_callback=AtomicSaveConfig,
-            save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
-            parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
-            args=args,
-        )
+        with config_files_checked():  # a group given as a file (--data FILE) is checked like a --config file
+            _lightning_cli_class()(
+                DwcpForecaster,
+                DwcpDataModule,
+                save_config_callback=AtomicSaveConfig,
+                save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # AtomicSaveConfig writes it
+                parser_kwargs={"exit_on_error": False},  # errors reach cli_main, which prints one line
+                args=args,
+            )
     except MisconfigurationException as exc:  # a Trainer argument Lightning refuses (e.g. max_epochs < -1)
         raise _data_error(" ".join(first_line(exc).split())) from None
 

@@ -40,6 +40,7 @@ from dwcp_lstm.tables import (
     fill_missing,
     log,
     order_series,
+    probe_writable,
     read_table,
     segment_bounds,
     series_codes,
@@ -224,7 +225,7 @@ class DwcpDataModule(L.LightningDataModule):
         _check_config(window_size, batch_size, split, features, targets, num_workers, target_mode, seed)
         if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise ConfigError(f"--data.horizon must be an integer >= 1, got {horizon!r}")
-        _check_series_config(series_columns, time_column, duplicates, max_gap)
+        _check_series_config(series_columns, time_column, duplicates, max_gap, [*features, *targets])
         self.cyclic = check_cyclic(cyclic, features, targets)
         self.clock = check_clock(clock, series_start, features, targets, series_columns)
         self.series_start = series_start
@@ -324,6 +325,13 @@ class DwcpDataModule(L.LightningDataModule):
         needs = synthetic.oracle_columns(synthetic.TARGETS, min(self.horizon, self.oracle_steps))
         if self.path.exists() and _has_columns(sidecar, needs):
             return
+        folder = Path(self.data_dir)
+        try:  # before the generator runs: a folder that cannot be made was an OSError (exit 1) naming no flag
+            folder.mkdir(parents=True, exist_ok=True)
+            probe_writable(folder)
+        except OSError as exc:
+            raise ConfigError(f"--data.data_dir {folder}: cannot create or write the folder of the built-in dataset "
+                              f"({exc.strerror or exc})") from None  # fmt: skip
         try:
             df, oracle = synthetic.generate_with_oracle(
                 s.samples, s.seed, s.profile, s.links, s.noise, oracle_steps=self.oracle_steps
@@ -748,11 +756,23 @@ def check_cyclic(
     return tuple(sorted(out))
 
 
-def _check_series_config(series: Sequence[str], time: str, duplicates: str, max_gap: float) -> None:
+def _check_series_config(
+    series: Sequence[str], time: str, duplicates: str, max_gap: float, columns: Sequence[str] = ()
+) -> None:
     if len(set(series)) != len(series):
         raise ConfigError(f"--data.series_columns lists a column twice: {list(series)}")
     if not time or time in series:
         raise ConfigError(f"--data.time_column must be a column other than the series columns, got {time!r}")
+    # the time column as an input trained on raw epoch seconds (its serving range check could never fire), and a
+    # series id is a name, not a measurement: the time of day comes in through --data.clock
+    for name in columns:
+        if name == time:
+            raise ConfigError(f"--data.features / --data.targets: {name!r} is the time column (--data.time_column), "
+                              "not a measurement; to give the model the time of day use --data.clock, e.g. "
+                              "{beat_s: 86400}, and list that column among the features")  # fmt: skip
+        if name in series:
+            raise ConfigError(f"--data.features / --data.targets: {name!r} is a series id column "
+                              "(--data.series_columns), not a measurement")  # fmt: skip
     if duplicates not in DUPLICATE_POLICIES:
         raise ConfigError(f"duplicates policy must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     if not np.isfinite(max_gap):

@@ -15,6 +15,8 @@ callback, a logger) is allowed by the person running the command, never by a con
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 ENV = "DWCP_LSTM_ALLOW_IMPORTS"
 ALLOWED = (
@@ -53,6 +55,74 @@ def restrict_config_imports() -> None:
         )
     except ValueError as exc:  # e.g. JSONARGPARSE_DEBUG=1: jsonargparse reads its own variables here
         raise ConfigError(" ".join(str(exc).split())) from None
+
+
+class ConfigFileRefused(BaseException):  # noqa: N818 (a signal that carries the error, like KeyboardInterrupt)
+    """A file that jsonargparse was about to read as config, refused: it carries the :class:`ConfigError` out of
+    jsonargparse, whose union and type handlers catch any ``Exception`` (and would try the next type, or name the
+    file's contents in a message of their own). :func:`config_files_checked` turns it back into the error."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_reads_allowed: ContextVar[str | None] = ContextVar("dwcp_config_reads", default=None)
+_READ_TEXT = "_dwcp_original_read_text"
+
+
+def _checked_read_text(path) -> str:
+    """jsonargparse's ``Path.read_text`` for every file it reads as config: a ``--config``, and a group given as a
+    file (``--data FILE``, ``--data.synthetic FILE``, ``data: FILE`` inside a config). Each gets the checks that a
+    ``--config`` file gets: UTF-8 (a UnicodeDecodeError traceback named no file), no alias bomb, no key written
+    twice (:func:`dwcp_lstm.runs.check_yaml_size`)."""
+    from dwcp_lstm.errors import ConfigError
+
+    if path._std_io or path._is_url or path._is_fsspec:
+        return getattr(type(path), _READ_TEXT)(path)
+    name = str(path)
+    refused = _reads_allowed.get()
+    if refused is not None:  # a run's own config.yaml: written by the fit with every setting inline
+        why = "a run's config.yaml holds every setting inline (as the fit wrote it), so it is not read"
+        raise ConfigFileRefused(ConfigError(f"{refused}: a setting names the file {name}; {why}"))
+    from dwcp_lstm.runs import check_yaml_size
+    from dwcp_lstm.tables import first_line
+
+    try:
+        with open(path._absolute, "rb") as f:
+            text = f.read().decode("utf-8")
+        check_yaml_size(text, name)
+    except UnicodeDecodeError as exc:
+        raise ConfigFileRefused(ConfigError(f"{name}: not UTF-8 text ({first_line(exc)[:120]})")) from None
+    except OSError as exc:
+        raise ConfigFileRefused(ConfigError(f"{name}: cannot read ({exc.strerror or exc})")) from None
+    except ConfigError as exc:
+        raise ConfigFileRefused(exc) from None
+    return text
+
+
+def check_config_reads() -> None:
+    """Route every config file jsonargparse reads through :func:`_checked_read_text` (global; idempotent)."""
+    from jsonargparse._paths import Path as ArgPath  # the one place it reads a file's text
+
+    if not hasattr(ArgPath, _READ_TEXT):
+        setattr(ArgPath, _READ_TEXT, ArgPath.read_text)
+        ArgPath.read_text = _checked_read_text
+
+
+@contextmanager
+def config_files_checked(run_config: str | None = None):
+    """Parse inside this: a refused file comes out as its :class:`ConfigError`. With ``run_config`` (a run's
+    config.yaml) no other file may be read at all: a tampered ``synthetic: /any/file`` made ``report`` read any
+    YAML file on the machine and echo its keys."""
+    check_config_reads()
+    token = _reads_allowed.set(run_config)
+    try:
+        yield
+    except ConfigFileRefused as exc:
+        raise exc.error from None
+    finally:
+        _reads_allowed.reset(token)
 
 
 def denied_message(text: str) -> str | None:

@@ -435,6 +435,24 @@ def check_trainer_config(trainer: dict, seed) -> None:
                               "bf16-mixed")  # fmt: skip
 
 
+def check_early_stopping(early_stopping) -> None:
+    """``--early_stopping.min_delta`` is a finite number >= 0 and ``patience`` a count: a NaN delta made every epoch
+    count as no improvement (training ended after ``patience`` epochs whatever the loss did, exit 0), and a negative
+    one made every epoch count as one, so early stopping could never fire. Checked on the config, because the
+    callback flips the delta's sign by its mode."""
+    if early_stopping is None:
+        return
+    get = early_stopping.get if hasattr(early_stopping, "get") else lambda k, d=None: getattr(early_stopping, k, d)
+    delta = get("min_delta", 0.0)
+    if isinstance(delta, bool) or not isinstance(delta, int | float) or not 0 <= delta < math.inf:
+        raise ConfigError(f"--early_stopping.min_delta must be a finite number >= 0 (the improvement that counts; a "
+                          f"negative or NaN one stops on a schedule, not on the loss), got {delta!r}")  # fmt: skip
+    patience = get("patience", 3)
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ConfigError(f"--early_stopping.patience must be an integer >= 0 (validations without improvement "
+                          f"before stopping), got {patience!r}")  # fmt: skip
+
+
 def _class_and_args(value) -> tuple[str, object]:
     """A config value that names a class: its class path (a plain string as given) and its init_args."""
     if isinstance(value, str):

@@ -8,9 +8,10 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 
 from dwcp_lstm.blend import fit_blend
+from dwcp_lstm.callbacks import check_finite_weights
 from dwcp_lstm.data import DwcpDataModule, check_same_data
 from dwcp_lstm.errors import CheckpointError, ConfigError, DataError
-from dwcp_lstm.imports import restrict_config_imports
+from dwcp_lstm.imports import config_files_checked, restrict_config_imports
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.preflight import check_data_settings, load_checkpoint, plain_value
 from dwcp_lstm.tables import first_line, log, short_repr
@@ -118,10 +119,15 @@ def datamodule_from_config(config_path: Path) -> DwcpDataModule:
     if not isinstance(cfg["data"], dict):  # anything else would silently fall back to the default data
         raise ConfigError(f"{config_path}: 'data' must be a mapping of the DataModule's settings")
     restrict_config_imports()  # a run folder's config may come from anyone
+    for key, value in cfg["data"].items():  # the fit writes every group inline: a file name here was put there
+        if key == "synthetic" and isinstance(value, str):  # (report read any YAML file and echoed its keys)
+            raise ConfigError(f"{config_path}: data.synthetic is {short_repr(value)}, a file name; a run's "
+                              "config.yaml holds every setting inline (as the fit wrote it)")  # fmt: skip
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DwcpDataModule, "data")
     try:
-        ns = parser.parse_object({"data": cfg["data"]})
+        with config_files_checked(str(config_path)):  # no other file is read for it
+            ns = parser.parse_object({"data": cfg["data"]})
         return parser.instantiate_classes(ns).data
     except ArgumentError as exc:  # an unknown key or a value of the wrong type (jsonargparse's text spans lines)
         raise ConfigError(f"{config_path}: {' '.join(str(exc).split())[:400]}") from None
@@ -143,11 +149,36 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     dm.prepare_data()
     dm.setup(stage)
     check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")  # the file's bytes
+    cfg = read_config(config)
+    # before the module is built from them: a tampered window_size of 10**9 first allocated 36 GB
+    check_run_hparams(contents.get("hyper_parameters") or {}, dm, cfg, config, ckpt)
     try:
         module = DwcpForecaster.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which, not a traceback
-        raise CheckpointError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {first_line(exc)})") from None
-    h = module.hparams
+        raise CheckpointError(f"{ckpt}: cannot load checkpoint ({type(exc).__name__}: {cause(exc)})") from None
+    check_finite_weights(module, str(ckpt))  # report printed "mean correlation nan", export replaced model.onnx
+    warn_edited_model_settings(cfg, module.hparams, config, ckpt)
+    module = module.eval()
+    fit_blend(module, dm)  # after training, like the intervals: from the checkpoint and the validation split
+    return module, dm, ckpt
+
+
+def cause(exc: BaseException) -> str:
+    """An exception's message on one line, at most 300 characters: jsonargparse's begins with a line that ends in a
+    colon (``Parser key "module.optimizer":``) and says what is wrong on the next one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+MODEL_SIZES = ("lstm_sizes", "head_sizes", "late_head_size")  # fix the weights' shapes, so the memory of the model
+
+
+def check_run_hparams(h: dict, dm: DwcpDataModule, cfg: object, config: Path, ckpt: Path) -> None:
+    """The checkpoint's hyperparameters describe the run's model: its data settings are the config's, and so are the
+    layer sizes (the fit wrote both). Checked before the module is built from them."""
     for key, ours, theirs in (
         ("features", dm.features, h.get("feature_names")),
         ("targets", dm.targets, h.get("target_names")),
@@ -155,12 +186,15 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
         ("horizon", dm.horizon, h.get("horizon", 1)),
         ("target_mode", dm.target_mode, h.get("target_mode")),
     ):
-        if theirs is not None and ours != (list(theirs) if isinstance(theirs, list | tuple) else theirs):
-            raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with {theirs}")
-    warn_edited_model_settings(read_config(config), h, config, ckpt)
-    module = module.eval()
-    fit_blend(module, dm)  # after training, like the intervals: from the checkpoint and the validation split
-    return module, dm, ckpt
+        if theirs is not None and ours != plain_value(theirs):
+            raise ConfigError(f"{config}: data.{key} is {ours}, the checkpoint {ckpt.name} was trained with "
+                              f"{short_repr(theirs)}")  # fmt: skip
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    args = model.get("init_args", model) if isinstance(model, dict) else None
+    for key in MODEL_SIZES if isinstance(args, dict) else ():
+        if key in args and key in h and plain_value(args[key]) != plain_value(h[key]):
+            raise CheckpointError(f"{ckpt}: its model.{key} is {short_repr(h[key])}, but the run's config.yaml "
+                                  f"records {short_repr(args[key])} (one of the two was edited)")  # fmt: skip
 
 
 def warn_edited_model_settings(cfg: object, hparams, config: Path, ckpt: Path) -> None:

@@ -14,6 +14,7 @@ from conftest import fit_args
 
 from dwcp_lstm import synthetic
 from dwcp_lstm.cli import cli_main
+from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.synthetic import TARGETS
 
 
@@ -278,6 +279,15 @@ def test_other_commands_reject_bad_input(tmp_path, capsys, argv, expected):
     assert len(err) == 1 and expected.format(tmp=tmp_path) in err[0], err
 
 
+def test_a_thread_count_from_the_environment_is_named_as_such(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "99999")  # read by resolve_threads when --threads is not given
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", f"--trainer.default_root_dir={tmp_path}"])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ["error: the environment variable OMP_NUM_THREADS must be from 1 to 1024, got 99999"], err
+
+
 def test_bench_checks_its_output_before_benchmarking(tmp_path, monkeypatch, capsys):
     from dwcp_lstm import bench
 
@@ -454,6 +464,96 @@ def test_report_refuses_a_run_config_that_does_not_match_its_checkpoint(tmp_path
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
     assert (run / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        # the module was built first: 36 GB for its example input, then "can't allocate memory"
+        ("window_size", 10**9, "config.yaml: data.window_size is 20, the checkpoint best.ckpt was trained with 10000"),
+        ("lstm_sizes", [10**6], "best.ckpt: its model.lstm_sizes is [1000000], but the run's config.yaml records"),
+        # the message ended at jsonargparse's first line, "Parser key "module.optimizer":", saying nothing
+        ("optimizer", {"class_path": "os.system"}, 'Parser key "module.optimizer": Type'),
+    ],
+    ids=["huge-window", "huge-layer", "optimizer-function"],
+)
+def test_tampered_checkpoint_hyperparameters_are_refused_before_the_model_is_built(
+    tmp_path, smoke_run, capsys, key, value, expected
+):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    contents = torch.load(ckpt, weights_only=True)
+    contents["hyper_parameters"][key] = value
+    torch.save(contents, ckpt)
+    before = (run / "model.onnx").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["export", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and expected in err[0], err
+    if key == "optimizer":
+        assert "Importing 'os.system' is not allowed" in err[0]
+    assert (run / "model.onnx").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_a_checkpoint_with_nan_weights_is_refused_and_replaces_nothing(tmp_path, smoke_run, capsys, command):
+    """``export --run`` replaced a working model.onnx with a NaN one and wrote ``"max_rel_diff": NaN`` (not JSON);
+    ``report --run`` printed "mean correlation nan ... target met: False", exit 0."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    ckpt = run / "checkpoints" / "best.ckpt"
+    contents = torch.load(ckpt, weights_only=True)
+    name = next(k for k in contents["state_dict"] if k.endswith("weight_ih_l0"))
+    contents["state_dict"][name] = torch.full_like(contents["state_dict"][name], float("nan"))
+    torch.save(contents, ckpt)
+    kept = ("model.onnx", "model_metadata.json", "report.json", "report.md")
+    before = {n: (run / n).read_bytes() for n in kept}
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"best.ckpt: the weight {name} holds NaN or infinite values" in err[0], err
+    assert {n: (run / n).read_bytes() for n in kept} == before
+
+
+@pytest.mark.parametrize("bad", ["weights", "parity"])
+def test_an_export_with_non_finite_weights_or_parity_keeps_the_files_in_place(tmp_path, smoke_run, monkeypatch, bad):
+    """The fit-end export (``OnnxExport`` calls ``export_run``) and ``export --run`` alike: a diverged model, or a
+    NaN parity figure, is refused before model.onnx or model_metadata.json is replaced, and no JSON holds NaN."""
+    import shutil
+
+    import torch
+
+    from dwcp_lstm import callbacks
+    from dwcp_lstm.errors import DwcpError
+    from dwcp_lstm.runs import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    module, dm, _ = load_run(run)
+    if bad == "weights":
+        with torch.no_grad():
+            next(module.parameters()).fill_(float("inf"))
+        expected = "model.onnx: not exported: the weight"
+    else:
+        real = callbacks.onnx_parity
+        monkeypatch.setattr(callbacks, "onnx_parity", lambda *a: {**real(*a), "max_rel_diff": float("nan")})
+        expected = "model.onnx: not exported: model_metadata.json would hold a non-finite parity.max_rel_diff"
+    before = {n: (run / n).read_bytes() for n in ("model.onnx", "model_metadata.json")}
+    with pytest.raises(DwcpError, match=expected):
+        callbacks.export_run(module, dm, run)
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert not list(run.glob(".export-*"))  # the staging folder is gone
+    json.loads((run / "model_metadata.json").read_text(), parse_constant=lambda c: pytest.fail(f"JSON holds {c}"))
 
 
 @pytest.mark.parametrize("dtype", [np.uint64, np.int64])
@@ -653,6 +753,71 @@ def test_a_config_file_that_is_not_text_is_one_line(tmp_path, capsys, form):
         cli_main(fit_args(tmp_path, *flag))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and f"{cfg}: not UTF-8 text" in err[0], err
+
+
+NESTED_CONTENTS = {  # (a data section's text, a synthetic section's text, the expected refusal)
+    "not-utf8": (b"batch_size: 32\n\xff\xfe\n", b"samples: 2000\n\xff\xfe\n", "not UTF-8 text"),
+    "key-twice": (b"batch_size: 32\nbatch_size: 16\n", b"samples: 2000\nsamples: 3000\n", "line 2: key"),
+    "alias-bomb": (BOMB, BOMB, "the YAML expands to more than 100,000 values"),
+}
+
+
+@pytest.mark.parametrize("content", list(NESTED_CONTENTS))
+@pytest.mark.parametrize("where", ["--data", "--data.synthetic", "data-in-config", "synthetic-in-config"])
+def test_a_group_given_as_a_file_gets_the_checks_of_a_config_file(tmp_path, capsys, where, content):
+    """jsonargparse reads a group given as a file path itself: a non-UTF-8 one was a UnicodeDecodeError traceback,
+    a key written twice was taken silently (the last), and an alias bomb took a minute of CPU."""
+    data, synthetic, expected = NESTED_CONTENTS[content]
+    nested = _touch(tmp_path / "nested.yaml", synthetic if "synthetic" in where else data)
+    if where.endswith("-in-config"):
+        text = f"data: {nested}\n" if where == "data-in-config" else f"data:\n  synthetic: {nested}\n"
+        flags = ["--config", str(_touch(tmp_path / "outer.yaml", text.encode()))]
+    else:
+        flags = [where, str(nested)]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, *flags))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and f"{nested}: {expected}" in err[0], err
+    assert not list(tmp_path.glob("lightning_logs/version_*"))
+
+
+@pytest.mark.parametrize("content", [b"samples: 2000\n", b"samples: 2000\n\xff\xfe\n", b"secret_key: 1\n"])
+def test_a_run_config_naming_another_file_is_refused_unread(tmp_path, smoke_run, capsys, content):
+    """A run's config.yaml is written by the fit with every section inline: ``synthetic: /any/file`` made ``report``
+    read any YAML file on the machine (a traceback where it was not UTF-8) and echo its keys in the error."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    other = _touch(tmp_path / "other.yaml", content)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["synthetic"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"config.yaml: data.synthetic is '{other}', a file name; a run's config.yaml holds" in err[0], err
+    assert "secret_key" not in err[0]
+
+
+def test_a_run_config_cannot_make_the_parser_read_a_file(tmp_path):
+    """Beyond ``data.synthetic``: whatever group a run's config.yaml would have jsonargparse read from a file."""
+    from jsonargparse import ArgumentParser
+
+    from dwcp_lstm.data import SyntheticSpec
+    from dwcp_lstm.imports import config_files_checked
+
+    other = _touch(tmp_path / "other.yaml", b"samples: 2000\n")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SyntheticSpec, "synthetic")
+    refused = pytest.raises(ConfigError, match=f"run/config.yaml: a setting names the file {other}")
+    with refused, config_files_checked("run/config.yaml"):
+        parser.parse_object({"synthetic": str(other)})
+    with config_files_checked():  # a command's own flags and --config files may name one
+        assert parser.parse_object({"synthetic": str(other)}).synthetic.samples == 2000
 
 
 @pytest.mark.parametrize("name", ["model_metadata.json", "model.onnx"])
