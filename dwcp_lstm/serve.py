@@ -38,6 +38,7 @@ from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
     FLOAT32_MAX,
+    PARQUET_SUFFIXES,
     TICKS_PER_S,
     add_clock,
     check_cadence_matches,
@@ -725,7 +726,8 @@ def cmd_forecast(argv: list[str]) -> None:
         sys.stdout.write(csv_out.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
         print(f"{what}; units: {units}", file=sys.stderr)  # stdout stays pure CSV
     else:
-        write_frame(out if output.suffix.lower() == ".parquet" else csv_out, output, float_format="%.7g")  # float32: ~7
+        parquet = output.suffix.lower() in PARQUET_SUFFIXES  # typed columns: the time stays a number (.pq too)
+        write_frame(out if parquet else csv_out, output, float_format="%.7g")  # float32: ~7 digits
         print(f"wrote {what} -> {output}; units: {units}")
 
 

@@ -35,6 +35,7 @@ from dwcp_lstm.errors import ConfigError, DataError  # noqa: F401 (DataError re-
 
 log = logging.getLogger("dwcp_lstm")
 DUPLICATE_POLICIES = ("error", "first", "mean")
+PARQUET_SUFFIXES = (".parquet", ".pq")  # read and written as Parquet; any other suffix but .csv is refused
 # Physical ranges (low, high; both inclusive) checked wherever the column is read, in training and serving alike:
 # the units the model's contract states for these names (callbacks.UNITS). Outside them a value is a unit mix-up
 # (milliseconds for hours, percent for a fraction) that would otherwise turn silently into a confident forecast.
@@ -189,7 +190,7 @@ def read_table(
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .csv or .parquet file")
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet", ".pq"):
+    if suffix not in (".csv", *PARQUET_SUFFIXES):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .csv or .parquet")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
@@ -608,7 +609,7 @@ def check_table_suffix(path: str | Path) -> Path:
     """A table to write ends in .csv or .parquet (.pq, as the reader takes): checked before the work that produces
     it (and by the writer)."""
     path = Path(path)
-    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+    if path.suffix.lower() not in (".csv", *PARQUET_SUFFIXES):
         raise DataError(f"{path}: output must end in .csv or .parquet (or .pq)")
     return path
 

@@ -525,10 +525,13 @@ def test_fractional_times_are_written_in_full(smoke_run, two_links, tmp_path, ca
         got = pd.read_csv(io.StringIO(text))
         assert set(got["timestamp"]) <= set(df["timestamp"]) and not got.duplicated(["node_id", "peer_id",
                                                                                         "timestamp"]).any()  # fmt: skip
+    for suffix in (".parquet", ".pq", ".PQ"):  # every Parquet suffix: typed columns (.pq got the CSV's text times)
+        got = cmd_forecast_frame(smoke_run, frac, tmp_path / f"out{suffix}", ("--rolling",))
+        assert pd.api.types.is_float_dtype(got["timestamp"]) and set(got["timestamp"]) <= set(df["timestamp"])
 
 
-def cmd_forecast_frame(run: Path, data: Path, out: Path) -> pd.DataFrame:
-    cmd_forecast(["--model", str(run), "--input", str(data), "--output", str(out)])
+def cmd_forecast_frame(run: Path, data: Path, out: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    cmd_forecast(["--model", str(run), "--input", str(data), "--output", str(out), *extra])
     return pd.read_parquet(out)
 
 
