@@ -610,7 +610,7 @@ def _duration(s: float) -> str:
 
 def format_plan(out, facts: dict, series: list[str]) -> str:
     """The human-readable table of :func:`plan_table`."""
-    from dwcp_lstm.tables import LINK_SEPARATOR
+    from dwcp_lstm.tables import LINK_SEPARATOR, printable
 
     c = f"p{100 * facts['confidence']:g}"
     mig = facts["migration"]
@@ -623,7 +623,7 @@ def format_plan(out, facts: dict, series: list[str]) -> str:
     head = ["rank", "link", "forecast mean", f"guaranteed {c}", "time p50", f"time {c}", "downtime p50"]
     rows = []
     for _, r in out.iterrows():
-        link = LINK_SEPARATOR.join(str(r[s]) for s in series) if series else "-"
+        link = LINK_SEPARATOR.join(printable(str(r[s])) for s in series) if series else "-"  # ESC: not the terminal's
         if r["note"].startswith("no plan"):
             rows.append([str(r["rank"]), link, "", "", "", "", ""])
         else:

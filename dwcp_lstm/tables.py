@@ -407,8 +407,8 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
             if clash is not None:
                 i = int(np.flatnonzero((ids.astype("string") == clash[1]).fillna(False).to_numpy(bool))[0])
                 raise DataError(f"{path}: column {col!r} row {i + 1}: series id {ascii(clash[1])} differs from "
-                                f"{ascii(clash[0])} only by surrounding spaces, invisible characters or Unicode "
-                                "form: one link or two? Rename the ids")  # fmt: skip
+                                f"{ascii(clash[0])} only by surrounding spaces, invisible or control characters or "
+                                "Unicode form: one link or two? Rename the ids")  # fmt: skip
     if len(series) > 1:  # reports, intervals, online state and plans name a link by its joined ids
         pairs = df[list(series)].astype(str).drop_duplicates()
         names = pairs.agg(LINK_SEPARATOR.join, axis=1)
@@ -421,9 +421,17 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
 
 def canonical_id(text: str) -> str:
     """What a reader sees of a series id: NFKC form (``"e" + U+0301`` is ``"é"``), without invisible format
-    characters (zero-width space, BOM, joiners) and surrounding spaces. Two ids with the same one are refused."""
+    characters (zero-width space, BOM, joiners), control characters (NUL, ESC, DEL, a bare CR) and surrounding
+    spaces. Two ids with the same one are refused."""
     text = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc")).strip()
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on or hide (ESC, NUL, DEL, newline, zero-width space)
+    escaped as ascii() does (``\\x1b``): an id put into a warning or table must show what it is, never colour or
+    clear the terminal. Printable text, accented letters included, stays as it is."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:
@@ -477,8 +485,9 @@ LINK_SEPARATOR = "->"  # joins a link's series ids into the name reports, interv
 
 
 def link_name(df: pd.DataFrame, series: Sequence[str], row: int) -> str:
-    """The link of ``row`` as messages name it: its series ids joined by '/'."""
-    return "/".join(str(df[c].iloc[row]) for c in series) or "the series"
+    """The link of ``row`` as messages name it: its series ids joined by '/', control characters escaped
+    (:func:`printable`)."""
+    return "/".join(printable(str(df[c].iloc[row])) for c in series) or "the series"
 
 
 CADENCE_TOLERANCE = 2.0  # a link's cadence may differ from training's by up to this factor either way

@@ -92,6 +92,16 @@ FIT_CASES = [
         [],
         "column 'node_id' row 13: series id 'node-0\\u200b' differs from 'node-0' only by",
     ),
+    # a control character (NUL, ESC, DEL; any category Cc) is as invisible: "node-0\x1b" was a second link
+    *(
+        (
+            f"control-link-id-{ord(c):x}",
+            _set("node_id", 12, f"node-0{c}"),
+            [],
+            f"column 'node_id' row 13: series id {ascii('node-0' + c)} differs from 'node-0' only by",
+        )
+        for c in ("\x00", "\x1b", "\x7f", "\x85")
+    ),
     (
         "unicode-form-link-id",
         _set("node_id", 12, "node-\uff10"),

@@ -472,6 +472,24 @@ def test_forecast_uses_each_links_latest_segment(smoke_run, predictor, small_csv
     assert "no link has 20 rows since its last gap (the model's window); the most is 8" in err
 
 
+def test_link_ids_are_escaped_in_warnings_and_tables(smoke_run, small_csv, tmp_path, capsys):
+    """A link id holding ESC or NUL reached the terminal raw in forecast's warning and plan's table (an ESC sequence
+    recolours or clears it): they are escaped as the refusals' ascii() does."""
+    df = pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str})
+    links = df[["node_id", "peer_id"]].drop_duplicates()
+    a, b = (df.merge(links.iloc[i : i + 1], on=["node_id", "peer_id"]).iloc[-40:].copy() for i in (0, 1))
+    b = b.iloc[-8:].assign(node_id="node-\x1b[2J\x00x")  # too short for a window: warned about by name
+    path = tmp_path / "esc.csv"
+    pd.concat([a, b]).to_csv(path, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path), "--output", str(tmp_path / "f.csv")])
+    err = capsys.readouterr().err
+    assert f"link node-\\x1b[2J\\x00x/{b.peer_id.iloc[0]}: 8 rows since its last gap" in err, err
+    cli_main(["plan", "--model", str(smoke_run), "--input", str(path), "--memory-gib", "16"])
+    captured = capsys.readouterr()
+    assert "node-\\x1b[2J\\x00x->" in captured.out
+    assert not any(c in captured.out + captured.err + err for c in "\x1b\x00")
+
+
 @pytest.fixture(scope="module")
 def two_links(small_csv: Path, tmp_path_factory) -> Path:
     """Two links of the small dataset plus a 5-row one (too short for a window), rows shuffled."""
