@@ -319,12 +319,28 @@ def as_seconds(df: pd.DataFrame, col: str) -> None:
         df[col] = np.where(column.isna().to_numpy(), np.nan, ticks / TICKS_PER_S[column.dt.unit])
 
 
+def first_boolean(column: pd.Series) -> int | None:
+    """The position of the first True/False of ``column`` (a bool column: Parquet's, or a CSV column of True and
+    False; or booleans among other objects), None when it holds none."""
+    if pd.api.types.is_bool_dtype(column):
+        flags = column.notna().to_numpy(bool)
+    elif column.dtype == object:
+        flags = column.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(bool)
+    else:
+        return None
+    return int(np.argmax(flags)) if flags.any() else None
+
+
 def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
     """Every column numeric, finite and within its physical range; the first offending row is named.
 
     ``allow_nan`` lets empty cells (NaN) through, for :func:`fill_missing` to fill; inf is still an error.
     """
     for col in columns:
+        flag = first_boolean(df[col])
+        if flag is not None:  # pandas reads True as 1.0: an RTT of 1 ms, silently
+            raise DataError(f"{path}: column {col!r} row {flag + 1}: boolean value {df[col].iloc[flag]}, expected a "
+                            "number (write 1 and 0 if that is what it means)")  # fmt: skip
         as_seconds(df, col)
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna()

@@ -51,6 +51,8 @@ FIT_CASES = [
     ("non-numeric", _set("jitter_ms", 7, "fast"), [], "column 'jitter_ms' row 8: non-numeric value 'fast'"),
     ("nan", _set("rtt_ms", 10, np.nan), [], "column 'rtt_ms' row 11: NaN"),
     ("inf", _set("throughput_mbps", 3, np.inf), [], "column 'throughput_mbps' row 4: inf"),
+    # a CSV column of True and False (pandas reads it as bool) was trained on as 0/1
+    ("boolean", lambda df: df.assign(rtt_ms=df["rtt_ms"] > 0), [], "column 'rtt_ms' row 1: boolean value True"),
     ("negative-throughput", _set("throughput_mbps", 5, -1.0), [], "'throughput_mbps' row 6: negative value -1"),
     ("negative-rtt", _set("rtt_ms", 2, -3.0), [], "column 'rtt_ms' row 3: negative value -3"),
     ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),

@@ -490,6 +490,18 @@ def test_link_ids_are_escaped_in_warnings_and_tables(smoke_run, small_csv, tmp_p
     assert not any(c in captured.out + captured.err + err for c in "\x1b\x00")
 
 
+def test_a_boolean_feature_column_is_refused(predictor, smoke_run, two_links, tmp_path, capsys):
+    """A Parquet bool column (or booleans with nulls, an object column) read as 0/1: rtt_ms True was 1 ms."""
+    df = pd.read_csv(two_links)
+    for i, values in enumerate(([True] * len(df), [None, *[False] * (len(df) - 1)])):
+        path = tmp_path / f"flags{i}.parquet"
+        df.assign(rtt_ms=pd.Series(values, dtype=bool if i == 0 else object)).to_parquet(path, index=False)
+        err = run_cli_error(["forecast", "--model", str(smoke_run), "--input", str(path)], capsys)
+        assert f"{path}: column 'rtt_ms' row {i + 1}: boolean value {bool(values[i])}, expected a number" in err, err
+    with pytest.raises(DataError, match=r"column 'rtt_ms' row 1: boolean value True"):
+        predictor.predict(one_link(df.sort_values("timestamp")).assign(rtt_ms=True))
+
+
 @pytest.fixture(scope="module")
 def two_links(small_csv: Path, tmp_path_factory) -> Path:
     """Two links of the small dataset plus a 5-row one (too short for a window), rows shuffled."""
