@@ -651,6 +651,21 @@ def run_bench(
     return result
 
 
+RUN_FILES = ("model.onnx", "model_metadata.json", "report.json", "report.md", "config.yaml", "hparams.yaml")
+RUN_MARKERS = ("config.yaml", "model_metadata.json")  # a folder holding one of these is a run's
+
+
+def check_not_a_run_file(out: Path) -> None:
+    """Refuse an ``--output`` that names one of a run folder's own files (or a link to one), whichever run
+    ``--run`` names, if any: ``bench --output run/model_metadata.json`` replaced the run's metadata, and forecast
+    then refused the model."""
+    for path in dict.fromkeys([out, out.resolve()]):
+        folder = path.parent
+        if (path.name in RUN_FILES or path.suffix == ".ckpt") and any((folder / m).is_file() for m in RUN_MARKERS):
+            raise ConfigError(f"{out}: --output is the {path.name} of the run in {folder}; refusing to overwrite a "
+                              "run's file")  # fmt: skip
+
+
 def cmd_bench(argv: list[str]) -> None:
     """``python -m dwcp_lstm bench``: print the figures as JSON (and write them with ``--output``)."""
     from jsonargparse import ArgumentParser
@@ -674,6 +689,8 @@ def cmd_bench(argv: list[str]) -> None:
         for own in [*Path(a.run).glob("*.json"), *Path(a.run).glob("*.yaml")]:
             if same_file(out, own):
                 raise ConfigError(f"{out}: --output is the run's own {own.name}; refusing to overwrite it")
+    if out is not None:
+        check_not_a_run_file(out)
     result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)
     text = json.dumps(result, indent=2)
     print(text)
