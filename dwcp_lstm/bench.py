@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, parse_flags
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named, parse_flags
 from dwcp_lstm.tables import atomic_write, check_output_file
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
@@ -678,6 +678,7 @@ def cmd_bench(argv: list[str]) -> None:
     p.add_argument("--output", default=None, help="also write the JSON here (atomically)")
     p.add_argument("--skip-load", action="store_true", help="leave out training beside a competing busy process")
     a = parse_flags(p, argv)
+    check_named(a.run, "--run", "a run directory (leave it out for an untrained model)")
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
     out = check_output_file(a.output) if a.output else None  # now, not after minutes of benchmarking

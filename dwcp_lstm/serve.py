@@ -33,7 +33,7 @@ from dwcp_lstm.contract import (
     output_shape,
     parse_embedded,
 )
-from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named
 from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
@@ -691,6 +691,8 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     a = p.parse_args(argv)
 
+    check_named(a.model, "--model", "a model.onnx or a run directory")
+    check_named(a.input, "--input", "a telemetry .csv or .parquet file")
     if a.output is not None and not a.output.strip():  # '' used to mean stdout, silently
         raise ConfigError("--output must name a .csv or .parquet file (leave it out for CSV on stdout), got ''")
     output = Path(a.output) if a.output else None

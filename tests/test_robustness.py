@@ -278,6 +278,13 @@ def _touch(path: Path, data: bytes) -> Path:
         (["generate", "--output", "{tmp}/out.csv", "--links", "0"], "--links must be between 1"),
         (["report", "--run", "{tmp}/no_such_run"], "no_such_run: run directory not found"),
         (["report", "--run", "{tmp}"], "config.yaml: file not found"),
+        # '' is the working directory: its model.onnx was read (or "model.onnx: file not found" named no flag)
+        (["report", "--run", ""], "--run must name a run directory, got ''"),
+        (["bench", "--quick", "--skip-load", "--run", " "], "--run must name a run directory"),
+        (["forecast", "--model", "", "--input", "{tmp}/x.csv"], "--model must name a model.onnx or a run directory"),
+        (["forecast", "--model", "{tmp}", "--input", ""], "--input must name a telemetry .csv or .parquet file"),
+        (["plan", "--model", "", "--input", "{tmp}/x.csv", "--memory-gib", "8"], "--model must name a model.onnx"),
+        (["plan", "--model", "{tmp}", "--input", "", "--memory-gib", "8"], "--input must name a telemetry .csv"),
         (["bench", "--quick", "--skip-load", "--output", "{tmp}/no_dir/b.json"], "folder {tmp}/no_dir does not exist"),
         (["bench", "--quick", "--skip-load", "--output", "{tmp}"], "{tmp}: is a directory, expected a file name"),
     ],
