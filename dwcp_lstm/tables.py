@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -197,6 +198,7 @@ def read_table(
     try:
         if suffix == ".csv":
             header = pd.read_csv(path, nrows=0).columns
+            _no_bare_cr(path)
             _unique_header(path, _raw_csv_header(path))
             _require(path, header, columns, derived)
             text = {c: str for c in text_columns if c in header}
@@ -263,6 +265,22 @@ def _read_csv_strict(path: Path, header: list[str], text: dict) -> pd.DataFrame:
                 raise
             expected, line, saw = found.groups()
             raise DataError(f"{path}: line {line} has {saw} fields, the header {expected}") from None
+
+
+def _no_bare_cr(path: Path) -> None:
+    """Refuse a carriage return alone (not before a newline) on an unquoted line of a file whose lines end in
+    newlines: pandas ends the row there, so an id "node-0\\r" split one row into two half-empty ones and the error
+    blamed an empty cell of another column. A file whose lines all end in a bare CR (classic Mac) is read as before;
+    a CR inside quotes is data."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:  # no copy of a large file
+        if mm.find(b"\n") < 0:
+            return
+        for hit in re.finditer(rb"\r(?=[^\n])", mm):  # a CR that ends the file ends its last line
+            start, end = mm.rfind(b"\n", 0, hit.start()) + 1, mm.find(b"\n", hit.start())
+            if b'"' not in mm[start : end if end >= 0 else len(mm)]:
+                line = mm[: hit.start()].count(b"\n") + 1
+                raise DataError(f"{path}: line {line} holds a carriage return (CR) inside a field, which splits the "
+                                "row in two: remove it, or quote the field")  # fmt: skip
 
 
 def _raw_csv_header(path: Path) -> list[str]:

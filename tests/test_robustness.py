@@ -168,6 +168,8 @@ def test_fit_rejects_bad_input(tmp_path, capsys, case, spoil, flags, expected):
         # pandas would drop the extra field (usecols) or, on the first row, shift every value one column left
         ("extra-field", lambda d: _extra_field(d, line=7), "bad.csv: line 7 has 23 fields, the header 22"),
         ("extra-field-first-row", lambda d: _extra_field(d, line=2), "bad.csv: row 1 has more fields than the header"),
+        # pandas ended the row at the CR: two half-empty rows, blamed on "column 'timestamp' row 41: NaN or empty"
+        ("bare-cr-in-id", lambda d: _bare_cr(d, line=41), "bad.csv: line 41 holds a carriage return (CR) inside a"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -178,6 +180,13 @@ def test_fit_rejects_bad_files(tmp_path, capsys, case, make, expected):
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_lines_that_all_end_in_a_cr_are_read(tmp_path):
+    """A file whose lines all end in a bare CR (classic Mac) is no CR inside a field: read as pandas reads it."""
+    from dwcp_lstm.tables import read_table
+
+    assert len(read_table(_bare_cr(tmp_path, line=0), ["node_id", "rtt_ms"], text_columns=["node_id"])) == 600
 
 
 def _word_in_last_row(text: str) -> str:
@@ -244,6 +253,16 @@ def _extra_field(tmp: Path, line: int) -> Path:
     lines = path.read_text().splitlines(keepends=True)
     lines[line - 1] = lines[line - 1].rstrip("\n") + ",1\n"
     path.write_text("".join(lines))
+    return path
+
+
+def _bare_cr(tmp: Path, line: int) -> Path:
+    """A CR after the first field of ``line`` (its link id, unquoted); 0: every line ending in a CR alone."""
+    path = write(tmp, base_frame()[["node_id", *base_frame().columns.drop("node_id")]])
+    lines = path.read_text().splitlines(keepends=True)
+    if line:
+        lines[line - 1] = lines[line - 1].replace(",", "\r,", 1)
+    path.write_bytes("".join(lines).replace("\n", "\n" if line else "\r").encode())
     return path
 
 
