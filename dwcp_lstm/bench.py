@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, parse_flags
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named, parse_flags
 from dwcp_lstm.tables import atomic_write, check_output_file
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
@@ -651,6 +651,21 @@ def run_bench(
     return result
 
 
+RUN_FILES = ("model.onnx", "model_metadata.json", "report.json", "report.md", "config.yaml", "hparams.yaml")
+RUN_MARKERS = ("config.yaml", "model_metadata.json")  # a folder holding one of these is a run's
+
+
+def check_not_a_run_file(out: Path) -> None:
+    """Refuse an ``--output`` that names one of a run folder's own files (or a link to one), whichever run
+    ``--run`` names, if any: ``bench --output run/model_metadata.json`` replaced the run's metadata, and forecast
+    then refused the model."""
+    for path in dict.fromkeys([out, out.resolve()]):
+        folder = path.parent
+        if (path.name in RUN_FILES or path.suffix == ".ckpt") and any((folder / m).is_file() for m in RUN_MARKERS):
+            raise ConfigError(f"{out}: --output is the {path.name} of the run in {folder}; refusing to overwrite a "
+                              "run's file")  # fmt: skip
+
+
 def cmd_bench(argv: list[str]) -> None:
     """``python -m dwcp_lstm bench``: print the figures as JSON (and write them with ``--output``)."""
     from jsonargparse import ArgumentParser
@@ -663,6 +678,7 @@ def cmd_bench(argv: list[str]) -> None:
     p.add_argument("--output", default=None, help="also write the JSON here (atomically)")
     p.add_argument("--skip-load", action="store_true", help="leave out training beside a competing busy process")
     a = parse_flags(p, argv)
+    check_named(a.run, "--run", "a run directory (leave it out for an untrained model)")
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
     out = check_output_file(a.output) if a.output else None  # now, not after minutes of benchmarking
@@ -674,6 +690,8 @@ def cmd_bench(argv: list[str]) -> None:
         for own in [*Path(a.run).glob("*.json"), *Path(a.run).glob("*.yaml")]:
             if same_file(out, own):
                 raise ConfigError(f"{out}: --output is the run's own {own.name}; refusing to overwrite it")
+    if out is not None:
+        check_not_a_run_file(out)
     result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)
     text = json.dumps(result, indent=2)
     print(text)

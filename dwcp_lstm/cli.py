@@ -498,6 +498,7 @@ def cmd_generate(argv: list[str]) -> None:
 def cmd_report(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
+    from dwcp_lstm.errors import check_named
     from dwcp_lstm.evaluate import evaluate
     from dwcp_lstm.online import RATE
     from dwcp_lstm.runs import load_run
@@ -507,6 +508,7 @@ def cmd_report(argv: list[str]) -> None:
     p.add_argument("--online-rate", type=float, default=RATE, help="step of the online recalibration judged beside "
                    "the static intervals (log multiplier per outcome; docs/method.md)")  # fmt: skip
     a = parse_flags(p, argv)
+    check_named(a.run, "--run", "a run directory")  # '' is the working directory
     if not (math.isfinite(a.online_rate) and 0 < a.online_rate <= 1):  # 1: a miss at 80 % already widens 2.2x
         raise _data_error(f"--online-rate must be a number in (0, 1] (default {RATE}), got {a.online_rate:g}")
     module, dm, ckpt = load_run(a.run)

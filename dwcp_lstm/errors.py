@@ -37,6 +37,13 @@ def parse_flags(parser, argv):
         raise ConfigError(" ".join(str(exc).split())) from None
 
 
+def check_named(value: str | None, flag: str, what: str) -> None:
+    """Refuse a path flag given as '' (or spaces) in one line naming ``flag``: ``Path('')`` is the working directory,
+    so ``--model ''`` quietly read whatever ``./model.onnx`` was (or was "model.onnx: file not found")."""
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{flag} must name {what}, got {value!r}")
+
+
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch's is wider, but seed + step must stay inside it as a run goes on
 
 

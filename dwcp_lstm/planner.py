@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dwcp_lstm import online as O
-from dwcp_lstm.errors import ConfigError, DataError
+from dwcp_lstm.errors import ConfigError, DataError, check_named
 from dwcp_lstm.intervals import volatility
 
 MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
@@ -610,7 +610,7 @@ def _duration(s: float) -> str:
 
 def format_plan(out, facts: dict, series: list[str]) -> str:
     """The human-readable table of :func:`plan_table`."""
-    from dwcp_lstm.tables import LINK_SEPARATOR
+    from dwcp_lstm.tables import LINK_SEPARATOR, printable
 
     c = f"p{100 * facts['confidence']:g}"
     mig = facts["migration"]
@@ -623,7 +623,7 @@ def format_plan(out, facts: dict, series: list[str]) -> str:
     head = ["rank", "link", "forecast mean", f"guaranteed {c}", "time p50", f"time {c}", "downtime p50"]
     rows = []
     for _, r in out.iterrows():
-        link = LINK_SEPARATOR.join(str(r[s]) for s in series) if series else "-"
+        link = LINK_SEPARATOR.join(printable(str(r[s])) for s in series) if series else "-"  # ESC: not the terminal's
         if r["note"].startswith("no plan"):
             rows.append([str(r["rank"]), link, "", "", "", "", ""])
         else:
@@ -691,6 +691,8 @@ def cmd_plan(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     a = p.parse_args(argv)
 
+    check_named(a.model, "--model", "a model.onnx or a run directory")
+    check_named(a.input, "--input", "a telemetry .csv or .parquet file")
     migration = Migration(a.memory_gib, a.dirty_rate_mbps, a.downtime_ms)
     model = Path(a.model)
     metadata = a.metadata or (model / METADATA_NAME if model.is_dir() else None)

@@ -33,11 +33,12 @@ from dwcp_lstm.contract import (
     output_shape,
     parse_embedded,
 )
-from dwcp_lstm.errors import ConfigError, DataError, ModelFileError
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named
 from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
     FLOAT32_MAX,
+    PARQUET_SUFFIXES,
     TICKS_PER_S,
     add_clock,
     check_cadence_matches,
@@ -134,11 +135,7 @@ class Predictor:
         self.extrapolate = False
         ranges = [c.get("train_range") or [-np.inf, np.inf] for c in self.metadata["features"]]
         self.train_ranges = np.asarray(ranges, dtype=np.float64)  # [F, 2]; unbounded for an export without them
-        lo, hi = self.train_ranges.T
-        margin = np.maximum.reduce([hi - lo, np.abs(lo), np.abs(hi)]) if np.isfinite(lo).all() else np.inf
-        margin = np.where(np.isfinite(lo) & (margin > 0), margin, np.inf)  # a feature always 0 in training: no check
-        with np.errstate(invalid="ignore"):
-            self._limits = np.stack([lo - margin, hi + margin], axis=1)  # [F, 2]
+        self._limits = range_limits(self.train_ranges)  # [F, 2]
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
@@ -321,6 +318,12 @@ class Predictor:
 
     def _far_message(self, f: int, value: float) -> str:
         lo, hi = self.train_ranges[f]
+        if lo == hi:
+            return (
+                f"column {self.features[f]!r}: {value:g} differs from {lo:g}, its only value in the training rows (the "
+                "model never saw it change); its forecast would be an extrapolation: check the input, or pass "
+                "--extrapolate"
+            )
         return (
             f"column {self.features[f]!r}: {value:g} is far outside the training rows' range {lo:g} to {hi:g} "
             "(another unit?); its forecast would be an extrapolation: check the input, or pass --extrapolate"
@@ -486,6 +489,23 @@ class Predictor:
         df.attrs["units"] = {c: next(u for t, u in self.units.items() if c == t or c.startswith(t + "_"))
                              for c in self.all_columns}  # fmt: skip
         return df
+
+
+def range_limits(train_ranges: np.ndarray) -> np.ndarray:
+    """[F, 2] the inputs a model reads without ``--extrapolate``, from its features' training ranges [F, 2]: each
+    range widened by its width (or its size, for a narrow one); unbounded for a feature without one. A feature
+    constant in training (retransmits always 0) has no width: any other value is one the network never saw (its
+    scaler cannot say how far off it is), so only the constant itself passes, as float32 reads it (0.1 is not
+    0.1 in float32)."""
+    lo, hi = np.asarray(train_ranges, dtype=np.float64).T
+    known = np.isfinite(lo) & np.isfinite(hi)
+    with np.errstate(invalid="ignore"):
+        margin = np.where(known, np.maximum.reduce([hi - lo, np.abs(lo), np.abs(hi)]), np.inf)
+        margin = np.where(known & (hi == lo), 0.0, margin)
+        limits = np.stack([lo - margin, hi + margin], axis=1)
+    constant = known & (hi == lo)
+    limits[constant] = lo[constant].astype(np.float32).astype(np.float64)[:, None]
+    return limits
 
 
 def add_reading_flags(p) -> None:
@@ -671,6 +691,8 @@ def cmd_forecast(argv: list[str]) -> None:
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
     a = p.parse_args(argv)
 
+    check_named(a.model, "--model", "a model.onnx or a run directory")
+    check_named(a.input, "--input", "a telemetry .csv or .parquet file")
     if a.output is not None and not a.output.strip():  # '' used to mean stdout, silently
         raise ConfigError("--output must name a .csv or .parquet file (leave it out for CSV on stdout), got ''")
     output = Path(a.output) if a.output else None
@@ -706,7 +728,8 @@ def cmd_forecast(argv: list[str]) -> None:
         sys.stdout.write(csv_out.to_csv(index=False, float_format="%.7g", lineterminator="\n"))
         print(f"{what}; units: {units}", file=sys.stderr)  # stdout stays pure CSV
     else:
-        write_frame(out if output.suffix.lower() == ".parquet" else csv_out, output, float_format="%.7g")  # float32: ~7
+        parquet = output.suffix.lower() in PARQUET_SUFFIXES  # typed columns: the time stays a number (.pq too)
+        write_frame(out if parquet else csv_out, output, float_format="%.7g")  # float32: ~7 digits
         print(f"wrote {what} -> {output}; units: {units}")
 
 

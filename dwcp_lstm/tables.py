@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -35,6 +36,7 @@ from dwcp_lstm.errors import ConfigError, DataError  # noqa: F401 (DataError re-
 
 log = logging.getLogger("dwcp_lstm")
 DUPLICATE_POLICIES = ("error", "first", "mean")
+PARQUET_SUFFIXES = (".parquet", ".pq")  # read and written as Parquet; any other suffix but .csv is refused
 # Physical ranges (low, high; both inclusive) checked wherever the column is read, in training and serving alike:
 # the units the model's contract states for these names (callbacks.UNITS). Outside them a value is a unit mix-up
 # (milliseconds for hours, percent for a fraction) that would otherwise turn silently into a confident forecast.
@@ -189,13 +191,14 @@ def read_table(
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .csv or .parquet file")
     suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet", ".pq"):
+    if suffix not in (".csv", *PARQUET_SUFFIXES):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .csv or .parquet")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     try:
         if suffix == ".csv":
             header = pd.read_csv(path, nrows=0).columns
+            _no_bare_cr(path)
             _unique_header(path, _raw_csv_header(path))
             _require(path, header, columns, derived)
             text = {c: str for c in text_columns if c in header}
@@ -264,6 +267,22 @@ def _read_csv_strict(path: Path, header: list[str], text: dict) -> pd.DataFrame:
             raise DataError(f"{path}: line {line} has {saw} fields, the header {expected}") from None
 
 
+def _no_bare_cr(path: Path) -> None:
+    """Refuse a carriage return alone (not before a newline) on an unquoted line of a file whose lines end in
+    newlines: pandas ends the row there, so an id "node-0\\r" split one row into two half-empty ones and the error
+    blamed an empty cell of another column. A file whose lines all end in a bare CR (classic Mac) is read as before;
+    a CR inside quotes is data."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:  # no copy of a large file
+        if mm.find(b"\n") < 0:
+            return
+        for hit in re.finditer(rb"\r(?=[^\n])", mm):  # a CR that ends the file ends its last line
+            start, end = mm.rfind(b"\n", 0, hit.start()) + 1, mm.find(b"\n", hit.start())
+            if b'"' not in mm[start : end if end >= 0 else len(mm)]:
+                line = mm[: hit.start()].count(b"\n") + 1
+                raise DataError(f"{path}: line {line} holds a carriage return (CR) inside a field, which splits the "
+                                "row in two: remove it, or quote the field")  # fmt: skip
+
+
 def _raw_csv_header(path: Path) -> list[str]:
     """The header as written: pandas renames a repeated name to ``name.1``, which would hide the repeat; read as a
     data row instead, it keeps every name as it is."""
@@ -318,12 +337,28 @@ def as_seconds(df: pd.DataFrame, col: str) -> None:
         df[col] = np.where(column.isna().to_numpy(), np.nan, ticks / TICKS_PER_S[column.dt.unit])
 
 
+def first_boolean(column: pd.Series) -> int | None:
+    """The position of the first True/False of ``column`` (a bool column: Parquet's, or a CSV column of True and
+    False; or booleans among other objects), None when it holds none."""
+    if pd.api.types.is_bool_dtype(column):
+        flags = column.notna().to_numpy(bool)
+    elif column.dtype == object:
+        flags = column.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(bool)
+    else:
+        return None
+    return int(np.argmax(flags)) if flags.any() else None
+
+
 def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
     """Every column numeric, finite and within its physical range; the first offending row is named.
 
     ``allow_nan`` lets empty cells (NaN) through, for :func:`fill_missing` to fill; inf is still an error.
     """
     for col in columns:
+        flag = first_boolean(df[col])
+        if flag is not None:  # pandas reads True as 1.0: an RTT of 1 ms, silently
+            raise DataError(f"{path}: column {col!r} row {flag + 1}: boolean value {df[col].iloc[flag]}, expected a "
+                            "number (write 1 and 0 if that is what it means)")  # fmt: skip
         as_seconds(df, col)
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna()
@@ -406,8 +441,8 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
             if clash is not None:
                 i = int(np.flatnonzero((ids.astype("string") == clash[1]).fillna(False).to_numpy(bool))[0])
                 raise DataError(f"{path}: column {col!r} row {i + 1}: series id {ascii(clash[1])} differs from "
-                                f"{ascii(clash[0])} only by surrounding spaces, invisible characters or Unicode "
-                                "form: one link or two? Rename the ids")  # fmt: skip
+                                f"{ascii(clash[0])} only by surrounding spaces, invisible or control characters or "
+                                "Unicode form: one link or two? Rename the ids")  # fmt: skip
     if len(series) > 1:  # reports, intervals, online state and plans name a link by its joined ids
         pairs = df[list(series)].astype(str).drop_duplicates()
         names = pairs.agg(LINK_SEPARATOR.join, axis=1)
@@ -420,9 +455,17 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
 
 def canonical_id(text: str) -> str:
     """What a reader sees of a series id: NFKC form (``"e" + U+0301`` is ``"é"``), without invisible format
-    characters (zero-width space, BOM, joiners) and surrounding spaces. Two ids with the same one are refused."""
+    characters (zero-width space, BOM, joiners), control characters (NUL, ESC, DEL, a bare CR) and surrounding
+    spaces. Two ids with the same one are refused."""
     text = unicodedata.normalize("NFKC", text)
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+    return "".join(c for c in text if unicodedata.category(c) not in ("Cf", "Cc")).strip()
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on or hide (ESC, NUL, DEL, newline, zero-width space)
+    escaped as ascii() does (``\\x1b``): an id put into a warning or table must show what it is, never colour or
+    clear the terminal. Printable text, accented letters included, stays as it is."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str], path: str | Path) -> pd.DataFrame:
@@ -476,8 +519,9 @@ LINK_SEPARATOR = "->"  # joins a link's series ids into the name reports, interv
 
 
 def link_name(df: pd.DataFrame, series: Sequence[str], row: int) -> str:
-    """The link of ``row`` as messages name it: its series ids joined by '/'."""
-    return "/".join(str(df[c].iloc[row]) for c in series) or "the series"
+    """The link of ``row`` as messages name it: its series ids joined by '/', control characters escaped
+    (:func:`printable`)."""
+    return "/".join(printable(str(df[c].iloc[row])) for c in series) or "the series"
 
 
 CADENCE_TOLERANCE = 2.0  # a link's cadence may differ from training's by up to this factor either way
@@ -608,7 +652,7 @@ def check_table_suffix(path: str | Path) -> Path:
     """A table to write ends in .csv or .parquet (.pq, as the reader takes): checked before the work that produces
     it (and by the writer)."""
     path = Path(path)
-    if path.suffix.lower() not in (".csv", ".parquet", ".pq"):
+    if path.suffix.lower() not in (".csv", *PARQUET_SUFFIXES):
         raise DataError(f"{path}: output must end in .csv or .parquet (or .pq)")
     return path
 

@@ -69,6 +69,24 @@ def test_bench_leaves_the_run_it_measures_untouched(tmp_path: Path, smoke_run: P
     assert before == {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 
+def test_bench_never_writes_over_a_runs_own_files(tmp_path: Path, smoke_run: Path, capsys):
+    """--output was compared with the files of --run only: without it (or with another run) it replaced a run's
+    model_metadata.json or report.json, and forecast then refused the model."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (tmp_path / "meta.json").symlink_to(run / "model_metadata.json")
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for target, flags in ((run / "model_metadata.json", []), (run / "report.json", ["--run", str(smoke_run)]),
+                          (tmp_path / "meta.json", [])):  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["bench", "--quick", "--skip-load", "--output", str(target), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {target}: --output is the "), err
+    assert before == {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
 def _relu_graph(path: Path, ops: int) -> Path:
     import onnx
     from onnx import TensorProto, helper

@@ -4,6 +4,7 @@ from a known distribution, the `plan` command and its refusals, and the report's
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -264,6 +265,47 @@ def test_inputs_far_beyond_the_training_range_are_refused_unless_asked(smoke_run
     assert exc.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {bad}: link node-1/node-2 timestamp {df.timestamp[old]} column "
                              "'throughput_mbps': 100000 is far outside"), err  # fmt: skip
+
+
+def constant_feature_run(smoke_run, dest, feature: str):
+    """The smoke model with ``feature`` recorded as always 0 in training (train_range [0, 0]), contract re-signed."""
+    from dwcp_lstm.contract import CONTRACT_KEYS, embed_contract
+    from dwcp_lstm.tables import sha256_of
+
+    dest.mkdir()
+    for name in ("model.onnx", "model_metadata.json"):
+        shutil.copy(smoke_run / name, dest / name)
+    meta = json.loads((dest / "model_metadata.json").read_text())
+    next(c for c in meta["features"] if c["name"] == feature)["train_range"] = [0.0, 0.0]
+    embed_contract(dest / "model.onnx", {k: meta[k] for k in CONTRACT_KEYS if k in meta})
+    meta["model_sha256"] = sha256_of(dest / "model.onnx")
+    (dest / "model_metadata.json").write_text(json.dumps(meta))
+    return dest
+
+
+@pytest.mark.parametrize("command", ["plan", "forecast"])
+def test_a_feature_constant_in_training_refuses_any_other_value(smoke_run, telemetry, tmp_path, capsys, command):
+    """retransmits always 0 in training had no range check at all: 1e30 gave absurd forecasts and a "0.0 s" plan,
+    exit 0. Any other value is refused now (--extrapolate forecasts it); the constant itself passes."""
+    run = constant_feature_run(smoke_run, tmp_path / "run", "retransmits")
+    df = pd.read_csv(telemetry, dtype={"node_id": str, "peer_id": str}).assign(retransmits=0.0)
+    good = tmp_path / "zero.csv"
+    df.to_csv(good, index=False)
+    args = (lambda data: plan(run, data, "--memory-gib", "16")) if command == "plan" else (
+        lambda data: ["forecast", "--model", str(run), "--input", data])  # fmt: skip
+    cli_main(args(str(good)))
+    assert "node-1" in capsys.readouterr().out
+    df.loc[df.index[df.node_id == "node-1"][-1], "retransmits"] = 1e30
+    bad = tmp_path / "huge.csv"
+    df.to_csv(bad, index=False)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args(str(bad)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {bad}: link node-1/node-2 step 20 column 'retransmits': 1e+30 differs from 0, "
+                             "its only value in the training rows"), err  # fmt: skip
+    cli_main([*args(str(bad)), "--extrapolate"])  # asked for: forecast anyway
+    assert "node-1" in capsys.readouterr().out
 
 
 def test_plan_says_so_when_a_migration_cannot_converge(smoke_run, telemetry, capsys):

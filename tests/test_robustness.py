@@ -52,6 +52,8 @@ FIT_CASES = [
     ("non-numeric", _set("jitter_ms", 7, "fast"), [], "column 'jitter_ms' row 8: non-numeric value 'fast'"),
     ("nan", _set("rtt_ms", 10, np.nan), [], "column 'rtt_ms' row 11: NaN"),
     ("inf", _set("throughput_mbps", 3, np.inf), [], "column 'throughput_mbps' row 4: inf"),
+    # a CSV column of True and False (pandas reads it as bool) was trained on as 0/1
+    ("boolean", lambda df: df.assign(rtt_ms=df["rtt_ms"] > 0), [], "column 'rtt_ms' row 1: boolean value True"),
     ("negative-throughput", _set("throughput_mbps", 5, -1.0), [], "'throughput_mbps' row 6: negative value -1"),
     ("negative-rtt", _set("rtt_ms", 2, -3.0), [], "column 'rtt_ms' row 3: negative value -3"),
     ("loss-above-1", _set("packet_loss", 9, 1.5), [], "column 'packet_loss' row 10: above 1 value 1.5"),
@@ -92,6 +94,16 @@ FIT_CASES = [
         _set("node_id", 12, "node-0\u200b"),
         [],
         "column 'node_id' row 13: series id 'node-0\\u200b' differs from 'node-0' only by",
+    ),
+    # a control character (NUL, ESC, DEL; any category Cc) is as invisible: "node-0\x1b" was a second link
+    *(
+        (
+            f"control-link-id-{ord(c):x}",
+            _set("node_id", 12, f"node-0{c}"),
+            [],
+            f"column 'node_id' row 13: series id {ascii('node-0' + c)} differs from 'node-0' only by",
+        )
+        for c in ("\x00", "\x1b", "\x7f", "\x85")
     ),
     (
         "unicode-form-link-id",
@@ -157,6 +169,8 @@ def test_fit_rejects_bad_input(tmp_path, capsys, case, spoil, flags, expected):
         # pandas would drop the extra field (usecols) or, on the first row, shift every value one column left
         ("extra-field", lambda d: _extra_field(d, line=7), "bad.csv: line 7 has 23 fields, the header 22"),
         ("extra-field-first-row", lambda d: _extra_field(d, line=2), "bad.csv: row 1 has more fields than the header"),
+        # pandas ended the row at the CR: two half-empty rows, blamed on "column 'timestamp' row 41: NaN or empty"
+        ("bare-cr-in-id", lambda d: _bare_cr(d, line=41), "bad.csv: line 41 holds a carriage return (CR) inside a"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -167,6 +181,13 @@ def test_fit_rejects_bad_files(tmp_path, capsys, case, make, expected):
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
+
+
+def test_lines_that_all_end_in_a_cr_are_read(tmp_path):
+    """A file whose lines all end in a bare CR (classic Mac) is no CR inside a field: read as pandas reads it."""
+    from dwcp_lstm.tables import read_table
+
+    assert len(read_table(_bare_cr(tmp_path, line=0), ["node_id", "rtt_ms"], text_columns=["node_id"])) == 600
 
 
 def _word_in_last_row(text: str) -> str:
@@ -236,6 +257,16 @@ def _extra_field(tmp: Path, line: int) -> Path:
     return path
 
 
+def _bare_cr(tmp: Path, line: int) -> Path:
+    """A CR after the first field of ``line`` (its link id, unquoted); 0: every line ending in a CR alone."""
+    path = write(tmp, base_frame()[["node_id", *base_frame().columns.drop("node_id")]])
+    lines = path.read_text().splitlines(keepends=True)
+    if line:
+        lines[line - 1] = lines[line - 1].replace(",", "\r,", 1)
+    path.write_bytes("".join(lines).replace("\n", "\n" if line else "\r").encode())
+    return path
+
+
 def _touch(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
@@ -267,6 +298,13 @@ def _touch(path: Path, data: bytes) -> Path:
         (["generate", "--output", "{tmp}/out.csv", "--links", "0"], "--links must be between 1"),
         (["report", "--run", "{tmp}/no_such_run"], "no_such_run: run directory not found"),
         (["report", "--run", "{tmp}"], "config.yaml: file not found"),
+        # '' is the working directory: its model.onnx was read (or "model.onnx: file not found" named no flag)
+        (["report", "--run", ""], "--run must name a run directory, got ''"),
+        (["bench", "--quick", "--skip-load", "--run", " "], "--run must name a run directory"),
+        (["forecast", "--model", "", "--input", "{tmp}/x.csv"], "--model must name a model.onnx or a run directory"),
+        (["forecast", "--model", "{tmp}", "--input", ""], "--input must name a telemetry .csv or .parquet file"),
+        (["plan", "--model", "", "--input", "{tmp}/x.csv", "--memory-gib", "8"], "--model must name a model.onnx"),
+        (["plan", "--model", "{tmp}", "--input", "", "--memory-gib", "8"], "--input must name a telemetry .csv"),
         (["bench", "--quick", "--skip-load", "--output", "{tmp}/no_dir/b.json"], "folder {tmp}/no_dir does not exist"),
         (["bench", "--quick", "--skip-load", "--output", "{tmp}"], "{tmp}: is a directory, expected a file name"),
     ],

@@ -472,6 +472,36 @@ def test_forecast_uses_each_links_latest_segment(smoke_run, predictor, small_csv
     assert "no link has 20 rows since its last gap (the model's window); the most is 8" in err
 
 
+def test_link_ids_are_escaped_in_warnings_and_tables(smoke_run, small_csv, tmp_path, capsys):
+    """A link id holding ESC or NUL reached the terminal raw in forecast's warning and plan's table (an ESC sequence
+    recolours or clears it): they are escaped as the refusals' ascii() does."""
+    df = pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str})
+    links = df[["node_id", "peer_id"]].drop_duplicates()
+    a, b = (df.merge(links.iloc[i : i + 1], on=["node_id", "peer_id"]).iloc[-40:].copy() for i in (0, 1))
+    b = b.iloc[-8:].assign(node_id="node-\x1b[2J\x00x")  # too short for a window: warned about by name
+    path = tmp_path / "esc.csv"
+    pd.concat([a, b]).to_csv(path, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path), "--output", str(tmp_path / "f.csv")])
+    err = capsys.readouterr().err
+    assert f"link node-\\x1b[2J\\x00x/{b.peer_id.iloc[0]}: 8 rows since its last gap" in err, err
+    cli_main(["plan", "--model", str(smoke_run), "--input", str(path), "--memory-gib", "16"])
+    captured = capsys.readouterr()
+    assert "node-\\x1b[2J\\x00x->" in captured.out
+    assert not any(c in captured.out + captured.err + err for c in "\x1b\x00")
+
+
+def test_a_boolean_feature_column_is_refused(predictor, smoke_run, two_links, tmp_path, capsys):
+    """A Parquet bool column (or booleans with nulls, an object column) read as 0/1: rtt_ms True was 1 ms."""
+    df = pd.read_csv(two_links)
+    for i, values in enumerate(([True] * len(df), [None, *[False] * (len(df) - 1)])):
+        path = tmp_path / f"flags{i}.parquet"
+        df.assign(rtt_ms=pd.Series(values, dtype=bool if i == 0 else object)).to_parquet(path, index=False)
+        err = run_cli_error(["forecast", "--model", str(smoke_run), "--input", str(path)], capsys)
+        assert f"{path}: column 'rtt_ms' row {i + 1}: boolean value {bool(values[i])}, expected a number" in err, err
+    with pytest.raises(DataError, match=r"column 'rtt_ms' row 1: boolean value True"):
+        predictor.predict(one_link(df.sort_values("timestamp")).assign(rtt_ms=True))
+
+
 @pytest.fixture(scope="module")
 def two_links(small_csv: Path, tmp_path_factory) -> Path:
     """Two links of the small dataset plus a 5-row one (too short for a window), rows shuffled."""
@@ -525,10 +555,13 @@ def test_fractional_times_are_written_in_full(smoke_run, two_links, tmp_path, ca
         got = pd.read_csv(io.StringIO(text))
         assert set(got["timestamp"]) <= set(df["timestamp"]) and not got.duplicated(["node_id", "peer_id",
                                                                                         "timestamp"]).any()  # fmt: skip
+    for suffix in (".parquet", ".pq", ".PQ"):  # every Parquet suffix: typed columns (.pq got the CSV's text times)
+        got = cmd_forecast_frame(smoke_run, frac, tmp_path / f"out{suffix}", ("--rolling",))
+        assert pd.api.types.is_float_dtype(got["timestamp"]) and set(got["timestamp"]) <= set(df["timestamp"])
 
 
-def cmd_forecast_frame(run: Path, data: Path, out: Path) -> pd.DataFrame:
-    cmd_forecast(["--model", str(run), "--input", str(data), "--output", str(out)])
+def cmd_forecast_frame(run: Path, data: Path, out: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    cmd_forecast(["--model", str(run), "--input", str(data), "--output", str(out), *extra])
     return pd.read_parquet(out)
 
 
