@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named, parse_flags
-from dwcp_lstm.tables import atomic_write, check_output_file
+from dwcp_lstm.tables import atomic_write, check_output_file, finite_or_null
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
     from dwcp_lstm.data import DwcpDataModule
@@ -693,7 +693,7 @@ def cmd_bench(argv: list[str]) -> None:
     if out is not None:
         check_not_a_run_file(out)
     result = run_bench(a.run, a.quick, a.rows, a.threads, a.skip_load)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(finite_or_null(result), indent=2, allow_nan=False)  # JSON has no NaN: an unmeasured figure: null
     print(text)
     if out is not None:
         atomic_write(out, text + "\n")

@@ -520,12 +520,14 @@ def cmd_export(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
     from dwcp_lstm.callbacks import check_opset, export_run
+    from dwcp_lstm.errors import check_named
     from dwcp_lstm.runs import load_run
 
     p = ArgumentParser(prog="python -m dwcp_lstm export", description=OWN_COMMANDS["export"][0])
     p.add_argument("--run", required=True, help="a run directory, e.g. lightning_logs/version_0")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 to the newest this torch exports)")
     a = parse_flags(p, argv)
+    check_named(a.run, "--run", "a run directory")
     check_opset(a.opset, "--opset")
     module, dm, ckpt = load_run(a.run)
     meta = export_run(module, dm, Path(a.run), a.opset)

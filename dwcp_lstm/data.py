@@ -40,6 +40,7 @@ from dwcp_lstm.tables import (
     fill_missing,
     log,
     order_series,
+    printable,
     probe_writable,
     read_table,
     segment_bounds,
@@ -481,10 +482,11 @@ class DwcpDataModule(L.LightningDataModule):
             other = np.flatnonzero((steps < 1 / CADENCE_TOLERANCE) | (steps > CADENCE_TOLERANCE))
         if len(other):
             i = int(other[0])
+            first = printable(self.series_names(self.bounds[i : i + 1, 0])[0])  # ids escaped, as in every message
             log.warning("%s: %d of %d series segments (the first: %s, a row every %g s) are not at the data's "
                         "cadence of a row every %g s: the model reads rows, not seconds, and forecast / plan refuse "
                         "such input",
-                        self.path, len(other), len(self.bounds), self.series_names(self.bounds[i : i + 1, 0])[0],
+                        self.path, len(other), len(self.bounds), first,
                         steps[i] * cadence, cadence)  # fmt: skip
 
     def _check_cyclic_periods(self) -> None:

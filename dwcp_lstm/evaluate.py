@@ -17,7 +17,16 @@ from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.planner import backtest_report, rows_ahead
-from dwcp_lstm.tables import DataError, atomic_write, clip_to, first_line, log, sha256_of, target_ranges
+from dwcp_lstm.tables import (
+    DataError,
+    atomic_write,
+    clip_to,
+    finite_or_null,
+    first_line,
+    log,
+    sha256_of,
+    target_ranges,
+)
 
 TARGET_CORR, TARGET_MAPE, TARGET_GAP = 0.98, 5.0, 0.9
 TARGET_GAP_PER_STEP = 0.8  # the multi-step goal: this share of the persistence-to-oracle gap at every step
@@ -611,18 +620,6 @@ def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
         "b1_p99_ms": percentile_ms(ns, 99),
         "opset": meta.get("opset"),
     }
-
-
-def finite_or_null(o):
-    """NaN and inf as null: JSON has no NaN (``json.dumps`` would write a token other parsers reject). A metric that
-    is undefined on the data (the correlation of a target that never changes) is reported as null."""
-    if isinstance(o, dict):
-        return {k: finite_or_null(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [finite_or_null(v) for v in o]
-    if isinstance(o, float | np.floating) and not np.isfinite(o):
-        return None
-    return o
 
 
 def _json_default(o):

@@ -658,6 +658,7 @@ def cmd_plan(argv: list[str]) -> None:
 
     from dwcp_lstm.contract import METADATA_NAME, model_path_of
     from dwcp_lstm.serve import Predictor, add_reading_flags
+    from dwcp_lstm.tables import finite_or_null
 
     class ArgumentParser(argparse.ArgumentParser):
         def error(self, message: str):  # one `error:` line, exit 2 (see dwcp_lstm.serve.cmd_forecast)
@@ -708,7 +709,7 @@ def cmd_plan(argv: list[str]) -> None:
         if out[time].dtype.kind in "mM":  # dates and durations as the input wrote them (to_json: epoch milliseconds)
             out[time] = out[time].astype(str)
         links = json.loads(out.to_json(orient="records"))  # NaN -> null
-        print(json.dumps({**facts, "links": links}, indent=2))
+        print(json.dumps(finite_or_null({**facts, "links": links}), indent=2, allow_nan=False))
     else:
         print(format_plan(out, facts, series))
     print(f"planned {int((~out['note'].str.startswith('no plan')).sum())} of {len(out)} links", file=sys.stderr)

@@ -696,3 +696,15 @@ def check_output_file(path: str | Path) -> Path:
     except OSError as exc:
         raise ConfigError(f"{path}: folder {path.parent} is not writable ({exc.strerror or exc})") from None
     return path
+
+
+def finite_or_null(o):
+    """NaN and inf as null: JSON has no NaN (``json.dumps`` would write a token other parsers reject). A metric that
+    is undefined on the data (the correlation of a target that never changes) is reported as null."""
+    if isinstance(o, dict):
+        return {k: finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [finite_or_null(v) for v in o]
+    if isinstance(o, float | np.floating) and not np.isfinite(o):
+        return None
+    return o

@@ -300,6 +300,7 @@ def _touch(path: Path, data: bytes) -> Path:
         (["report", "--run", "{tmp}"], "config.yaml: file not found"),
         # '' is the working directory: its model.onnx was read (or "model.onnx: file not found" named no flag)
         (["report", "--run", ""], "--run must name a run directory, got ''"),
+        (["export", "--run", ""], "--run must name a run directory, got ''"),
         (["bench", "--quick", "--skip-load", "--run", " "], "--run must name a run directory"),
         (["forecast", "--model", "", "--input", "{tmp}/x.csv"], "--model must name a model.onnx or a run directory"),
         (["forecast", "--model", "{tmp}", "--input", ""], "--input must name a telemetry .csv or .parquet file"),
