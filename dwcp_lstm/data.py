@@ -390,7 +390,7 @@ class DwcpDataModule(L.LightningDataModule):
         keys = [*self.series_columns, self.time_column]
         in_file = [c for c in dict.fromkeys([*keys, *numeric]) if c not in self.clock]  # clock columns: derived
         df = read_table(path, in_file, text_columns=self.series_columns, derived=list(self.clock))
-        check_numeric(df, [self.time_column], path)
+        check_numeric(df, [self.time_column], path, is_time=True)
         df = add_clock(df, self.clock, self.series_start, self.series_columns, self.time_column, path)
         check_numeric(df, numeric, path, allow_nan=self.fill_missing)
         df = order_series(df, self.series_columns, self.time_column, path, self.duplicates)

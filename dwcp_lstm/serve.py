@@ -187,7 +187,7 @@ class Predictor:
         duplicates = self.duplicates if duplicates is None else duplicates
         fill = self.fill_missing if fill is None else fill
         df = self.with_clock(df, series, time, source)
-        check_numeric(df, [time], source)  # rows named in file order, before sorting
+        check_numeric(df, [time], source, is_time=True)  # rows named in file order, before sorting
         check_numeric(df, self.features, source, allow_nan=fill)
         df = order_series(df, series, time, source, duplicates)
         return fill_missing(df, self.features, series, source) if fill else df
@@ -442,7 +442,7 @@ class Predictor:
         if time not in frame.columns or len(frame) < 2:
             return
         t = frame[[time]].copy()
-        check_numeric(t, [time], source)
+        check_numeric(t, [time], source, is_time=True)
         steps = time_steps(t[time].to_numpy())
         for bad, what in ((steps < 0, "earlier than the row before; sort the rows by time"),
                           (steps == 0, "the same time as the row before (a repeated row); forecast_table reads "

@@ -134,7 +134,7 @@ def add_clock(
     if series_start is None and pd.api.types.is_timedelta64_dtype(df[time]):  # was read as the clock, silently
         raise DataError(f"{path}: column {time!r} holds durations; the wall-clock inputs (--data.clock) need absolute "
                         "times (Unix seconds or dates), or --data.series_start to read each series' start")  # fmt: skip
-    check_numeric(df, [time], path)
+    check_numeric(df, [time], path, is_time=True)
     t = df[time].to_numpy(np.float64)
     if series_start is None and len(t) and np.nanmax(t) < CLOCK_EPOCH_MIN:  # seconds since each capture began
         raise DataError(f"{path}: column {time!r} reaches only {np.nanmax(t):g} s (before 2000 as a Unix time): it "
@@ -349,17 +349,24 @@ def first_boolean(column: pd.Series) -> int | None:
     return int(np.argmax(flags)) if flags.any() else None
 
 
-def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False) -> None:
+def check_numeric(
+    df: pd.DataFrame, columns: Sequence[str], path: str | Path, allow_nan: bool = False, is_time: bool = False
+) -> None:
     """Every column numeric, finite and within its physical range; the first offending row is named.
 
     ``allow_nan`` lets empty cells (NaN) through, for :func:`fill_missing` to fill; inf is still an error.
+    ``is_time``: ``columns`` are time columns, whose dates and durations become seconds (:func:`as_seconds`); in any
+    other column they are refused.
     """
     for col in columns:
         flag = first_boolean(df[col])
         if flag is not None:  # pandas reads True as 1.0: an RTT of 1 ms, silently
             raise DataError(f"{path}: column {col!r} row {flag + 1}: boolean value {df[col].iloc[flag]}, expected a "
                             "number (write 1 and 0 if that is what it means)")  # fmt: skip
-        as_seconds(df, col)
+        if is_time:
+            as_seconds(df, col)
+        else:
+            _no_time_values(df[col], col, path)
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna()
         if bad.any():
@@ -379,6 +386,16 @@ def check_numeric(df: pd.DataFrame, columns: Sequence[str], path: str | Path, al
             raise DataError(f"{path}: column {col!r} row {hit[0][0] + 1}: {hit[1]}")
         if values.dtype != df[col].dtype:
             df[col] = values
+
+
+def _no_time_values(column: pd.Series, col: str, path: str | Path) -> None:
+    """Refuse a date or duration in a numeric feature or target: as seconds, an rtt_ms of 25 ms read 0.025 "ms"."""
+    is_date, is_duration = pd.api.types.is_datetime64_any_dtype(column), pd.api.types.is_timedelta64_dtype(column)
+    if is_date or is_duration:
+        known = column.notna().to_numpy()
+        row = int(np.argmax(known)) + 1 if known.any() else 1
+        what = "a date and time (datetime)" if is_date else "a duration (timedelta)"
+        raise DataError(f"{path}: column {col!r} row {row}: {what}, expected a number")
 
 
 def order_series(

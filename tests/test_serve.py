@@ -502,6 +502,24 @@ def test_a_boolean_feature_column_is_refused(predictor, smoke_run, two_links, tm
         predictor.predict(one_link(df.sort_values("timestamp")).assign(rtt_ms=True))
 
 
+def test_a_duration_or_date_feature_column_is_refused(predictor, smoke_run, two_links, tmp_path, capsys):
+    """A Parquet duration (or datetime) column for a numeric feature was read as seconds: rtt_ms of 25 ms as a
+    timedelta became 0.025 "ms", exit 0. Only the time column turns dates and durations into seconds."""
+    df = pd.read_csv(two_links)
+    for col, value, what in (
+        ("rtt_ms", pd.to_timedelta(df.rtt_ms, unit="ms"), "a duration (timedelta)"),
+        ("retransmits", pd.to_datetime(df.retransmits, unit="s"), "a date and time (datetime)"),
+    ):
+        path = tmp_path / f"{col}.parquet"
+        df.assign(**{col: value}).to_parquet(path, index=False)
+        for cmd in (["forecast"], ["plan", "--memory-gib", "16"]):
+            err = run_cli_error([*cmd, "--model", str(smoke_run), "--input", str(path)], capsys)
+            assert err == f"error: {path}: column {col!r} row 1: {what}, expected a number", err
+    link = one_link(df.sort_values("timestamp"))
+    with pytest.raises(DataError, match=r"column 'rtt_ms' row 1: a duration \(timedelta\), expected a number"):
+        predictor.predict(link.assign(rtt_ms=pd.to_timedelta(link.rtt_ms, unit="ms")))
+
+
 @pytest.fixture(scope="module")
 def two_links(small_csv: Path, tmp_path_factory) -> Path:
     """Two links of the small dataset plus a 5-row one (too short for a window), rows shuffled."""
