@@ -275,20 +275,61 @@ class Predictor:
             self.session.run(names, {self.input_name: np.ascontiguousarray(x[i : i + CHUNK])})
             for i in range(0, len(x), CHUNK)
         ]
+        shapes = self._output_dims()
         if not chunks:  # no windows: empty outputs of the right shapes
-            shapes = {self.output_name: output_shape(self.horizon, len(self.targets))}
-            shapes.update((self.metadata.get("intervals") or {}).get("outputs", {}))
-            return [np.empty((0, *shapes[n][1:]), np.float32) for n in names]
+            return [np.empty((0, *shapes[n]), np.float32) for n in names]
+        for i, chunk in enumerate(chunks):
+            self._check_output_shapes(chunk, names, min(CHUNK, len(x) - i * CHUNK), shapes)
         outs = [np.concatenate([c[k] for c in chunks]) for k in range(len(names))]
-        flat = outs[0].reshape(len(outs[0]), -1)  # [B, H * T], the order of self.columns
-        bad = ~np.isfinite(flat)
-        if bad.any():  # float32 overflow inside the graph: a NaN/inf forecast must not pass as a number
-            b, j = (int(i) for i in np.argwhere(bad)[0])
-            raise DataError(
-                f"{source}: window {b + 1}: the forecast of {self.columns[j]!r} is {flat[b, j]} "
-                "(inputs far outside the range the model was trained on)"
-            )
+        for name, out in zip(names, outs, strict=True):
+            self._check_finite(name, out, x, source)
         return outs
+
+    def _output_dims(self) -> dict[str, list[int]]:
+        """Each graph output's dims after the batch, as the metadata states them."""
+        shapes = {self.output_name: output_shape(self.horizon, len(self.targets))[1:]}
+        shapes.update({n: s[1:] for n, s in (self.metadata.get("intervals") or {}).get("outputs", {}).items()})
+        return shapes
+
+    def _check_output_shapes(self, outs: list, names: list[str], rows: int, shapes: dict[str, list[int]]) -> None:
+        """Each output of one session run is [rows, *dims]: the declared shape is not enforced by onnxruntime, and a
+        graph giving one row for 4 windows raised a ValueError traceback (or paired forecasts with the wrong link)."""
+        for name, out in zip(names, outs, strict=True):
+            if out.ndim == 0 or out.shape[0] != rows:
+                got = out.shape[0] if out.ndim else 0
+                raise ModelFileError(f"{self.model_path}: graph output {name!r} has {got} rows for {rows} windows")
+            if list(out.shape[1:]) != list(shapes[name]) or out.dtype != np.float32:
+                raise ModelFileError(f"{self.model_path}: graph output {name!r} is {out.dtype} {list(out.shape)}, "
+                                     f"{self.metadata_path.name} says float32 [{rows}, "
+                                     f"{', '.join(map(str, shapes[name]))}]")  # fmt: skip
+
+    def _check_finite(self, name: str, out: np.ndarray, x: np.ndarray, source: str) -> None:
+        """A NaN/inf in any output (forecast or interval bound) must not pass as a number: an empty bound cell,
+        or plan's "nan Mbit/s", exit 0. Inputs beyond the training range (``--extrapolate``) overflow float32 inside
+        a genuine graph; within it, only an altered graph gives one."""
+        flat = out.reshape(len(out), -1)  # [B, columns of this output], the order of all_columns
+        bad = ~np.isfinite(flat)
+        if not bad.any():
+            return
+        b, j = (int(i) for i in np.argwhere(bad)[0])
+        columns = self._columns_of(name)
+        far = bool(((x[b] < self._limits[:, 0]) | (x[b] > self._limits[:, 1])).any())
+        why = (
+            "inputs far outside the range the model was trained on"
+            if far
+            else f"the graph computes it from inputs within the training range: is {self.model_path} altered?"
+        )
+        what = "the forecast" if name == self.output_name else f"graph output {name!r}"
+        raise DataError(f"{source}: window {b + 1}: {what} of {columns[j]!r} is {flat[b, j]} ({why})")
+
+    def _columns_of(self, name: str) -> list[str]:
+        """The columns of :attr:`all_columns` that graph output ``name`` fills."""
+        if name == self.output_name:
+            return self.columns
+        sizes = [int(np.prod(self._output_dims()[n])) for n in self.bound_outputs]
+        k = self.bound_outputs.index(name)
+        start = len(self.columns) + sum(sizes[:k])
+        return self.all_columns[start : start + sizes[k]]
 
     def check_range(self, windows: np.ndarray, source: str, labels: Sequence[str] | None = None) -> None:
         """Refuse raw windows [B, W, F] with a value beyond its feature's training range by more than the range's

@@ -260,6 +260,52 @@ def rewrite_model(run: Path, change) -> dict:
     return meta
 
 
+def append_to_output(target: str, op: str, constant: np.ndarray, *inputs: np.ndarray):
+    """A change for :func:`rewrite_model`: graph output ``target`` becomes ``op(target, constant, *inputs)``, its
+    declared name, type and shape unchanged (what onnxruntime does not enforce)."""
+    from onnx import helper, numpy_helper
+
+    def change(model) -> None:
+        g = model.graph
+        for node in g.node:
+            node.output[:] = [f"{target}_orig" if o == target else o for o in node.output]
+            node.input[:] = [f"{target}_orig" if i == target else i for i in node.input]
+        names = [f"{target}_c{k}" for k in range(1 + len(inputs))]
+        g.initializer.extend(numpy_helper.from_array(v, n) for v, n in zip((constant, *inputs), names, strict=True))
+        g.node.append(helper.make_node(op, [f"{target}_orig", *names], [target]))
+
+    return change
+
+
+def test_a_nan_interval_bound_is_refused(smoke_run, two_links, tmp_path, capsys):
+    """Only the forecast output was checked for NaN/inf: a graph whose 'lower' bound is NaN gave empty bound cells
+    (forecast, --rolling, --online) and "nan Mbit/s" in plan, exit 0. Every output is checked, and named."""
+    run = copy_run(smoke_run, tmp_path / "run")
+    rewrite_model(run, append_to_output("lower", "Mul", np.array(np.nan, np.float32)))
+    for flags in ([], ["--rolling"], ["--online"]):
+        err = run_cli_error(["forecast", "--model", str(run), "--input", str(two_links), *flags], capsys)
+        assert "window 1: graph output 'lower' of 'throughput_mbps_lo80' is nan" in err and "altered?" in err, err
+    err = run_cli_error(["plan", "--model", str(run), "--input", str(two_links), "--memory-gib", "16"], capsys)
+    assert "graph output 'lower'" in err, err
+
+
+def test_a_graph_output_with_other_rows_than_windows_is_refused(smoke_run, predictor, history, two_links, tmp_path,
+                                                                capsys):  # fmt: skip
+    """A graph giving one row for a batch of windows (its declared shape ['batch', 4] is not enforced) raised a
+    ValueError traceback in forecast: each output's rows are checked against the batch right after the run."""
+    run = copy_run(smoke_run, tmp_path / "run")
+    one = (np.array([0], np.int64), np.array([1], np.int64), np.array([0], np.int64))  # starts, ends, axes
+    rewrite_model(run, append_to_output("forecast", "Slice", *one))
+    p = Predictor.from_run(run)
+    x = one_link(history)[p.features].to_numpy(np.float32)
+    windows = np.stack([x[i : i + p.window] for i in range(4)])
+    for call in (p.predict_windows, p.predict):
+        with pytest.raises(ModelFileError, match=r"model\.onnx: graph output 'forecast' has 1 rows for 4 windows"):
+            call(windows)
+    err = run_cli_error(["forecast", "--model", str(run), "--input", str(two_links), "--rolling"], capsys)
+    assert "model.onnx: graph output 'forecast' has 1 rows for " in err, err
+
+
 def test_model_without_an_embedded_contract_is_refused(smoke_run, tmp_path):
     run = copy_run(smoke_run, tmp_path / "run")
     rewrite_model(run, lambda m: m.ClearField("metadata_props"))  # as exported before dwcp_lstm.onnx/2
@@ -377,8 +423,13 @@ def test_a_non_finite_forecast_is_an_error_not_a_number(smoke_run, history):
 
     p.session = Overflowing()
     x = one_link(history)[p.features].to_numpy(np.float32)[None, -p.window :]
+    far = x.copy()
+    far[..., p.features.index("rtt_ms")] *= 1e6
+    p.extrapolate = True  # --extrapolate: the inputs reach the graph
     with pytest.raises(DataError, match=r"window 2: the forecast of 'packet_loss' is inf \(inputs far outside"):
-        p.predict_windows(np.concatenate([x, x]))
+        p.predict_windows(np.concatenate([x, far]))
+    with pytest.raises(DataError, match=r"window 2: the forecast of 'packet_loss' is inf \(the graph computes it"):
+        p.predict_windows(np.concatenate([x, x]))  # within the training range: the graph is to blame
 
 
 def test_predict_takes_one_link_in_time_order(predictor, history):
