@@ -516,8 +516,9 @@ class Predictor:
     def _as_float32(x: np.ndarray, source: str) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise DataError(f"{source}: expected a numpy array, got {type(x).__name__}")
-        if x.dtype.kind not in "biuf":  # complex would lose its imaginary part, timedelta its unit
-            raise DataError(f"{source}: array of {x.dtype} is not real numbers (bool, integer or float)")
+        # complex would lose its imaginary part, timedelta its unit; bool is refused as a table's bool column is
+        if x.dtype.kind not in "iuf":
+            raise DataError(f"{source}: array of {x.dtype} is not real numbers (integer or float)")
         if x.dtype.kind == "f" and x.dtype.itemsize > 4:  # the model works in float32: 1e300 would become inf
             huge = np.isfinite(x) & (np.abs(x) > FLOAT32_MAX)
             if huge.any():

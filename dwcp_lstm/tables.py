@@ -389,13 +389,19 @@ def check_numeric(
 
 
 def _no_time_values(column: pd.Series, col: str, path: str | Path) -> None:
-    """Refuse a date or duration in a numeric feature or target: as seconds, an rtt_ms of 25 ms read 0.025 "ms"."""
+    """Refuse a date, duration or complex number in a numeric feature or target: as seconds, an rtt_ms of 25 ms read
+    0.025 "ms"; as a float, a complex value loses its imaginary part."""
     is_date, is_duration = pd.api.types.is_datetime64_any_dtype(column), pd.api.types.is_timedelta64_dtype(column)
     if is_date or is_duration:
         known = column.notna().to_numpy()
         row = int(np.argmax(known)) + 1 if known.any() else 1
         what = "a date and time (datetime)" if is_date else "a duration (timedelta)"
         raise DataError(f"{path}: column {col!r} row {row}: {what}, expected a number")
+    if pd.api.types.is_complex_dtype(column):  # as float it would lose its imaginary part (a ComplexWarning only)
+        imaginary = (np.imag(column.to_numpy()) != 0).nonzero()[0]
+        row = int(imaginary[0]) if len(imaginary) else 0
+        raise DataError(f"{path}: column {col!r} row {row + 1}: complex value {short_repr(column.iloc[row])}, expected "
+                        "a real number")  # fmt: skip
 
 
 def order_series(

@@ -467,9 +467,14 @@ def test_arrays_are_checked_like_tables(predictor, history):
     huge[2, 0] = 1e300  # became inf in the cast, reported as "inf" with a numpy warning
     with pytest.raises(DataError, match=r"value 1e\+300 at index \[2, 0\] is beyond float32 range"):
         predictor.predict(huge)
-    for bad in (x[0].astype(np.complex64), x[0].astype("timedelta64[s]")):
-        with pytest.raises(DataError, match=r"is not real numbers \(bool, integer or float\)"):
+    for bad in (x[0].astype(np.complex64), x[0].astype("timedelta64[s]"), x[0] > 0, x > 0):  # bool was read as 0/1
+        with pytest.raises(DataError, match=r"is not real numbers \(integer or float\)"):
             predictor.predict(bad)
+    with pytest.raises(DataError, match=r"array of bool is not real numbers"):
+        predictor.predict_windows(x > 0)
+    link = one_link(history).iloc[:20]  # a complex column lost its imaginary part (a numpy ComplexWarning only)
+    with pytest.raises(DataError, match=r"column 'rtt_ms' row 1: complex value \(.*\+1000j\), expected a real"):
+        predictor.predict(link.assign(rtt_ms=link.rtt_ms.round() + 1000j))
 
 
 def test_a_repeated_feature_column_is_refused(predictor, history):
