@@ -584,6 +584,7 @@ def forecast_table(
     of a past step); a link whose latest segment is shorter than a window is skipped with a warning. With
     ``rolling`` every window of every segment is forecast.
     """
+    df, series = _check_frame(predictor, df, series, time, path)
     w = predictor.window
     time_dtype = df[time].dtype  # read as seconds below; written back as it came
     df = predictor.ordered(df, series, time, path, duplicates, fill_missing)
@@ -623,6 +624,34 @@ def forecast_table(
     out[time] = as_dtype(out[time], time_dtype)
     values = pd.DataFrame(y.reshape(len(y), -1), columns=predictor.all_columns)  # [S, C]: forecasts, then bounds
     return pd.concat([out, values], axis=1)
+
+
+def _check_frame(
+    predictor: Predictor, df: pd.DataFrame, series: Sequence[str] | str, time: str, path: str | Path
+) -> tuple[pd.DataFrame, list[str]]:
+    """What :func:`forecast_table` reads from ``df``, refused in one line where it is not there (the API took any
+    frame: a missing column was a KeyError, an empty frame a ValueError, a repeated column an AttributeError). A
+    series given as one string is that one column (it was read per character); link id or time columns set as
+    the index are read as columns."""
+    if not isinstance(df, pd.DataFrame):
+        raise DataError(f"{path}: expected a pandas DataFrame, got {type(df).__name__}")
+    series = [series] if isinstance(series, str) else list(series)
+    if len(set(series)) != len(series) or time in series:
+        raise DataError(f"{path}: series columns {series} and time column {time!r}: a column may appear only once")
+    if isinstance(df.columns, pd.MultiIndex):
+        raise DataError(f"{path}: the columns have {df.columns.nlevels} levels; give one level of column names")
+    needed = list(dict.fromkeys([*series, time, *predictor.file_features]))
+    levels = [n for n in df.index.names if n in needed and n not in df.columns]
+    df = df.reset_index(level=levels) if levels else df
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column {missing[0]!r} (needs {needed})")
+    twice = [c for c in needed if list(df.columns).count(c) > 1]
+    if twice:
+        raise DataError(f"{path}: column {twice[0]!r} appears more than once; which one is meant?")
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    return df, series
 
 
 def as_dtype(seconds: pd.Series, dtype) -> pd.Series:

@@ -367,7 +367,7 @@ def check_numeric(
             as_seconds(df, col)
         else:
             _no_time_values(df[col], col, path)
-        values = pd.to_numeric(df[col], errors="coerce")
+        values = _to_numeric(df[col], col, path)
         bad = values.isna() & df[col].notna()
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
@@ -386,6 +386,23 @@ def check_numeric(
             raise DataError(f"{path}: column {col!r} row {hit[0][0] + 1}: {hit[1]}")
         if values.dtype != df[col].dtype:
             df[col] = values
+
+
+def _to_numeric(column: pd.Series, col: str, path: str | Path) -> pd.Series:
+    """``pd.to_numeric``, non-numbers as NaN; a Python int beyond float range (10**400 in an object column) is
+    named instead of raising an OverflowError traceback."""
+    try:
+        return pd.to_numeric(column, errors="coerce")
+    except OverflowError:
+        for i, v in enumerate(column):
+            try:
+                float(v)
+            except OverflowError:
+                what = f"value {short_repr(v)} is beyond float range"
+                raise DataError(f"{path}: column {col!r} row {i + 1}: {what}") from None
+            except (TypeError, ValueError):
+                continue
+        raise
 
 
 def _no_time_values(column: pd.Series, col: str, path: str | Path) -> None:

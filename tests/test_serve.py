@@ -17,7 +17,7 @@ import pytest
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.contract import CONTRACT_KEY, CONTRACT_KEYS, embed_contract, external_data_hashes, external_path
 from dwcp_lstm.errors import ConfigError, ModelFileError
-from dwcp_lstm.serve import Predictor, cmd_forecast, load_metadata
+from dwcp_lstm.serve import Predictor, cmd_forecast, forecast_table, load_metadata
 from dwcp_lstm.tables import DataError, sha256_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -574,6 +574,33 @@ def test_a_duration_or_date_feature_column_is_refused(predictor, smoke_run, two_
     link = one_link(df.sort_values("timestamp"))
     with pytest.raises(DataError, match=r"column 'rtt_ms' row 1: a duration \(timedelta\), expected a number"):
         predictor.predict(link.assign(rtt_ms=pd.to_timedelta(link.rtt_ms, unit="ms")))
+
+
+def test_forecast_table_refuses_frames_it_cannot_read(predictor, two_links):
+    """The Python API raised KeyError (a missing column), ValueError (an empty frame), AttributeError (a repeated
+    column), OverflowError (an int of 10**400) or read a series given as one string per character: each is one
+    DataError now; a string is that one column, and link id or time columns set as the index are read."""
+    df = pd.read_csv(two_links)
+    keys = ["node_id", "peer_id"]
+    want = forecast_table(predictor, df.copy(), keys, "timestamp", "api")
+    cases = [
+        (df, ["nope"], "timestamp", r"api: missing required column 'nope'"),
+        (df, keys, "nope", r"api: missing required column 'nope'"),
+        (df.iloc[:0], keys, "timestamp", r"api: no rows"),
+        (pd.concat([df, df[["rtt_ms"]]], axis=1), keys, "timestamp", r"column 'rtt_ms' appears more than once"),
+        (pd.concat({"a": df}, axis=1), keys, "timestamp", r"the columns have 2 levels"),
+        (df, ["timestamp"], "timestamp", r"a column may appear only once"),
+        (df.assign(retransmits=df.retransmits.map(lambda v: int(v) * 10**400)), keys, "timestamp",
+         r"column 'retransmits' row 1: value \d+\.\.\. is beyond float range"),
+    ]  # fmt: skip
+    for frame, series, time, message in cases:
+        with pytest.raises(DataError, match=message):
+            forecast_table(predictor, frame.copy(), series, time, "api")
+    one = df[df.peer_id == df.peer_id.iloc[0]]
+    got = forecast_table(predictor, one.drop(columns="peer_id"), "node_id", "timestamp", "api")
+    assert got["node_id"].tolist() == sorted(one.node_id.unique().tolist())
+    got = forecast_table(predictor, df.set_index("timestamp"), keys, "timestamp", "api")
+    pd.testing.assert_frame_equal(got, want)
 
 
 @pytest.fixture(scope="module")
