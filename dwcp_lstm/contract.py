@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from dwcp_lstm.errors import ConfigError, ModelFileError
+from dwcp_lstm.errors import ConfigError, ModelFileError, not_a_regular_file
 from dwcp_lstm.tables import DUPLICATE_POLICIES, atomic_write, check_clock, first_line, sha256_of, short_repr
 
 MODEL_NAME = "model.onnx"
@@ -69,8 +69,11 @@ def load_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"{path}: is a directory, expected the model_metadata.json file")
-    if not path.is_file():
+    problem = not_a_regular_file(path)
+    if problem == "file not found":
         raise ModelFileError(f"{path}: file not found (the metadata is written beside model.onnx at fit end)")
+    if problem:
+        raise ModelFileError(f"{path}: {problem}")
     try:
         meta = json.loads(path.read_bytes())
     except OSError as exc:

@@ -52,3 +52,25 @@ def check_seed(seed, flag: str) -> None:
     and torch's overflow came after training had started)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"{flag} must be an integer from 0 to 2**32 - 1, got {seed!r}")
+
+
+def not_a_regular_file(path) -> str | None:
+    """What is wrong with reading ``path`` as a file (None: nothing), checked before it is opened: a FIFO blocks the
+    reader or reads as "file is empty", /dev/zero never ends, and a /proc or /sys file (/proc/self/environ) states
+    a size of 0 though it holds bytes. Directories are left to the callers, whose messages say what they expect."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a pipe, device or socket)"
+    if st.st_size == 0 and str(os.path.realpath(path)).startswith(("/proc/", "/sys/")):
+        return "not a regular file (a /proc or /sys file, whose size reads 0)"
+    return None

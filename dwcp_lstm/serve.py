@@ -33,7 +33,7 @@ from dwcp_lstm.contract import (
     output_shape,
     parse_embedded,
 )
-from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named
+from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named, not_a_regular_file
 from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     DUPLICATE_POLICIES,
@@ -91,8 +91,9 @@ class Predictor:
                               f"{threads!r}")  # fmt: skip
         if self.model_path.is_dir():  # the constructor takes the file; forecast/plan --model also take a run folder
             raise ModelFileError(f"{self.model_path}: is a directory, expected the .onnx file")
-        if not self.model_path.is_file():
-            raise ModelFileError(f"{self.model_path}: file not found")
+        problem = not_a_regular_file(self.model_path)
+        if problem:
+            raise ModelFileError(f"{self.model_path}: {problem}")
         self.metadata = load_metadata(self.metadata_path)
         # Hash the very bytes the session is built from: no window for the file to change between check and load.
         try:
@@ -137,6 +138,7 @@ class Predictor:
         self.train_ranges = np.asarray(ranges, dtype=np.float64)  # [F, 2]; unbounded for an export without them
         self._limits = range_limits(self.train_ranges)  # [F, 2]
         opts = ort.SessionOptions()
+        opts.log_severity_level = 4  # fatal only: its [W:/E:onnxruntime] lines (coloured) came before our one line
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

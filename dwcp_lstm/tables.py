@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from pandas._libs.parsers import STR_NA_VALUES  # pandas' own list of missing-value words
 
-from dwcp_lstm.errors import ConfigError, DataError  # noqa: F401 (DataError re-exported: its old home)
+from dwcp_lstm.errors import ConfigError, DataError, not_a_regular_file  # noqa: F401 (DataError re-exported)
 
 log = logging.getLogger("dwcp_lstm")
 DUPLICATE_POLICIES = ("error", "first", "mean")
@@ -186,10 +186,11 @@ def read_table(
     :func:`add_clock`): a file column of the same name is refused, not silently replaced.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a .csv or .parquet file")
+    problem = not_a_regular_file(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     suffix = path.suffix.lower()
     if suffix not in (".csv", *PARQUET_SUFFIXES):
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}, expected .csv or .parquet")

@@ -306,6 +306,38 @@ def test_a_graph_output_with_other_rows_than_windows_is_refused(smoke_run, predi
     assert "model.onnx: graph output 'forecast' has 1 rows for " in err, err
 
 
+def test_onnxruntime_prints_nothing_before_the_error_line(smoke_run, two_links, tmp_path, capfd):
+    """A tampered graph made onnxruntime write a coloured [W:onnxruntime ...] line to stderr ahead of the one
+    ``error:`` line: its log is set to fatal only."""
+    run = copy_run(smoke_run, tmp_path / "run")
+    rewrite_model(run, append_to_output("forecast", "Unsqueeze", np.array([-1], np.int64)))  # [batch, 4, 1]
+    with pytest.raises(SystemExit):
+        cli_main(["forecast", "--model", str(run), "--input", str(two_links)])
+    err = [line for line in capfd.readouterr().err.splitlines() if not line.startswith("warning: ")]
+    assert len(err) == 1 and err[0].startswith("error: ") and "graph output 'forecast' is" in err[0], err
+
+
+def test_special_files_are_named_as_such(smoke_run, two_links, tmp_path, capsys):
+    """--input, --model or --metadata given a FIFO, /dev/zero or /proc/self/environ said "file is empty" or "file
+    not found" (a FIFO could also block the reader): each is refused as not a regular file, before it is opened."""
+    import os
+
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.csv"
+    zero.symlink_to("/dev/zero")
+    environ = tmp_path / "environ.csv"
+    environ.symlink_to("/proc/self/environ")
+    model = str(smoke_run / "model.onnx")
+    for path, what in ((fifo, "a pipe, device or socket"), (zero, "a pipe, device or socket"),
+                       (environ, "a /proc or /sys file")):  # fmt: skip
+        for args in (["--model", str(smoke_run), "--input", str(path)],
+                     ["--model", str(path), "--input", str(two_links)],
+                     ["--model", model, "--metadata", str(path), "--input", str(two_links)]):  # fmt: skip
+            err = run_cli_error(["forecast", *args], capsys)
+            assert err.startswith(f"error: {path}: not a regular file ({what}"), err
+
+
 def test_model_without_an_embedded_contract_is_refused(smoke_run, tmp_path):
     run = copy_run(smoke_run, tmp_path / "run")
     rewrite_model(run, lambda m: m.ClearField("metadata_props"))  # as exported before dwcp_lstm.onnx/2
