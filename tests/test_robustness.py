@@ -171,6 +171,13 @@ def test_fit_rejects_bad_input(tmp_path, capsys, case, spoil, flags, expected):
         ("extra-field-first-row", lambda d: _extra_field(d, line=2), "bad.csv: row 1 has more fields than the header"),
         # pandas ended the row at the CR: two half-empty rows, blamed on "column 'timestamp' row 41: NaN or empty"
         ("bare-cr-in-id", lambda d: _bare_cr(d, line=41), "bad.csv: line 41 holds a carriage return (CR) inside a"),
+        # read as seconds: an rtt_ms of 25 ms became 0.025, trained on silently
+        (
+            "duration-feature",
+            lambda d: _parquet(d, rtt_ms=lambda v: pd.to_timedelta(v, unit="ms")),
+            "bad.parquet: column 'rtt_ms' row 1: a duration (timedelta), expected a number",
+        ),
+        ("fifo", lambda d: _fifo(d / "fifo.csv"), "fifo.csv: not a regular file (a pipe, device or socket)"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -264,6 +271,20 @@ def _bare_cr(tmp: Path, line: int) -> Path:
     if line:
         lines[line - 1] = lines[line - 1].replace(",", "\r,", 1)
     path.write_bytes("".join(lines).replace("\n", "\n" if line else "\r").encode())
+    return path
+
+
+def _parquet(tmp: Path, **changes) -> Path:
+    df = base_frame()
+    path = tmp / "bad.parquet"
+    df.assign(**{c: f(df[c]) for c, f in changes.items()}).to_parquet(path, index=False)
+    return path
+
+
+def _fifo(path: Path) -> Path:
+    import os
+
+    os.mkfifo(path)
     return path
 
 
