@@ -195,6 +195,7 @@ def _lightning_cli_class():
             preflight.check_monitors(self.trainer, self.model)
             preflight.check_training_runs(self.trainer)
             preflight.check_callbacks(self.trainer)
+            preflight.check_prediction_writers(self.trainer)
             preflight.check_logger(self.trainer)
             preflight.check_val_interval(self.trainer, self.datamodule)
 
@@ -213,6 +214,7 @@ def _lightning_cli_class():
 
             preflight.check_fresh_run_dir(self.trainer, fitting=False)
             self._check_checkpoint(self.config_init[self.subcommand], None)
+            preflight.check_prediction_writers(self.trainer)
             if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):  # found by fuzzing
                 raise _data_error("predict keeps its forecasts in memory and writes none (it ran, exit 0, and "
                                   "left nothing): use python -m dwcp_lstm forecast --model RUN --input FILE --output "

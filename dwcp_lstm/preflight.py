@@ -362,6 +362,24 @@ def check_callbacks(trainer) -> None:
                               "model does not have: the learning rate is --model.optimizer.init_args.lr")  # fmt: skip
 
 
+def check_prediction_writers(trainer) -> None:
+    """A prediction writer must implement the method its ``write_interval`` calls: BasePredictionWriter itself (or a
+    subclass that overrides only the other one) raised NotImplementedError, a traceback, after predicting."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    methods = {"batch": ("write_on_batch_end",), "epoch": ("write_on_epoch_end",),
+               "batch_and_epoch": ("write_on_batch_end", "write_on_epoch_end")}  # fmt: skip
+    for cb in trainer.callbacks:
+        if not isinstance(cb, BasePredictionWriter):
+            continue
+        interval = getattr(getattr(cb, "interval", None), "value", "batch")
+        for name in methods.get(interval, ()):
+            if getattr(type(cb), name) is getattr(BasePredictionWriter, name):
+                raise ConfigError(f"--trainer.callbacks {type(cb).__name__} does not implement {name}, which its "
+                                  f"write_interval {interval!r} calls: give a writer that does (a subclass of "
+                                  "BasePredictionWriter), or use python -m dwcp_lstm forecast")  # fmt: skip
+
+
 def check_checkpoint_names(callbacks) -> None:
     """No two checkpoint callbacks write the same file: with ``--last_checkpoint.filename best`` the every-epoch copy
     overwrote the best one, and the report and the ONNX model came silently from the last epoch's weights."""

@@ -668,3 +668,11 @@ def test_predict_without_a_writer_is_refused(tmp_path, smoke_run, capsys):
     ckpt = smoke_run / "checkpoints" / "best.ckpt"
     err = run_cli(with_command("predict", fit_args(tmp_path, f"--ckpt_path={ckpt}")), capsys)
     assert "predict keeps its forecasts in memory and writes none" in err and "dwcp_lstm forecast" in err, err
+
+
+def test_an_abstract_prediction_writer_is_refused(tmp_path, smoke_run, capsys):
+    """BasePredictionWriter itself implements no write method: predict ran, then a NotImplementedError traceback."""
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    writer = "--trainer.callbacks+=lightning.pytorch.callbacks.BasePredictionWriter"
+    err = run_cli(with_command("predict", fit_args(tmp_path, f"--ckpt_path={ckpt}", writer)), capsys)
+    assert "BasePredictionWriter does not implement write_on_batch_end" in err, err
