@@ -419,6 +419,22 @@ def test_a_constant_target_is_refused_for_training_only(tmp_path):
         DwcpDataModule(data_path=path).setup("fit")
 
 
+def test_a_target_constant_in_float32_is_refused_like_a_constant_one(tmp_path):
+    """0.02 + 1e-12 noise is one value to the float32 model: it passed the exact comparison and trained, the scaler
+    dividing the noise by its own tiny spread (the report: packet_loss +30,855 % vs persistence)."""
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.tables import DataError
+
+    df = base_frame()
+    df["packet_loss"] = 0.02 + 1e-12 * np.random.default_rng(0).standard_normal(len(df))
+    path = tmp_path / "f32.csv"
+    df.to_csv(path, index=False, float_format="%.17g")
+    assert pd.read_csv(path)["packet_loss"].nunique() > 1
+    with pytest.raises(DataError, match=r"'packet_loss': target is constant on the training split \(all \d+ "
+                       r"training rows are 0.02 to float32 precision"):  # fmt: skip
+        DwcpDataModule(data_path=str(path)).setup("fit")
+
+
 @pytest.mark.parametrize(("policy", "rows"), [("first", 600), ("mean", 600)])
 def test_duplicate_policies(tmp_path, policy, rows):
     from dwcp_lstm.data import DwcpDataModule
