@@ -60,9 +60,9 @@ ORACLE_MC_CAP = 2_200_000  # rows x (steps - 1) of the h-step oracle's Monte Car
 
 def check_same_data(dm: DwcpDataModule, state: dict | None, what: str) -> None:
     """``dm`` reads the file whose sha256 ``state`` (a checkpoint's data-module state) records; older checkpoints
-    record none and pass."""
+    record none and pass. Only a regular file is hashed (a FIFO or /dev/zero never ends; its reader refuses it)."""
     saved = (state or {}).get("data_sha256")
-    if saved and dm.path.exists() and dm.data_sha256() != saved:
+    if saved and dm.path.is_file() and dm.data_sha256() != saved:
         raise DataError(f"{dm.path}: the file changed since {what} was trained on it (its bytes: sha256 "
                         f"{dm.data_sha256()[:12]} vs {saved[:12]}): its splits may not be the rows the run held out; "
                         "point data.data_path at the file the run was trained on")  # fmt: skip

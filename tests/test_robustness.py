@@ -764,6 +764,28 @@ def test_report_refuses_a_data_file_that_changed_since_training(tmp_path, smoke_
     cli_main(["export", "--run", str(run)])  # the same bytes elsewhere: accepted
 
 
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_a_run_config_naming_another_csv_is_refused_unread(tmp_path, smoke_run, capsys, command):
+    """A tampered config.yaml whose data_path named any CSV had that file parsed and its header echoed ("missing
+    required column 'node_id' (has: 'secret_col_A', ...)"). The checkpoint's sha256 is compared before parsing."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    other = tmp_path / "other.csv"
+    other.write_text("secret_col_A,secret_col_B\n1,2\n")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["data_path"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "other.csv: the file changed since the checkpoint" in err[0], err
+    assert "secret_col" not in err[0]
+
+
 def test_a_config_file_of_aliases_without_end_is_one_line(tmp_path, capsys):
     cfg = _touch(tmp_path / "bomb.yaml", BOMB)
     with pytest.raises(SystemExit) as exc:
