@@ -54,6 +54,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{p}: checkpoint not found")
         if p.is_dir():
             raise CheckpointError(f"{p}: is a directory, expected a .ckpt file")
+        if not p.is_file():  # /dev/zero, a FIFO: reading it never ends
+            raise CheckpointError(f"{p}: not a regular file (a device, pipe or socket), expected a .ckpt file")
+        try:
+            with open(p, "rb") as f:
+                head = f.read(2)
+        except OSError as exc:
+            raise CheckpointError(f"{p}: cannot read checkpoint ({exc.strerror or first_line(exc)})") from None
+        if head != b"PK":  # torch.save writes a zip; anything else went to the legacy unpickler (an IndexError)
+            raise CheckpointError(f"{p}: not a checkpoint (not a PyTorch zip file)")
     try:
         ckpt = lightning_load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -40,7 +40,7 @@ def find_checkpoint(run_dir: Path) -> Path:
     last_folder, last_name = _named(cfg, "last_checkpoint", "last", run_dir)
     last = last_folder / f"{last_name}.ckpt"
     if "{" not in name:
-        if (folder / f"{name}.ckpt").is_file():
+        if (folder / f"{name}.ckpt").exists():  # a directory or a device too: load_checkpoint says what it is
             return folder / f"{name}.ckpt"
         if last.is_file():  # every fit writes both: the best one was removed, and the last epoch is another model
             raise CheckpointError(
