@@ -93,21 +93,30 @@ class FolderCheckpoint(ModelCheckpoint):
             return False
         return Path(self.dirpath).resolve() in Path(name).resolve().parents
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _restored_names(self, state_dict: dict) -> tuple[bool, list[str], list[str]]:
+        """Whether the state is this folder's, the names Lightning would restore, and those outside the folder."""
         same = state_dict.get("dirpath", self.dirpath) == self.dirpath  # then Lightning restores every name
         names = [state_dict.get("best_model_path", "")]
         if same:
             names += [state_dict.get("kth_best_model_path", ""), state_dict.get("last_model_path", ""),
                       *(state_dict.get("best_k_models") or {})]  # fmt: skip
         names = ["" if n is None else n if isinstance(n, str) else repr(n) for n in names]  # a tensor: not a name
-        outside = [n for n in names if n and not self._inside(n)]
+        return same, names, [n for n in names if n and not self._inside(n)]
+
+    def check_state(self, state_dict: dict, ckpt_path: object) -> None:
+        """Refuse a saved state naming files outside the folder. ``before_fit`` calls it (with the folder the run
+        will use) before anything is written; :meth:`load_state_dict` again when Lightning restores it."""
+        same, _, outside = self._restored_names(state_dict)
         if same and outside:
             raise CheckpointError(
-                f"{getattr(getattr(self, '_trainer', None), 'ckpt_path', None) or 'the checkpoint'}: its "
-                f"ModelCheckpoint state names "
+                f"{ckpt_path or 'the checkpoint'}: its ModelCheckpoint state names "
                 f"{str(outside[0])[:200]!r}, outside the checkpoint folder {self.dirpath}: resuming would delete or "
                 "load that file; refusing the checkpoint"
             )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.check_state(state_dict, getattr(getattr(self, "_trainer", None), "ckpt_path", None))
+        same, names, outside = self._restored_names(state_dict)
         if same and any(n and not Path(n).is_file() for n in names):
             # the same folder name, but not these files: another run's checkpoint resumed in a fresh folder (its
             # relative name, ./lightning_logs/version_0/checkpoints, is every first run's). Its best score would

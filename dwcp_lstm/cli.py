@@ -195,6 +195,7 @@ def _lightning_cli_class():
             preflight.check_monitors(self.trainer, self.model)
             preflight.check_training_runs(self.trainer)
             preflight.check_callbacks(self.trainer)
+            preflight.check_prediction_writers(self.trainer)
             preflight.check_logger(self.trainer)
             preflight.check_val_interval(self.trainer, self.datamodule)
 
@@ -213,6 +214,7 @@ def _lightning_cli_class():
 
             preflight.check_fresh_run_dir(self.trainer, fitting=False)
             self._check_checkpoint(self.config_init[self.subcommand], None)
+            preflight.check_prediction_writers(self.trainer)
             if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):  # found by fuzzing
                 raise _data_error("predict keeps its forecasts in memory and writes none (it ran, exit 0, and "
                                   "left nothing): use python -m dwcp_lstm forecast --model RUN --input FILE --output "
@@ -242,6 +244,7 @@ def _lightning_cli_class():
             if logger is not None:
                 logger._version = int(run.name.split("_")[-1])  # artifacts land beside the checkpoint
             cfg.ckpt_path = str(runs[-1])
+            self._resumed_run = run
             print(f"Resuming {run} from {runs[-1]}")
             return run / "config.yaml" if (run / "config.yaml").is_file() else None
 
@@ -266,6 +269,7 @@ def _lightning_cli_class():
             if self.subcommand != "fit":
                 return
             preflight.check_resumable(ckpt, self.model, path)
+            self._check_restored_state(ckpt, path)
             # Resuming restores the model, optimizer, scheduler, loops and callbacks from the checkpoint: a changed
             # value would be written to config.yaml and report.json while the run kept the old one.
             if run_config is not None:
@@ -289,6 +293,30 @@ def _lightning_cli_class():
                     + " (start a new run to change them)"
                 )
 
+        def _check_restored_state(self, ckpt: dict, path) -> None:
+            """What Lightning would refuse only while restoring the checkpoint, after config.yaml and the logger's
+            event file were written into the run folder: checked here, before anything is written. The data file's
+            bytes (again after the data is read, for a file that prepare_data writes) and the checkpoint callbacks'
+            saved file names."""
+            from dwcp_lstm.data import check_same_data
+
+            self._resume_state = ckpt.get(type(self.datamodule).__qualname__)
+            check_same_data(self.datamodule, self._resume_state, "the checkpoint")
+            states = ckpt.get("callbacks") if isinstance(ckpt.get("callbacks"), dict) else {}
+            for cb in self.trainer.checkpoint_callbacks:
+                state = states.get(cb.state_key)
+                if not isinstance(cb, FolderCheckpoint) or not isinstance(state, dict):
+                    continue
+                # --ckpt_path last fixed the logger's version: the folder is the one setup() will resolve, exactly
+                if cb.dirpath is None and getattr(self, "_resumed_run", None) is not None:
+                    cb.dirpath = cb._ModelCheckpoint__resolve_ckpt_dir(self.trainer)
+                    try:
+                        cb.check_state(state, path)
+                    finally:
+                        cb.dirpath = None
+                elif cb.dirpath is not None:
+                    cb.check_state(state, path)
+
         def _check_data(self, stage: str) -> None:
             dm = self.datamodule
             dm.prepare_data()
@@ -297,6 +325,10 @@ def _lightning_cli_class():
                 from dwcp_lstm.evaluate import oracle_forecasts
 
                 preflight.check_splits(dm)
+                if getattr(self, "_resume_state", None) is not None:  # a file prepare_data generated just now
+                    from dwcp_lstm.data import check_same_data
+
+                    check_same_data(dm, self._resume_state, "the checkpoint")
                 oracle_forecasts(dm, dm.target_rows("test"))  # the report reads it: a broken sidecar fails now
             else:
                 split = "val" if stage == "validate" else "test"

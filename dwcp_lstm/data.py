@@ -60,9 +60,9 @@ ORACLE_MC_CAP = 2_200_000  # rows x (steps - 1) of the h-step oracle's Monte Car
 
 def check_same_data(dm: DwcpDataModule, state: dict | None, what: str) -> None:
     """``dm`` reads the file whose sha256 ``state`` (a checkpoint's data-module state) records; older checkpoints
-    record none and pass."""
+    record none and pass. Only a regular file is hashed (a FIFO or /dev/zero never ends; its reader refuses it)."""
     saved = (state or {}).get("data_sha256")
-    if saved and dm.path.exists() and dm.data_sha256() != saved:
+    if saved and dm.path.is_file() and dm.data_sha256() != saved:
         raise DataError(f"{dm.path}: the file changed since {what} was trained on it (its bytes: sha256 "
                         f"{dm.data_sha256()[:12]} vs {saved[:12]}): its splits may not be the rows the run held out; "
                         "point data.data_path at the file the run was trained on")  # fmt: skip
@@ -457,16 +457,20 @@ class DwcpDataModule(L.LightningDataModule):
             return  # no training rows at all: _split_windows has refused that already
         lo = np.min([self.raw_targets[a:b].min(axis=0) for a, b in ranges], axis=0)  # [T], per-range: no copy
         hi = np.max([self.raw_targets[a:b].max(axis=0) for a, b in ranges], axis=0)
-        constant = np.flatnonzero(lo == hi)
+        # compared as the model sees them, in float32: 0.02 + 1e-12 noise is one value there, and the scaler divided
+        # the noise by its own tiny spread (it trained, and the report said +30,855 % vs persistence)
+        constant = np.flatnonzero(lo.astype(np.float32) == hi.astype(np.float32))
         if len(constant):  # the first one named: one line, as every data error
             j, rows = int(constant[0]), sum(b - a for a, b in ranges)
+            within = "" if lo[j] == hi[j] else f" to float32 precision, spanning {hi[j] - lo[j]:.3g}"
             raise DataError(
                 f"{self.path}: column {self.targets[j]!r}: target is constant on the training split (all {rows} "
-                f"training rows are {lo[j]:g}): there is nothing to learn; drop it from --data.targets"
+                f"training rows are {lo[j]:g}{within}): there is nothing to learn; drop it from --data.targets"
             )
         self._warn_other_cadences()
         val = self.raw_targets[self.target_rows("val")] if len(self.starts["val"]) else None  # step 1's targets
-        for j in np.flatnonzero(val.min(axis=0) == val.max(axis=0)) if val is not None else []:
+        flat = val.min(axis=0).astype(np.float32) == val.max(axis=0).astype(np.float32) if val is not None else []
+        for j in np.flatnonzero(flat):
             # the intervals and the mix with ridge are fitted there: bounds about zero wide (test coverage 0.7 %)
             log.warning("%s: column %r is constant on the validation split (all %d validation targets are %g): its "
                         "prediction intervals and its mix with ridge are calibrated there and will not hold",

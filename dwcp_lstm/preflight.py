@@ -54,6 +54,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{p}: checkpoint not found")
         if p.is_dir():
             raise CheckpointError(f"{p}: is a directory, expected a .ckpt file")
+        if not p.is_file():  # /dev/zero, a FIFO: reading it never ends
+            raise CheckpointError(f"{p}: not a regular file (a device, pipe or socket), expected a .ckpt file")
+        try:
+            with open(p, "rb") as f:
+                head = f.read(2)
+        except OSError as exc:
+            raise CheckpointError(f"{p}: cannot read checkpoint ({exc.strerror or first_line(exc)})") from None
+        if head != b"PK":  # torch.save writes a zip; anything else went to the legacy unpickler (an IndexError)
+            raise CheckpointError(f"{p}: not a checkpoint (not a PyTorch zip file)")
     try:
         ckpt = lightning_load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -360,6 +369,24 @@ def check_callbacks(trainer) -> None:
         if isinstance(cb, LearningRateFinder):
             raise ConfigError("--trainer.callbacks LearningRateFinder sets a model's 'lr' hyperparameter, which this "
                               "model does not have: the learning rate is --model.optimizer.init_args.lr")  # fmt: skip
+
+
+def check_prediction_writers(trainer) -> None:
+    """A prediction writer must implement the method its ``write_interval`` calls: BasePredictionWriter itself (or a
+    subclass that overrides only the other one) raised NotImplementedError, a traceback, after predicting."""
+    from lightning.pytorch.callbacks import BasePredictionWriter
+
+    methods = {"batch": ("write_on_batch_end",), "epoch": ("write_on_epoch_end",),
+               "batch_and_epoch": ("write_on_batch_end", "write_on_epoch_end")}  # fmt: skip
+    for cb in trainer.callbacks:
+        if not isinstance(cb, BasePredictionWriter):
+            continue
+        interval = getattr(getattr(cb, "interval", None), "value", "batch")
+        for name in methods.get(interval, ()):
+            if getattr(type(cb), name) is getattr(BasePredictionWriter, name):
+                raise ConfigError(f"--trainer.callbacks {type(cb).__name__} does not implement {name}, which its "
+                                  f"write_interval {interval!r} calls: give a writer that does (a subclass of "
+                                  "BasePredictionWriter), or use python -m dwcp_lstm forecast")  # fmt: skip
 
 
 def check_checkpoint_names(callbacks) -> None:

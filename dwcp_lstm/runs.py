@@ -40,7 +40,7 @@ def find_checkpoint(run_dir: Path) -> Path:
     last_folder, last_name = _named(cfg, "last_checkpoint", "last", run_dir)
     last = last_folder / f"{last_name}.ckpt"
     if "{" not in name:
-        if (folder / f"{name}.ckpt").is_file():
+        if (folder / f"{name}.ckpt").exists():  # a directory or a device too: load_checkpoint says what it is
             return folder / f"{name}.ckpt"
         if last.is_file():  # every fit writes both: the best one was removed, and the last epoch is another model
             raise CheckpointError(
@@ -146,9 +146,12 @@ def load_run(run_dir: str | Path, stage: str = "test") -> tuple[DwcpForecaster, 
     dm = datamodule_from_config(config)
     contents = load_checkpoint(ckpt)  # weights only, like every checkpoint read here
     check_data_settings(contents, dm, config, ckpt)  # before any data is read or generated
+    state = contents.get(type(dm).__qualname__)
+    # the file's bytes, before it is parsed: a tampered data_path naming any CSV had its header echoed in a refusal
+    check_same_data(dm, state, f"the checkpoint {ckpt.name}")
     dm.prepare_data()
     dm.setup(stage)
-    check_same_data(dm, contents.get(type(dm).__qualname__), f"the checkpoint {ckpt.name}")  # the file's bytes
+    check_same_data(dm, state, f"the checkpoint {ckpt.name}")  # again: a file that prepare_data generated
     cfg = read_config(config)
     # before the module is built from them: a tampered window_size of 10**9 first allocated 36 GB
     check_run_hparams(contents.get("hyper_parameters") or {}, dm, cfg, config, ckpt)

@@ -118,7 +118,8 @@ CKPT_CASES = [
     ("missing", lambda run, d: d / "nope.ckpt", [], "nope.ckpt: checkpoint not found"),
     ("directory", lambda run, d: d, [], "is a directory"),
     ("truncated", lambda run, d: _truncate(run / "checkpoints" / "last.ckpt", d / "t.ckpt"), [], "or corrupt"),
-    ("text-file", lambda run, d: run / "config.yaml", [], "not a readable checkpoint"),
+    ("text-file", lambda run, d: run / "config.yaml", [], "config.yaml: not a checkpoint (not a PyTorch zip file)"),
+    ("device", lambda run, d: Path("/dev/zero"), [], "/dev/zero: not a regular file"),
     ("foreign-dict", lambda run, d: _save(d / "f.ckpt", {"w": torch.zeros(3)}), [], "not a Lightning checkpoint"),
     (
         "foreign-model",
@@ -668,3 +669,29 @@ def test_predict_without_a_writer_is_refused(tmp_path, smoke_run, capsys):
     ckpt = smoke_run / "checkpoints" / "best.ckpt"
     err = run_cli(with_command("predict", fit_args(tmp_path, f"--ckpt_path={ckpt}")), capsys)
     assert "predict keeps its forecasts in memory and writes none" in err and "dwcp_lstm forecast" in err, err
+
+
+def test_an_abstract_prediction_writer_is_refused(tmp_path, smoke_run, capsys):
+    """BasePredictionWriter itself implements no write method: predict ran, then a NotImplementedError traceback."""
+    ckpt = smoke_run / "checkpoints" / "best.ckpt"
+    writer = "--trainer.callbacks+=lightning.pytorch.callbacks.BasePredictionWriter"
+    err = run_cli(with_command("predict", fit_args(tmp_path, f"--ckpt_path={ckpt}", writer)), capsys)
+    assert "BasePredictionWriter does not implement write_on_batch_end" in err, err
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [("/etc/passwd", "best.ckpt: not a checkpoint (not a PyTorch zip file)"), ("/dev/zero", "not a regular file")],
+)
+def test_a_run_whose_best_checkpoint_is_not_a_checkpoint_says_so(tmp_path, smoke_run, capsys, target, expected):
+    """A best.ckpt linked to a text file said "cannot read checkpoint (IndexError: list index out of range)"; one
+    linked to /dev/zero said "the run's best checkpoint is missing"."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    best = run / "checkpoints" / "best.ckpt"
+    best.unlink()
+    best.symlink_to(target)
+    err = run_cli(["report", "--run", str(run)], capsys)
+    assert expected in err, err

@@ -101,9 +101,16 @@ def test_resume_last_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert "no " in (err := capsys.readouterr().err) and "version_<N>/checkpoints/last.ckpt to resume from" in err
 
 
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` and its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_resume_refuses_a_data_file_changed_in_place(tmp_path, small_csv, capsys):
     """The config still names the same file, but its rows changed: resuming would train on other splits than the
-    checkpoint's, silently. The checkpoint records the file's sha256."""
+    checkpoint's, silently. The checkpoint records the file's sha256. The refusal comes before anything is written:
+    it came while Lightning restored the checkpoint, after config.yaml was rewritten (max_epochs 2 -> 3, ckpt_path
+    null -> last) and the logger had added an event file."""
     import shutil
 
     import pandas as pd
@@ -113,10 +120,12 @@ def test_resume_refuses_a_data_file_changed_in_place(tmp_path, small_csv, capsys
     cli_main(fit_args(tmp_path, f"--data.data_path={data}", "--trainer.max_epochs=1"))
     df = pd.read_csv(data)
     df.groupby(["node_id", "peer_id"]).head(len(df) // 8).to_csv(data, index=False)  # rows cut: other splits
+    before = snapshot(run_dir_of(tmp_path))
     with pytest.raises(SystemExit) as exc:
         cli_main(fit_args(tmp_path, f"--data.data_path={data}", "--trainer.max_epochs=2", "--ckpt_path=last"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "d.csv: the file changed since the checkpoint" in err[0], err
+    assert snapshot(run_dir_of(tmp_path)) == before, "the refused resume wrote into the run folder"
 
 
 def test_a_tampered_checkpoint_cannot_delete_files_outside_its_folder(tmp_path, small_csv, capsys):
@@ -141,12 +150,14 @@ def test_a_tampered_checkpoint_cannot_delete_files_outside_its_folder(tmp_path, 
         state["best_model_path"] = escape
         state["best_k_models"] = {escape: torch.tensor(float("inf"))}
     torch.save(ckpt, last)
+    before = snapshot(run_dir_of(tmp_path))
     with pytest.raises(SystemExit) as exc:
         cli_main(fit_args(tmp_path, *args, "--trainer.max_epochs=2", "--ckpt_path=last"))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1, err
     assert "last.ckpt: its ModelCheckpoint state names" in err[0] and "outside the checkpoint folder" in err[0]
     assert victim.read_text() == "precious"
+    assert snapshot(run_dir_of(tmp_path)) == before, "the refused resume wrote into the run folder"
 
 
 def test_checkpoint_names_are_compared_resolved(tmp_path):

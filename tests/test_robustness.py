@@ -440,6 +440,22 @@ def test_a_constant_target_is_refused_for_training_only(tmp_path):
         DwcpDataModule(data_path=path).setup("fit")
 
 
+def test_a_target_constant_in_float32_is_refused_like_a_constant_one(tmp_path):
+    """0.02 + 1e-12 noise is one value to the float32 model: it passed the exact comparison and trained, the scaler
+    dividing the noise by its own tiny spread (the report: packet_loss +30,855 % vs persistence)."""
+    from dwcp_lstm.data import DwcpDataModule
+    from dwcp_lstm.tables import DataError
+
+    df = base_frame()
+    df["packet_loss"] = 0.02 + 1e-12 * np.random.default_rng(0).standard_normal(len(df))
+    path = tmp_path / "f32.csv"
+    df.to_csv(path, index=False, float_format="%.17g")
+    assert pd.read_csv(path)["packet_loss"].nunique() > 1
+    with pytest.raises(DataError, match=r"'packet_loss': target is constant on the training split \(all \d+ "
+                       r"training rows are 0.02 to float32 precision"):  # fmt: skip
+        DwcpDataModule(data_path=str(path)).setup("fit")
+
+
 @pytest.mark.parametrize(("policy", "rows"), [("first", 600), ("mean", 600)])
 def test_duplicate_policies(tmp_path, policy, rows):
     from dwcp_lstm.data import DwcpDataModule
@@ -767,6 +783,28 @@ def test_report_refuses_a_data_file_that_changed_since_training(tmp_path, smoke_
     cfg["data"]["data_path"] = str(moved)
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     cli_main(["export", "--run", str(run)])  # the same bytes elsewhere: accepted
+
+
+@pytest.mark.parametrize("command", ["report", "export"])
+def test_a_run_config_naming_another_csv_is_refused_unread(tmp_path, smoke_run, capsys, command):
+    """A tampered config.yaml whose data_path named any CSV had that file parsed and its header echoed ("missing
+    required column 'node_id' (has: 'secret_col_A', ...)"). The checkpoint's sha256 is compared before parsing."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    other = tmp_path / "other.csv"
+    other.write_text("secret_col_A,secret_col_B\n1,2\n")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["data_path"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exc:
+        cli_main([command, "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "other.csv: the file changed since the checkpoint" in err[0], err
+    assert "secret_col" not in err[0]
 
 
 def test_a_config_file_of_aliases_without_end_is_one_line(tmp_path, capsys):
