@@ -495,6 +495,8 @@ def cmd_generate(argv: list[str]) -> None:
         except ValueError as exc:  # the generator's own range checks (--samples)
             raise _data_error(str(exc)) from None
         return
+    if not a.oracle and any(arg == "--oracle-steps" or arg.startswith("--oracle-steps=") for arg in argv):
+        raise _data_error("--oracle-steps sets the steps of the oracle sidecar, which --oracle false does not write")
     if not 1 <= a.oracle_steps <= 288:  # the Monte Carlo's time grows with rows x steps; a day at 5 minutes is plenty
         raise _data_error(f"--oracle-steps must be from 1 to 288, got {a.oracle_steps}")
     if not 0 <= a.noise <= 0.1:  # beyond ~0.2 the noise drives throughput, RTT or jitter below zero: unreadable data

@@ -253,17 +253,20 @@ class DwcpForecaster(L.LightningModule):
                                cyclic=check_cyclic(cyclic, feature_names, target_names))  # fmt: skip
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
-        w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float32)
-        if w.shape != (n_t,) or (w < 0).any() or not torch.isfinite(w).all() or w.sum() <= 0:
-            raise ConfigError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, got {loss_weights}")
-        self.register_buffer("loss_weights", (w / w.mean()).repeat(horizon))  # the same weight at every step
+        w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float64)
+        ok = w.shape == (n_t,) and bool((w >= 0).all() and torch.isfinite(w).all() and w.sum() > 0)
+        w = (w / w.mean()).float() if ok else w  # normalised in float64: a float32 mean of 3e38s overflowed (all 0)
+        if not ok or not torch.isfinite(w).all() or not (w.sum() > 0):  # and of 1e-45s underflowed to 0 (NaN loss)
+            raise ConfigError(f"--model.loss_weights needs {n_t} finite numbers >= 0, not all 0, whose mean is a "
+                              f"float32 number, got {loss_weights}")  # fmt: skip
+        self.register_buffer("loss_weights", w.repeat(horizon))  # the same weight at every step
         if loss not in LOSSES:
             raise ConfigError(f"--model.loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not (huber_delta > 0 and math.isfinite(huber_delta)):
             raise ConfigError(f"--model.huber_delta must be > 0, got {huber_delta}")
         self.loss_name, self.huber_delta = loss, float(huber_delta)
         if target_mode not in ("delta", "level"):
-            raise ConfigError(f"--model.target_mode must be delta or level, got {target_mode!r}")
+            raise ConfigError(f"--data.target_mode must be delta or level, got {target_mode!r}")  # linked from data
         self.delta = target_mode == "delta"
         if self.delta and not set(target_names) <= set(feature_names):
             raise ConfigError("--data.target_mode delta needs every target among the features")

@@ -51,3 +51,16 @@ def test_loss_choice_matches_its_definition(loss):
     ref = {"mse": e**2, "l1": e, "huber": np.where(e <= 0.5, 0.5 * e**2, 0.5 * (e - 0.25))}[loss]
     got = m._elementwise_loss(torch.tensor(p), torch.tensor(y)).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [([3e38] * 4, [1.0] * 4), ([1.5e-45, 0, 0, 0], [4.0, 0, 0, 0]), ([1, 3, 0, 0], [1.0, 3.0, 0, 0])],
+)
+def test_loss_weights_are_normalised_without_overflow(given, expected):
+    """Loss weights are relative: normalised to mean 1 in float64. In float32 the mean of four 3e38s overflowed to
+    inf and every weight became 0 (nothing trained, exit 0), and that of 1.5e-45 underflowed to 0 (a NaN loss)."""
+    from dwcp_lstm.module import DwcpForecaster
+
+    m = DwcpForecaster(lstm_sizes=(4,), head_sizes=(), head_dropouts=(), loss_weights=given)
+    torch.testing.assert_close(m.loss_weights, torch.tensor(expected, dtype=torch.float32))

@@ -273,6 +273,7 @@ CONFIG_CASES = [
     ("negative-patience", ["--early_stopping.patience=-1"], "--early_stopping.patience must be an integer >= 0"),
     ("fraction-clip", ["--trainer.gradient_clip_val=-0.5"], "--trainer.gradient_clip_val must be a number >= 0"),
     ("zero-loss-weights", ["--model.loss_weights=[0,0,0,0]"], "--model.loss_weights needs 4 finite numbers"),
+    ("bad-target-mode", ["--data.target_mode=bogus"], "--data.target_mode must be delta or level, got 'bogus'"),
     # both used to fail only after the first training epoch
     ("no-validation", ["--trainer.limit_val_batches=0"], "--trainer.limit_val_batches 0 runs no validation, but"),
     ("checkpoint-dir-in-a-file", ["--checkpoint.dirpath=/dev/null/ckpt"], "/dev/null/ckpt: output folder is not"),

@@ -317,6 +317,8 @@ def _touch(path: Path, data: bytes) -> Path:
         (["bench", "--quick", "--skip-load", "--threads", "99999999999"], "--threads must be from 1 to 1024"),
         (["fit", "--threads", "100000"], "--threads must be from 1 to 1024, got 100000"),
         (["generate", "--output", "{tmp}/out.csv", "--links", "0"], "--links must be between 1"),
+        # the sidecar's steps were ignored, silently, without the sidecar
+        (["generate", "--output", "{tmp}/out.csv", "--oracle", "false", "--oracle-steps", "5"], "--oracle-steps sets"),
         (["report", "--run", "{tmp}/no_such_run"], "no_such_run: run directory not found"),
         (["report", "--run", "{tmp}"], "config.yaml: file not found"),
         # '' is the working directory: its model.onnx was read (or "model.onnx: file not found" named no flag)
