@@ -106,6 +106,12 @@ def check_compatible(ckpt: dict[str, Any], model: torch.nn.Module, path: str | P
             shape = tuple(theirs[k].shape) if isinstance(theirs[k], torch.Tensor) else type(theirs[k]).__name__
             msg = f"{path}: checkpoint's {k} has shape {shape}, this model's {tuple(v.shape)} (other sizes?)"
             raise CheckpointError(msg)
+    # a buffer, so loading restored the checkpoint's over the flag: `test --model.loss_weights ...` was dropped silently
+    if "loss_weights" in own and not torch.allclose(theirs["loss_weights"].float(), own["loss_weights"].float()):
+        n = len(getattr(model, "hparams", {}).get("target_names") or own["loss_weights"])  # per target, not step
+        t, o = ([round(x, 4) for x in w["loss_weights"].float().tolist()[:n]] for w in (theirs, own))
+        raise CheckpointError(f"{path}: checkpoint was trained with loss weights {t} (normalised), this config "
+                              f"gives {o}; its own would be used: give --model.loss_weights as trained")  # fmt: skip
 
 
 PROGRESS_KEYS = ("ready", "started", "processed", "completed")  # Lightning's loop progress counters

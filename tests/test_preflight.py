@@ -139,6 +139,12 @@ CKPT_CASES = [
         ["--data.features=[throughput_mbps,rtt_ms,packet_loss,jitter_ms]"],
         "checkpoint has feature_names=",
     ),
+    (  # a buffer: the checkpoint's was restored over the flag, which test and validate then dropped silently
+        "other-loss-weights",
+        lambda run, d: run / "checkpoints" / "best.ckpt",
+        ["--model.loss_weights=[100,1,1,1]"],
+        "checkpoint was trained with loss weights [1.0, 1.0, 1.0, 1.0] (normalised), this config gives [3.8835",
+    ),
 ]
 
 
