@@ -22,7 +22,7 @@ from lightning.fabric.utilities.cloud_io import _load as lightning_load
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import SaveConfigCallback
 
-from dwcp_lstm.errors import CheckpointError, ConfigError, DataError, check_seed
+from dwcp_lstm.errors import CheckpointError, ConfigError, DataError, check_seed, not_a_regular_file
 from dwcp_lstm.tables import atomic_path, atomic_write, first_line, probe_writable
 
 # Hyperparameters a checkpoint must share with the model it is loaded into (they fix the meaning of the weights).
@@ -54,8 +54,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{p}: checkpoint not found")
         if p.is_dir():
             raise CheckpointError(f"{p}: is a directory, expected a .ckpt file")
-        if not p.is_file():  # /dev/zero, a FIFO: reading it never ends
-            raise CheckpointError(f"{p}: not a regular file (a device, pipe or socket), expected a .ckpt file")
+        problem = not_a_regular_file(p)  # /dev/zero, a FIFO: reading it never ends
+        if problem:
+            raise CheckpointError(f"{p}: {problem}, expected a .ckpt file")
         try:
             with open(p, "rb") as f:
                 head = f.read(2)

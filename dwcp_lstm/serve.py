@@ -447,9 +447,7 @@ class Predictor:
             missing = [c for c in self.features if c not in history.columns]
             if missing:
                 raise DataError(f"{source}: missing required column {missing[0]!r} (the model needs {self.features})")
-            twice = [c for c in self.features if list(history.columns).count(c) > 1]
-            if twice:
-                raise DataError(f"{source}: column {twice[0]!r} appears more than once; which one is meant?")
+            check_once(history, self.features, source)
             self._check_one_link(history, source)
             frame = history[self.features].copy()  # check_numeric converts in place: never touch the caller's frame
         elif isinstance(history, np.ndarray):
@@ -474,9 +472,7 @@ class Predictor:
         time, keys = trained["time_column"], [*trained["columns"], trained["time_column"]]
         levels = [n for n in history.index.names if n in keys and n not in history.columns]
         frame = history.reset_index(level=levels) if levels else history
-        twice = [c for c in keys if list(frame.columns).count(c) > 1]
-        if twice:
-            raise DataError(f"{source}: column {twice[0]!r} appears more than once; which one is meant?")
+        check_once(frame, keys, source)
         ids = [c for c in trained["columns"] if c in frame.columns]
         n = len(frame[ids].drop_duplicates()) if ids else 1
         if n > 1:
@@ -533,6 +529,14 @@ class Predictor:
         df.attrs["units"] = {c: next(u for t, u in self.units.items() if c == t or c.startswith(t + "_"))
                              for c in self.all_columns}  # fmt: skip
         return df
+
+
+def check_once(frame: pd.DataFrame, names: Sequence[str], source: str | Path) -> None:
+    """Each of ``names`` is at most one column of ``frame``: a repeated name made ``frame[name]`` a frame, and the
+    reader took either copy (or raised an AttributeError)."""
+    twice = [c for c in names if list(frame.columns).count(c) > 1]
+    if twice:
+        raise DataError(f"{source}: column {twice[0]!r} appears more than once; which one is meant?")
 
 
 def range_limits(train_ranges: np.ndarray) -> np.ndarray:
@@ -648,9 +652,7 @@ def _check_frame(
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing required column {missing[0]!r} (needs {needed})")
-    twice = [c for c in needed if list(df.columns).count(c) > 1]
-    if twice:
-        raise DataError(f"{path}: column {twice[0]!r} appears more than once; which one is meant?")
+    check_once(df, needed, path)
     if df.empty:
         raise DataError(f"{path}: no rows")
     return df, series
