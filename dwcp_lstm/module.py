@@ -165,6 +165,10 @@ class DwcpForecaster(L.LightningModule):
         late_head_size: with ``body_steps`` below the horizon, the later steps also get a head of their own (one
             hidden layer of this width) on the LSTM's last output, detached so it does not train the body either:
             the later steps then read the state non-linearly. null = the output layer alone.
+        skip_frozen: with ``linear_skip``, the skip stays at ridge's solution (its weights are not trained, so the
+            network keeps exactly its own trainable parameters, 540,516 for the specified one): the LSTM learns the
+            residual of ridge, as delta mode makes it learn the residual of persistence. The default config's
+            choice; trained, the skip drifts from ridge with the LSTM.
         skip_cross: with ``linear_skip``, the skip also reads the products of each target's last value and window
             mean with the last row's cyclic sines and cosines (``data.cyclic``) and with themselves, and the size
             of every other input's last change, started at ridge like the rest of the skip (see
@@ -204,6 +208,7 @@ class DwcpForecaster(L.LightningModule):
         head_dropouts: tuple[float, ...] = (0.3, 0.21),
         linear_skip: bool = False,
         skip_cross: bool = False,
+        skip_frozen: bool = False,
         head_init: float = 0.0,
         body_steps: int | None = None,
         late_head_size: int | None = None,
@@ -246,11 +251,17 @@ class DwcpForecaster(L.LightningModule):
         cross = tuple(list(feature_names).index(t) for t in target_names) if skip_cross else ()
         if isinstance(head_init, bool) or not isinstance(head_init, int | float) or not 0 <= head_init < math.inf:
             raise ConfigError(f"--model.head_init must be a number >= 0, got {head_init!r}")
-        if head_init and not linear_skip:
-            raise ConfigError("--model.head_init scales the head's start beside the skip: it needs --model.linear_skip")
+        if (head_init or skip_frozen) and not linear_skip:  # the default config sets both: say how to turn them off
+            raise ConfigError(
+                f"--model.linear_skip false: --model.head_init {head_init:g} and --model.skip_frozen "
+                f"{str(skip_frozen).lower()} set the skip's start and it needs --model.linear_skip; for the network "
+                "alone also give --model.head_init 0 --model.skip_frozen false"
+            )
         self.net = StackedLSTM(len(feature_names), n_out, *sizes, linear_skip=linear_skip, window=window_size,
                                body_outputs=body, late_head_size=late_head_size, cross=cross, head_init=head_init,
                                cyclic=check_cyclic(cyclic, feature_names, target_names))  # fmt: skip
+        if skip_frozen:
+            self.net.skip.requires_grad_(False)  # ridge's solution, set in setup(), travels as a fixed weight
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         n_f, n_t = len(feature_names), len(target_names)
         w = torch.ones(n_t) if loss_weights is None else torch.as_tensor(loss_weights, dtype=torch.float64)
@@ -500,6 +511,8 @@ class DwcpForecaster(L.LightningModule):
             return [{"params": list(self.parameters())}]
         skip = list(self.net.skip.parameters())
         rest = [p for p in self.parameters() if all(p is not q for q in skip)]
+        if not self.net.skip.weight.requires_grad:  # skip_frozen
+            return [{"params": rest}]
         return [{"params": rest}, {"params": skip, "weight_decay": 0.0}]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -61,3 +61,37 @@ def test_weight_decay_spares_the_skip():
     assert torch.equal(module.net.skip.weight, skip)
     torch.testing.assert_close(module.net.lstms[0].weight_ih_l0, lstm * (1 - 0.1 * 0.5))
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+
+
+def test_a_frozen_skip_stays_at_ridge_while_the_network_trains(small_csv):
+    """``skip_frozen`` (the default config): the specified network keeps its 540,516 trainable parameters, the skip
+    is out of the optimizer, and training steps move the LSTM but leave the skip at ridge's solution."""
+
+    dm = DwcpDataModule(data_path=str(small_csv), batch_size=16)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = DwcpForecaster(linear_skip=True, skip_frozen=True, head_init=1.0)
+    assert count_parameters(module.net) == 540_516
+    module.set_scalers(dm.scalers)
+    module.init_skip_from_ridge(dm)
+    ridge = module.net.skip.weight.detach().clone()
+    optimizer = module.configure_optimizers()
+    assert all(p is not module.net.skip.weight for g in optimizer.param_groups for p in g["params"])
+    lstm = module.net.lstms[0].weight_ih_l0.detach().clone()
+    module.train()
+    for step, (x, y) in enumerate(dm.train_dataloader()):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        optimizer.step()
+        if step == 2:
+            break
+    assert torch.equal(module.net.skip.weight, ridge) and module.net.skip.weight.grad is None
+    assert not torch.equal(module.net.lstms[0].weight_ih_l0, lstm)
+
+
+def test_turning_the_skip_off_names_the_flags_that_go_with_it():
+    from dwcp_lstm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--model.head_init 0 --model.skip_frozen false"):
+        DwcpForecaster(linear_skip=False, skip_frozen=True, head_init=1.0)
+    assert DwcpForecaster(linear_skip=False, skip_frozen=False, head_init=0.0).net.skip is None

@@ -270,7 +270,13 @@ CONFIG_CASES = [
     ("body-beyond-horizon", ["--data.horizon=3", "--model.body_steps=4"], "--model.body_steps must be null or an"),
     ("late-head-unsplit", ["--data.horizon=3", "--model.late_head_size=8"], "--model.late_head_size must be null"),
     ("cyclic-target", ["--data.cyclic={rtt_ms: 10}"], "--data.cyclic: 'rtt_ms' is a target; only inputs can be"),
-    ("cross-without-skip", ["--model.skip_cross=true"], "--model.skip_cross needs --model.linear_skip true"),
+    (
+        "cross-without-skip",
+        ["--model.linear_skip=false", "--model.skip_frozen=false", "--model.head_init=0", "--model.skip_cross=true"],
+        "--model.skip_cross needs --model.linear_skip true",
+    ),
+    # the default config freezes the skip and starts the head at 1: turning the skip off alone names both flags
+    ("skip-off-alone", ["--model.linear_skip=false"], "for the network alone also give --model.head_init 0"),
     ("clock-not-a-feature", ["--data.clock={beat_s: 15}"], "--data.clock: 'beat_s' is not among the features"),
     ("negative-clip", ["--trainer.gradient_clip_val=-1"], "--trainer.gradient_clip_val must be a number >= 0"),
     ("nan-min-delta", ["--early_stopping.min_delta=.nan"], "--early_stopping.min_delta must be a finite number >="),
