@@ -251,6 +251,8 @@ class DwcpForecaster(L.LightningModule):
         cross = tuple(list(feature_names).index(t) for t in target_names) if skip_cross else ()
         if isinstance(head_init, bool) or not isinstance(head_init, int | float) or not 0 <= head_init < math.inf:
             raise ConfigError(f"--model.head_init must be a number >= 0, got {head_init!r}")
+        if not isinstance(skip_frozen, bool):  # a string such as "no" is truthy: it would freeze the skip
+            raise ConfigError(f"--model.skip_frozen must be true or false, got {skip_frozen!r}")
         if (head_init or skip_frozen) and not linear_skip:  # the default config sets both: say how to turn them off
             raise ConfigError(
                 f"--model.linear_skip false: --model.head_init {head_init:g} and --model.skip_frozen "

@@ -95,3 +95,5 @@ def test_turning_the_skip_off_names_the_flags_that_go_with_it():
     with pytest.raises(ConfigError, match="--model.head_init 0 --model.skip_frozen false"):
         DwcpForecaster(linear_skip=False, skip_frozen=True, head_init=1.0)
     assert DwcpForecaster(linear_skip=False, skip_frozen=False, head_init=0.0).net.skip is None
+    with pytest.raises(ConfigError, match="--model.skip_frozen must be true or false, got 'no'"):
+        DwcpForecaster(linear_skip=True, skip_frozen="no")
