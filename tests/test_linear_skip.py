@@ -97,3 +97,26 @@ def test_turning_the_skip_off_names_the_flags_that_go_with_it():
     assert DwcpForecaster(linear_skip=False, skip_frozen=False, head_init=0.0).net.skip is None
     with pytest.raises(ConfigError, match="--model.skip_frozen must be true or false, got 'no'"):
         DwcpForecaster(linear_skip=True, skip_frozen="no")
+
+
+@pytest.mark.parametrize("linear_skip", [False, True])
+@pytest.mark.parametrize("skip_frozen", [False, True])
+@pytest.mark.parametrize("head_init", [0.0, 0.5, 1.0])
+def test_skip_settings_without_the_skip_are_refused_and_with_it_taken(linear_skip, skip_frozen, head_init):
+    """Every combination: a skip setting (frozen, or a non-zero head start) without the skip is one refusal that
+    names how to turn it off; with the skip, the skip is frozen exactly when asked."""
+    from dwcp_lstm.errors import ConfigError
+
+    kwargs = dict(lstm_sizes=(8,), head_sizes=(4,), head_dropouts=(), linear_skip=linear_skip,
+                  skip_frozen=skip_frozen, head_init=head_init)  # fmt: skip
+    if not linear_skip and (skip_frozen or head_init):
+        with pytest.raises(ConfigError, match="--model.head_init 0 --model.skip_frozen false"):
+            DwcpForecaster(**kwargs)
+        return
+    module = DwcpForecaster(**kwargs)
+    if not linear_skip:
+        assert module.net.skip is None
+        return
+    assert module.net.skip.weight.requires_grad is (not skip_frozen)
+    trained = [p for g in module.param_groups() for p in g["params"]]
+    assert any(p is module.net.skip.weight for p in trained) is (not skip_frozen)
