@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError, DataError, ModelFileError, check_named, parse_flags
+from dwcp_lstm.intervals import scale_kinds
 from dwcp_lstm.tables import atomic_write, check_output_file, finite_or_null
 
 if TYPE_CHECKING:  # torch and lightning load only when a benchmark runs
@@ -167,7 +168,8 @@ def interval_scales(meta: dict) -> dict[str, str] | None:
     if beyond is None:
         return None
     names = [t["name"] for t in meta["targets"]]  # the contract's targets: {"name", "unit", ...}
-    return {t: "volatility" if a else "plain" for t, a in zip(names, beyond["adaptive"], strict=True)}
+    kinds = {"adaptive": "volatility", "fitted": "fitted spread", "plain": "plain"}
+    return {t: kinds[k] for t, k in zip(names, scale_kinds(beyond), strict=True)}
 
 
 def _cpu_name() -> str:

@@ -237,15 +237,24 @@ def check_beyond_horizon(beyond: Any, n_levels: int, horizon: int, n_targets: in
     steps = beyond.get("steps") if isinstance(beyond, dict) else None
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= horizon:
         raise ModelFileError(f"{path}: key '{key}.steps' must be an integer > the horizon {horizon}")
-    for name, shape in (("lo", (n_levels, steps - horizon, n_targets)), ("hi", (n_levels, steps - horizon, n_targets)),
-                        ("floor", (n_targets,)), ("adaptive", (n_targets,))):  # fmt: skip
+    shapes = [("lo", (n_levels, steps - horizon, n_targets)), ("hi", (n_levels, steps - horizon, n_targets)),
+              ("floor", (n_targets,)), ("adaptive", (n_targets,))]  # fmt: skip
+    if "fitted" in beyond:  # the fitted scale (intervals.fit_spread); absent in metadata written before it
+        shapes += [("fitted", (n_targets,)), ("spread", (1 + 3 * n_targets, n_targets)),
+                   ("spread_floor", (3, n_targets))]  # fmt: skip
+    for name, shape in shapes:
+        flags = name in ("adaptive", "fitted")
         try:
-            arr = np.asarray(beyond.get(name), dtype=bool if name == "adaptive" else np.float64)
-            ok = arr.shape == shape and (name == "adaptive" or np.isfinite(arr).all())
+            arr = np.asarray(beyond.get(name), dtype=object if flags else np.float64)
+            ok = arr.shape == shape and (
+                all(isinstance(v, bool) for v in arr.ravel()) if flags else bool(np.isfinite(arr).all())
+            )
+            ok = ok and (name != "spread_floor" or bool((arr > 0).all()))
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ModelFileError(f"{path}: key '{key}.{name}' must be finite numbers of shape {list(shape)}")
+            what = "true/false values" if flags else "finite numbers" + (" > 0" if name == "spread_floor" else "")
+            raise ModelFileError(f"{path}: key '{key}.{name}' must be {what} of shape {list(shape)}")
 
 
 # -- the contract --------------------------------------------------------------------------------------------------

@@ -477,7 +477,8 @@ def interval_report(
         baselines[name] = judged(bb["lower"], bb["upper"], tp[tm], tm)
 
     grid = [v for v in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if I.windows_needed([v]) <= len(val["y"])]
-    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive, ranges)
+    fitted = cal.fitted if cal.fitted is not None else False
+    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive, ranges, fitted)
     rb = I.intervals(rcal, pred, hist, ranges)
     reliability = I.interval_scores(rb["lower"], rb["upper"], y, grid)["coverage"].mean(axis=1)  # [G, T]
 
@@ -819,8 +820,8 @@ def markdown(report: dict, targets: list[str]) -> str:
         cal = iv["calibration"]
         lines += ["", f"## Prediction intervals (split conformal, {cal['windows']} validation windows)", "",
                   "Pooled over steps; persistence and ridge get conformal intervals built the same way. Scale per "
-                  "target: " + ", ".join(f"{t} {'adaptive' if a else 'plain'}"
-                                         for t, a in zip(targets, cal["adaptive"], strict=True)) + ".", "",
+                  "target: " + ", ".join(f"{t} {k}" for t, k in zip(targets, I.scale_kinds(cal), strict=True))
+                  + ".", "",
                   f"*online*: the same bounds recalibrated from realised errors as the test split unrolls (rate "
                   f"{iv['online_rate']:g}, each outcome used once it is known; every interval recalibrated alike).", "",
                   "| target | level | bounds | coverage | width | Winkler | persistence Winkler | ridge Winkler | "

@@ -7,10 +7,13 @@ equal tails, ``q_lo`` the ``floor((n + 1) alpha / 2)``-th smallest score and ``q
 (Vovk et al. 2005; Lei et al., JASA 2018). Asymmetric bounds follow skewed targets (loss and jitter cannot go far
 below zero).
 
-Two scales are tried: 1 (plain split conformal) and, *locally adaptive*, the standard deviation of the target's
+Three scales are tried: 1 (plain split conformal); *locally adaptive*, the standard deviation of the target's
 one-step changes inside the window itself (floored at 5 % of its median), so that a volatile window gets a wider
-interval. The one with the lower interval (Winkler) score when calibrated on the earlier half of each link's
-validation windows and judged on the later half is used, then calibrated on all of them. A transfer sees the
+interval; and *fitted*, a spread model: ``exp`` of a linear map of the log volatility, log mean level and log last
+value of every target's window, least squares on the log of the calibration windows' mean absolute residual (locally
+weighted split conformal, Lei et al., JASA 2018, section 5.2). The one with the lowest interval (Winkler) score when
+calibrated on the earlier half of each link's validation windows and judged on the later half is used, then
+calibrated on all of them. A transfer sees the
 *average* throughput over its duration, and the bound of an average is not the average of per-step bounds: the mean
 over the first k steps (k = 1..H) is calibrated the same way, on its own residuals.
 """
@@ -26,6 +29,8 @@ import numpy as np
 from dwcp_lstm.errors import ConfigError, DataError
 
 DEFAULT_LEVELS = (0.8, 0.95)
+SCALES = ("plain", "adaptive", "fitted")  # the candidates of :func:`choose`, simplest first
+SPREAD_FLOOR = 0.05  # a window summary is floored at this share of its calibration mean before its log
 TAIL_FACTOR = 8  # beyond the horizon, the mean over up to 8 x H steps is calibrated (for plans that outlast it)
 BOUND_NAMES = ("lower", "upper", "mean_lower", "mean_upper")  # the graph's interval outputs (mean_* for H > 1)
 
@@ -75,14 +80,32 @@ class Calibration:
     # mean over the H steps held (None: not calibrated). Not in the graph: the planner applies them.
     tail_lo: np.ndarray | None = None
     tail_hi: np.ndarray | None = None
+    # The fitted scale (:func:`fit_spread`): which targets use it [T] bool, its coefficients [1 + 3 T, T] and the
+    # floors of the window summaries it reads [3, T] (None: no target fitted)
+    fitted: np.ndarray | None = None
+    spread: np.ndarray | None = None
+    spread_floor: np.ndarray | None = None
+
+    def scale(self, hist: np.ndarray) -> np.ndarray:
+        """[N, W, T] raw target history -> [N, 1, T]: each window's scale of each target's residuals."""
+        return window_scale(hist, self.adaptive, self.floor, self.fitted, self.spread, self.spread_floor)
+
+    def scale_dict(self) -> dict:
+        """How the scale is computed, as the metadata records it (:func:`window_scale`)."""
+        out = {"adaptive": [bool(a) for a in self.adaptive], "floor": [float(v) for v in self.floor]}
+        if self.fitted is not None and self.fitted.any():
+            out |= {"fitted": [bool(f) for f in self.fitted], "spread": self.spread.tolist(),
+                    "spread_floor": self.spread_floor.tolist()}  # fmt: skip
+        return out
 
     def to_dict(self) -> dict:
         return {
             "levels": list(self.levels),
-            "adaptive": self.adaptive.tolist(),
-            "scale": "adaptive: std of the window's one-step changes (floored at floor); else 1",
+            "scale": "fitted: exp(spread^T [1, log max(s, spread_floor) for s in the volatility, |mean| and "
+            "|last value| of every target's window]); else adaptive: std of the window's one-step changes (floored "
+            "at floor); else 1",
             "windows": self.windows,
-            "floor": self.floor.tolist(),
+            **self.scale_dict(),
             "lo": self.lo.tolist(),
             "hi": self.hi.tolist(),
             "mean_lo": self.mean_lo.tolist(),
@@ -96,8 +119,7 @@ class Calibration:
             return None
         return {
             "steps": int(self.lo.shape[1] + self.tail_lo.shape[1]),
-            "adaptive": [bool(a) for a in self.adaptive],
-            "floor": [float(v) for v in self.floor],
+            **self.scale_dict(),
             "lo": self.tail_lo.tolist(),
             "hi": self.tail_hi.tolist(),
         }
@@ -108,9 +130,48 @@ def volatility(hist: np.ndarray) -> np.ndarray:
     return np.diff(hist, axis=1).std(axis=1)
 
 
-def _scale(hist: np.ndarray, adaptive: np.ndarray, floor: np.ndarray) -> np.ndarray:
-    """[N, 1, T] scale of each window's residuals: its volatility for adaptive targets, 1 for the others."""
-    return np.where(adaptive, np.maximum(volatility(hist), floor), 1.0)[:, None, :]
+def scale_kinds(recorded: dict) -> list[str]:
+    """Per target, the scale a recorded calibration (``Calibration.scale_dict``, the metadata) uses: ``fitted``,
+    ``adaptive`` (the window's volatility) or ``plain``."""
+    fitted = recorded.get("fitted") or [False] * len(recorded["adaptive"])
+    return ["fitted" if f else "adaptive" if a else "plain" for a, f in zip(recorded["adaptive"], fitted, strict=True)]
+
+
+def summaries(hist: np.ndarray) -> np.ndarray:
+    """[N, W, T] raw target history -> [N, 3, T]: each target's volatility, |mean| and |last value| in the window."""
+    return np.stack([volatility(hist), np.abs(hist.mean(axis=1)), np.abs(hist[:, -1])], axis=1)
+
+
+def spread_features(hist: np.ndarray, spread_floor: np.ndarray) -> np.ndarray:
+    """[N, W, T] -> [N, 1 + 3 T]: 1 and the log of every target's window summaries, each floored at
+    ``spread_floor`` [3, T] (a flat or idle window has a volatility or level of 0, whose log is -inf)."""
+    logs = np.log(np.maximum(summaries(hist), spread_floor)).reshape(len(hist), -1)
+    return np.concatenate([np.ones((len(hist), 1)), logs], axis=1)
+
+
+def fit_spread(pred: np.ndarray, y: np.ndarray, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fitted scale's coefficients [1 + 3 T, T] and summary floors [3, T] from calibration windows (``pred``,
+    ``y`` [n, H, T], ``hist`` [n, W, T]): per target, least squares of log(mean over steps of |residual| + 5 % of
+    its mean) on :func:`spread_features`. One scale per window for every step, as the other two scales, so that the
+    mean over k steps and the tail beyond the horizon scale alike. The floors are 5 % of each summary's mean."""
+    spread_floor = np.maximum(SPREAD_FLOOR * summaries(hist).mean(axis=0), 1e-12)  # [3, T]
+    x = spread_features(hist, spread_floor)
+    r = np.abs(y - pred).mean(axis=1)  # [n, T]
+    target = np.log(r + SPREAD_FLOOR * r.mean(axis=0) + 1e-300)
+    coef = np.linalg.solve(x.T @ x + 1e-6 * len(x) * np.eye(x.shape[1]), x.T @ target)  # a whisker of ridge
+    return coef, spread_floor
+
+
+def window_scale(
+    hist: np.ndarray, adaptive: np.ndarray, floor: np.ndarray, fitted: np.ndarray | None = None,
+    spread: np.ndarray | None = None, spread_floor: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
+    """[N, 1, T] scale of each window's residuals: the fitted spread for fitted targets, the volatility for
+    adaptive ones, 1 for the others."""
+    scale = np.where(adaptive, np.maximum(volatility(hist), floor), 1.0)
+    if fitted is not None and np.any(fitted):
+        scale = np.where(fitted, np.exp(spread_features(hist, spread_floor) @ spread), scale)
+    return scale[:, None, :]
 
 
 def _edge_scores(r: np.ndarray, y: np.ndarray, ranges: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -170,19 +231,29 @@ def _running_mean(a: np.ndarray) -> np.ndarray:
 
 
 def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float],
-              adaptive: np.ndarray | bool, ranges: np.ndarray | None = None) -> Calibration:  # fmt: skip
+              adaptive: np.ndarray | bool, ranges: np.ndarray | None = None,
+              fitted: np.ndarray | bool = False) -> Calibration:  # fmt: skip
     """Calibrate on windows with forecasts ``pred`` and actuals ``y`` [n, H, T] and target history ``hist``
-    [n, W, T]; ``adaptive`` per target [T] (or one flag for all); ``ranges`` [2, T]: the physical ranges the bounds
-    will be clipped into (:func:`_edge_scores`)."""
+    [n, W, T]; ``adaptive`` and ``fitted`` per target [T] (or one flag for all; fitted wins); ``ranges`` [2, T]:
+    the physical ranges the bounds will be clipped into (:func:`_edge_scores`).
+
+    The fitted scale is fitted on the same windows its quantiles are then read from: 1 + 3 T coefficients per
+    target against thousands of windows, so the optimism this leaves is small; a check calibrated on one half of
+    the windows and judged on the other is :func:`choose`'s."""
     levels = check_levels(levels)
-    adaptive = np.broadcast_to(np.asarray(adaptive, dtype=bool), (y.shape[2],)).copy()
+    n_targets = y.shape[2]
+    adaptive = np.broadcast_to(np.asarray(adaptive, dtype=bool), (n_targets,)).copy()
+    fitted = np.broadcast_to(np.asarray(fitted, dtype=bool), (n_targets,)).copy()
     vol = volatility(hist)
     floor = np.maximum(0.05 * np.median(vol, axis=0), 1e-12)  # [T]
-    scale = _scale(hist, adaptive, floor)
+    spread, spread_floor = fit_spread(pred, y, hist) if fitted.any() else (None, None)
+    cal = Calibration(levels, adaptive & ~fitted, *([None] * 4), floor, len(y), fitted=fitted if fitted.any() else None,
+                      spread=spread, spread_floor=spread_floor)  # fmt: skip
+    scale = cal.scale(hist)
     lo, hi = _quantiles(*_edge_scores((y - pred) / scale, y, ranges), levels=levels)
     mean_y = _running_mean(y)
     mean_lo, mean_hi = _quantiles(*_edge_scores((mean_y - _running_mean(pred)) / scale, mean_y, ranges), levels=levels)
-    return Calibration(levels, adaptive, lo, hi, mean_lo, mean_hi, floor, len(y))
+    return replace(cal, lo=lo, hi=hi, mean_lo=mean_lo, mean_hi=mean_hi)
 
 
 def calibrate_tail(
@@ -194,7 +265,7 @@ def calibrate_tail(
     forecast then gets a measured bound instead of an assumed one. Spans with fewer complete windows than the
     widest level needs end the extension."""
     h = pred.shape[1]
-    scale = _scale(hist, cal.adaptive, cal.floor)[:, 0, :]  # [n, T]
+    scale = cal.scale(hist)[:, 0, :]  # [n, T]
     held = pred.mean(axis=1)  # [n, T]
     running = np.cumsum(y_long, axis=1) / np.arange(1, y_long.shape[1] + 1)[None, :, None]  # NaN past the split
     lo, hi = [], []
@@ -219,7 +290,7 @@ def intervals(
     a tail calibration also ``tail_lower``/``tail_upper`` [N, L, K - H, T] for the mean over k = H + 1 .. K steps.
     ``ranges`` [2, T] (``tables.target_ranges``) clips every bound into the targets' physical ranges, as the graph
     does: coverage of values inside the range is unchanged, widths only shrink."""
-    scale = _scale(hist, cal.adaptive, cal.floor)[:, None]  # [N, 1, 1, T]
+    scale = cal.scale(hist)[:, None]  # [N, 1, 1, T]
     mean = _running_mean(pred)
     tail = {}
     if cal.tail_lo is not None:  # [N, L, K - H, T]: the mean over k > H steps, around the held forecast mean
@@ -269,27 +340,28 @@ def choose(
     pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequence[float], allow_adaptive: bool = True,
     groups: np.ndarray | None = None, ranges: np.ndarray | None = None,
 ) -> tuple[Calibration, dict | None]:  # fmt: skip
-    """Per target, plain or locally adaptive, by the mean Winkler score (over levels and steps) of a calibration
-    on the earlier half of each group's windows (``groups``: the series or segment of each window; None: one) judged
-    on the later half, then calibrated on all of them. Returns the calibration and the scores of both choices per
-    target (None when a half is too small to calibrate: plain then). ``allow_adaptive=False`` keeps every target
-    plain (a model whose targets are not among its inputs cannot compute the window's volatility in its graph).
+    """Per target, plain, locally adaptive or fitted (:data:`SCALES`), by the mean Winkler score (over levels and
+    steps) of a calibration on the earlier half of each group's windows (``groups``: the series or segment of each
+    window; None: one) judged on the later half, then calibrated on all of them. Returns the calibration and the
+    scores of every choice per target (None when a half is too small to calibrate: plain then).
+    ``allow_adaptive=False`` keeps every target plain (a model whose targets are not among its inputs cannot compute
+    the window's summaries in its graph).
     ``ranges``: the targets' physical ranges, which clip the bounds being judged (see :func:`intervals`).
 
     Chronological, not interleaved, because that is how the calibration is used: fitted on validation, it meets the
     test split, which comes after it. Neighbouring windows overlap, so an even/odd split judges a scale on nearly
-    the windows it was fitted on; a later stretch is a different stretch of hours and load (on the 12-step default
-    run it picked the window's volatility for every target, where even/odd kept RTT and jitter plain: test coverage
-    then within 2 points of nominal for all four; docs/method.md)."""
+    the windows it was fitted on; a later stretch is a different stretch of hours and load (between plain and
+    the volatility, on the 12-step default run it picked the volatility for every target, where even/odd kept RTT
+    and jitter plain; docs/method.md)."""
     levels = check_levels(levels)
     earlier = earlier_half(np.zeros(len(y)) if groups is None else groups)
     need = windows_needed(levels)
     if not allow_adaptive or earlier.sum() < need or (~earlier).sum() < need:
         return calibrate(pred, y, hist, levels, False, ranges), None
     score = {}
-    for name, adaptive in (("plain", False), ("adaptive", True)):
-        cal = calibrate(pred[earlier], y[earlier], hist[earlier], levels, adaptive, ranges)
+    for name in SCALES:
+        cal = calibrate(pred[earlier], y[earlier], hist[earlier], levels, name == "adaptive", ranges, name == "fitted")
         b = intervals(cal, pred[~earlier], hist[~earlier], ranges)
         score[name] = interval_scores(b["lower"], b["upper"], y[~earlier], levels)["winkler"].mean(axis=(0, 1)).tolist()
-    adaptive = np.asarray(score["adaptive"]) < np.asarray(score["plain"])
-    return calibrate(pred, y, hist, levels, adaptive, ranges), score
+    best = np.argmin([score[name] for name in SCALES], axis=0)  # [T]; ties go to the simpler scale
+    return calibrate(pred, y, hist, levels, best == 1, ranges, best == 2), score

@@ -77,15 +77,17 @@ class IntervalForecaster(nn.Module):
     """:class:`RawForecaster` plus calibrated prediction intervals, in one graph: raw windows [B, W, F] in;
     ``forecast`` [B, (H,) T], ``lower`` / ``upper`` [B, L, (H,) T] per level and step, and for H > 1 ``mean_lower``
     / ``mean_upper`` [B, L, H, T] for the mean over the first k steps (the H axis is k - 1). The scale of a target's
-    interval is 1, or for adaptive targets the standard deviation of its one-step changes inside the window (floored),
-    computed in the graph from the raw input, exactly as :mod:`dwcp_lstm.intervals` does in numpy.
+    interval is 1, for adaptive targets the standard deviation of its one-step changes inside the window (floored),
+    for fitted ones the exp of a linear map of the log window summaries of every target, computed in the graph from
+    the raw input, exactly as :mod:`dwcp_lstm.intervals` does in numpy.
     """
 
     def __init__(self, raw: RawForecaster, calibration, target_index: list[int] | None) -> None:
         super().__init__()
         self.raw, self.horizon = raw, raw.horizon
         adaptive = np.asarray(calibration.adaptive, dtype=bool)
-        if adaptive.any() and target_index is None:
+        fitted = np.zeros_like(adaptive) if calibration.fitted is None else np.asarray(calibration.fitted, dtype=bool)
+        if (adaptive.any() or fitted.any()) and target_index is None:
             raise ConfigError("adaptive intervals need every target among the features (delta mode)")
         self.target_index = list(target_index) if target_index is not None else []
         self.levels = len(calibration.levels)
@@ -100,7 +102,15 @@ class IntervalForecaster(nn.Module):
         self.register_buffer("floor", torch.as_tensor(np.asarray(calibration.floor), dtype=torch.float32))
         self.register_buffer("adaptive", torch.as_tensor(adaptive))
         self.register_buffer("one", torch.ones(len(adaptive)))
-        self.any_adaptive = bool(adaptive.any())  # a plain calibration adds no scale to the graph at all
+        self.any_adaptive = bool(adaptive.any() or fitted.any())  # a plain calibration adds no scale to the graph
+        self.any_fitted = bool(fitted.any())
+        if self.any_fitted:  # exp(log summaries [B, 3 T] @ weight [3 T, T] + bias [T]), see intervals.fit_spread
+            spread = np.asarray(calibration.spread, dtype=np.float64)
+            self.register_buffer("fitted", torch.as_tensor(fitted))
+            self.register_buffer("spread_bias", torch.as_tensor(spread[0], dtype=torch.float32))
+            self.register_buffer("spread_weight", torch.as_tensor(spread[1:], dtype=torch.float32))
+            floor = np.asarray(calibration.spread_floor, dtype=np.float64)[None]  # [1, 3, T]
+            self.register_buffer("spread_floor", torch.as_tensor(floor, dtype=torch.float32))
         self.register_buffer("steps", torch.arange(1, self.horizon + 1, dtype=torch.float32).view(1, -1, 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -111,6 +121,11 @@ class IntervalForecaster(nn.Module):
             target = x[:, :, self.target_index]  # [B, W, T]
             vol = (target[:, 1:] - target[:, :-1]).std(dim=1, unbiased=False, keepdim=True)  # [B, 1, T]
             scale = torch.where(self.adaptive, torch.maximum(vol, self.floor), self.one)
+            if self.any_fitted:
+                level = torch.cat([vol, target.mean(dim=1, keepdim=True).abs(), target[:, -1:].abs()], dim=1)
+                logs = torch.log(torch.maximum(level, self.spread_floor)).flatten(1)  # [B, 3 T]: as numpy orders it
+                spread = torch.exp(logs @ self.spread_weight + self.spread_bias).unsqueeze(1)  # [B, 1, T]
+                scale = torch.where(self.fitted, spread, scale)
             scale = scale if self.horizon == 1 else scale.unsqueeze(1)  # [B, 1, (1,) T]
         bounds = clip(f[:, None] + (self.q if scale is None else scale * self.q))  # [B, 2L, (H,) T]: lower, upper
         lower, upper = bounds.split(n, dim=1)

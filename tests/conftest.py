@@ -25,6 +25,22 @@ REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
+def scale_by_hand(hist, recorded: dict, j: int):
+    """Target ``j``'s interval scale for raw windows ``hist`` [N, W, T], from a calibration as the metadata records
+    it, written out here apart from ``dwcp_lstm.intervals``: exp(bias + coefficients x the log of every target's
+    floored volatility, |mean| and |last value|) if fitted, the floored volatility if adaptive, else 1."""
+    import numpy as np
+
+    hist = np.asarray(hist, dtype=np.float64)
+    vol = np.diff(hist, axis=1).std(axis=1)  # [N, T]
+    if (recorded.get("fitted") or [False] * hist.shape[2])[j]:
+        floor, coef = np.asarray(recorded["spread_floor"]), np.asarray(recorded["spread"])
+        parts = (vol, np.abs(hist.mean(axis=1)), np.abs(hist[:, -1]))
+        logs = np.concatenate([np.log(np.maximum(v, f)) for v, f in zip(parts, floor, strict=True)], axis=1)
+        return np.exp(coef[0, j] + logs @ coef[1:, j])
+    return np.maximum(vol[:, j], recorded["floor"][j]) if recorded["adaptive"][j] else np.ones(len(hist))
+
+
 def fit_args(tmp: Path, *extra: str) -> list[str]:
     """CPU-safe overrides of the smoke config that keep every artifact inside ``tmp``."""
     return [

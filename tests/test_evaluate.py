@@ -119,13 +119,13 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
             assert 0.0 <= v["coverage"] <= 1.0 and v["width"] > 0 and v["winkler"] >= v["width"]
             assert len(v["coverage_per_step"]) == dm.horizon and v["worst_link_coverage"] <= v["coverage"] + 1e-12
     # by hand for one target and level
-    from dwcp_lstm.intervals import volatility
+    from conftest import scale_by_hand
 
     hist = E.target_history(dm, dm.starts["test"])
     y = E.step_targets(dm, "test")
     module_pred = E.predict_raw(evaluated_module(evaluated), dm)
     j, i = 1, 0
-    scale = np.maximum(volatility(hist)[:, j], cal["floor"][j]) if cal["adaptive"][j] else np.ones(len(y))
+    scale = scale_by_hand(hist, cal, j)
     lower = module_pred[:, 0, j] + scale * cal["lo"][i][0][j]
     upper = module_pred[:, 0, j] + scale * cal["hi"][i][0][j]
     coverage = ((y[:, 0, j] >= lower) & (y[:, 0, j] <= upper)).mean()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import fit_args, run_dir_of
+from conftest import fit_args, run_dir_of, scale_by_hand
 
 from dwcp_lstm.cli import cli_main
 from dwcp_lstm.data import DwcpDataModule, LeakageError
@@ -165,8 +165,7 @@ def test_plan_reads_every_step_and_the_mean_bounds(horizon_run, small_csv, capsy
     rates = [f[f"throughput_mbps_h{k}"] for k in (1, 2, 3)]
     beyond = p.metadata["intervals"]["beyond_horizon"]
     assert beyond["steps"] > H  # the validation split calibrated the mean beyond the horizon
-    vol = np.diff(link["throughput_mbps"].to_numpy()[-p.window :]).std()
-    scale = max(vol, beyond["floor"][0]) if beyond["adaptive"][0] else 1.0
+    scale = scale_by_hand(link[p.targets].to_numpy()[None, -p.window :], beyond, 0)[0]
     tail = [
         np.mean(rates) + scale * beyond["lo"][0][i][0] for i in range(beyond["steps"] - H)
     ]  # fmt: skip

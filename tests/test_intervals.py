@@ -8,6 +8,7 @@ import pytest
 
 from dwcp_lstm.errors import ConfigError, DataError
 from dwcp_lstm.intervals import (
+    SCALES,
     calibrate,
     check_levels,
     choose,
@@ -44,6 +45,48 @@ def test_coverage_holds_on_new_exchangeable_windows_for_both_scales():
     assert widths[True] < 0.9 * widths[False]  # the adaptive scale narrows intervals at the same coverage
     cal, scores = choose(pred, y, hist, LEVELS)
     assert cal.adaptive.all() and all(a < p for a, p in zip(scores["adaptive"], scores["plain"], strict=True))
+
+
+def set_by_another_target(n: int, seed: int):
+    """Target 0's noise sd is a tenth of target 1's level in the window; target 0's own window says nothing about
+    it (a random walk of sd 1 everywhere): neither plain nor the window's own volatility can follow it."""
+    rng = np.random.default_rng(seed)
+    level = rng.uniform(1.0, 20.0, size=n)
+    hist = np.stack([np.cumsum(rng.normal(size=(n, 20)), axis=1),
+                     level[:, None] + rng.normal(0, 0.05, size=(n, 20))], axis=2)  # fmt: skip
+    pred = rng.normal(size=(n, 1, 2))
+    y = pred + rng.normal(size=(n, 1, 2)) * np.stack([0.1 * level, np.ones(n)], axis=1)[:, None]
+    return pred, y, hist
+
+
+def test_the_fitted_scale_follows_a_spread_set_by_another_targets_level():
+    pred, y, hist = set_by_another_target(4000, 11)
+    tp, ty, th = set_by_another_target(40000, 12)
+    widths = {}
+    for name in SCALES:
+        cal = calibrate(pred, y, hist, LEVELS, name == "adaptive", fitted=name == "fitted")
+        b = intervals(cal, tp, th)
+        s = interval_scores(b["lower"], b["upper"], ty, LEVELS)
+        for i, level in enumerate(LEVELS):  # split conformal's coverage holds whatever the scale
+            assert s["coverage"][i, 0, 0] == pytest.approx(level, abs=0.015), (name, level)
+        widths[name] = s["width"][:, 0, 0].mean()
+    assert widths["fitted"] < 0.9 * min(widths["plain"], widths["adaptive"])
+    coef = calibrate(pred, y, hist, LEVELS, False, fitted=True).spread[:, 0]  # [1, log vol, log |mean|, log |last|]
+    # sd proportional to target 1's level: an exponent near 1 on it (a little less: the log is of |residual| plus a
+    # floor), near 0 on target 0's own volatility
+    assert 0.75 < coef[4] + coef[6] < 1.1 and abs(coef[1]) < 0.1
+    cal, scores = choose(pred, y, hist, LEVELS)
+    assert cal.fitted[0] and scores["fitted"][0] < min(scores["plain"][0], scores["adaptive"][0])
+
+
+def test_flat_and_idle_windows_get_a_finite_positive_fitted_scale():
+    """A link at 0 Mbit/s has a volatility and a level of 0, whose log is -inf: each summary is floored first."""
+    pred, y, hist = set_by_another_target(500, 13)
+    hist[:100] = 0.0
+    cal = calibrate(pred, y, hist, LEVELS, False, fitted=True)
+    scale = cal.scale(hist)
+    assert np.isfinite(scale).all() and (scale > 0).all()
+    assert cal.to_dict()["fitted"] == [True, True] and len(cal.to_dict()["spread"]) == 7
 
 
 def test_quantiles_are_the_finite_sample_ranks():
@@ -130,8 +173,9 @@ def test_the_scale_is_chosen_calibrating_on_the_earlier_half_and_judging_the_lat
     groups = np.repeat([0, 1, 2], 200)
     cal, scores = choose(pred, y, hist, LEVELS, groups=groups)
     first = np.tile(np.arange(200) < 100, 3)
-    for name, adaptive in (("plain", False), ("adaptive", True)):
-        c = calibrate(pred[first], y[first], hist[first], LEVELS, adaptive)
+    assert set(scores) == set(SCALES)
+    for name in SCALES:
+        c = calibrate(pred[first], y[first], hist[first], LEVELS, name == "adaptive", fitted=name == "fitted")
         b = intervals(c, pred[~first], hist[~first])
         expected = interval_scores(b["lower"], b["upper"], y[~first], LEVELS)["winkler"].mean(axis=(0, 1))
         np.testing.assert_allclose(scores[name], expected)

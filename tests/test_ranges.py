@@ -66,12 +66,17 @@ def test_the_graph_and_the_report_clip_forecasts(offset):
     assert (np.abs(raw[:, 2] - x[:, -1, 2]) > 40).all()
 
 
-def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path):
+@pytest.mark.parametrize("fitted", [None, np.array([True, False, True])], ids=["volatility", "fitted"])
+def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path, fitted):
+    """Every scale in one graph: plain, the window's volatility, and (second case) the fitted spread."""
     m, x = pushed_module(-0.3), windows(200)
     rng = np.random.default_rng(2)
     pred = rng.uniform(0.0, 0.5, size=(100, 1, 3))
     cal = calibrate(pred, pred + rng.normal(0, 0.5, size=pred.shape), rng.uniform(size=(100, 6, 3)), [0.8, 0.95],
-                    adaptive=np.array([False, True, False]))  # fmt: skip
+                    adaptive=np.array([False, True, False]), fitted=False if fitted is None else fitted)  # fmt: skip
+    if fitted is not None:
+        assert cal.fitted.tolist() == fitted.tolist() and cal.adaptive.tolist() == [False, True, False]
+        assert np.ptp(cal.scale(x[:, :, :3].astype(np.float64))[:, 0, 0]) > 0  # the window moves the scale
     graph = m.interval_forecaster(cal)
     with torch.no_grad():
         forecast, lower, upper = (t.numpy() for t in graph(torch.from_numpy(x)))

@@ -892,6 +892,12 @@ def test_a_malformed_tail_calibration_is_refused():
     check_beyond_horizon(good, 1, 2, 1, "m.json")
     cases = [({**good, "steps": 2}, "steps"), ({**good, "lo": [[[-1.0]]]}, "lo"),
              ({**good, "hi": [[["x"], [1.0]]]}, "hi"), ({**good, "floor": [float("nan")]}, "floor")]  # fmt: skip
+    fitted = {**good, "fitted": [True], "spread": [[0.1], [0.2], [0.3], [0.4]], "spread_floor": [[0.1], [0.1], [0.1]]}
+    check_beyond_horizon(fitted, 1, 2, 1, "m.json")  # the fitted scale's keys (absent from older metadata)
+    cases += [({**good, "adaptive": ["yes"]}, "adaptive"), ({**fitted, "fitted": [1]}, "fitted"),
+              ({**fitted, "spread": [[0.1], [0.2]]}, "spread"),
+              ({**fitted, "spread": [[0.1]] * 3 + [[None]]}, "spread"),
+              ({**fitted, "spread_floor": [[0.1], [0.0], [0.1]]}, "spread_floor")]  # fmt: skip
     for bad, key in cases:
         with pytest.raises(ModelFileError, match=f"key 'intervals.beyond_horizon.{key}' must be"):
             check_beyond_horizon(bad, 1, 2, 1, "m.json")
