@@ -103,7 +103,7 @@ class IntervalForecaster(nn.Module):
         self.register_buffer("adaptive", torch.as_tensor(adaptive))
         self.register_buffer("one", torch.ones(len(adaptive)))
         self.any_adaptive = bool(adaptive.any() or fitted.any())  # a plain calibration adds no scale to the graph
-        self.any_fitted = bool(fitted.any())
+        self.any_fitted, self.all_fitted = bool(fitted.any()), bool(fitted.all())  # all: no Where in the graph
         if self.any_fitted:  # exp(log summaries [B, 3 T] @ weight [3 T, T] + bias [T]), see intervals.fit_spread
             spread = np.asarray(calibration.spread, dtype=np.float64)
             self.register_buffer("fitted", torch.as_tensor(fitted))
@@ -120,12 +120,12 @@ class IntervalForecaster(nn.Module):
         if self.any_adaptive:
             target = x[:, :, self.target_index]  # [B, W, T]
             vol = (target[:, 1:] - target[:, :-1]).std(dim=1, unbiased=False, keepdim=True)  # [B, 1, T]
-            scale = torch.where(self.adaptive, torch.maximum(vol, self.floor), self.one)
+            scale = None if self.all_fitted else torch.where(self.adaptive, torch.maximum(vol, self.floor), self.one)
             if self.any_fitted:
                 level = torch.cat([vol, target.mean(dim=1, keepdim=True).abs(), target[:, -1:].abs()], dim=1)
                 logs = torch.log(torch.maximum(level, self.spread_floor)).flatten(1)  # [B, 3 T]: as numpy orders it
                 spread = torch.exp(logs @ self.spread_weight + self.spread_bias).unsqueeze(1)  # [B, 1, T]
-                scale = torch.where(self.fitted, spread, scale)
+                scale = spread if self.all_fitted else torch.where(self.fitted, spread, scale)
             scale = scale if self.horizon == 1 else scale.unsqueeze(1)  # [B, 1, (1,) T]
         bounds = clip(f[:, None] + (self.q if scale is None else scale * self.q))  # [B, 2L, (H,) T]: lower, upper
         lower, upper = bounds.split(n, dim=1)

@@ -66,7 +66,8 @@ def test_the_graph_and_the_report_clip_forecasts(offset):
     assert (np.abs(raw[:, 2] - x[:, -1, 2]) > 40).all()
 
 
-@pytest.mark.parametrize("fitted", [None, np.array([True, False, True])], ids=["volatility", "fitted"])
+@pytest.mark.parametrize("fitted", [None, np.array([True, False, True]), np.array([True, True, True])],
+                         ids=["volatility", "fitted", "all-fitted"])  # fmt: skip
 def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path, fitted):
     """Every scale in one graph: plain, the window's volatility, and (second case) the fitted spread."""
     m, x = pushed_module(-0.3), windows(200)
@@ -75,7 +76,7 @@ def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path, fitted):
     cal = calibrate(pred, pred + rng.normal(0, 0.5, size=pred.shape), rng.uniform(size=(100, 6, 3)), [0.8, 0.95],
                     adaptive=np.array([False, True, False]), fitted=False if fitted is None else fitted)  # fmt: skip
     if fitted is not None:
-        assert cal.fitted.tolist() == fitted.tolist() and cal.adaptive.tolist() == [False, True, False]
+        assert cal.fitted.tolist() == fitted.tolist() and cal.adaptive.tolist() == [False, not fitted[1], False]
         assert np.ptp(cal.scale(x[:, :, :3].astype(np.float64))[:, 0, 0]) > 0  # the window moves the scale
     graph = m.interval_forecaster(cal)
     with torch.no_grad():
