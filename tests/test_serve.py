@@ -159,6 +159,7 @@ def test_model_whose_sha256_differs_is_refused(smoke_run, tmp_path):
         (lambda m: m.update(targets=[{"unit": "ms"}]), r"key 'targets\[0\]' must be an object"),
         (lambda m: m["input"].pop("name"), r"missing key 'input.name'"),
         (lambda m: m["input"].update(shape=["batch", 10, 9]), r"key 'input.shape' is \['batch', 10, 9\]"),
+        (lambda m: m["output"].update(shape=4), r"key 'output.shape' must be list, got int"),  # was a TypeError
         (lambda m: m.update(model_sha256="abc"), r"key 'model_sha256' must be 64 lowercase hex digits"),
         (lambda m: m.update(format="pickle"), r"key 'format' is 'pickle'"),
         (lambda m: m.update(format="dwcp_lstm.onnx/1"), r"key 'format' is 'dwcp_lstm.onnx/1'.*export the model again"),
