@@ -494,6 +494,37 @@ def test_duplicate_parquet_columns_are_refused(tmp_path):
         read_table(path, ["rtt_ms"])
 
 
+def test_parquet_with_lying_pandas_metadata_or_nested_ids_is_refused(tmp_path):
+    """Found by fuzzing: pandas metadata naming a missing index column, a dtype that does not exist, or a string
+    dtype over a list column raised KeyError / TypeError / ArrowNotImplementedError tracebacks; a list column of
+    link ids (no metadata) a TypeError in the grouping."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dwcp_lstm.tables import DataError, order_series, read_table
+
+    df = pd.DataFrame({"node_id": ["a", "b"], "timestamp": [1, 2], "rtt_ms": [1.0, 2.0]})
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = json.loads(table.schema.metadata[b"pandas"])
+    spoiled = {
+        "index": {**meta, "index_columns": ["nope"]},
+        "dtype": {**meta, "columns": [{**c, "numpy_type": "bogus"} for c in meta["columns"]]},
+    }
+    for name, lie in spoiled.items():
+        pq.write_table(table.replace_schema_metadata({b"pandas": json.dumps(lie).encode()}), tmp_path / f"{name}.pq")
+    listed = table.set_column(0, "node_id", pa.array([[1], [2]]))  # keeps the metadata: a string column
+    pq.write_table(listed, tmp_path / "cast.pq")
+    for name in (*spoiled, "cast"):
+        with pytest.raises(DataError, match=rf"{name}\.pq: not a readable parquet file \(pandas cannot rebuild"):
+            read_table(tmp_path / f"{name}.pq", ["node_id", "rtt_ms"], text_columns=["node_id"])
+    pq.write_table(listed.replace_schema_metadata(None), tmp_path / "nested.pq")
+    got = read_table(tmp_path / "nested.pq", text_columns=["node_id"])
+    with pytest.raises(DataError, match=r"column 'node_id' row 1: series id array\(\[1\]\) is a ndarray"):
+        order_series(got, ["node_id"], "timestamp", "nested.pq")
+
+
 def test_a_target_that_never_changes_on_the_test_split_is_reported_as_undefined(tmp_path):
     """Links whose loss goes clean after the training rows (packet_loss 0 from the validation split on; a target
     constant on the *training* split is refused, see FIT_CASES) train, and the report calls the test figures that
