@@ -694,6 +694,20 @@ def test_fractional_times_are_written_in_full(smoke_run, two_links, tmp_path, ca
         assert pd.api.types.is_float_dtype(got["timestamp"]) and set(got["timestamp"]) <= set(df["timestamp"])
 
 
+def test_float_link_ids_are_written_in_full(smoke_run, two_links, tmp_path, capsys):
+    """Found by fuzzing: a Parquet's float link ids 1.0 and 1.0000001 (one peer) were both written "1" by the CSV's
+    7 significant digits: two rows of one name. Like the time column, they keep every digit."""
+    df = pd.read_csv(two_links)
+    df = df.groupby(["node_id", "peer_id"]).filter(lambda g: len(g) > 100)
+    df["node_id"] = np.where(df["node_id"] == df["node_id"].iloc[0], 1.0, 1.0000001)
+    df["peer_id"] = "p"
+    path = tmp_path / "float_ids.parquet"
+    df.to_parquet(path, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path)])
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out), dtype={"node_id": str})
+    assert sorted(got["node_id"]) == ["1.0", "1.0000001"]
+
+
 def cmd_forecast_frame(run: Path, data: Path, out: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     cmd_forecast(["--model", str(run), "--input", str(data), "--output", str(out), *extra])
     return pd.read_parquet(out)
