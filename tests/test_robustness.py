@@ -1060,6 +1060,24 @@ def test_an_artifact_name_taken_by_a_folder_is_named_in_the_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
 
 
+def test_report_refuses_a_folder_named_like_its_report_before_writing(tmp_path, smoke_run, capsys):
+    """Found by fuzzing: a folder named report.md failed ``report`` after the evaluation had replaced report.json
+    and the plots (exit 1, a stale report.md beside them). Refused before any work now, nothing written."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "report.md").unlink()
+    (run / "report.md").mkdir()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and err == [f"error: {run / 'report.md'}: is a directory, expected a file; nothing "
+                                           "written"], err  # fmt: skip
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_a_link_named_na_is_a_name(tmp_path):
     """pandas reads NA, None, null... as missing: links so named were refused as "empty series id" (found by
     fuzzing). In the id columns only an empty cell is missing; in number columns those words still are."""
