@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dwcp_lstm import synthetic
 from dwcp_lstm.errors import check_seed
 from dwcp_lstm.model import CyclicEncoding
+from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     CADENCE_TOLERANCE,
     DUPLICATE_POLICIES,
@@ -741,8 +742,8 @@ def _check_config(
     for name, cols in (("features", features), ("targets", targets)):
         if len(set(cols)) != len(cols):
             raise ConfigError(f"--data.{name} lists a column twice: {list(cols)}")
-    if workers < 0:
-        raise ConfigError(f"--data.num_workers must be >= 0, got {workers}")
+    if not 0 <= workers <= MAX_THREADS:  # 100000 forked worker after worker until the machine ran out of memory
+        raise ConfigError(f"--data.num_workers must be from 0 to {MAX_THREADS} (worker processes), got {workers}")
     check_seed(seed, "--data.seed")
 
 

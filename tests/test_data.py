@@ -226,6 +226,17 @@ def test_builtin_dataset_with_zero_links_is_refused_not_read_from_the_default_fi
     assert "_l0_" in dm.path.name
 
 
+def test_a_huge_worker_count_is_refused(tmp_path):
+    """Found by fuzzing: ``--data.num_workers 100000`` forked DataLoader workers (each a copy of the process) until
+    the machine ran out of memory, leaving orphaned workers behind. Bounded like ``--threads``."""
+    from dwcp_lstm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--data.num_workers must be from 0 to 1024 \(worker processes\), got "):
+        DwcpDataModule(data_dir=str(tmp_path), num_workers=100_000)
+    with pytest.raises(ConfigError, match=r"--data.num_workers must be from 0 to 1024"):
+        DwcpDataModule(data_dir=str(tmp_path), num_workers=-1)
+
+
 def synthetic_spec(**kw):
     from dwcp_lstm.data import SyntheticSpec
 
