@@ -683,6 +683,7 @@ def cmd_bench(argv: list[str]) -> None:
     check_named(a.run, "--run", "a run directory (leave it out for an untrained model)")
     if a.run is not None and not Path(a.run).is_dir():
         raise DataError(f"{a.run}: run directory not found")
+    check_named(a.output, "--output", "a .json file (leave it out to print the JSON only)")  # '' wrote nothing
     out = check_output_file(a.output) if a.output else None  # now, not after minutes of benchmarking
     if out is not None and out.suffix.lower() != ".json":  # it writes JSON: a .onnx / .ckpt / .yaml name is a slip
         raise ConfigError(f"{out}: --output must end in .json (the figures are JSON)")

@@ -349,6 +349,9 @@ def export_run(
     from dwcp_lstm.evaluate import validation_calibration
 
     path = Path(run_dir) / filename
+    for target in (path, Path(run_dir) / METADATA_NAME):  # found by fuzzing: a folder named model_metadata.json
+        if target.is_dir():  # failed only after model.onnx was replaced: a new model beside the old metadata
+            raise ModelFileError(f"{target}: is a directory, expected a file; nothing exported")
     check_finite_weights(module, f"{path}: not exported")  # a diverged or damaged model replaced a working one
     if calibration is None:
         _, (calibration, _) = validation_calibration(module, dm)

@@ -183,7 +183,8 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
         raise ModelFileError(f"{path}: key 'model_sha256' must be 64 lowercase hex digits, got {sha!r}")
     out_shape = meta.get("output", {}).get("shape") if isinstance(meta.get("output"), dict) else None
     horizon = out_shape[1] if isinstance(out_shape, list) and len(out_shape) == 3 else 1
-    if len(out_shape or []) == 3 and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 2):
+    three = isinstance(out_shape, list) and len(out_shape) == 3  # a scalar shape is refused below, by type
+    if three and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 2):
         what = f"an integer >= 2 (the horizon), got {short_repr(horizon)}"
         raise ModelFileError(f"{path}: key 'output.shape[1]' must be {what}")
     for key, expected in (

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from dwcp_lstm import synthetic
 from dwcp_lstm.errors import check_seed
 from dwcp_lstm.model import CyclicEncoding
+from dwcp_lstm.runtime import MAX_THREADS
 from dwcp_lstm.tables import (
     CADENCE_TOLERANCE,
     DUPLICATE_POLICIES,
@@ -296,7 +297,7 @@ class DwcpDataModule(L.LightningDataModule):
         if self.data_path is not None:
             return Path(self.data_path)
         s = self.synthetic
-        links = f"_l{s.links}" if s.links else ""
+        links = f"_l{s.links}" if s.links is not None else ""  # 0 is no default: it named the default's file
         return Path(self.data_dir) / f"dwcp_{s.profile}_n{s.samples}{links}_seed{s.seed}_noise{s.noise:g}.csv"
 
     @property
@@ -353,6 +354,10 @@ class DwcpDataModule(L.LightningDataModule):
         found no windows. The exact check (:func:`~dwcp_lstm.preflight.check_splits`) follows after setup; the
         generator's own argument checks come first."""
         s, w, h = self.synthetic, self.window_size, self.horizon
+        if s.links is not None and (isinstance(s.links, bool) or s.links < 1):  # found by fuzzing: links 0 read the
+            # default's cached file (generate --links 0 is refused), a run on other data than its config records
+            raise ConfigError(f"--data.synthetic.links must be an integer >= 1 (null: one link per "
+                              f"{synthetic.ROWS_PER_LINK} rows), got {s.links}")  # fmt: skip
         links = 1 if s.profile == "seed" else synthetic.link_count(s.samples, s.links)
         if not 2 <= s.samples <= synthetic.MAX_SAMPLES or not 1 <= links <= s.samples // 2:
             return
@@ -737,8 +742,8 @@ def _check_config(
     for name, cols in (("features", features), ("targets", targets)):
         if len(set(cols)) != len(cols):
             raise ConfigError(f"--data.{name} lists a column twice: {list(cols)}")
-    if workers < 0:
-        raise ConfigError(f"--data.num_workers must be >= 0, got {workers}")
+    if not 0 <= workers <= MAX_THREADS:  # 100000 forked worker after worker until the machine ran out of memory
+        raise ConfigError(f"--data.num_workers must be from 0 to {MAX_THREADS} (worker processes), got {workers}")
     check_seed(seed, "--data.seed")
 
 

@@ -15,6 +15,7 @@ from dwcp_lstm import online as O
 from dwcp_lstm import plots, synthetic
 from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
+from dwcp_lstm.errors import ConfigError
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.planner import backtest_report, rows_ahead
 from dwcp_lstm.tables import (
@@ -211,6 +212,9 @@ def evaluate(
     the validation split; without them both are computed here. ``online_rate``: the step of online recalibration
     (:mod:`dwcp_lstm.online`)."""
     run_dir = Path(run_dir)
+    for name in ("report.json", "report.md"):  # found by fuzzing: checked before the work, not between the writes
+        if (run_dir / name).is_dir():  # (a folder report.md: report.json was replaced, then exit 1, a stale .md)
+            raise ConfigError(f"{run_dir / name}: is a directory, expected a file; nothing written")
     mape_floor = float(module.hparams.get("mape_floor", 0.0))
     rows = dm.target_rows("test")
     y_steps, pred_steps = step_targets(dm, "test"), predict_raw(module, dm)  # [N, H, T] each

@@ -244,6 +244,11 @@ def check_optimizer(model) -> None:
             model.scheduler_factory(optimizer)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
+    # found by fuzzing: lr 0 (torch refuses only < 0) trained nothing, and the untrained network was exported and
+    # reported, exit 0, like --trainer.max_epochs 0; read after the scheduler, which may set its own starting rate
+    if all(float(group["lr"]) == 0 for group in optimizer.param_groups):
+        raise ConfigError("--model.optimizer: a learning rate of 0 never changes the weights (the untrained network "
+                          "would be exported and reported); give --model.optimizer.init_args.lr > 0")  # fmt: skip
 
 
 def logged_metrics(model) -> set[str]:

@@ -795,8 +795,11 @@ def cmd_forecast(argv: list[str]) -> None:
     units = ", ".join(f"{t} [{u}]" for t, u in predictor.units.items())
     n_links = out.groupby(series, observed=True).ngroups if series else 1
     csv_out = out
-    if pd.api.types.is_float_dtype(out[time]):  # the 7 digits below are for forecasts, not keys: 1762134000.25 stays
-        csv_out = out.assign(**{time: [repr(float(v)) for v in out[time]]})
+    # the 7 digits below are for forecasts, not keys: a time 1762134000.25 stays, and so does a float link id (a
+    # Parquet's 1.0000001 beside 1.0 were both written "1": two rows of one name)
+    keys = [c for c in (*series, time) if pd.api.types.is_float_dtype(out[c])]
+    if keys:
+        csv_out = out.assign(**{c: [repr(float(v)) for v in out[c]] for c in keys})
     ahead = "next step" if predictor.horizon == 1 else f"next {predictor.horizon} steps"
     what = f"{len(out)} forecasts ({'every window' if a.rolling else ahead}) for {n_links} links"
     if output is None:

@@ -216,7 +216,14 @@ def read_table(
             # self_destruct frees each Arrow column as soon as pandas has it: ~1 GB less peak memory at 10M rows.
             pa.set_memory_pool(pa.system_memory_pool())
             table = pq.read_table(path, columns=list(columns) if columns else None)
-            df = table.to_pandas(split_blocks=True, self_destruct=True)
+            try:
+                df = table.to_pandas(split_blocks=True, self_destruct=True)
+            except (KeyError, TypeError, NotImplementedError, pa.ArrowException) as exc:  # found by fuzzing
+                # pandas metadata that lies about the columns (an index column that is missing, a dtype that does
+                # not exist or cannot hold them): a KeyError, TypeError or Arrow cast traceback
+                what = f"{type(exc).__name__} {first_line(exc)[:200]}"
+                raise DataError(f"{path}: not a readable parquet file (pandas cannot rebuild its columns, e.g. from "
+                                f"stale pandas metadata: {what})") from None  # fmt: skip
             del table
             if any(n is not None for n in df.index.names):  # written from a frame indexed by the time (or link)
                 df = df.reset_index()  # column: pandas restores it as the index, and the column was "missing"
@@ -469,6 +476,12 @@ def check_series_ids(df: pd.DataFrame, series: Sequence[str], path: str | Path) 
     for col in series:
         ids = df[col]
         empty = ids.isna().to_numpy()
+        if ids.dtype == object:  # a Parquet list or struct cell: a TypeError traceback in the grouping
+            nested = ~ids.map(pd.api.types.is_scalar).to_numpy(bool)
+            if nested.any():
+                i = int(np.flatnonzero(nested)[0])
+                raise DataError(f"{path}: column {col!r} row {i + 1}: series id {short_repr(ids.iloc[i])} is a "
+                                f"{type(ids.iloc[i]).__name__}, expected text or a number")  # fmt: skip
         if not pd.api.types.is_numeric_dtype(ids):  # a blank or whitespace-only string is no id either
             empty = empty | (ids.astype("string").str.strip() == "").fillna(True).to_numpy(bool)
         if empty.any():

@@ -87,6 +87,16 @@ def test_bench_never_writes_over_a_runs_own_files(tmp_path: Path, smoke_run: Pat
     assert before == {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 
+def test_bench_refuses_an_empty_output_name(capsys):
+    """Found by fuzzing: ``--output ''`` (an unset variable in a script) benchmarked for minutes, printed the JSON
+    and wrote no file, exit 0. Refused before any work, like forecast's."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--quick", "--skip-load", "--output", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == ["error: --output must name a .json file (leave it out to print the JSON "
+                                           "only), got ''"], err  # fmt: skip
+
+
 def _relu_graph(path: Path, ops: int) -> Path:
     import onnx
     from onnx import TensorProto, helper

@@ -12,7 +12,7 @@ import torch
 
 from dwcp_lstm.callbacks import EMA, OnnxExport, StepSeed, export_run, onnx_parity, raw_windows, unit_of
 from dwcp_lstm.data import DwcpDataModule
-from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.errors import ConfigError, ModelFileError
 from dwcp_lstm.module import DwcpForecaster
 from dwcp_lstm.serve import Predictor
 
@@ -38,6 +38,21 @@ def test_export_run_writes_a_pair_the_predictor_accepts(small_module, tmp_path):
     got = Predictor.from_run(tmp_path).predict_windows(x)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("taken", ["model.onnx", "model_metadata.json"])
+def test_export_run_refuses_a_folder_in_place_of_either_file_before_writing(small_module, tmp_path, taken):
+    """Found by fuzzing: a folder named model_metadata.json failed the export only after model.onnx had been
+    replaced (a new model beside the old metadata, exit 1); a folder named model.onnx named the staging file."""
+    module, dm = small_module
+    export_run(module, dm, tmp_path, parity_windows=8)
+    (tmp_path / taken).unlink()
+    (tmp_path / taken).mkdir()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ModelFileError, match=rf"{taken}: is a directory, expected a file; nothing exported"):
+        export_run(module, dm, tmp_path, parity_windows=8)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not list(tmp_path.glob(".export-*"))
 
 
 def test_onnx_parity_reports_the_largest_difference(small_module, tmp_path):

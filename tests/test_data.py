@@ -214,6 +214,29 @@ def test_builtin_dataset_is_generated_when_missing(tmp_path):
     assert len(dm.bounds) == 3
 
 
+def test_builtin_dataset_with_zero_links_is_refused_not_read_from_the_default_file(tmp_path):
+    """Found by fuzzing: ``--data.synthetic.links 0`` (refused by ``generate --links 0``) named the default's file
+    (``if s.links``), so a cached default dataset was read silently while config.yaml recorded ``links: 0``."""
+    from dwcp_lstm.errors import ConfigError
+
+    DwcpDataModule(data_dir=str(tmp_path), synthetic=synthetic_spec(samples=1500)).prepare_data()  # the default
+    dm = DwcpDataModule(data_dir=str(tmp_path), synthetic=synthetic_spec(samples=1500, links=0))
+    with pytest.raises(ConfigError, match=r"--data.synthetic.links must be an integer >= 1 .* got 0"):
+        dm.prepare_data()
+    assert "_l0_" in dm.path.name
+
+
+def test_a_huge_worker_count_is_refused(tmp_path):
+    """Found by fuzzing: ``--data.num_workers 100000`` forked DataLoader workers (each a copy of the process) until
+    the machine ran out of memory, leaving orphaned workers behind. Bounded like ``--threads``."""
+    from dwcp_lstm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--data.num_workers must be from 0 to 1024 \(worker processes\), got "):
+        DwcpDataModule(data_dir=str(tmp_path), num_workers=100_000)
+    with pytest.raises(ConfigError, match=r"--data.num_workers must be from 0 to 1024"):
+        DwcpDataModule(data_dir=str(tmp_path), num_workers=-1)
+
+
 def synthetic_spec(**kw):
     from dwcp_lstm.data import SyntheticSpec
 

@@ -228,6 +228,7 @@ CONFIG_CASES = [
     ("dropout-count", ["--model.head_dropouts=[0.3]"], "--model.head_dropouts needs 2 entries"),
     ("dropout-range", ["--model.head_dropouts=[0.3,1.5]"], "--model.head_dropouts must be in [0, 1)"),
     ("negative-lr", ["--model.optimizer.init_args.lr=-0.001"], "Invalid learning rate: -0.001"),
+    ("zero-lr", ["--model.optimizer.init_args.lr=0"], "--model.optimizer: a learning rate of 0 never changes"),
     # each used to fail with a traceback once training started
     ("sparse-adam", ["--model.optimizer=torch.optim.SparseAdam"], "SparseAdam takes sparse gradients only"),
     (

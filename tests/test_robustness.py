@@ -494,6 +494,37 @@ def test_duplicate_parquet_columns_are_refused(tmp_path):
         read_table(path, ["rtt_ms"])
 
 
+def test_parquet_with_lying_pandas_metadata_or_nested_ids_is_refused(tmp_path):
+    """Found by fuzzing: pandas metadata naming a missing index column, a dtype that does not exist, or a string
+    dtype over a list column raised KeyError / TypeError / ArrowNotImplementedError tracebacks; a list column of
+    link ids (no metadata) a TypeError in the grouping."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dwcp_lstm.tables import DataError, order_series, read_table
+
+    df = pd.DataFrame({"node_id": ["a", "b"], "timestamp": [1, 2], "rtt_ms": [1.0, 2.0]})
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = json.loads(table.schema.metadata[b"pandas"])
+    spoiled = {
+        "index": {**meta, "index_columns": ["nope"]},
+        "dtype": {**meta, "columns": [{**c, "numpy_type": "bogus"} for c in meta["columns"]]},
+    }
+    for name, lie in spoiled.items():
+        pq.write_table(table.replace_schema_metadata({b"pandas": json.dumps(lie).encode()}), tmp_path / f"{name}.pq")
+    listed = table.set_column(0, "node_id", pa.array([[1], [2]]))  # keeps the metadata: a string column
+    pq.write_table(listed, tmp_path / "cast.pq")
+    for name in (*spoiled, "cast"):
+        with pytest.raises(DataError, match=rf"{name}\.pq: not a readable parquet file \(pandas cannot rebuild"):
+            read_table(tmp_path / f"{name}.pq", ["node_id", "rtt_ms"], text_columns=["node_id"])
+    pq.write_table(listed.replace_schema_metadata(None), tmp_path / "nested.pq")
+    got = read_table(tmp_path / "nested.pq", text_columns=["node_id"])
+    with pytest.raises(DataError, match=r"column 'node_id' row 1: series id array\(\[1\]\) is a ndarray"):
+        order_series(got, ["node_id"], "timestamp", "nested.pq")
+
+
 def test_a_target_that_never_changes_on_the_test_split_is_reported_as_undefined(tmp_path):
     """Links whose loss goes clean after the training rows (packet_loss 0 from the validation split on; a target
     constant on the *training* split is refused, see FIT_CASES) train, and the report calls the test figures that
@@ -1027,6 +1058,24 @@ def test_an_artifact_name_taken_by_a_folder_is_named_in_the_error(tmp_path):
         atomic_write(tmp_path / "report.json", "{}")
     assert exc.value.filename == str(tmp_path / "report.json")
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
+
+
+def test_report_refuses_a_folder_named_like_its_report_before_writing(tmp_path, smoke_run, capsys):
+    """Found by fuzzing: a folder named report.md failed ``report`` after the evaluation had replaced report.json
+    and the plots (exit 1, a stale report.md beside them). Refused before any work now, nothing written."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "report.md").unlink()
+    (run / "report.md").mkdir()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["report", "--run", str(run)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and err == [f"error: {run / 'report.md'}: is a directory, expected a file; nothing "
+                                           "written"], err  # fmt: skip
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_a_link_named_na_is_a_name(tmp_path):

@@ -159,6 +159,7 @@ def test_model_whose_sha256_differs_is_refused(smoke_run, tmp_path):
         (lambda m: m.update(targets=[{"unit": "ms"}]), r"key 'targets\[0\]' must be an object"),
         (lambda m: m["input"].pop("name"), r"missing key 'input.name'"),
         (lambda m: m["input"].update(shape=["batch", 10, 9]), r"key 'input.shape' is \['batch', 10, 9\]"),
+        (lambda m: m["output"].update(shape=4), r"key 'output.shape' must be list, got int"),  # was a TypeError
         (lambda m: m.update(model_sha256="abc"), r"key 'model_sha256' must be 64 lowercase hex digits"),
         (lambda m: m.update(format="pickle"), r"key 'format' is 'pickle'"),
         (lambda m: m.update(format="dwcp_lstm.onnx/1"), r"key 'format' is 'dwcp_lstm.onnx/1'.*export the model again"),
@@ -691,6 +692,20 @@ def test_fractional_times_are_written_in_full(smoke_run, two_links, tmp_path, ca
     for suffix in (".parquet", ".pq", ".PQ"):  # every Parquet suffix: typed columns (.pq got the CSV's text times)
         got = cmd_forecast_frame(smoke_run, frac, tmp_path / f"out{suffix}", ("--rolling",))
         assert pd.api.types.is_float_dtype(got["timestamp"]) and set(got["timestamp"]) <= set(df["timestamp"])
+
+
+def test_float_link_ids_are_written_in_full(smoke_run, two_links, tmp_path, capsys):
+    """Found by fuzzing: a Parquet's float link ids 1.0 and 1.0000001 (one peer) were both written "1" by the CSV's
+    7 significant digits: two rows of one name. Like the time column, they keep every digit."""
+    df = pd.read_csv(two_links)
+    df = df.groupby(["node_id", "peer_id"]).filter(lambda g: len(g) > 100)
+    df["node_id"] = np.where(df["node_id"] == df["node_id"].iloc[0], 1.0, 1.0000001)
+    df["peer_id"] = "p"
+    path = tmp_path / "float_ids.parquet"
+    df.to_parquet(path, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path)])
+    got = pd.read_csv(io.StringIO(capsys.readouterr().out), dtype={"node_id": str})
+    assert sorted(got["node_id"]) == ["1.0", "1.0000001"]
 
 
 def cmd_forecast_frame(run: Path, data: Path, out: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
