@@ -246,14 +246,16 @@ def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequenc
     fitted = np.broadcast_to(np.asarray(fitted, dtype=bool), (n_targets,)).copy()
     vol = volatility(hist)
     floor = np.maximum(0.05 * np.median(vol, axis=0), 1e-12)  # [T]
-    spread, spread_floor = fit_spread(pred, y, hist) if fitted.any() else (None, None)
-    cal = Calibration(levels, adaptive & ~fitted, *([None] * 4), floor, len(y), fitted=fitted if fitted.any() else None,
-                      spread=spread, spread_floor=spread_floor)  # fmt: skip
-    scale = cal.scale(hist)
+    adaptive &= ~fitted
+    fit = {}  # no fitted target: the calibration records none of the fitted scale's fields
+    if fitted.any():
+        spread, spread_floor = fit_spread(pred, y, hist)
+        fit = {"fitted": fitted, "spread": spread, "spread_floor": spread_floor}
+    scale = window_scale(hist, adaptive, floor, **fit)
     lo, hi = _quantiles(*_edge_scores((y - pred) / scale, y, ranges), levels=levels)
     mean_y = _running_mean(y)
     mean_lo, mean_hi = _quantiles(*_edge_scores((mean_y - _running_mean(pred)) / scale, mean_y, ranges), levels=levels)
-    return replace(cal, lo=lo, hi=hi, mean_lo=mean_lo, mean_hi=mean_hi)
+    return Calibration(levels, adaptive, lo, hi, mean_lo, mean_hi, floor, len(y), **fit)
 
 
 def calibrate_tail(

@@ -102,7 +102,7 @@ class IntervalForecaster(nn.Module):
         self.register_buffer("floor", torch.as_tensor(np.asarray(calibration.floor), dtype=torch.float32))
         self.register_buffer("adaptive", torch.as_tensor(adaptive))
         self.register_buffer("one", torch.ones(len(adaptive)))
-        self.any_adaptive = bool(adaptive.any() or fitted.any())  # a plain calibration adds no scale to the graph
+        self.scaled = bool(adaptive.any() or fitted.any())  # a plain calibration adds no scale to the graph at all
         self.any_fitted, self.all_fitted = bool(fitted.any()), bool(fitted.all())  # all: no Where in the graph
         if self.any_fitted:  # exp(log summaries [B, 3 T] @ weight [3 T, T] + bias [T]), see intervals.fit_spread
             spread = np.asarray(calibration.spread, dtype=np.float64)
@@ -117,7 +117,7 @@ class IntervalForecaster(nn.Module):
         f = self.raw(x)  # [B, T] (H = 1) or [B, H, T]
         clip, n = self.raw.clip, self.levels  # bounds stay inside the targets' ranges, like the forecast
         scale = None
-        if self.any_adaptive:
+        if self.scaled:
             target = x[:, :, self.target_index]  # [B, W, T]
             vol = (target[:, 1:] - target[:, :-1]).std(dim=1, unbiased=False, keepdim=True)  # [B, 1, T]
             scale = None if self.all_fitted else torch.where(self.adaptive, torch.maximum(vol, self.floor), self.one)
