@@ -366,6 +366,12 @@ def check_training_runs(trainer) -> None:
         if value is not None and value == 0 and not isinstance(value, bool):
             raise ConfigError(f"--trainer.{flag} {value} runs no training step: the run would report and export an "
                               "untrained network")  # fmt: skip
+    # A minimum above the maximum: Lightning stops at the maximum without a word, so the run was not what was asked
+    loop = trainer.fit_loop
+    for unit, low, high in (("epochs", loop.min_epochs, loop.max_epochs), ("steps", loop.min_steps, loop.max_steps)):
+        if low is not None and high is not None and high >= 0 and low > high:
+            raise ConfigError(f"--trainer.min_{unit} {low} is more than --trainer.max_{unit} {high}, which ends the "
+                              f"training first; give min_{unit} <= max_{unit}")  # fmt: skip
 
 
 def check_callbacks(trainer) -> None:

@@ -185,6 +185,17 @@ CONFIG_CASES = [
     ("no-steps", ["--trainer.max_steps=0"], "--trainer.max_steps 0 runs no training step"),
     ("no-batches", ["--trainer.limit_train_batches=0"], "--trainer.limit_train_batches 0 runs no training step"),
     ("no-time", ["--trainer.max_time=00:00:00:00"], "--trainer.max_time 0.0 runs no training step"),
+    # Lightning stopped at the maximum silently: a run shorter than asked
+    (
+        "min-epochs-over-max",
+        ["--trainer.min_epochs=1000", "--trainer.max_epochs=1"],
+        "--trainer.min_epochs 1000 is more than --trainer.max_epochs 1, which ends the training first",
+    ),
+    (
+        "min-steps-over-max",
+        ["--trainer.min_steps=50", "--trainer.max_steps=20"],
+        "--trainer.min_steps 50 is more than --trainer.max_steps 20",
+    ),
     ("interval-beyond-epoch", ["--trainer.val_check_interval=100000"], "--trainer.val_check_interval 100000 is more"),
     # early stopping raised a traceback after the training, with nothing exported
     ("steps-before-validation", ["--trainer.max_steps=2"], "--trainer.max_steps 2 ends training after 2 batches"),
