@@ -137,6 +137,15 @@ def scale_kinds(recorded: dict) -> list[str]:
     return ["fitted" if f else "adaptive" if a else "plain" for a, f in zip(recorded["adaptive"], fitted, strict=True)]
 
 
+def recorded_scale(hist: np.ndarray, recorded: dict) -> np.ndarray:
+    """:func:`window_scale` from a calibration as the metadata records it (``Calibration.scale_dict``; metadata
+    written before the fitted scale has no ``fitted`` key): [N, W, T] raw target history -> [N, 1, T]."""
+    fitted = np.asarray(recorded.get("fitted") or [False] * len(recorded["adaptive"]), dtype=bool)
+    spread = {k: np.asarray(recorded[k], np.float64) for k in ("spread", "spread_floor")} if fitted.any() else {}
+    adaptive, floor = np.asarray(recorded["adaptive"], bool), np.asarray(recorded["floor"], np.float64)
+    return window_scale(hist, adaptive, floor, fitted, **spread)
+
+
 def summaries(hist: np.ndarray) -> np.ndarray:
     """[N, W, T] raw target history -> [N, 3, T]: each target's volatility, |mean| and |last value| in the window."""
     return np.stack([volatility(hist), np.abs(hist.mean(axis=1)), np.abs(hist[:, -1])], axis=1)

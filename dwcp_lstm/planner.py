@@ -33,7 +33,7 @@ import numpy as np
 
 from dwcp_lstm import online as O
 from dwcp_lstm.errors import ConfigError, DataError, check_named
-from dwcp_lstm.intervals import window_scale
+from dwcp_lstm.intervals import recorded_scale, scale_kinds
 
 MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
 MAX_ROUNDS = 100  # pre-copy rounds before a migration is called non-converging
@@ -440,12 +440,9 @@ def _curves(
     j = predictor.targets.index(tp)
     lo = np.asarray(beyond["lo"], np.float64)[predictor.levels.index(level), :, j]  # [K - H]
     scale = np.ones(len(windows))
-    fitted = beyond.get("fitted") or [False] * len(predictor.targets)
-    if beyond["adaptive"][j] or fitted[j]:  # from the window's summaries, as the graph computes it for its own bounds
+    if scale_kinds(beyond)[j] != "plain":  # from the window's summaries, as the graph computes it for its own bounds
         hist = windows[:, :, [predictor.features.index(t) for t in predictor.targets]].astype(np.float64)
-        spread = {k: np.asarray(beyond[k], np.float64) for k in ("spread", "spread_floor") if fitted[j]}
-        scale = window_scale(hist, np.asarray(beyond["adaptive"], bool), np.asarray(beyond["floor"], np.float64),
-                             np.asarray(fitted, bool), **spread)[:, 0, j]  # fmt: skip
+        scale = recorded_scale(hist, beyond)[:, 0, j]
     return forecast, lower, forecast.mean(axis=1)[:, None] + scale[:, None] * lo[None]
 
 

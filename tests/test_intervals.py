@@ -3,6 +3,8 @@ steps, the Winkler score, and the refusals."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,8 @@ from dwcp_lstm.intervals import (
     earlier_half,
     interval_scores,
     intervals,
+    recorded_scale,
+    scale_kinds,
     windows_needed,
 )
 
@@ -87,6 +91,24 @@ def test_flat_and_idle_windows_get_a_finite_positive_fitted_scale():
     scale = cal.scale(hist)
     assert np.isfinite(scale).all() and (scale > 0).all()
     assert cal.to_dict()["fitted"] == [True, True] and len(cal.to_dict()["spread"]) == 7
+
+
+def test_the_recorded_scale_is_the_calibrations_own_for_every_mix_of_kinds():
+    """The planner rebuilds the scale from the metadata (``recorded_scale``): the same numbers as the calibration's,
+    for a target on the volatility beside one on the fitted scale too (the fitted coefficients are read whenever
+    any target uses them), and for metadata written before the fitted scale existed."""
+    pred, y, hist = set_by_another_target(600, 14)
+    cases = {  # the kinds of the two targets: (adaptive, fitted) flags
+        ("adaptive", "adaptive"): ([True, True], [False, False]),
+        ("adaptive", "fitted"): ([True, False], [False, True]),  # the planner's throughput on the volatility
+        ("fitted", "plain"): ([False, False], [True, False]),
+        ("fitted", "fitted"): ([False, False], [True, True]),
+    }
+    for kinds, (adaptive, fitted) in cases.items():
+        cal = calibrate(pred, y, hist, LEVELS, np.array(adaptive), fitted=np.array(fitted))
+        recorded = json.loads(json.dumps(cal.scale_dict()))  # as the metadata carries it
+        np.testing.assert_allclose(recorded_scale(hist, recorded), cal.scale(hist), rtol=1e-12)
+        assert scale_kinds(recorded) == list(kinds)
 
 
 def test_quantiles_are_the_finite_sample_ranks():
