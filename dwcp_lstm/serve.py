@@ -56,6 +56,7 @@ from dwcp_lstm.tables import (
     outside_range,
     read_table,
     segment_bounds,
+    short_repr,
     target_ranges,
     time_steps,
     write_frame,
@@ -789,6 +790,8 @@ def cmd_forecast(argv: list[str]) -> None:
                 raise ConfigError(f"{output}: --output is the same file as {path}; refusing to overwrite an input")
     trained = predictor.metadata["series"]
     df, series, time = predictor.read_telemetry(a.input, a.series_columns, a.time_column)
+    if output is None or output.suffix.lower() not in PARQUET_SUFFIXES:
+        check_no_formulas(df, series, a.input)
     out = forecast_table(predictor, df, series, time, a.input, a.rolling, a.duplicates, float(trained["max_gap"]),
                          a.online, a.fill_missing)  # fmt: skip
 
@@ -809,6 +812,28 @@ def cmd_forecast(argv: list[str]) -> None:
         parquet = output.suffix.lower() in PARQUET_SUFFIXES  # typed columns: the time stays a number (.pq too)
         write_frame(out if parquet else csv_out, output, float_format="%.7g")  # float32: ~7 digits
         print(f"wrote {what} -> {output}; units: {units}")
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as the start of a formula (OWASP)
+
+
+def check_no_formulas(df: pd.DataFrame, columns: Sequence[str], source: str | Path) -> None:
+    """Refuse a link id that a spreadsheet opening the forecast CSV would run as a formula (``=cmd|' /C calc'!A0``,
+    ``@SUM(...)``, ``-2+3+cmd|...``): the ids are copied into every row of the output. Plain numbers (``-1``) are
+    safe. Refused rather than escaped: an escaped id (a leading ') is another link's name to whatever joins on it;
+    Parquet output keeps every id typed and is not checked."""
+    for col in columns:
+        if pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
+            continue
+        text = df[col].astype(str)
+        bad = text.str.startswith(FORMULA_START) & pd.to_numeric(text, errors="coerce").isna()
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{source}: column {col!r} row {i + 1}: link id {short_repr(text.iloc[i])} starts with "
+                f"{text.iloc[i][0]!r}, which a spreadsheet runs as a formula when it opens the forecast CSV; "
+                "rename the link or write Parquet (--output FILE.parquet)"
+            )
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -579,6 +579,31 @@ def test_link_ids_are_escaped_in_warnings_and_tables(smoke_run, small_csv, tmp_p
     assert not any(c in captured.out + captured.err + err for c in "\x1b\x00")
 
 
+@pytest.mark.parametrize("node", ["=cmd|' /C calc'!A0", "@SUM(1+1)*cmd|' /C calc'!A0", "+1+cmd|x", "-2+3+cmd|x", "\tx"])
+def test_a_link_id_a_spreadsheet_would_run_is_refused_for_csv(smoke_run, small_csv, tmp_path, capsys, node):
+    """forecast copied a link id such as ``=cmd|' /C calc'!A0`` into its CSV, where a spreadsheet runs it as a
+    formula (CSV injection): refused for CSV output, naming the column and row, nothing written; Parquet keeps the
+    id typed and is served; numeric ids with a sign are not formulas."""
+    df = pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str})
+    links = df[["node_id", "peer_id"]].drop_duplicates()
+    a, b = (df.merge(links.iloc[i : i + 1], on=["node_id", "peer_id"]).iloc[-40:].copy() for i in (0, 1))
+    b = b.assign(node_id=node)
+    path = tmp_path / "ids.csv"
+    pd.concat([a, b]).to_csv(path, index=False)
+    out = tmp_path / "f.csv"
+    args = ["forecast", "--model", str(smoke_run), "--input", str(path)]
+    err = run_cli_error([*args, "--output", str(out)], capsys)
+    assert f"{path}: column 'node_id' row 41: link id " in err and "runs as a formula" in err, err
+    assert not out.exists()
+    assert "runs as a formula" in run_cli_error(args, capsys)  # CSV on stdout too
+    cli_main([*args, "--output", str(tmp_path / "f.parquet")])
+    assert node in set(pd.read_parquet(tmp_path / "f.parquet")["node_id"])
+    b = b.assign(node_id="-7")  # a number
+    pd.concat([a, b]).to_csv(path, index=False)
+    cli_main([*args, "--output", str(out)])
+    assert len(pd.read_csv(out)) == 2
+
+
 def test_a_boolean_feature_column_is_refused(predictor, smoke_run, two_links, tmp_path, capsys):
     """A Parquet bool column (or booleans with nulls, an object column) read as 0/1: rtt_ms True was 1 ms."""
     df = pd.read_csv(two_links)
