@@ -264,6 +264,8 @@ def evaluate(
     cal, choice = calibration_of(module, dm, val) if val_calibration is None else val_calibration
     hist = target_history(dm, dm.starts["test"])  # [N, W, T]: the intervals' scale and the planner's baselines
     report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice, hist, online_rate)
+    if report["intervals"] is not None:
+        report["intervals"]["oracle"] = oracle_intervals(dm, val, oracle_steps, y_steps, hist, cal.levels)
     report["planner"], plan_points = backtest_report(dm, val, pred_steps, cal, hist, online_rate)
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
@@ -521,6 +523,26 @@ def interval_report(
                                                           for t, m in pt.items()}).items()},
     }  # fmt: skip
     return out
+
+
+def oracle_intervals(dm, val: dict, oracle: np.ndarray | None, y: np.ndarray, hist: np.ndarray, levels) -> dict | None:
+    """Conformal intervals around the generator's oracle forecast, calibrated on the validation split exactly as the
+    model's are (:func:`intervals.choose`) and judged on the test split: the static coverage a perfect forecast gets
+    on this split, i.e. how far the split alone moves coverage (a test stretch calmer than validation over-covers
+    whatever the model; docs/method.md, "What one test split can say about coverage"). ``oracle`` [N, H, T]: the
+    test windows' oracle; None (and so the result) without an oracle sidecar."""
+    val_oracle = None if oracle is None else oracle_forecasts(dm, dm.target_rows("val"))
+    if val_oracle is None:
+        return None
+    ranges = target_ranges(dm.targets)
+    cal, _ = I.choose(val_oracle, val["y"], val["hist"], levels, True, val["segment"], ranges)
+    b = I.intervals(cal, oracle, hist, ranges)
+    coverage = I.interval_scores(b["lower"], b["upper"], y, levels)["coverage"].mean(axis=1)  # [L, T]
+    return {
+        "calibration": cal.to_dict(),
+        "coverage": {t: {I.level_tag(v): float(coverage[i, j]) for i, v in enumerate(levels)}
+                     for j, t in enumerate(dm.targets)},
+    }  # fmt: skip
 
 
 def _scored(lower: np.ndarray, upper: np.ndarray, y: np.ndarray, names: np.ndarray, levels) -> tuple[dict, dict]:
@@ -839,6 +861,13 @@ def markdown(report: dict, targets: list[str]) -> str:
                         f"{_fmt(v['winkler'])} | {_fmt(v['persistence_winkler'])} | {_fmt(v['ridge_winkler'])} | "
                         f"{v['worst_link']} {100 * v['worst_link_coverage']:.1f} % |"
                     )
+        if iv.get("oracle"):
+            cov = iv["oracle"]["coverage"]
+            lines += ["", "Around the generator's oracle (a perfect forecast), intervals calibrated the same way on "
+                      "validation cover " + "; ".join(f"{t} " + " / ".join(f"{100 * c:.1f} %" for c in cov[t].values())
+                                                     for t in targets)
+                      + f" ({' / '.join(f'{k} %' for k in cov[targets[0]])}) of the test windows: how far this test "
+                      "split alone moves static coverage."]  # fmt: skip
     lines += planner_markdown(report.get("planner"))
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots.FILES if (Path(report["run_dir"]) / p).exists()]

@@ -14,6 +14,7 @@ from dwcp_lstm import evaluate as E
 from dwcp_lstm import synthetic
 from dwcp_lstm.data import DwcpDataModule
 from dwcp_lstm.module import DwcpForecaster
+from dwcp_lstm.tables import target_ranges
 
 
 def test_head_to_head_matches_numpy():
@@ -143,6 +144,32 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
     online = iv["per_target"][dm.targets[j]]["80"]["online"]
     assert online["coverage_per_step"][0] == pytest.approx(covered)
     assert "| online |" in (run / "report.md").read_text()
+
+
+def test_oracle_intervals_are_calibrated_on_validation_and_judged_on_test(evaluated):
+    """The oracle's intervals (how far the split alone moves coverage): calibrated on the validation windows' oracle
+    rows from the sidecar, judged on the test windows'; recomputed by hand from the calibration they record."""
+    from conftest import scale_by_hand
+
+    report, dm, run, oracle, _ = evaluated
+    got = report["intervals"]["oracle"]
+    cal = got["calibration"]
+    assert cal["windows"] == len(dm.starts["val"]) and cal["levels"] == [0.8, 0.95]
+    rows = dm.target_rows("test")
+    keys = dm.frame_keys.iloc[rows - 1]  # the oracle at each test window's last row, joined here by hand
+    for k in ("node_id", "peer_id"):
+        keys, oracle = keys.assign(**{k: keys[k].astype(str)}), oracle.assign(**{k: oracle[k].astype(str)})
+    joined = keys.merge(oracle, on=["node_id", "peer_id", "timestamp"], how="left")
+    y, hist = E.step_targets(dm, "test")[:, 0], E.target_history(dm, dm.starts["test"])
+    for j, t in enumerate(dm.targets):
+        scale = scale_by_hand(hist, cal, j)
+        for i, tag in enumerate(("80", "95")):
+            lower = joined[f"oracle_{t}"].to_numpy() + scale * cal["lo"][i][0][j]
+            upper = joined[f"oracle_{t}"].to_numpy() + scale * cal["hi"][i][0][j]
+            low, high = target_ranges([t])[:, 0]
+            lower, upper = np.clip(lower, low, high), np.clip(upper, low, high)
+            assert got["coverage"][t][tag] == pytest.approx(((y[:, j] >= lower) & (y[:, j] <= upper)).mean())
+    assert "Around the generator's oracle" in (run / "report.md").read_text()
 
 
 def evaluated_module(evaluated):
