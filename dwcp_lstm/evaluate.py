@@ -264,9 +264,11 @@ def evaluate(
     cal, choice = calibration_of(module, dm, val) if val_calibration is None else val_calibration
     hist = target_history(dm, dm.starts["test"])  # [N, W, T]: the intervals' scale and the planner's baselines
     report["intervals"] = interval_report(dm, val, pred_steps, y_steps, base_steps, cal, choice, hist, online_rate)
-    if report["intervals"] is not None:
-        report["intervals"]["oracle"] = oracle_intervals(dm, val, oracle_steps, y_steps, hist, cal.levels)
-    report["planner"], plan_points = backtest_report(dm, val, pred_steps, cal, hist, online_rate)
+    ocal = oracle_calibration(dm, val, oracle_steps, cal.levels) if report["intervals"] is not None else None
+    if ocal is not None:
+        report["intervals"]["oracle"] = oracle_intervals(dm, ocal, oracle_steps, y_steps, hist)
+    report["planner"], plan_points = backtest_report(dm, val, pred_steps, cal, hist, online_rate,
+                                                     None if ocal is None else (oracle_steps, ocal))  # fmt: skip
     report["per_link"] = per_link(dm, rows, pred, y, base_preds["persistence"][0], mape_floor)
     report["checks"] = checks(report, mse, dm.targets)
     report["data"] = {
@@ -525,18 +527,27 @@ def interval_report(
     return out
 
 
-def oracle_intervals(dm, val: dict, oracle: np.ndarray | None, y: np.ndarray, hist: np.ndarray, levels) -> dict | None:
-    """Conformal intervals around the generator's oracle forecast, calibrated on the validation split exactly as the
-    model's are (:func:`intervals.choose`) and judged on the test split: the static coverage a perfect forecast gets
-    on this split, i.e. how far the split alone moves coverage (a test stretch calmer than validation over-covers
-    whatever the model; docs/method.md, "What one test split can say about coverage"). ``oracle`` [N, H, T]: the
-    test windows' oracle; None (and so the result) without an oracle sidecar."""
+def oracle_calibration(dm, val: dict, oracle: np.ndarray | None, levels) -> I.Calibration | None:
+    """The interval calibration of the generator's oracle forecast, made on the validation split exactly as the
+    model's (:func:`calibration_of`: the chronological choice of scale, the tail beyond the horizon). ``oracle``
+    [N, H, T]: the test windows' oracle; None (and so the result) without an oracle sidecar. With it the report
+    shows the static coverage a perfect forecast gets on this split, of intervals and of the planner's times: how
+    far the split alone moves coverage (a test stretch calmer than validation over-covers whatever the model;
+    docs/method.md, "What one test split can say about coverage")."""
     val_oracle = None if oracle is None else oracle_forecasts(dm, dm.target_rows("val"))
     if val_oracle is None:
         return None
     ranges = target_ranges(dm.targets)
     cal, _ = I.choose(val_oracle, val["y"], val["hist"], levels, True, val["segment"], ranges)
-    b = I.intervals(cal, oracle, hist, ranges)
+    pick = B._even_subset(len(val["y"]), 50_000)
+    return I.calibrate_tail(cal, val_oracle[pick], tail_targets(dm, "val", pick), val["hist"][pick], ranges)
+
+
+def oracle_intervals(dm, cal: I.Calibration, oracle: np.ndarray, y: np.ndarray, hist: np.ndarray) -> dict:
+    """The oracle's intervals (:func:`oracle_calibration`) judged on the test split: coverage per target and level
+    pooled over steps, beside the calibration itself (``oracle``, ``y`` [N, H, T], ``hist`` [N, W, T])."""
+    levels = cal.levels
+    b = I.intervals(cal, oracle, hist, target_ranges(dm.targets))
     coverage = I.interval_scores(b["lower"], b["upper"], y, levels)["coverage"].mean(axis=1)  # [L, T]
     return {
         "calibration": cal.to_dict(),
@@ -697,6 +708,11 @@ def planner_markdown(plan: dict | None) -> list[str]:
             f"{s['current_rate_held']['mdape']:.2f} | {s['harmonic_mean_5']['mdape']:.2f} | "
             f"{s['persistence_conformal']['mdape']:.2f} | {100 * r['model']['beyond_horizon_share']:.0f} % |"
         )
+    oracle = [r["oracle_coverage"] for r in plan["runs"] if r["migrations"] and r.get("oracle_coverage") is not None]
+    if oracle:
+        lines += ["", f"The generator's oracle (a perfect forecast) with bounds calibrated the same way: its {c:g} % "
+                  f"time covers {100 * min(oracle):.1f}-{100 * max(oracle):.1f} % of the same migrations (per size: "
+                  "`oracle_coverage`), how far this test split alone moves the planner's coverage."]  # fmt: skip
     return lines
 
 

@@ -803,6 +803,7 @@ def backtest(
     groups: np.ndarray | None = None,
     confidence: float = 0.9,
     online_rate: float = O.RATE,
+    oracle: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
 ) -> dict:
     """Replay migrations that start at every window: the realised time from the measured rates ``real`` [N, K]
     (NaN past the data) against the model's plan (``forecast`` [N, H], ``mean_lower`` [N, H] at the backtest's
@@ -816,7 +817,9 @@ def backtest(
     [N] (each window's first forecast row) and ``groups`` [N] (its link), also ``online_coverage``: the
     confidence-level time recalibrated online (:func:`~dwcp_lstm.online.track_promises`): a hit used from the row
     the migration ended on, a miss from the row its confident time passed (a censored one's, a miss only, no later
-    than the end of its data), the step damped when the promise is longer than the horizon."""
+    than the end of its data), the step damped when the promise is longer than the horizon. With ``oracle`` (the
+    generator's forecast, ``mean_lower`` and ``tail_lower`` around it, calibrated the same way), also
+    ``oracle_coverage``: what a perfect forecast's confidence-level time covers on the same migrations."""
     n, h = forecast.shape
     none = np.empty((n, 0))
     seen = np.isfinite(real).sum(axis=1) * np.broadcast_to(step_s, (n,))  # [N] seconds of data after each start
@@ -870,6 +873,8 @@ def backtest(
                     **online,
                 },
                 "persistence_conformal_coverage": covered(persist["time_confident_s"]),
+                "oracle_coverage": None if oracle is None else covered(
+                    plan_arrays(*oracle[:2], step_s, m, oracle[2])["time_confident_s"]),
                 "simple": {name: {"mdape": mdape(t), "done_by_estimate": covered(t)} for name, t in simple.items()},
                 "_points": (r, model["time_median_s"][ok], model["time_confident_s"][ok]),
             })  # fmt: skip
@@ -877,13 +882,15 @@ def backtest(
 
 
 def backtest_report(
-    dm, val: dict | None, pred: np.ndarray, cal, hist: np.ndarray, online_rate: float = O.RATE
+    dm, val: dict | None, pred: np.ndarray, cal, hist: np.ndarray, online_rate: float = O.RATE, oracle=None
 ) -> tuple[dict, list[tuple[np.ndarray, ...]]]:
     """The ``planner`` section of a run's report: :func:`backtest` on the test split of ``dm`` (a fitted
     :class:`~dwcp_lstm.data.DwcpDataModule`), with the model's test forecasts ``pred`` [N, H, T], its calibration
     ``cal`` and the test windows' target history ``hist`` [N, W, T]; persistence is calibrated on the validation
-    forecasts in ``val`` the same way. Returns the section (only ``skipped``, the reason, where no plan can be judged)
-    and per replayed run the (realised, median, confident) times [n] of its migrations, for the plot."""
+    forecasts in ``val`` the same way. ``oracle``: the generator's test forecasts [N, H, T] and their calibration
+    (``evaluate.oracle_calibration``), for each run's ``oracle_coverage``; None without. Returns the section (only
+    ``skipped``, the reason, where no plan can be judged) and per replayed run the (realised, median, confident)
+    times [n] of its migrations, for the plot."""
     from dwcp_lstm import baselines as B
     from dwcp_lstm import intervals as I
     from dwcp_lstm.tables import cadence_of, target_ranges
@@ -901,8 +908,8 @@ def backtest_report(
         return {"skipped": str(exc)}, []
     j, li = dm.targets.index(tp), list(cal.levels).index(level)
     starts, first = dm.starts["test"], dm.target_rows("test")
-    pick = B._even_subset(len(starts), 20_000)  # bounds the [N, K] replay on long real traces
-    starts, first, pred, hist = starts[pick], first[pick], pred[pick], hist[pick]
+    pick_rows = B._even_subset(len(starts), 20_000)  # bounds the [N, K] replay on long real traces
+    starts, first, pred, hist = starts[pick_rows], first[pick_rows], pred[pick_rows], hist[pick_rows]
     seg = dm.segment_of_row[first]
     seg_end = dm.bounds[seg, 1]
     cadence = cadence_of(dm.timestamps, dm.bounds)
@@ -930,9 +937,14 @@ def backtest_report(
     last = hist[:, -1, j]
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1], ranges[:, j : j + 1])["mean_lower"][:, 0, :, 0]
+    if oracle is not None:  # the same bounds around the generator's forecast, calibrated the same way
+        o_pred, o_cal = oracle[0][pick_rows], oracle[1]
+        ob = I.intervals(o_cal, o_pred, hist, ranges)
+        oracle = (o_pred[..., j], ob["mean_lower"][:, li, :, j], ob["tail_lower"][:, li, :, j] if "tail_lower" in ob
+                  else None)  # fmt: skip
     out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
                    p_lower, sizes, dirty, tail_lower=tail_lower, issued=first, groups=dm.series_names(first),
-                   confidence=BACKTEST_CONFIDENCE, online_rate=online_rate)  # fmt: skip
+                   confidence=BACKTEST_CONFIDENCE, online_rate=online_rate, oracle=oracle)  # fmt: skip
     runs = out["runs"]
     points = [r.pop("_points") for r in runs]
     judged = [r for r in runs if r["migrations"] > 0]

@@ -167,6 +167,25 @@ def test_the_backtest_counts_a_migration_cut_off_after_its_confident_time_as_a_m
     assert run["model"]["online_coverage"] <= 6 / 9 + 1e-12
 
 
+def test_the_backtest_judges_the_oracles_plan_as_it_judges_the_models():
+    """``oracle_coverage`` is the coverage the same backtest gives a model whose forecast and bounds are the
+    oracle's: equal to the model's when they are the model's, and to a rerun with them as the model otherwise."""
+    rng = np.random.default_rng(5)
+    n, h = 40, 4
+    real = rng.uniform(50.0, 150.0, (n, 60))
+    forecast, rate = np.full((n, h), 100.0), np.full(n, 100.0)
+    lower, o_lower = np.full((n, h), 80.0), np.full((n, h), 95.0) + rng.normal(0, 5, (n, h))
+    args = (real, np.full(n, 1.0), forecast)
+    sizes = [300.0 / P.MBIT_PER_GIB, 1500.0 / P.MBIT_PER_GIB]
+    same = P.backtest(*args, lower, rate, rate, lower, sizes, [0.0], oracle=(forecast, lower, None))
+    other = P.backtest(*args, lower, rate, rate, lower, sizes, [0.0], oracle=(forecast, o_lower, None))
+    as_model = P.backtest(*args, o_lower, rate, rate, lower, sizes, [0.0])
+    for a, b, c in zip(same["runs"], other["runs"], as_model["runs"], strict=True):
+        assert a["oracle_coverage"] == a["model"]["coverage"]
+        assert b["oracle_coverage"] == c["model"]["coverage"] != a["model"]["coverage"]
+    assert P.backtest(*args, lower, rate, rate, lower, sizes, [0.0])["runs"][0]["oracle_coverage"] is None
+
+
 def test_carried_volume_matches_a_direct_sum():
     rng = np.random.default_rng(3)
     stretches, steps = [rng.exponential(2.0, n) for n in (1, 7, 30)], [1.0, 0.5, 2.0]
@@ -414,6 +433,8 @@ def test_report_backtests_the_planner(smoke_run):
         assert r["migrations"] + r["censored"] == plan["windows"]
         assert set(r["simple"]) == {"current_rate_held", "harmonic_mean_5", "persistence_conformal"}
         assert 0 <= r["model"]["coverage"] <= 1 and 0 <= r["model"]["online_coverage"] <= 1
+        assert 0 <= r["oracle_coverage"] <= 1  # the smoke data has an oracle sidecar
+    assert "The generator's oracle (a perfect forecast)" in (smoke_run / "report.md").read_text()
     assert set(plan["checks"]) == {"coverage_within_3_points", "online_coverage_within_3_points",
                                    "mdape_below_every_simple_planner"}  # fmt: skip
     assert (smoke_run / "planner.png").exists()
