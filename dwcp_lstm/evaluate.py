@@ -405,11 +405,17 @@ def calibration_of(module, dm, val: dict | None) -> tuple[I.Calibration | None, 
     levels = I.check_levels(module.hparams.get("interval_levels", I.DEFAULT_LEVELS))
     if val is None or len(val["y"]) < I.windows_needed(levels):
         return None, None
+    return calibrate_on_validation(dm, val, val["pred"], levels, bool(module.delta))
+
+
+def calibrate_on_validation(dm, val: dict, pred: np.ndarray, levels, allow_adaptive: bool) -> tuple:
+    """The calibration of forecasts ``pred`` [N, H, T] of the validation windows ``val``: the chronological choice
+    of scale (:func:`intervals.choose`) and the tail beyond the horizon; with the choice's scores."""
     ranges = target_ranges(dm.targets)
-    cal, scores = I.choose(val["pred"], val["y"], val["hist"], levels, bool(module.delta), val["segment"], ranges)
+    cal, scores = I.choose(pred, val["y"], val["hist"], levels, allow_adaptive, val["segment"], ranges)
     pick = B._even_subset(len(val["y"]), 50_000)  # bounds the [n, 8 H, T] array on long validation splits
     tail = tail_targets(dm, "val", pick)
-    return I.calibrate_tail(cal, val["pred"][pick], tail, val["hist"][pick], ranges), scores
+    return I.calibrate_tail(cal, pred[pick], tail, val["hist"][pick], ranges), scores
 
 
 def tail_targets(dm, stage: str, pick: np.ndarray) -> np.ndarray:
@@ -529,18 +535,12 @@ def interval_report(
 
 def oracle_calibration(dm, val: dict, oracle: np.ndarray | None, levels) -> I.Calibration | None:
     """The interval calibration of the generator's oracle forecast, made on the validation split exactly as the
-    model's (:func:`calibration_of`: the chronological choice of scale, the tail beyond the horizon). ``oracle``
-    [N, H, T]: the test windows' oracle; None (and so the result) without an oracle sidecar. With it the report
-    shows the static coverage a perfect forecast gets on this split, of intervals and of the planner's times: how
-    far the split alone moves coverage (a test stretch calmer than validation over-covers whatever the model;
-    docs/method.md, "What one test split can say about coverage")."""
+    model's (:func:`calibrate_on_validation`). ``oracle`` [N, H, T]: the test windows' oracle; None (and so the
+    result) without an oracle sidecar. With it the report shows the static coverage a perfect forecast gets on this
+    split, of intervals and of the planner's times: how far the split alone moves coverage (a test stretch calmer
+    than validation over-covers whatever the model; docs/method.md, "What one test split can say about coverage")."""
     val_oracle = None if oracle is None else oracle_forecasts(dm, dm.target_rows("val"))
-    if val_oracle is None:
-        return None
-    ranges = target_ranges(dm.targets)
-    cal, _ = I.choose(val_oracle, val["y"], val["hist"], levels, True, val["segment"], ranges)
-    pick = B._even_subset(len(val["y"]), 50_000)
-    return I.calibrate_tail(cal, val_oracle[pick], tail_targets(dm, "val", pick), val["hist"][pick], ranges)
+    return None if val_oracle is None else calibrate_on_validation(dm, val, val_oracle, levels, True)[0]
 
 
 def oracle_intervals(dm, cal: I.Calibration, oracle: np.ndarray, y: np.ndarray, hist: np.ndarray) -> dict:

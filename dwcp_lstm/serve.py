@@ -815,6 +815,7 @@ def cmd_forecast(argv: list[str]) -> None:
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as the start of a formula (OWASP)
+PLAIN_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"  # "-7", "+1.5e3": a value, not a formula
 
 
 def check_no_formulas(df: pd.DataFrame, columns: Sequence[str], source: str | Path) -> None:
@@ -826,7 +827,7 @@ def check_no_formulas(df: pd.DataFrame, columns: Sequence[str], source: str | Pa
         if pd.api.types.is_numeric_dtype(df[col]) or pd.api.types.is_bool_dtype(df[col]):
             continue
         text = df[col].astype(str)
-        bad = text.str.startswith(FORMULA_START) & pd.to_numeric(text, errors="coerce").isna()
+        bad = text.str.startswith(FORMULA_START) & ~text.str.fullmatch(PLAIN_NUMBER)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(

@@ -499,3 +499,34 @@ def test_predict_on_a_corrupted_frame(predictor, base, data):
     np.testing.assert_allclose([y[t] for t in predictor.targets], expected, rtol=1e-6)
     assert len(rolling) == len(df) - predictor.window + 1
     np.testing.assert_allclose(rolling[predictor.targets].iloc[-1].to_numpy(), expected, rtol=1e-6)
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(ids=st.lists(st.one_of(st.text(max_size=12), st.from_regex(r"[=+\-@\t\r][^\n]{0,10}", fullmatch=True),
+                              st.floats(-1e6, 1e6).map(repr), st.integers().map(str),
+                              st.sampled_from(["-inf", "-nan", "-1_0", "-1 ", "+.5", "-1.", "-1e-3"])),
+                    min_size=1, max_size=6))  # fmt: skip
+def test_any_link_id_a_spreadsheet_runs_is_refused_and_no_other(ids):
+    """CSV injection as a class: an id is refused exactly when it starts with one of OWASP's formula characters
+    (=, +, -, @, tab, CR) and is not a plain number; the refusal names the first such row in one line."""
+    from dwcp_lstm.serve import check_no_formulas
+    from dwcp_lstm.tables import DataError
+
+    def runs(i: str) -> bool:  # a plain number: only digits, signs, a point and an exponent, and float() reads it
+        if not i or i[0] not in "=+-@\t\r":
+            return False
+        try:
+            float(i)
+        except ValueError:
+            return True
+        return not set(i) <= set("0123456789+-.eE")
+
+    df = pd.DataFrame({"node_id": ids})
+    bad = [k for k, i in enumerate(ids) if runs(i)]
+    try:
+        check_no_formulas(df, ["node_id"], "t.csv")
+    except DataError as exc:
+        message = str(exc)
+        assert bad and "\n" not in message and f"t.csv: column 'node_id' row {bad[0] + 1}: link id " in message
+    else:
+        assert not bad, ids
