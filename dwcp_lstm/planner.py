@@ -926,9 +926,15 @@ def backtest_report(
     real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
 
     ranges = target_ranges(dm.targets)
-    bounds = I.intervals(cal, pred, hist, ranges)  # clipped into the targets' ranges, as the graph gives them to plan
-    mean_lower = bounds["mean_lower"][:, li, :, j]  # [N, H]
-    tail_lower = bounds["tail_lower"][:, li, :, j] if "tail_lower" in bounds else None  # [N, K - H]
+
+    def plan_inputs(calibration, forecast: np.ndarray) -> tuple:
+        """The throughput's forecast [N, H], the lower bound of its mean over k steps [N, H] and beyond the
+        horizon [N, K - H] (None without a tail), clipped into the targets' ranges as the graph gives them to plan."""
+        b = I.intervals(calibration, forecast, hist, ranges)
+        tail = b["tail_lower"][:, li, :, j] if "tail_lower" in b else None
+        return forecast[..., j], b["mean_lower"][:, li, :, j], tail
+
+    _, mean_lower, tail_lower = plan_inputs(cal, pred)
     (vp, vm) = val["baselines"]["persistence"]
     pick = (vm, ..., slice(j, j + 1))
     pcal, _ = I.choose(
@@ -937,14 +943,11 @@ def backtest_report(
     last = hist[:, -1, j]
     persist = np.repeat(last[:, None, None], h, axis=1)  # [N, H, 1]
     p_lower = I.intervals(pcal, persist, hist[..., j : j + 1], ranges[:, j : j + 1])["mean_lower"][:, 0, :, 0]
-    if oracle is not None:  # the same bounds around the generator's forecast, calibrated the same way
-        o_pred, o_cal = oracle[0][pick_rows], oracle[1]
-        ob = I.intervals(o_cal, o_pred, hist, ranges)
-        oracle = (o_pred[..., j], ob["mean_lower"][:, li, :, j], ob["tail_lower"][:, li, :, j] if "tail_lower" in ob
-                  else None)  # fmt: skip
+    # the same plan around the generator's forecast, calibrated the same way
+    o_plan = None if oracle is None else plan_inputs(oracle[1], oracle[0][pick_rows])
     out = backtest(real, step_s, pred[..., j], mean_lower, last, B.harmonic_mean(hist[..., j : j + 1])[:, 0],
                    p_lower, sizes, dirty, tail_lower=tail_lower, issued=first, groups=dm.series_names(first),
-                   confidence=BACKTEST_CONFIDENCE, online_rate=online_rate, oracle=oracle)  # fmt: skip
+                   confidence=BACKTEST_CONFIDENCE, online_rate=online_rate, oracle=o_plan)  # fmt: skip
     runs = out["runs"]
     points = [r.pop("_points") for r in runs]
     judged = [r for r in runs if r["migrations"] > 0]
