@@ -576,6 +576,55 @@ def _data_error(msg: str):
     return ConfigError(msg)
 
 
+def config_files(argv: list[str]) -> list[tuple[int, str]]:
+    """The ``--config`` files of a command line, each with the position of the argument after it, in reading order."""
+    found = []
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            found.append((i + 2, argv[i + 1]))
+        elif a.startswith("--config="):
+            found.append((i + 1, a.split("=", 1)[1]))
+    return found
+
+
+def blame_config(text: str, argv: list[str]) -> str:
+    """``text`` (a one-line error) with the ``--config`` file behind it in front: jsonargparse's messages say which
+    key is wrong (``Parser key "trainer.max_epochs"``), or that some YAML did not parse, but not in which file, and a
+    command may read several. jsonargparse checks each file as it reads it, so its ``Given value`` is blamed on the
+    first file holding that value; the project's own checks (``--model.loss must be ...``) see the final value, the
+    last file's unless a flag later on the line sets it again. A YAML error is the first file that does not parse.
+    ``text`` unchanged where no file is to blame."""
+    import re
+
+    import yaml
+
+    key = re.match(r'Parser key "([^"]+)"|--([\w.]+) ', text)
+    key = key and (key.group(1) or key.group(2))
+    setters = []  # (position after it, file, value) of every file that sets the key, in reading order
+    for i, path in config_files(argv):
+        try:
+            doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            if not key:  # jsonargparse reads the files in order: this is the one that failed
+                return f"{path}: {text}"
+            continue
+        except (OSError, UnicodeDecodeError):
+            continue  # a missing or unreadable file: jsonargparse's message names it already
+        node = doc
+        for part in (key or "config").split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if key and key != "config" and node is not KeyError:
+            setters.append((i, path, node))
+    given = re.search(r"Given value: (.*)$", text)
+    if given:
+        return next((f"{p}: {text}" for _, p, v in setters if str(v) == given.group(1).strip()), text)
+    if setters:
+        i, path, _ = setters[-1]
+        later = any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv[i:])
+        return text if later else f"{path}: {text}"
+    return text
+
+
 class _StderrHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is at the time (a StreamHandler would keep a stream that may be closed)."""
 
@@ -643,12 +692,12 @@ def cli_main(args: ArgsType = None) -> None:
               "python -m dwcp_lstm fit --ckpt_path last and the same flags", file=sys.stderr)  # fmt: skip
         raise SystemExit(128 + 15) from None  # what a shell reports for a process that SIGTERM ended
     except DwcpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {blame_config(str(exc), argv) if argv[0] in LIGHTNING_COMMANDS else exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except ArgumentError as exc:  # jsonargparse's message, on one line
         from dwcp_lstm.imports import denied_message
 
-        text = denied_message(str(exc)) or " ".join(str(exc).split())
+        text = denied_message(str(exc)) or blame_config(" ".join(str(exc).split()), argv)
         if len(text) > MAX_MESSAGE:  # it quotes the value: a 1 MB string in a config was one 1 MB error line
             text = f"{text[:MAX_MESSAGE]}... ({len(text) - MAX_MESSAGE:,} more characters)"
         print(f"error: {text}", file=sys.stderr)

@@ -136,16 +136,21 @@ class ForecastMetrics(torch.nn.Module):
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{target: {metric: value}}``; NaN where a metric is undefined on the data: R2 and correlation of a target
-        that never changes (torchmetrics returns 0 for R2 there), WAPE of a target that is 0 throughout (torchmetrics
-        divides by an epsilon and returns ~1e7), MAPE when no target exceeds the floor, the relative errors when the
-        targets' mean is 0."""
+        that never changes (torchmetrics returns 0 for R2 there; R2 is computed from R2Score's sums, below), WAPE of
+        a target that is 0 throughout (torchmetrics divides by an epsilon and returns ~1e7), MAPE when no target
+        exceeds the floor, the relative errors when the targets' mean is 0."""
         out = {}
         for name, m in zip(self.target_names, self.per_target, strict=True):
             values = {k: float(v) for k, v in m.compute().items()}
             r2 = m["r2"]
             n, sum_sq, total = float(r2.total), float(r2.sum_squared_error), float(r2.sum_error)
-            if n < 2 or sum_sq - total * total / n <= 1e-12 * sum_sq:  # no variance in the target
+            tss = sum_sq - total * total / n if n > 0 else 0.0
+            if n < 2 or tss <= 1e-12 * sum_sq:  # no variance in the target
                 values["r2"] = values["correlation"] = math.nan
+            else:  # from R2Score's own sums: its compute() returns exactly 1 where the squared errors sum to less
+                # than an absolute 1e-4 (and 0 where the targets' do), whatever the units: a loss rate's R2 of 0.992
+                # on 450 windows read 1.0 (found by an audit against numpy)
+                values["r2"] = 1.0 - float(r2.residual) / tss
             if float(m["wape"].sum_scale) == 0.0:
                 values["wape"] = math.nan
             out[name] = values

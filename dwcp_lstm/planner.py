@@ -922,6 +922,13 @@ def backtest_report(
     if not sizes:  # nothing to replay: say so, rather than checks that pass on no migration at all
         why = f"mean {mean_mbps:.4g} Mbit/s, median volume {carried[-1]:.4g} Mbit"
         return {"skipped": f"no VM size to replay: {tp} carried nothing in a typical {h}-step stretch ({why})"}, []
+    outside = [f"{v:.3g} GiB" for v in sizes if not MIN_MEMORY_GIB <= v <= MAX_MEMORY_GIB]
+    outside += [f"a dirty rate of {v:.3g} Mbit/s" for v in dirty if v > MAX_RATE_MBPS]
+    if outside:  # data far from Mbit/s (bit/s, say): a workload the planner refuses, after training had finished
+        why = f"training mean {mean_mbps:.4g} Mbit/s, median volume in {h} steps {carried[-1]:.4g} Mbit"
+        return {"skipped": f"{tp} ({why}) gives {', '.join(outside)}, outside what the planner takes (a VM of a "
+                           f"byte to {MAX_MEMORY_GIB:g} GiB, dirtied at most {MAX_RATE_MBPS:g} Mbit/s): is "
+                           f"{tp} in Mbit/s?"}, []  # fmt: skip
     steps = replay_steps(h, int((seg_end - first).max()))
     real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
 

@@ -152,7 +152,10 @@ def add_clock(
             bad = names[int(np.flatnonzero(starts.isna().to_numpy())[0])]
             raise DataError(f"{path}: series id {short_repr(bad)} in column {series[0]!r} is not a start time in the "
                             f"format {series_start!r} (--data.series_start)")  # fmt: skip
-        seconds = pd.Series((starts - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(), index=names)
+        # Seconds since 1970 through microseconds: a nanosecond Timestamp (pd.Timestamp(0)) cannot hold a start
+        # outside 1677-2262, which strptime parses (a traceback found by a hostile-input hunt: '9999-12-31-...')
+        micros = starts.dt.tz_localize(None).to_numpy().astype("datetime64[us]").astype(np.int64)
+        seconds = pd.Series(micros / 1e6, index=names)
         start = seconds.reindex(ids.to_numpy()).to_numpy()
         # Seconds since a series' start as large as the start's own seconds since 1970 are an absolute time: added to
         # the start, the clock inputs were those of another second (found by fuzzing: a 15 s beat off by 12 s)
@@ -161,7 +164,7 @@ def add_clock(
             i = int(np.flatnonzero(absolute)[0])
             raise DataError(f"{path}: column {time!r} row {i + 1}: {t[i]:g} looks like an absolute time (seconds "
                             f"since 1970); with --data.series_start it counts seconds from the start of series "
-                            f"{ids.iloc[i]!r}")  # fmt: skip
+                            f"{short_repr(ids.iloc[i])}")  # fmt: skip
         t = t + start
     df = df.copy()
     for name, period in clock.items():
@@ -534,7 +537,9 @@ def fill_missing(df: pd.DataFrame, columns: Sequence[str], series: Sequence[str]
     keys = list(series)
     df[cols] = df.groupby(keys, sort=False, observed=True)[cols].ffill() if keys else df[cols].ffill()
     empty = df[cols].isna().any(axis=1)  # after a forward fill: only a series' leading rows
-    log.warning("%s: filled %d empty cells with the last known value of their series", path, n_missing)
+    n_filled = n_missing - int(df[cols].isna().to_numpy().sum())  # not those: their rows are dropped (below)
+    if n_filled:
+        log.warning("%s: filled %d empty cells with the last known value of their series", path, n_filled)
     if not empty.any():
         return df
     whole = empty.groupby([df[k] for k in keys], sort=False, observed=True).transform("all") if keys else empty.all()
@@ -574,8 +579,15 @@ LINK_SEPARATOR = "->"  # joins a link's series ids into the name reports, interv
 
 def link_name(df: pd.DataFrame, series: Sequence[str], row: int) -> str:
     """The link of ``row`` as messages name it: its series ids joined by '/', control characters escaped
-    (:func:`printable`)."""
-    return "/".join(printable(str(df[c].iloc[row])) for c in series) or "the series"
+    (:func:`printable`), each cut to :data:`MAX_ID_SHOWN` characters (a 50 MB id was one 50 MB warning line)."""
+    return "/".join(_cut(printable(str(df[c].iloc[row]))) for c in series) or "the series"
+
+
+MAX_ID_SHOWN = 100  # characters of one series id a message shows
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_ID_SHOWN else f"{text[: MAX_ID_SHOWN - 3]}... ({len(text):,} characters)"
 
 
 CADENCE_TOLERANCE = 2.0  # a link's cadence may differ from training's by up to this factor either way

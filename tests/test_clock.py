@@ -172,6 +172,25 @@ def test_a_start_time_with_an_offset_is_that_instant():
     assert add_clock(naive, {"beat_s": 15.0}, "%Y-%m-%d-%H-%M-%S", ["cap"], "t", "x.csv")["beat_s"].tolist() == [5, 6]
 
 
+@pytest.mark.parametrize(
+    "start", ["9999-12-31-23-59-59", "0001-01-01-00-00-07", "1677-09-21-00-00-00", "2262-04-12-00-00-00"]
+)
+def test_a_start_outside_the_nanosecond_range_is_read_as_any_other(start):
+    """A series id starting before 1677-09-22 or after 2262-04-11 parses (strptime) but raised OutOfBoundsDatetime,
+    a traceback, in fit and forecast (found by a hostile-input hunt). Its clock inputs are those of the start read by
+    the standard library (datetime.timestamp), the reference here."""
+    from datetime import datetime
+
+    from dwcp_lstm.tables import add_clock
+
+    fmt = "%Y-%m-%d-%H-%M-%S"
+    df = pd.DataFrame({"cap": [start] * 3, "t": [0.0, 1.5, 61.0]})
+    out = add_clock(df, {"beat_s": 15.0, "day_s": 86400.0}, fmt, ["cap"], "t", "x.csv")
+    epoch = datetime.strptime(start, fmt).replace(tzinfo=dt.UTC).timestamp()
+    for name, period in (("beat_s", 15.0), ("day_s", 86400.0)):
+        np.testing.assert_allclose(out[name], np.mod(epoch + df["t"].to_numpy(), period), atol=1e-6)
+
+
 def test_absolute_times_are_refused_when_the_start_comes_from_the_series_id(clock_run, relative_csv, tmp_path, capsys):
     """Found by fuzzing: a capture log whose time column held the wall clock itself (a datetime column, or Unix
     seconds) had the start added twice; the clock input was that of another second, and forecast said nothing."""

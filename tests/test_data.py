@@ -258,6 +258,12 @@ def test_fill_missing_carries_values_forward_only(caplog):
     assert out["link"].tolist() == ["a", "a", "a", "c", "c"]
     assert out["x"].tolist() == [3.0, 3.0, 5.0, 7.0, 7.0] and out["y"].tolist() == [2.0, 4.0, 5.0, 8.0, 9.0]
     assert "dropped 2 rows at the start of their series" in caplog.text and "skipped 1 series" in caplog.text
+    # the cells filled: a's x in row 3 and y in row 2, c's x; the 5 still empty are dropped, not filled (an audit
+    # found "filled 1 empty cells" for a link whose only empty cell was in its first row, which was dropped)
+    assert "filled 3 empty cells" in caplog.text
+    caplog.clear()
+    assert fill_missing(pd.DataFrame({"x": [nan, 1.0], "y": [1.0, 2.0]}), ["x", "y"], [], "t.csv").shape == (1, 2)
+    assert "dropped 1 rows" in caplog.text and "filled" not in caplog.text
     one = pd.DataFrame({"x": [nan, 1.0, nan], "y": [1.0, 2.0, 3.0]})  # no series columns: one series
     assert fill_missing(one, ["x", "y"], [], "t.csv")["x"].tolist() == [1.0, 1.0]
     with pytest.raises(DataError, match="'y' is empty throughout every series"):

@@ -35,6 +35,21 @@ def test_each_metric_matches_a_numpy_scipy_reference(data):
             assert got[name][k] == pytest.approx(v, rel=1e-6), (name, k)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
+@pytest.mark.parametrize("noise", [0.1, 30.0])
+def test_r2_does_not_depend_on_the_units(scale, noise):
+    """Found by an audit against numpy: torchmetrics' R2Score returns exactly 1 when the squared errors sum to less
+    than an absolute 1e-4 (and 0 when the targets' squares do), so a packet-loss rate's R2 of 0.992 on 450 windows
+    read 1.0 and a forecast far worse than the mean read 0. R2 is unitless: the same data in other units, the same
+    R2, numpy's."""
+    rng = np.random.default_rng(0)
+    y = 3.0 + rng.standard_normal(450)
+    p = y + noise * rng.standard_normal(450)
+    ref = 1 - ((p - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    got = compute_metrics(torch.tensor(scale * p[:, None]), torch.tensor(scale * y[:, None]), ["a"])["a"]["r2"]
+    assert got == pytest.approx(ref, rel=1e-9)
+
+
 def test_relative_errors_by_hand():
     """Small enough to check on paper: errors 1, -2, 3, 0 on actuals with mean 10 (|mean| for a negative one)."""
     y = np.array([[8.0], [9.0], [11.0], [12.0]])

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import fit_args, run_dir_of
 
 from dwcp_lstm import planner as P
 from dwcp_lstm.cli import cli_main
@@ -438,6 +439,23 @@ def test_report_backtests_the_planner(smoke_run):
     assert set(plan["checks"]) == {"coverage_within_3_points", "online_coverage_within_3_points",
                                    "mdape_below_every_simple_planner"}  # fmt: skip
     assert (smoke_run / "planner.png").exists()
+
+
+@pytest.mark.parametrize("factor", [1e6, 1e-12])
+def test_throughput_far_from_megabits_skips_the_backtest_instead_of_failing_the_run(small_csv, tmp_path, factor):
+    """Found by a hostile-input hunt: throughput in bit/s (or a trillionth of a Mbit/s) trained, exported, and then
+    the report died on ``--dirty-rate-mbps must be ...`` (a flag nobody gave): the backtest's workload, read off the
+    training rows, was outside what the planner takes. The run now finishes and the report says why it has no
+    backtest."""
+    df = pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str})
+    path = tmp_path / "scaled.csv"
+    df.assign(throughput_mbps=df["throughput_mbps"] * factor).to_csv(path, index=False)
+    cli_main(fit_args(tmp_path, f"--data.data_path={path}", "--trainer.max_epochs=1", "--model.lstm_sizes=[8]",
+                      "--model.head_sizes=[8]", "--model.head_dropouts=[]"))  # fmt: skip
+    run = run_dir_of(tmp_path)
+    skipped = json.loads((run / "report.json").read_text())["planner"]["skipped"]
+    assert "outside what the planner takes" in skipped and "is throughput_mbps in Mbit/s?" in skipped, skipped
+    assert f"Not run: {skipped}" in (run / "report.md").read_text()
 
 
 # -- generated cases: any numbers give a plan or one refusal, never a traceback or a wrong-signed time -------------

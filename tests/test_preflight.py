@@ -720,3 +720,28 @@ def test_a_run_whose_best_checkpoint_is_not_a_checkpoint_says_so(tmp_path, smoke
     best.symlink_to(target)
     err = run_cli(["report", "--run", str(run)], capsys)
     assert expected in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "after", "blamed", "expected"),
+    [
+        ("trainer:\n  max_epochs: [1\n", [], True, "Problems parsing config"),  # YAML that does not parse
+        ("trainer:\n  max_epochs: abc\n", [], True, 'Parser key "trainer.max_epochs"'),  # a value of the wrong type
+        ("model:\n  loss: bogus\n", [], True, "--model.loss must be one of"),  # refused by the project's own check
+        # jsonargparse checks each file as it reads it: the file's value is the one refused, whatever comes later
+        ("trainer:\n  max_epochs: abc\n", ["--trainer.max_epochs=2"], True, "Given value: abc"),
+        ("trainer:\n  max_epochs: 2\n", ["--trainer.max_epochs=abd"], False, "Given value: abd"),  # the flag's
+        ("model:\n  loss: bogus\n", ["--model.loss=l2"], False, "got 'l2'"),  # the final value: the flag's
+    ],
+)
+def test_an_error_in_one_of_several_config_files_names_that_file(tmp_path, capsys, text, after, blamed, expected):
+    """Found by a hostile-input hunt: with two --config files, an error in one said what was wrong but not in which
+    file. The file that set the refused value is named; a flag's value is not blamed on a file."""
+    good = tmp_path / "good.yaml"
+    good.write_text("trainer:\n  max_epochs: 1\nmodel:\n  loss: mse\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    err = run_cli(fit_args(tmp_path, "--config", str(good), f"--config={bad}", *after), capsys)
+    assert expected in err, err
+    assert err.startswith(f"error: {bad}: ") == blamed and str(good) not in err, err
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints"))

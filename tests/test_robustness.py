@@ -1109,3 +1109,19 @@ def test_a_file_without_series_columns_is_one_series(tmp_path, capsys):
     cli_main(fit_args(tmp_path, f"--data.data_path={path}", "--data.series_columns=[]"))
     report = json.loads((run_dir_of(tmp_path) / "report.json").read_text())
     assert list(report["per_link"]) == ["all"]
+
+
+def test_a_huge_link_id_is_cut_in_messages(smoke_run, tmp_path, capsys):
+    """Found by a hostile-input hunt: a 50 MB link id was echoed whole, one 50 MB warning line. Messages now show an
+    id's first characters and its length; the forecast itself is unchanged for the other links."""
+    df = pd.read_csv(next((smoke_run.parent.parent / "data").glob("dwcp_*[0-9].csv")), dtype=str)
+    df = df.groupby(["node_id", "peer_id"]).tail(25).reset_index(drop=True)
+    huge = "n" * 200_000
+    df.loc[0, "node_id"] = huge  # a link of one row: warned about, not forecast
+    path = tmp_path / "huge_id.csv"
+    df.to_csv(path, index=False)
+    cli_main(["forecast", "--model", str(smoke_run), "--input", str(path), "--output", str(tmp_path / "out.csv")])
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if "rows since its last gap" in line]
+    assert len(warned) == 1 and "(200,000 characters)" in warned[0] and max(map(len, err)) < 1000, warned
+    assert huge not in (tmp_path / "out.csv").read_text()
