@@ -26,9 +26,10 @@ LEVELS = (0.8, 0.95)
 
 
 def coverage(cal: I.Calibration, pred: np.ndarray, hist: np.ndarray, y: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-    """[L, T] test coverage pooled over steps, in %."""
+    """[L + 1, T] test coverage in %: pooled over steps at each level, then the first step alone at the first."""
     b = I.intervals(cal, pred, hist, ranges)
-    return 100 * I.interval_scores(b["lower"], b["upper"], y, LEVELS)["coverage"].mean(axis=1)
+    cov = 100 * I.interval_scores(b["lower"], b["upper"], y, LEVELS)["coverage"]  # [L, H, T]
+    return np.concatenate([cov.mean(axis=1), cov[:1, 0]])
 
 
 def main(run: str) -> None:
@@ -61,8 +62,9 @@ def main(run: str) -> None:
             rows[f"{name}, later half"] = cal
         for name, cal in rows.items():
             cov = coverage(cal, test[who], test["hist"], test["y"], ranges)
-            cells = " | ".join(f"{t} {a:.1f} / {b:.1f}" for t, a, b in zip(dm.targets, cov[0], cov[1], strict=True))
-            print(f"{who:6s} {name:22s} 80 / 95 %: {cells}")
+            cells = " | ".join(f"{t} {a:.1f} / {b:.1f} (step 1 {c:.1f})"
+                               for t, a, b, c in zip(dm.targets, *cov, strict=True))  # fmt: skip
+            print(f"{who:6s} {name:22s} 80 / 95 % (step 1 at 80 %): {cells}")
 
 
 if __name__ == "__main__":

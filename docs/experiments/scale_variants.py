@@ -1,9 +1,10 @@
 """Variants of the fitted interval scale, judged on a run's test split (docs/method.md, "The fitted scale").
 
-Not part of the package and not tested: the analysis behind the variants that docs/method.md lists as tried and
-not built. It calibrates split conformal intervals on the run's validation windows with each scale and prints the
-test coverage at 80 % / 95 % and the 80 % interval score per target (bounds not clipped into the targets' ranges,
-edge windows not set apart, so a figure can differ from the report's by a few tenths of a point).
+Not part of the package and not tested: the analysis behind the variants that docs/method.md lists as tried and not
+built. It calibrates split conformal intervals on the run's validation windows with each scale and prints the test
+coverage at 80 % / 95 %, the 80 % interval score and the first step's 80 % coverage per target (bounds not clipped
+into the targets' ranges, edge windows not set apart, so a figure can differ from the report's by a few tenths of a
+point).
 
     PYTHONPATH=. python docs/experiments/scale_variants.py lightning_logs/version_1
 
@@ -65,8 +66,9 @@ def scale_of(kind: str, fit: dict, cal: dict, d: dict) -> np.ndarray:
     return out
 
 
-def judge(kind: str, val: dict, test: dict) -> list[tuple[float, float, float]]:
-    """Per target: test coverage at 80 % and 95 % and the 80 % interval score."""
+def judge(kind: str, val: dict, test: dict) -> list[tuple[float, float, float, float]]:
+    """Per target: test coverage at 80 % and 95 % (pooled over steps), the 80 % interval score, and the 80 %
+    coverage of the first step alone."""
     scores = (val["y"] - val["p"]) / scale_of(kind, val, val, val)
     s_test = scale_of(kind, val, val, test)
     out = []
@@ -78,9 +80,9 @@ def judge(kind: str, val: dict, test: dict) -> list[tuple[float, float, float]]:
         hi = srt[min(int(np.ceil((n + 1) * (1 - alpha / 2))) - 1, n - 1)]
         lower, upper = test["p"] + s_test * lo, test["p"] + s_test * hi
         sc = I.interval_scores(lower[:, None], upper[:, None], test["y"], [level])
-        cov[level] = (sc["coverage"][0].mean(axis=0), sc["winkler"][0].mean(axis=0))
+        cov[level] = (sc["coverage"][0].mean(axis=0), sc["winkler"][0].mean(axis=0), sc["coverage"][0][0])
     for j in range(val["y"].shape[2]):
-        out.append((100 * cov[0.8][0][j], 100 * cov[0.95][0][j], cov[0.8][1][j]))
+        out.append((100 * cov[0.8][0][j], 100 * cov[0.95][0][j], cov[0.8][1][j], 100 * cov[0.8][2][j]))
     return out
 
 
@@ -89,7 +91,10 @@ def main(run: str) -> None:
     val, test = split(module, dm, "val"), split(module, dm, "test")
     for kind in ("plain", "vol", "all", "own", "hour", "lastrow", "perstep"):
         cells = zip(dm.targets, judge(kind, val, test), strict=True)
-        print(f"{kind:8s} " + " | ".join(f"{t} {a:.1f} / {b:.1f} % W80 {w:.4g}" for t, (a, b, w) in cells))
+        print(
+            f"{kind:8s} "
+            + " | ".join(f"{t} {a:.1f} / {b:.1f} % W80 {w:.4g} step 1 {s1:.1f} %" for t, (a, b, w, s1) in cells)
+        )
 
 
 if __name__ == "__main__":
