@@ -186,12 +186,15 @@ def _lightning_cli_class():
             for cb in self.trainer.checkpoint_callbacks:  # --checkpoint.dirpath / --last_checkpoint.dirpath
                 if cb.dirpath is not None:
                     preflight.check_writable(cb.dirpath)
+            profiler_dir = getattr(self.trainer.profiler, "dirpath", None)  # written after the training and export
+            if profiler_dir is not None:
+                preflight.check_writable(profiler_dir)
             preflight.check_checkpoint_names(self.trainer.checkpoint_callbacks)
             preflight.check_fresh_run_dir(self.trainer, cfg.get("ckpt_path"))
             self._check_checkpoint(cfg, run_config)
             self._check_data("fit")
             preflight.check_calibration(self.datamodule, self.model)
-            preflight.check_optimizer(self.model)
+            preflight.check_optimizer(self.model, preflight.validations(self.trainer))
             preflight.check_monitors(self.trainer, self.model)
             preflight.check_training_runs(self.trainer)
             preflight.check_callbacks(self.trainer)

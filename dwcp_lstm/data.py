@@ -69,6 +69,9 @@ def check_same_data(dm: DwcpDataModule, state: dict | None, what: str) -> None:
                         "point data.data_path at the file the run was trained on")  # fmt: skip
 
 
+LATEST_UNIX_S = 95_617_584_000.0  # 5000-01-01 in Unix seconds: a later time column is in other units
+
+
 class LeakageError(RuntimeError):
     """The leakage audit found a window or scaler that sees what it must not."""
 
@@ -472,6 +475,7 @@ class DwcpDataModule(L.LightningDataModule):
                 f"{self.path}: column {self.targets[j]!r}: target is constant on the training split (all {rows} "
                 f"training rows are {lo[j]:g}{within}): there is nothing to learn; drop it from --data.targets"
             )
+        self._check_time_units()
         self._warn_other_cadences()
         val = self.raw_targets[self.target_rows("val")] if len(self.starts["val"]) else None  # step 1's targets
         flat = val.min(axis=0).astype(np.float32) == val.max(axis=0).astype(np.float32) if val is not None else []
@@ -480,6 +484,21 @@ class DwcpDataModule(L.LightningDataModule):
             log.warning("%s: column %r is constant on the validation split (all %d validation targets are %g): its "
                         "prediction intervals and its mix with ridge are calibrated there and will not hold",
                         self.path, self.targets[j], len(val), val[0, j])  # fmt: skip
+
+    def _check_time_units(self) -> None:
+        """The time column counts seconds (since 1970, or since each series' start): a column in milliseconds or
+        microseconds trained, but the report replayed migrations with steps of 3e+08 s, lost its seasonal baseline
+        without a word, and ``plan`` refused the shipped model. Refused here when the cadence is outside what
+        ``plan`` takes or the latest time lies after the year 5000 as Unix seconds."""
+        from dwcp_lstm.planner import MAX_STEP_S, MIN_STEP_S
+
+        cadence, latest = self.cadence_s(), float(np.nanmax(self.timestamps))
+        if not MIN_STEP_S <= cadence <= MAX_STEP_S or latest > LATEST_UNIX_S:
+            raise DataError(
+                f"{self.path}: column {self.time_column!r} has a row every {cadence:g} and reaches {latest:g}: it is "
+                f"read as seconds, which needs a cadence from {MIN_STEP_S:g} to {MAX_STEP_S:g} and times before "
+                f"{LATEST_UNIX_S:g} (the year 5000); milliseconds or microseconds? convert the column to seconds"
+            )
 
     def _warn_other_cadences(self) -> None:
         """Name the segments whose cadence is not the data's (the contract's) within the tolerance ``forecast`` and

@@ -141,7 +141,9 @@ class ForecastMetrics(torch.nn.Module):
         exceeds the floor, the relative errors when the targets' mean is 0."""
         out = {}
         for name, m in zip(self.target_names, self.per_target, strict=True):
-            values = {k: float(v) for k, v in m.compute().items()}
+            # each metric on its own: R2Score.compute() raises on fewer than 2 rows (a link with one test window
+            # ended the report in a traceback after the training) and is replaced from its sums below
+            values = {k: float(m[k].compute()) if k != "r2" else math.nan for k in sorted(METRICS)}  # as before
             r2 = m["r2"]
             n, sum_sq, total = float(r2.total), float(r2.sum_squared_error), float(r2.sum_error)
             tss = sum_sq - total * total / n if n > 0 else 0.0

@@ -235,13 +235,41 @@ def check_factories(model_config: Any) -> None:
                               "torch.optim.Adam or AdamW")  # fmt: skip
 
 
-def check_optimizer(model) -> None:
+def validations(trainer) -> int:
+    """How many validation epochs a fit may run (the module steps its scheduler after each), at most 10,000: the
+    epoch budget (Lightning's 1,000 when unbounded) over ``check_val_every_n_epoch``, times the validations a
+    fractional ``val_check_interval`` adds per epoch."""
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1000
+    every = trainer.check_val_every_n_epoch or 1
+    interval = trainer.val_check_interval
+    per_epoch = int(1 / interval) if isinstance(interval, float) and 0 < interval < 1 else 1
+    return min(10_000, math.ceil(epochs / every) * per_epoch)
+
+
+def check_optimizer(model, steps: int = 1) -> None:
     """Build the optimizer and scheduler once on the model's parameters: torch checks their arguments (a negative
-    learning rate, betas outside [0, 1), a ReduceLROnPlateau factor >= 1) when they are constructed."""
+    learning rate, betas outside [0, 1), a ReduceLROnPlateau factor >= 1) when they are constructed. Then step the
+    scheduler ``steps`` times (:func:`validations`; on a throwaway optimizer, no weight changes): some arguments
+    fail only there (StepLR's step_size 0, CosineAnnealingLR's T_max 0: a ZeroDivisionError after the first
+    epoch; OneCycleLR's total_steps below the epochs: a ValueError once they are spent), a traceback after the
+    training compute."""
+    import warnings
+
     try:
         optimizer = model.optimizer_factory(model.param_groups())
         if model.scheduler_factory is not None:
-            model.scheduler_factory(optimizer)
+            scheduler = model.scheduler_factory(optimizer)
+            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no training here
+                warnings.simplefilter("ignore")
+                for k in range(steps):
+                    try:
+                        scheduler.step(1.0) if plateau else scheduler.step()
+                    except (ValueError, ZeroDivisionError, OverflowError) as exc:
+                        raise ConfigError(f"--model.scheduler fails when stepped after validation {k + 1} of the "
+                                          f"{steps} this run may have: {first_line(exc)}") from None  # fmt: skip
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
     # found by fuzzing: lr 0 (torch refuses only < 0) trained nothing, and the untrained network was exported and
@@ -291,7 +319,8 @@ def check_monitors(trainer, model) -> None:
     the first validation epoch, after that epoch's compute."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    known = logged_metrics(model)
+    known = {k for k in logged_metrics(model) if not k.startswith("test")}  # fit logs no test metric (a traceback
+    # after the first epoch)
     no_validation = trainer.limit_val_batches == 0  # Lightning's own name for "validation switched off"
     every = trainer.check_val_every_n_epoch
     never = every is not None and trainer.max_epochs is not None and 0 < trainer.max_epochs < every
@@ -305,11 +334,21 @@ def check_monitors(trainer, model) -> None:
                 f"--{flag}.monitor {cb.monitor!r} is not a metric this model logs (e.g. {', '.join(val[:3])}, ...)"
             )
         if no_validation and cb.monitor.startswith("val"):  # else: a traceback after the first training epoch
+            way = (
+                "validate, or set the monitor to null"
+                if flag == "early_stopping"
+                else "validate: the report and the export read the best checkpoint, which validation chooses"
+            )  # null: two equal callbacks
             raise ConfigError(f"--trainer.limit_val_batches 0 runs no validation, but --{flag}.monitor is "
-                              f"{cb.monitor!r}: validate, or set the monitor to null")  # fmt: skip
+                              f"{cb.monitor!r}: {way}")  # fmt: skip
         if never and cb.monitor.startswith("val"):  # else: no checkpoint at all, and the report of the last weights
             raise ConfigError(f"--trainer.check_val_every_n_epoch {every} never validates in --trainer.max_epochs "
                               f"{trainer.max_epochs}, but --{flag}.monitor is {cb.monitor!r}")  # fmt: skip
+        on_train_end = isinstance(cb, EarlyStopping) and cb._check_on_train_epoch_end is True
+        if on_train_end and cb.monitor.startswith("val") and (every or 1) > 1:  # a traceback after epoch 1
+            raise ConfigError(f"--early_stopping.check_on_train_epoch_end true checks {cb.monitor!r} after every "
+                              f"training epoch, but --trainer.check_val_every_n_epoch {every} validates only every "
+                              f"{every} epochs: set it false, or validate every epoch")  # fmt: skip
 
 
 def check_logger(trainer) -> None:
@@ -378,9 +417,12 @@ def check_callbacks(trainer) -> None:
     """Callbacks that need what this model does not have: a ``backbone`` attribute (BackboneFinetuning) or an
     ``lr`` hyperparameter (LearningRateFinder; the learning rate is ``--model.optimizer.init_args.lr``). Both raised
     an AttributeError traceback at fit start."""
-    from lightning.pytorch.callbacks import BackboneFinetuning, LearningRateFinder
+    from lightning.pytorch.callbacks import BackboneFinetuning, GradientAccumulationScheduler, LearningRateFinder
 
     for cb in trainer.callbacks:
+        if isinstance(cb, GradientAccumulationScheduler) and trainer.accumulate_grad_batches != 1:  # else a traceback
+            raise ConfigError(f"--trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} and a "
+                              "GradientAccumulationScheduler callback both set the accumulation: give one")  # fmt: skip
         if isinstance(cb, BackboneFinetuning):
             raise ConfigError("--trainer.callbacks BackboneFinetuning unfreezes a model's 'backbone', which this "
                               "model does not have")  # fmt: skip
@@ -533,6 +575,13 @@ def check_val_interval(trainer, dm) -> None:
     if counted and every is not None and interval > n:
         raise ConfigError(f"--trainer.val_check_interval {interval} is more than the {n} training batches of an "
                           "epoch: give at most that, or a fraction of the epoch (e.g. 0.5)")  # fmt: skip
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    if counted and every is None and epochs is not None and interval > epochs * n:  # no validation, no best
+        raise ConfigError(f"--trainer.val_check_interval {interval} with --trainer.check_val_every_n_epoch null "
+                          f"counts batches across epochs, but --trainer.max_epochs {epochs} trains {epochs * n} "
+                          "batches: no validation would run, so no best checkpoint; validate sooner")  # fmt: skip
+    check_checkpoint_schedule(trainer, n)
+    check_test_batches(trainer, dm)
     steps = trainer.max_steps
     monitor = next((cb.monitor for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint | EarlyStopping)
                     and cb.monitor is not None and cb.monitor.startswith("val")), None)  # fmt: skip
@@ -547,6 +596,43 @@ def check_val_interval(trainer, dm) -> None:
             f"batch {first}): {monitor!r}, which the checkpoint and early stopping watch, would have no value; allow "
             "more steps or validate sooner (--trainer.val_check_interval)"
         )
+
+
+def check_checkpoint_schedule(trainer, batches_per_epoch: int) -> None:
+    """The checkpoint callback keeps a best checkpoint: the report, ``export --run`` and a resume read
+    ``checkpoints/best.ckpt``. ``save_top_k 0``, or saving every N epochs or training steps beyond the run's, kept
+    none: the run shipped its last weights, and its own ``report`` / ``export`` refused the folder afterwards."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    steps = epochs * batches_per_epoch // max(1, trainer.accumulate_grad_batches) if epochs else None
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        steps = trainer.max_steps if steps is None else min(steps, trainer.max_steps)
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or cb.monitor is None:
+            continue  # the last-checkpoint callback (no monitor) keeps last.ckpt only, by design
+        why = None
+        if cb.save_top_k == 0:
+            why = "--checkpoint.save_top_k 0 keeps none"
+        elif epochs is not None and cb._every_n_epochs > epochs:
+            why = f"--checkpoint.every_n_epochs {cb._every_n_epochs} saves after more epochs than the {epochs} trained"
+        elif steps is not None and cb._every_n_train_steps > steps:
+            why = (f"--checkpoint.every_n_train_steps {cb._every_n_train_steps} saves after more steps than the "
+                   f"{steps} trained")  # fmt: skip
+        if why:
+            raise ConfigError(f"{why}: the run would have no best checkpoint, which the report, export and a resume "
+                              "read (the last weights would be shipped)")  # fmt: skip
+
+
+def check_test_batches(trainer, dm) -> None:
+    """A fractional ``limit_test_batches`` leaves at least one test batch: the fit ends by testing the best
+    checkpoint, and Lightning refused a fraction too small only then, after the training and the export."""
+    limit = trainer.limit_test_batches
+    if isinstance(limit, float) and 0 < limit < 1:
+        n = math.ceil(len(dm.starts["test"]) / dm.batch_size)
+        if int(n * limit) < 1:
+            raise ConfigError(f"--trainer.limit_test_batches {limit} of the {n} test batches is none: give at least "
+                              f"{1 / n:.3g}, or 1.0")  # fmt: skip
 
 
 def check_calibration(dm, model) -> None:

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,11 @@ def test_metrics_undefined_on_the_data_are_nan():
     s = summarize(m)
     assert s["average_correlation"] == pytest.approx(m["ramp"]["correlation"])
     assert s["undefined"]["r2"] == ["flat"]
+
+
+def test_one_row_gives_errors_and_leaves_r2_and_correlation_undefined():
+    """Found by a hunt: a link with one test window ended the report in a traceback after the whole training
+    (torchmetrics' R2Score.compute raises below two rows); its per-link errors are defined, R2 and correlation not."""
+    got = compute_metrics(torch.tensor([[1.0]]), torch.tensor([[2.0]]), ["a"])["a"]
+    assert got["mae"] == got["rmse"] == 1.0 and got["mape"] == 50.0 and got["wape"] == 0.5
+    assert math.isnan(got["r2"]) and math.isnan(got["correlation"])

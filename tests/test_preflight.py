@@ -304,6 +304,60 @@ CONFIG_CASES = [
     ("last-dir-in-a-file", ["--last_checkpoint.dirpath=/dev/null/c"], "/dev/null/c: output folder is not writable"),
     # the every-epoch copy overwrote the best one: the report and the ONNX model came from the last epoch
     ("same-checkpoint-file", ["--last_checkpoint.filename=best"], "two checkpoints would be written to the same file"),
+    # found by a hunt for fits that fail after training (2026-12-02): each trained, then ended in a traceback, an
+    # unreported run, or one that shipped its last weights and whose own report / export refused it
+    ("test-metric-es-monitor", ["--early_stopping.monitor=test/mean/rmse"], "'test/mean/rmse' is not a metric"),
+    ("test-metric-ckpt-monitor", ["--checkpoint.monitor=test_loss"], "--checkpoint.monitor 'test_loss' is not a"),
+    (
+        "es-on-train-end-sparse-val",
+        ["--early_stopping.check_on_train_epoch_end=true", "--trainer.check_val_every_n_epoch=2"],
+        "validates only every 2 epochs",
+    ),
+    (
+        "steplr-zero",
+        ["--model.scheduler=torch.optim.lr_scheduler.StepLR", "--model.scheduler.init_args.step_size=0"],
+        "--model.scheduler fails when stepped after validation 1 of the 2 this run may have: integer modulo by zero",
+    ),
+    (
+        "onecycle-too-short",
+        [
+            "--model.scheduler=torch.optim.lr_scheduler.OneCycleLR",
+            "--model.scheduler.init_args.max_lr=0.01",
+            "--model.scheduler.init_args.total_steps=1",
+        ],
+        "after validation 2 of the",
+    ),
+    ("no-test-batch", ["--trainer.limit_test_batches=0.001"], "--trainer.limit_test_batches 0.001 of the 10 test"),
+    (
+        "never-validates",
+        ["--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=100"],
+        "no validation would run, so no best checkpoint",
+    ),
+    ("keeps-no-best", ["--checkpoint.save_top_k=0"], "--checkpoint.save_top_k 0 keeps none: the run would have no"),
+    ("best-after-the-end", ["--checkpoint.every_n_epochs=3"], "saves after more epochs than the 2 trained"),
+    ("best-after-the-steps", ["--checkpoint.every_n_train_steps=1000"], "saves after more steps than the 20 trained"),
+    (
+        "profiler-dir-in-a-file",
+        [
+            "--trainer.profiler=lightning.pytorch.profilers.SimpleProfiler",
+            "--trainer.profiler.init_args.dirpath=/dev/null/p",
+        ],
+        "/dev/null/p: output folder is",
+    ),
+    (
+        "two-accumulations",
+        [
+            "--trainer.accumulate_grad_batches=2",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.GradientAccumulationScheduler",
+            "--trainer.callbacks.scheduling={0: 2}",
+        ],
+        "--trainer.accumulate_grad_batches 2 and a GradientAccumulationScheduler callback both set the accumulation",
+    ),
+    (
+        "no-validation-checkpoint",
+        ["--trainer.limit_val_batches=0", "--early_stopping.monitor=train_loss_epoch"],
+        "--checkpoint.monitor is 'val_loss': validate: the report and the export read the best checkpoint",
+    ),
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import fit_args
+from conftest import fit_args, run_dir_of
 
 from dwcp_lstm import synthetic
 from dwcp_lstm.cli import cli_main
@@ -1125,3 +1125,30 @@ def test_a_huge_link_id_is_cut_in_messages(smoke_run, tmp_path, capsys):
     warned = [line for line in err if "rows since its last gap" in line]
     assert len(warned) == 1 and "(200,000 characters)" in warned[0] and max(map(len, err)) < 1000, warned
     assert huge not in (tmp_path / "out.csv").read_text()
+
+
+def test_a_link_with_one_test_window_is_reported(tmp_path):
+    """Found by a hunt: with a test split of one window per link the report died in torchmetrics (R2 of one row)
+    after the whole training and export, and ``report --run`` could never report the run. Its per-link errors are
+    given, R2 and correlation are null."""
+    cli_main(fit_args(tmp_path, "--data.split=[0.8,0.198,0.002]", "--trainer.max_epochs=1"))
+    report = json.loads((run_dir_of(tmp_path) / "report.json").read_text())
+    for link in report["per_link"].values():
+        assert link["throughput_mbps"]["r2"] is None and link["throughput_mbps"]["rmse"] > 0
+
+
+@pytest.mark.parametrize("factor", [1000, 1e6])
+def test_a_time_column_in_milliseconds_is_refused_before_training(small_csv, tmp_path, capsys, factor):
+    """Found by a hunt: times in milliseconds or microseconds trained, then the report replayed migrations with
+    steps of years, lost its seasonal baseline without a word, and ``plan`` refused the shipped model."""
+    df = pd.read_csv(small_csv, dtype={"node_id": str, "peer_id": str})
+    path = tmp_path / "ms.csv"
+    df.assign(timestamp=df["timestamp"] * factor).to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(fit_args(tmp_path, f"--data.data_path={path}"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}: column 'timestamp' has a row every {300 * factor:g}") and (
+        "milliseconds or microseconds? convert the column to seconds" in err[0]
+    ), err[0]
+    assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints"))
