@@ -215,6 +215,15 @@ def build_model(
         path = model_path_of(run)
         if not path.exists():
             raise ModelFileError(f"{path}: file not found (the run has no ONNX export)")
+        from dwcp_lstm.errors import DwcpError
+        from dwcp_lstm.evaluate import check_run_pair
+
+        # the run's own pair, or its figures are another model's beside this checkpoint's (a hunt found a 35.8x
+        # "speed-up" of a 1,916-parameter graph over the 540,516-parameter checkpoint, exit 0)
+        try:
+            check_run_pair(path, Path(run) / METADATA_NAME, dm, module)
+        except DwcpError as exc:
+            raise ModelFileError(f"{exc}; python -m dwcp_lstm export --run {run} writes the run's own") from None
         meta = load_metadata(Path(run) / METADATA_NAME)
         return module.cpu().eval(), dm, path, meta
     dm = train_dm

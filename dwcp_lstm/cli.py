@@ -5,6 +5,7 @@ Bad input of any kind ends in one line on stderr (``error: <file>: <what>``) and
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -516,6 +517,8 @@ def cmd_generate(argv: list[str]) -> None:
     except OSError as exc:
         raise _data_error(f"{out}: cannot create folder {out.parent} ({exc.strerror or exc})") from None
     check_output_file(out)
+    if a.oracle:  # a folder holding the sidecar's name was found only after the data file had been replaced
+        check_output_file(synthetic.oracle_path(out))
     try:
         df, oracle = synthetic.generate_with_oracle(
             a.samples, a.seed, a.profile, a.links, a.noise, oracle_steps=a.oracle_steps if a.oracle else 1
@@ -635,6 +638,33 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+class _Stopped(BaseException):  # noqa: N818 (a signal, not an error: no `except Exception` may swallow it)
+    """SIGTERM or Ctrl-C inside a project command: raised in place of dying, so that every ``finally`` runs (the
+    temporary files of ``generate``, ``report`` and ``export`` were left behind, and Ctrl-C printed a traceback)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM (exit 143) and SIGINT (130) raise :class:`_Stopped` while the block runs (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        raise _Stopped(name, 128 + signum)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def cli_main(args: ArgsType = None) -> None:
     """Entry point; ``args`` (a list) lets tests call it in-process."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -685,7 +715,8 @@ def cli_main(args: ArgsType = None) -> None:
             restrict_config_imports()  # before any config is parsed: a config must not name code to import or run
         if argv[0] in OWN_COMMANDS:
             module, func = OWN_COMMANDS[argv[0]][1].split(":")
-            getattr(importlib.import_module(module), func)(argv[1:])
+            with _sigterm_unwinds():
+                getattr(importlib.import_module(module), func)(argv[1:])
         else:
             run_lightning(argv)
     except SystemExit as exc:
@@ -694,6 +725,9 @@ def cli_main(args: ArgsType = None) -> None:
         print("error: stopped by SIGTERM before the run finished (nothing exported or reported); resume it with "
               "python -m dwcp_lstm fit --ckpt_path last and the same flags", file=sys.stderr)  # fmt: skip
         raise SystemExit(128 + 15) from None  # what a shell reports for a process that SIGTERM ended
+    except _Stopped as exc:  # SIGTERM / Ctrl-C in a project command: its temporary files were removed on the way
+        print(f"error: stopped by {exc.args[0]} (nothing half-written was kept)", file=sys.stderr)
+        raise SystemExit(exc.args[1]) from None
     except DwcpError as exc:
         print(f"error: {blame_config(str(exc), argv) if argv[0] in LIGHTNING_COMMANDS else exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -15,7 +15,7 @@ from dwcp_lstm import online as O
 from dwcp_lstm import plots, synthetic
 from dwcp_lstm.bench import percentile_ms, time_calls
 from dwcp_lstm.contract import METADATA_NAME, model_path_of
-from dwcp_lstm.errors import ConfigError
+from dwcp_lstm.errors import ConfigError, ModelFileError
 from dwcp_lstm.metrics import METRICS, compute_metrics, summarize
 from dwcp_lstm.planner import backtest_report, rows_ahead
 from dwcp_lstm.tables import (
@@ -611,38 +611,46 @@ def checks(report: dict, mse: dict, targets: list[str]) -> dict:
 PARITY_WINDOWS, PARITY_LIMIT = 256, 1e-3  # the report's own parity check of the run's model.onnx
 
 
-def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
-    """Parity with the run's checkpoint (measured here on up to 256 test windows), file size and measured
-    onnxruntime batch-1 latency of the run's model.onnx; None (with a warning) when the pair is missing, fails the
-    checks ``forecast`` makes, or is not the checkpoint's model (another run's pair copied in vouched for itself
-    with the parity figure of its own metadata; found by fuzzing): the report is still written."""
+def check_run_pair(path: Path, meta_path: Path, dm, module) -> tuple:
+    """The run folder's model.onnx and model_metadata.json are the checkpoint's model: they pass the checks
+    ``forecast`` makes, their contract (window, features, targets, horizon) is the data module's, and their
+    forecasts equal the checkpoint's on up to 256 test windows (another run's pair copied in vouched for itself with
+    the parity figure of its own metadata; found by fuzzing). Returns the :class:`~dwcp_lstm.serve.Predictor`, the
+    test windows [N, W, F] and the parity; raises :class:`~dwcp_lstm.errors.DwcpError` naming what differs."""
     from dwcp_lstm.callbacks import onnx_parity
-    from dwcp_lstm.errors import DwcpError
     from dwcp_lstm.serve import Predictor
 
-    path, meta_path = model_path_of(run_dir), run_dir / METADATA_NAME
-    if not path.exists() or not meta_path.exists():
-        return None
-    again = f"the report leaves out the ONNX figures (python -m dwcp_lstm export --run {run_dir})"
-    try:  # the same checks as forecast's: a damaged pair raised a JSON or protobuf traceback after the evaluation
-        predictor = Predictor(path, meta_path, threads=1)
-    except DwcpError as exc:
-        log.warning("%s; %s", exc, again)
-        return None
+    predictor = Predictor(path, meta_path, threads=1)  # a damaged pair: one line, not a JSON or protobuf traceback
     ours = {"window_size": dm.window_size, "features": list(dm.features), "targets": list(dm.targets),
             "horizon": dm.horizon}  # fmt: skip
     theirs = {"window_size": predictor.window, "features": predictor.features, "targets": predictor.targets,
               "horizon": predictor.horizon}  # fmt: skip
     differ = [k for k in ours if ours[k] != theirs[k]]
     if differ:
-        log.warning("%s: its %s is %s, the run's checkpoint has %s; %s", path, differ[0], theirs[differ[0]],
-                    ours[differ[0]], again)  # fmt: skip
-        return None
+        k = differ[0]
+        raise ModelFileError(f"{path}: its {k} is {theirs[k]}, the run's checkpoint has {ours[k]}")
     x = dm.windows(dm.raw_features, dm.starts["test"][:PARITY_WINDOWS]).astype(np.float32)  # [N, W, F]
     parity = onnx_parity(path, module.cpu().eval(), x)
     if not parity["max_rel_diff"] <= PARITY_LIMIT:
-        log.warning("%s: its forecasts differ from the run's checkpoint's by up to %.3g (relative) on %d test "
-                    "windows: not this run's model; %s", path, parity["max_rel_diff"], len(x), again)  # fmt: skip
+        raise ModelFileError(f"{path}: its forecasts differ from the run's checkpoint's by up to "
+                             f"{parity['max_rel_diff']:.3g} (relative) on {len(x)} test windows: not this run's "
+                             "model")  # fmt: skip
+    return predictor, x, parity
+
+
+def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
+    """Parity with the run's checkpoint (measured here on up to 256 test windows), file size and measured
+    onnxruntime batch-1 latency of the run's model.onnx; None (with a warning) when the pair is missing or fails
+    :func:`check_run_pair`: the report is still written."""
+    from dwcp_lstm.errors import DwcpError
+
+    path, meta_path = model_path_of(run_dir), run_dir / METADATA_NAME
+    if not path.exists() or not meta_path.exists():
+        return None
+    try:
+        predictor, x, parity = check_run_pair(path, meta_path, dm, module)
+    except DwcpError as exc:
+        log.warning("%s; the report leaves out the ONNX figures (python -m dwcp_lstm export --run %s)", exc, run_dir)
         return None
     sess, meta = predictor.session, predictor.metadata
     feed = {sess.get_inputs()[0].name: x[:1]}  # [1, W, F]

@@ -131,3 +131,32 @@ def test_paired_calls_alternate_the_two_graphs_call_by_call(tmp_path: Path):
     ta, tb, ratios = paired_calls(a, b, inputs, 10, sessions=3)
     assert len(ta) == len(tb) == len(ratios) == 10
     assert ratios == [a / b for a, b in zip(ta, tb, strict=True)] and min(ta + tb) > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other_checkpoint"])
+def test_bench_measures_only_the_runs_own_model(tmp_path: Path, smoke_run: Path, capsys, damage):
+    """Found by a hunt: a run holding another model's consistent model.onnx + metadata was benchmarked anyway (ONNX
+    figures of the other graph beside PyTorch figures of the checkpoint: a 35.8x "speed-up", exit 0), and a
+    truncated model.onnx ended in an onnxruntime traceback. Both are refused in one line, as ``report`` leaves
+    out such a pair's figures."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    if damage == "truncated":
+        (run / "model.onnx").write_bytes((smoke_run / "model.onnx").read_bytes()[:10_000])
+        expected = "does not match model_metadata.json"
+    else:  # the checkpoint is no longer the model the pair was exported from
+        ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+        for k, v in ckpt["state_dict"].items():
+            if "head" in k and v.is_floating_point():
+                v.mul_(1.5)
+        torch.save(ckpt, run / "checkpoints" / "best.ckpt")
+        expected = "its forecasts differ from the run's checkpoint's by up to"
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--quick", "--skip-load", "--run", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and expected in err[0] and "export --run" in err[0], err
+    assert "Traceback" not in "\n".join(err)
