@@ -894,7 +894,7 @@ def markdown(report: dict, targets: list[str]) -> str:
                       "split alone moves static coverage."]  # fmt: skip
     lines += planner_markdown(report.get("planner"))
     lines += ["", "## Plots", ""]
-    lines += [f"![{p}]({p})" for p in plots.FILES if (Path(report["run_dir"]) / p).exists()]
+    lines += [f"![{p}]({p})" for p in plots.FILES if (Path(report["run_dir"]) / p).is_file()]  # a folder: none
     lines += ["", "## Production readiness", ""]
     onnx = report["onnx"]
     if onnx is None:

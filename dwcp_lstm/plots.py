@@ -49,6 +49,8 @@ def write_all(
                 figs[name] = fig
         except Exception as exc:  # noqa: BLE001 (any failure of an optional figure)
             log.warning("%s: %s skipped (%s: %s)", run_dir, name, type(exc).__name__, first_line(exc))
+            if (run_dir / name).is_file() and not (run_dir / name).is_symlink():  # an earlier report's figure:
+                (run_dir / name).unlink()  # report.md would show it beside the new figures
         finally:
             if fig is not None:
                 plt.close(fig)

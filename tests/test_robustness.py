@@ -1190,3 +1190,25 @@ def test_generate_refuses_a_folder_at_the_sidecars_name_before_writing_the_data(
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "s.oracle.csv" in err[0], err
     assert out.read_bytes() == before
+
+
+def test_report_md_links_only_the_figures_this_report_drew(tmp_path, smoke_run, capsys, monkeypatch):
+    """Found by a hunt: with a folder at timeseries.png the figure was skipped with a warning, but report.md still
+    showed ![timeseries.png]; a figure that fails to draw left the earlier report's file beside the new report."""
+    import shutil
+
+    from dwcp_lstm import plots
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / "timeseries.png").unlink()
+    (run / "timeseries.png").mkdir()
+    cli_main(["report", "--run", str(run)])
+    md = (run / "report.md").read_text()
+    assert "![timeseries.png]" not in md and "![baselines.png](baselines.png)" in md
+    assert "timeseries.png skipped" in capsys.readouterr().err
+    # an earlier figure that fails to draw this time is removed, not shown beside the new report
+    monkeypatch.setattr(plots, "errors", lambda *a, **k: 1 / 0)
+    cli_main(["report", "--run", str(run)])
+    assert not (run / "error_distribution.png").exists()
+    assert "![error_distribution.png]" not in (run / "report.md").read_text()
