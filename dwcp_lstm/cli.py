@@ -616,11 +616,12 @@ def blame_config(text: str, argv: list[str]) -> str:
             continue
         except (OSError, UnicodeDecodeError):
             continue  # a missing or unreadable file: jsonargparse's message names it already
-        node = doc
-        for part in (key or "config").split("."):
-            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
-        if key and key != "config" and node is not KeyError:
-            setters.append((i, path, node))
+        if key and key != "config":  # "config": a file that does not exist, named by jsonargparse already
+            node = doc
+            for part in key.split("."):
+                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+            if node is not KeyError:
+                setters.append((i, path, node))
     given = re.search(r"Given value: (.*)$", text)
     if given:
         return next((f"{p}: {text}" for _, p, v in setters if str(v) == given.group(1).strip()), text)

@@ -255,28 +255,30 @@ def check_optimizer(model, steps: int = 1) -> None:
     training compute."""
     import warnings
 
+    scheduler = None
     try:
         optimizer = model.optimizer_factory(model.param_groups())
         if model.scheduler_factory is not None:
             scheduler = model.scheduler_factory(optimizer)
-            plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no training here
-                warnings.simplefilter("ignore")
-                for k in range(steps):
-                    try:
-                        scheduler.step(1.0) if plateau else scheduler.step()
-                    except (ValueError, ZeroDivisionError, OverflowError) as exc:
-                        raise ConfigError(f"--model.scheduler fails when stepped after validation {k + 1} of the "
-                                          f"{steps} this run may have: {first_line(exc)}") from None  # fmt: skip
-    except ConfigError:
-        raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"--model.optimizer / --model.scheduler: {first_line(exc)}") from None
     # found by fuzzing: lr 0 (torch refuses only < 0) trained nothing, and the untrained network was exported and
     # reported, exit 0, like --trainer.max_epochs 0; read after the scheduler, which may set its own starting rate
+    # (and before it is stepped: a cosine schedule ends at 0)
     if all(float(group["lr"]) == 0 for group in optimizer.param_groups):
         raise ConfigError("--model.optimizer: a learning rate of 0 never changes the weights (the untrained network "
                           "would be exported and reported); give --model.optimizer.init_args.lr > 0")  # fmt: skip
+    if scheduler is None:
+        return
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": no training here
+        warnings.simplefilter("ignore")
+        for k in range(steps):
+            try:
+                scheduler.step(1.0) if plateau else scheduler.step()
+            except (ValueError, TypeError, ZeroDivisionError, OverflowError) as exc:
+                raise ConfigError(f"--model.scheduler fails when stepped after validation {k + 1} of the {steps} "
+                                  f"this run may have: {first_line(exc)}") from None  # fmt: skip
 
 
 def logged_metrics(model) -> set[str]:

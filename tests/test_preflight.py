@@ -799,3 +799,12 @@ def test_an_error_in_one_of_several_config_files_names_that_file(tmp_path, capsy
     assert expected in err, err
     assert err.startswith(f"error: {bad}: ") == blamed and str(good) not in err, err
     assert not list(tmp_path.glob("lightning_logs/version_*/checkpoints"))
+
+
+def test_a_schedule_that_ends_at_a_rate_of_zero_still_trains(tmp_path):
+    """The scheduler is stepped as often as the run may step it before training (to find a StepLR of step size 0,
+    say); a cosine schedule over the run's epochs ends at a rate of 0 there, which the check for a learning rate of
+    0 must not read: it reads the rate the schedule starts from."""
+    cli_main(fit_args(tmp_path, "--model.scheduler=torch.optim.lr_scheduler.CosineAnnealingLR",
+                      "--model.scheduler.init_args.T_max=2", "--trainer.max_epochs=2"))  # fmt: skip
+    assert (run_dir_of(tmp_path) / "report.json").is_file()
