@@ -235,11 +235,16 @@ def check_factories(model_config: Any) -> None:
                               "torch.optim.Adam or AdamW")  # fmt: skip
 
 
+def epoch_budget(trainer) -> int | None:
+    """``--trainer.max_epochs`` where it bounds the run; None where it does not (-1 or None)."""
+    return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+
+
 def validations(trainer) -> int:
     """How many validation epochs a fit may run (the module steps its scheduler after each), at most 10,000: the
     epoch budget (Lightning's 1,000 when unbounded) over ``check_val_every_n_epoch``, times the validations a
     fractional ``val_check_interval`` adds per epoch."""
-    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else 1000
+    epochs = epoch_budget(trainer) or 1000
     every = trainer.check_val_every_n_epoch or 1
     interval = trainer.val_check_interval
     per_epoch = int(1 / interval) if isinstance(interval, float) and 0 < interval < 1 else 1
@@ -577,7 +582,7 @@ def check_val_interval(trainer, dm) -> None:
     if counted and every is not None and interval > n:
         raise ConfigError(f"--trainer.val_check_interval {interval} is more than the {n} training batches of an "
                           "epoch: give at most that, or a fraction of the epoch (e.g. 0.5)")  # fmt: skip
-    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    epochs = epoch_budget(trainer)
     if counted and every is None and epochs is not None and interval > epochs * n:  # no validation, no best
         raise ConfigError(f"--trainer.val_check_interval {interval} with --trainer.check_val_every_n_epoch null "
                           f"counts batches across epochs, but --trainer.max_epochs {epochs} trains {epochs * n} "
@@ -606,7 +611,7 @@ def check_checkpoint_schedule(trainer, batches_per_epoch: int) -> None:
     none: the run shipped its last weights, and its own ``report`` / ``export`` refused the folder afterwards."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    epochs = epoch_budget(trainer)
     steps = epochs * batches_per_epoch // max(1, trainer.accumulate_grad_batches) if epochs else None
     if trainer.max_steps is not None and trainer.max_steps > 0:
         steps = trainer.max_steps if steps is None else min(steps, trainer.max_steps)
