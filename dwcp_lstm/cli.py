@@ -202,6 +202,8 @@ def _lightning_cli_class():
             preflight.check_prediction_writers(self.trainer)
             preflight.check_logger(self.trainer)
             preflight.check_val_interval(self.trainer, self.datamodule)
+            preflight.check_checkpoint_schedule(self.trainer, preflight.train_batches(self.trainer, self.datamodule))
+            preflight.check_test_batches(self.trainer, self.datamodule)
 
         def before_validate(self) -> None:
             preflight.check_fresh_run_dir(self.trainer, fitting=False)

@@ -559,12 +559,8 @@ def _class_and_args(value) -> tuple[str, object]:
     return (path if isinstance(path, str) else type(value).__name__ if value is not None else ""), init
 
 
-def check_val_interval(trainer, dm) -> None:
-    """An integer ``val_check_interval`` counts training batches: more than an epoch has, Lightning raised a
-    traceback once the data was loaded. And a ``max_steps`` that ends training before the first validation leaves
-    the validation monitors without a value: early stopping raised a traceback after the training, nothing exported."""
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
+def train_batches(trainer, dm) -> int:
+    """The training batches of an epoch (``limit_train_batches`` applied); refused where there are none."""
     windows = len(dm.starts["train"])
     n = windows // dm.batch_size + (windows % dm.batch_size > 1)  # a last batch of one is dropped (batch norm)
     if n < 1:  # Lightning only says "No training batches", and the untrained network was exported and reported
@@ -577,6 +573,16 @@ def check_val_interval(trainer, dm) -> None:
     if n < 1:
         raise ConfigError(f"--trainer.limit_train_batches {limit} leaves no training batch of the {windows} training "
                           f"windows' batches of {dm.batch_size}: give at least one batch")  # fmt: skip
+    return n
+
+
+def check_val_interval(trainer, dm) -> None:
+    """An integer ``val_check_interval`` counts training batches: more than an epoch has, Lightning raised a
+    traceback once the data was loaded. And a ``max_steps`` that ends training before the first validation leaves
+    the validation monitors without a value: early stopping raised a traceback after the training, nothing exported."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    n = train_batches(trainer, dm)
     interval, every = trainer.val_check_interval, trainer.check_val_every_n_epoch
     counted = isinstance(interval, int) and not isinstance(interval, bool)
     if counted and every is not None and interval > n:
@@ -587,8 +593,6 @@ def check_val_interval(trainer, dm) -> None:
         raise ConfigError(f"--trainer.val_check_interval {interval} with --trainer.check_val_every_n_epoch null "
                           f"counts batches across epochs, but --trainer.max_epochs {epochs} trains {epochs * n} "
                           "batches: no validation would run, so no best checkpoint; validate sooner")  # fmt: skip
-    check_checkpoint_schedule(trainer, n)
-    check_test_batches(trainer, dm)
     steps = trainer.max_steps
     monitor = next((cb.monitor for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint | EarlyStopping)
                     and cb.monitor is not None and cb.monitor.startswith("val")), None)  # fmt: skip
