@@ -163,13 +163,17 @@ def paired_calls_apart(
 
 
 def interval_scales(meta: dict) -> dict[str, str] | None:
-    """Per target, the scale its calibrated bounds use (as recorded in the metadata); None without intervals."""
-    beyond = (meta.get("intervals") or {}).get("beyond_horizon")
-    if beyond is None:
+    """Per target, the scale its calibrated bounds use (as recorded in the metadata: ``intervals.scales``, or in
+    metadata written before it, the tail's); None without intervals."""
+    intervals = meta.get("intervals") or {}
+    recorded = intervals.get("scales")
+    if recorded is None and intervals.get("beyond_horizon") is not None:
+        recorded = scale_kinds(intervals["beyond_horizon"])
+    if recorded is None:
         return None
     names = [t["name"] for t in meta["targets"]]  # the contract's targets: {"name", "unit", ...}
-    kinds = {"adaptive": "volatility", "fitted": "fitted spread", "plain": "plain"}
-    return {t: kinds[k] for t, k in zip(names, scale_kinds(beyond), strict=True)}
+    kinds = {"adaptive": "volatility", "fitted": "fitted spread", "plain": "plain", "quantile": "forecast quantiles"}
+    return {t: kinds[k] for t, k in zip(names, recorded, strict=True)}
 
 
 def _cpu_name() -> str:

@@ -28,7 +28,7 @@ from dwcp_lstm.contract import (
     make_contract,
 )
 from dwcp_lstm.errors import CheckpointError, ConfigError, ModelFileError, check_seed
-from dwcp_lstm.intervals import BOUND_NAMES
+from dwcp_lstm.intervals import BOUND_NAMES, scale_kinds
 from dwcp_lstm.model import count_parameters
 from dwcp_lstm.tables import RANGES, atomic_path, atomic_write, sha256_of
 
@@ -442,6 +442,7 @@ def build_metadata(module, dm, onnx_path: Path, opset: int, parity: dict, run_di
         horizon=dm.horizon,
         interval_levels=list(calibration.levels) if calibration is not None else None,
         beyond_horizon=calibration.beyond_horizon() if calibration is not None else None,
+        interval_scales=scale_kinds(calibration.to_dict()) if calibration is not None else None,
     )
     embed_contract(onnx_path, contract)
     return {

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from dwcp_lstm.errors import ConfigError, ModelFileError, not_a_regular_file
+from dwcp_lstm.intervals import SCALES
 from dwcp_lstm.tables import DUPLICATE_POLICIES, atomic_write, check_clock, first_line, sha256_of, short_repr
 
 MODEL_NAME = "model.onnx"
@@ -214,6 +215,13 @@ def validate_metadata(meta: Mapping[str, Any], path: str | Path) -> None:
             raise ModelFileError(
                 f"{path}: key 'intervals.outputs' is {short_repr(intervals.get('outputs'))}, expected {expected}"
             )
+        scales = intervals.get("scales")
+        if scales is not None and (
+            not isinstance(scales, list) or len(scales) != len(names["targets"]) or not set(scales) <= set(SCALES)
+        ):
+            raise ModelFileError(
+                f"{path}: key 'intervals.scales' must list one of {list(SCALES)} per target, got {short_repr(scales)}"
+            )
         if intervals.get("beyond_horizon") is not None:
             check_beyond_horizon(intervals["beyond_horizon"], len(levels), horizon, len(names["targets"]), path)
 
@@ -280,6 +288,7 @@ def make_contract(
     horizon: int = 1,
     interval_levels: list[float] | None = None,
     beyond_horizon: dict[str, Any] | None = None,
+    interval_scales: list[str] | None = None,
 ) -> dict[str, Any]:
     """The contract of an export; the metadata JSON carries the same keys with the same values."""
     return {
@@ -292,13 +301,14 @@ def make_contract(
         "output": {"name": OUTPUT_NAME, "shape": output_shape(horizon, len(targets)), "dtype": "float32"},
         "series": series,
         "external_data": external_data,
-        "intervals": interval_contract(interval_levels, horizon, len(targets), beyond_horizon),
+        "intervals": interval_contract(interval_levels, horizon, len(targets), beyond_horizon, interval_scales),
     }
 
 
 def interval_contract(
-    levels: list[float] | None, horizon: int, n_targets: int, beyond_horizon: dict[str, Any] | None = None
-) -> dict[str, Any] | None:
+    levels: list[float] | None, horizon: int, n_targets: int, beyond_horizon: dict[str, Any] | None = None,
+    scales: list[str] | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
     """The interval outputs: their nominal levels and, per output, its shape (None: a graph without intervals); with
     ``beyond_horizon`` (``Calibration.beyond_horizon``) the calibration of the mean beyond the forecast, which the
     planner applies (in the contract, so that it is as tamper-evident as the graph's own bounds).
@@ -311,6 +321,8 @@ def interval_contract(
     shape = ["batch", len(levels), *output_shape(horizon, n_targets)[1:]]
     names = ["lower", "upper", "mean_lower", "mean_upper"] if horizon > 1 else ["lower", "upper"]
     out = {"levels": [float(v) for v in levels], "outputs": {n: shape for n in names}}
+    if scales is not None:  # per target, which scale the graph's bounds use (intervals.SCALES): for the reader
+        out["scales"] = list(scales)
     return out if beyond_horizon is None else {**out, "beyond_horizon": beyond_horizon}
 
 

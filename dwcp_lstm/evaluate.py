@@ -492,7 +492,8 @@ def interval_report(
 
     grid = [v for v in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98) if I.windows_needed([v]) <= len(val["y"])]
     fitted = cal.fitted if cal.fitted is not None else False
-    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive, ranges, fitted)
+    quantile = cal.quantile if cal.quantile is not None else False
+    rcal = I.calibrate(val["pred"], val["y"], val["hist"], grid, cal.adaptive, ranges, fitted, quantile)
     rb = I.intervals(rcal, pred, hist, ranges)
     reliability = I.interval_scores(rb["lower"], rb["upper"], y, grid)["coverage"].mean(axis=1)  # [G, T]
 

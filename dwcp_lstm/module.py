@@ -79,7 +79,8 @@ class IntervalForecaster(nn.Module):
     / ``mean_upper`` [B, L, H, T] for the mean over the first k steps (the H axis is k - 1). The scale of a target's
     interval is 1, for adaptive targets the standard deviation of its one-step changes inside the window (floored),
     for fitted ones the exp of a linear map of the log window summaries of every target, computed in the graph from
-    the raw input, exactly as :mod:`dwcp_lstm.intervals` does in numpy.
+    the raw input, exactly as :mod:`dwcp_lstm.intervals` does in numpy; quantile targets centre and scale each
+    step's interval by linear maps of that step's forecast (two MatMuls on the output).
     """
 
     def __init__(self, raw: RawForecaster, calibration, target_index: list[int] | None) -> None:
@@ -87,6 +88,8 @@ class IntervalForecaster(nn.Module):
         self.raw, self.horizon = raw, raw.horizon
         adaptive = np.asarray(calibration.adaptive, dtype=bool)
         fitted = np.zeros_like(adaptive) if calibration.fitted is None else np.asarray(calibration.fitted, dtype=bool)
+        quantile = np.zeros_like(adaptive) if calibration.quantile is None else np.asarray(calibration.quantile, bool)
+        fitted = fitted & ~quantile  # a quantile target's fitted spread serves beyond the horizon only (the planner)
         if (adaptive.any() or fitted.any()) and target_index is None:
             raise ConfigError("adaptive intervals need every target among the features (delta mode)")
         self.target_index = list(target_index) if target_index is not None else []
@@ -112,6 +115,33 @@ class IntervalForecaster(nn.Module):
             floor = np.asarray(calibration.spread_floor, dtype=np.float64)[None]  # [1, 3, T]
             self.register_buffer("spread_floor", torch.as_tensor(floor, dtype=torch.float32))
         self.register_buffer("steps", torch.arange(1, self.horizon + 1, dtype=torch.float32).view(1, -1, 1))
+        self.any_quantile, self.all_quantile = bool(quantile.any()), bool(quantile.all())
+        if self.any_quantile:  # [H, 1 + T, T] maps of the step's forecast: bias [H, T] and weight [H, T, T]
+            self.register_buffer("quantile", torch.as_tensor(quantile))
+            self.register_buffer("zero", torch.zeros(len(quantile)))
+            for key, value in calibration.qr.items():
+                value = torch.as_tensor(np.asarray(value), dtype=torch.float32)
+                if key.endswith("floor"):
+                    self.register_buffer(f"qr_{key}", value)
+                else:
+                    self.register_buffer(f"qr_{key}_bias", value[:, 0].contiguous())
+                    self.register_buffer(f"qr_{key}_weight", value[:, 1:].contiguous())
+            for name in ("q", "mean_q") if self.horizon > 1 else ("q",):  # [2L, H, T] here, also for H = 1
+                setattr(self, name, getattr(self, name).view(2 * self.levels, self.horizon, -1))
+
+    def _linear(self, v: torch.Tensor, key: str) -> torch.Tensor:
+        """[B, H, T] -> [B, H, T]: the quantile scale's map ``key`` of each step's forecast (intervals._linear)."""
+        weight, bias = getattr(self, f"qr_{key}_weight"), getattr(self, f"qr_{key}_bias")
+        return (v.unsqueeze(2) @ weight).squeeze(2) + bias  # [B, H, 1, T] @ [H, T, T]
+
+    def _quantile_bounds(self, v: torch.Tensor, scale: torch.Tensor | None, q: torch.Tensor, key: str = "") -> tuple:
+        """Bounds [B, 2L, H, T] around ``v`` [B, H, T] with quantile targets (intervals.interval_terms)."""
+        centre = self._linear(v, key + "centre")
+        width = torch.maximum(self._linear(v, key + "width"), getattr(self, f"qr_{key}width_floor"))
+        if not self.all_quantile:
+            centre = torch.where(self.quantile, centre, self.zero)
+            width = torch.where(self.quantile, width, self.one if scale is None else scale)
+        return self.raw.clip((v + centre)[:, None] + width[:, None] * q)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.raw(x)  # [B, T] (H = 1) or [B, H, T]
@@ -126,7 +156,11 @@ class IntervalForecaster(nn.Module):
                 logs = torch.log(torch.maximum(level, self.spread_floor)).flatten(1)  # [B, 3 T]: as numpy orders it
                 spread = torch.exp(logs @ self.spread_weight + self.spread_bias).unsqueeze(1)  # [B, 1, T]
                 scale = spread if self.all_fitted else torch.where(self.fitted, spread, scale)
+            if self.any_quantile:
+                return self._forward_quantile(f, scale)
             scale = scale if self.horizon == 1 else scale.unsqueeze(1)  # [B, 1, (1,) T]
+        elif self.any_quantile:
+            return self._forward_quantile(f, None)
         bounds = clip(f[:, None] + (self.q if scale is None else scale * self.q))  # [B, 2L, (H,) T]: lower, upper
         lower, upper = bounds.split(n, dim=1)
         if self.horizon == 1:
@@ -134,6 +168,17 @@ class IntervalForecaster(nn.Module):
         mean = torch.cumsum(f, dim=1) / self.steps  # [B, H, T], entry k - 1: the mean of steps 1..k
         means = clip(mean[:, None] + (self.mean_q if scale is None else scale * self.mean_q))
         return f, lower, upper, *means.split(n, dim=1)
+
+    def _forward_quantile(self, f: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward` with quantile targets; ``scale`` [B, 1, T]: the other targets' window scale (or None)."""
+        n = self.levels
+        steps = f.unsqueeze(1) if self.horizon == 1 else f  # [B, H, T]
+        bounds = self._quantile_bounds(steps, scale, self.q)  # [B, 2L, H, T]
+        lower, upper = (b.squeeze(2) if self.horizon == 1 else b for b in bounds.split(n, dim=1))
+        if self.horizon == 1:
+            return f, lower, upper
+        mean = torch.cumsum(f, dim=1) / self.steps
+        return f, lower, upper, *self._quantile_bounds(mean, scale, self.mean_q, "mean_").split(n, dim=1)
 
 
 def _check_sizes(window: int, lstm_sizes, head_sizes, head_dropouts, mape_floor: float) -> None:

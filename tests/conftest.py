@@ -41,6 +41,20 @@ def scale_by_hand(hist, recorded: dict, j: int):
     return np.maximum(vol[:, j], recorded["floor"][j]) if recorded["adaptive"][j] else np.ones(len(hist))
 
 
+def terms_by_hand(pred, hist, recorded: dict, j: int, step: int = 0):
+    """Target ``j``'s interval centre offset and scale at ``step`` for windows with that step's forecast of every
+    target ``pred`` [N, T] and raw history ``hist`` [N, W, T], from a recorded calibration, apart from
+    ``dwcp_lstm.intervals``: for a quantile target [1, pred] @ centre and max([1, pred] @ width, width_floor), else
+    0 and :func:`scale_by_hand`. Bounds are ``pred + shift + scale x [lo, hi]``."""
+    import numpy as np
+
+    if (recorded.get("quantile") or [False] * hist.shape[2])[j]:
+        x = np.concatenate([np.ones((len(pred), 1)), np.asarray(pred, dtype=np.float64)], axis=1)
+        centre, width = (np.asarray(recorded[k])[step][:, j] for k in ("centre", "width"))
+        return x @ centre, np.maximum(x @ width, recorded["width_floor"][step][j])
+    return 0.0, scale_by_hand(hist, recorded, j)
+
+
 def fit_args(tmp: Path, *extra: str) -> list[str]:
     """CPU-safe overrides of the smoke config that keep every artifact inside ``tmp``."""
     return [

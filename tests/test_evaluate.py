@@ -120,15 +120,15 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
             assert 0.0 <= v["coverage"] <= 1.0 and v["width"] > 0 and v["winkler"] >= v["width"]
             assert len(v["coverage_per_step"]) == dm.horizon and v["worst_link_coverage"] <= v["coverage"] + 1e-12
     # by hand for one target and level
-    from conftest import scale_by_hand
+    from conftest import terms_by_hand
 
     hist = E.target_history(dm, dm.starts["test"])
     y = E.step_targets(dm, "test")
     module_pred = E.predict_raw(evaluated_module(evaluated), dm)
     j, i = 1, 0
-    scale = scale_by_hand(hist, cal, j)
-    lower = module_pred[:, 0, j] + scale * cal["lo"][i][0][j]
-    upper = module_pred[:, 0, j] + scale * cal["hi"][i][0][j]
+    shift, scale = terms_by_hand(module_pred[:, 0], hist, cal, j)
+    lower = module_pred[:, 0, j] + shift + scale * cal["lo"][i][0][j]
+    upper = module_pred[:, 0, j] + shift + scale * cal["hi"][i][0][j]
     coverage = ((y[:, 0, j] >= lower) & (y[:, 0, j] <= upper)).mean()
     assert iv["per_target"][dm.targets[j]]["80"]["coverage"] == pytest.approx(coverage)
     assert "## Prediction intervals" in (run / "report.md").read_text() and (run / "reliability.png").exists()
@@ -149,7 +149,7 @@ def test_interval_report_figures_follow_from_its_calibration(evaluated):
 def test_oracle_intervals_are_calibrated_on_validation_and_judged_on_test(evaluated):
     """The oracle's intervals (how far the split alone moves coverage): calibrated on the validation windows' oracle
     rows from the sidecar, judged on the test windows'; recomputed by hand from the calibration they record."""
-    from conftest import scale_by_hand
+    from conftest import terms_by_hand
 
     report, dm, run, oracle, _ = evaluated
     got = report["intervals"]["oracle"]
@@ -161,11 +161,12 @@ def test_oracle_intervals_are_calibrated_on_validation_and_judged_on_test(evalua
         keys, oracle = keys.assign(**{k: keys[k].astype(str)}), oracle.assign(**{k: oracle[k].astype(str)})
     joined = keys.merge(oracle, on=["node_id", "peer_id", "timestamp"], how="left")
     y, hist = E.step_targets(dm, "test")[:, 0], E.target_history(dm, dm.starts["test"])
+    forecast = joined[[f"oracle_{t}" for t in dm.targets]].to_numpy()
     for j, t in enumerate(dm.targets):
-        scale = scale_by_hand(hist, cal, j)
+        shift, scale = terms_by_hand(forecast, hist, cal, j)
         for i, tag in enumerate(("80", "95")):
-            lower = joined[f"oracle_{t}"].to_numpy() + scale * cal["lo"][i][0][j]
-            upper = joined[f"oracle_{t}"].to_numpy() + scale * cal["hi"][i][0][j]
+            lower = forecast[:, j] + shift + scale * cal["lo"][i][0][j]
+            upper = forecast[:, j] + shift + scale * cal["hi"][i][0][j]
             low, high = target_ranges([t])[:, 0]
             lower, upper = np.clip(lower, low, high), np.clip(upper, low, high)
             assert got["coverage"][t][tag] == pytest.approx(((y[:, j] >= lower) & (y[:, j] <= upper)).mean())

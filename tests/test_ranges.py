@@ -35,11 +35,12 @@ def test_ranges_come_from_the_names():
     assert range_entry("throughput_mbps") == {"range": [0.0, None]} and range_entry("score") == {}
 
 
-def pushed_module(offset: float) -> DwcpForecaster:
+def pushed_module(offset: float, horizon: int = 1) -> DwcpForecaster:
     """A small module whose forecasts are the window's last value plus ``offset`` (plus a little): far outside the
     ranges for a large offset."""
     torch.manual_seed(0)
-    m = DwcpForecaster(FEATURES, TARGETS, window_size=6, lstm_sizes=(4,), head_sizes=(4,), head_dropouts=())
+    m = DwcpForecaster(FEATURES, TARGETS, window_size=6, horizon=horizon, lstm_sizes=(4,), head_sizes=(4,),
+                       head_dropouts=())  # fmt: skip
     m.tmean.fill_(offset)
     return m.eval()
 
@@ -66,35 +67,58 @@ def test_the_graph_and_the_report_clip_forecasts(offset):
     assert (np.abs(raw[:, 2] - x[:, -1, 2]) > 40).all()
 
 
-@pytest.mark.parametrize("fitted", [None, np.array([True, False, True]), np.array([True, True, True])],
-                         ids=["volatility", "fitted", "all-fitted"])  # fmt: skip
-def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path, fitted):
-    """Every scale in one graph: plain, the window's volatility, and (second case) the fitted spread."""
-    m, x = pushed_module(-0.3), windows(200)
+KINDS = {  # (fitted, quantile) flags per target; the others adaptive where marked below, else plain
+    "volatility": (None, None),
+    "fitted": (np.array([True, False, True]), None),
+    "all-fitted": (np.array([True, True, True]), None),
+    "quantile": (np.array([False, True, False]), np.array([True, False, False])),  # one of each kind
+    "all-quantile": (None, np.array([True, True, True])),
+}
+
+
+@pytest.mark.parametrize("horizon", [1, 3])
+@pytest.mark.parametrize("kinds", list(KINDS))
+def test_graph_bounds_match_the_numpy_bounds_and_onnx(tmp_path, kinds, horizon):
+    """Every scale in one graph: plain, the window's volatility, the fitted spread and the quantile scale; per step
+    and, for H > 1, for the mean over k steps."""
+    fitted, quantile = KINDS[kinds]
+    m, x = pushed_module(-0.3, horizon), windows(200)
     rng = np.random.default_rng(2)
-    pred = rng.uniform(0.0, 0.5, size=(100, 1, 3))
-    cal = calibrate(pred, pred + rng.normal(0, 0.5, size=pred.shape), rng.uniform(size=(100, 6, 3)), [0.8, 0.95],
-                    adaptive=np.array([False, True, False]), fitted=False if fitted is None else fitted)  # fmt: skip
+    pred = rng.uniform(0.0, 0.5, size=(100, horizon, 3))
+    y = pred + rng.normal(0, 0.5, size=pred.shape) * (0.2 + pred)  # a spread that grows with the forecast
+    cal = calibrate(pred, y, rng.uniform(size=(100, 6, 3)), [0.8, 0.95], adaptive=np.array([False, True, False]),
+                    fitted=False if fitted is None else fitted,
+                    quantile=False if quantile is None else quantile)  # fmt: skip
     if fitted is not None:
-        assert cal.fitted.tolist() == fitted.tolist() and cal.adaptive.tolist() == [False, not fitted[1], False]
-        assert np.ptp(cal.scale(x[:, :, :3].astype(np.float64))[:, 0, 0]) > 0  # the window moves the scale
+        assert cal.fitted.tolist() == (fitted | (quantile if quantile is not None else False)).tolist()
+        j = int(np.flatnonzero(fitted)[0])
+        assert np.ptp(cal.scale(x[:, :, :3].astype(np.float64))[:, 0, j]) > 0  # the window moves the scale
+    if quantile is not None:
+        assert cal.quantile.tolist() == quantile.tolist() and not (cal.adaptive & quantile).any()
     graph = m.interval_forecaster(cal)
     with torch.no_grad():
-        forecast, lower, upper = (t.numpy() for t in graph(torch.from_numpy(x)))
+        out = [t.numpy() for t in graph(torch.from_numpy(x))]
+    forecast, lower, upper = out[:3]
+    steps = forecast[:, None] if horizon == 1 else forecast
     ranges = target_ranges(TARGETS)
-    want = intervals(cal, forecast[:, None].astype(np.float64), x[:, :, :3].astype(np.float64), ranges)
-    np.testing.assert_allclose(lower, want["lower"][:, :, 0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(upper, want["upper"][:, :, 0], rtol=1e-5, atol=1e-6)
+    want = intervals(cal, steps.astype(np.float64), x[:, :, :3].astype(np.float64), ranges)
+    names = ["lower", "upper"] + (["mean_lower", "mean_upper"] if horizon > 1 else [])
+    for name, got in zip(names, out[1:], strict=True):
+        np.testing.assert_allclose(got, want[name][:, :, 0] if horizon == 1 else want[name], rtol=1e-5, atol=1e-6)
+    lower, upper = (v if horizon == 1 else v[:, :, 0] for v in (lower, upper))  # [N, L, T]: the first step
     assert (lower[:, :, :2] >= 0).all() and (upper[:, :, 1] <= 1).all()
     assert (lower[:, :, 0] == 0).any()  # the clip is exercised, not vacuous
     assert (lower[:, :, 2] < 0).any()  # and the unbounded target keeps its negative bounds
-    unclipped = intervals(cal, forecast[:, None].astype(np.float64), x.astype(np.float64))
+    unclipped = intervals(cal, steps.astype(np.float64), x.astype(np.float64))
     assert (unclipped["lower"][:, :, 0, 0] < 0).any()
+    if quantile is not None:  # the quantile targets' width moves with the forecast
+        width = want["upper"] - want["lower"]
+        assert np.ptp(width[:, 0, 0, quantile], axis=0).min() > 0
     path = tmp_path / "m.onnx"
     export_onnx(m, path, 6, calibration=cal)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["forecast", "lower", "upper"], {"metrics": x})
-    for a, b in zip(got, (forecast, lower, upper), strict=True):
+    got = sess.run(["forecast", *names], {"metrics": x})
+    for a, b in zip(got, out, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -943,6 +943,20 @@ def test_a_malformed_tail_calibration_is_refused():
             check_beyond_horizon(bad, 1, 2, 1, "m.json")
 
 
+def test_the_recorded_interval_scales_are_checked(smoke_run):
+    """``intervals.scales`` names each target's scale (bench and readers show it): one known name per target."""
+    from dwcp_lstm.contract import validate_metadata
+    from dwcp_lstm.intervals import SCALES
+
+    meta = json.loads((smoke_run / "model_metadata.json").read_text())
+    assert len(meta["intervals"]["scales"]) == 4 and set(meta["intervals"]["scales"]) <= set(SCALES)
+    validate_metadata(meta, "m.json")
+    for bad in (["quantile"] * 3, ["quantile"] * 3 + ["gamma"], "quantile"):
+        meta["intervals"]["scales"] = bad
+        with pytest.raises(ModelFileError, match="key 'intervals.scales' must list one of"):
+            validate_metadata(meta, "m.json")
+
+
 def test_absurd_thread_counts_are_refused(smoke_run):
     """onnxruntime's option is a 32-bit int (a larger value raised a pybind11 traceback) and 100,000 threads hang."""
     for threads in (-1, 1025, 99_999_999_999):

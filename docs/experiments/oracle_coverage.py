@@ -2,11 +2,12 @@
 
 Not part of the package and not tested: the analysis behind docs/method.md, "What the split does to coverage". The
 oracle is the Bayes forecast of the synthetic generator (the sidecar next to the data file), so its residuals are
-the noise no model can remove. Calibrated on the run's validation windows with the package's own functions (plain,
-volatility and fitted scales; bounds clipped into the targets' ranges as the report does) and judged on its test
-windows, its coverage shows what static split conformal gives when the forecast is perfect: a test split calmer than
-validation over-covers whatever the model. It also prints each target's mean absolute oracle residual on test over
-validation (below 1: the test rows are calmer), and the run's own intervals judged the same way.
+the noise no model can remove. Calibrated on the run's validation windows with the package's own functions
+(plain, volatility, fitted and quantile scales; bounds clipped into the targets' ranges as the report does) and
+judged on its test windows, its coverage shows what static split conformal gives when the forecast is perfect: with
+a scale that does not follow the load, a test split calmer than validation over-covers whatever the model. It also
+prints each target's mean absolute oracle residual on test over validation (below 1: the test rows are calmer), and
+the run's own intervals judged the same way.
 
     PYTHONPATH=. python docs/experiments/oracle_coverage.py lightning_logs/version_0
 """
@@ -49,16 +50,14 @@ def main(run: str) -> None:
     print(f"oracle |residual| test / validation: {ratios}")
     segment = dm.segment_of_row[dm.target_rows("val")]
     for who in ("oracle", "model"):
-        rows = {
-            name: I.calibrate(val[who], val["y"], val["hist"], LEVELS, name == "volatility", ranges, name == "fitted")
-            for name in ("plain", "volatility", "fitted")
-        }
+        kinds = ("plain", "volatility", "fitted", "quantile")
+        flags = {name: (name == "volatility", ranges, name == "fitted", name == "quantile") for name in kinds}
+        rows = {name: I.calibrate(val[who], val["y"], val["hist"], LEVELS, *flags[name]) for name in kinds}
         rows["chosen"] = I.choose(val[who], val["y"], val["hist"], LEVELS, True, segment, ranges)[0]
         # Calibrated on each link's later half of validation only: the stretch nearest the test split.
         late = ~I.earlier_half(segment)
-        for name in ("plain", "volatility", "fitted"):
-            cal = I.calibrate(val[who][late], val["y"][late], val["hist"][late], LEVELS, name == "volatility", ranges,
-                              name == "fitted")  # fmt: skip
+        for name in kinds:
+            cal = I.calibrate(val[who][late], val["y"][late], val["hist"][late], LEVELS, *flags[name])
             rows[f"{name}, later half"] = cal
         for name, cal in rows.items():
             cov = coverage(cal, test[who], test["hist"], test["y"], ranges)
