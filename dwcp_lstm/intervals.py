@@ -39,6 +39,7 @@ BOUND_NAMES = ("lower", "upper", "mean_lower", "mean_upper")  # the graph's inte
 QR_TAUS = (0.1, 0.9)  # the quantile scale's two regressions: their midpoint is its centre, half their gap its width
 QR_ITERS = 60  # iteratively reweighted least squares steps of :func:`quantile_regression`
 QR_MAX_WINDOWS = 20_000  # the regressions read at most this many windows (evenly spaced); the quantiles read all
+QR_MAX_INPUTS = 8  # up to this many targets, each target's regressions read every target's forecast; beyond, its own
 
 
 def level_tag(level: float) -> str:
@@ -252,15 +253,24 @@ def fit_quantile(pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     show one hour ahead (docs/method.md, "The quantile scale"). Two quantiles rather than one scale let the two tails
     move apart: loss has a tail towards congestion that grows with the load."""
     n, h, t = pred.shape
-    pick = np.linspace(0, n - 1, min(n, QR_MAX_WINDOWS)).astype(np.int64)
+    m = min(n, QR_MAX_WINDOWS)
+    pick = np.linspace(0, n - 1, m).astype(np.int64)
     p, r = pred[pick], (y - pred)[pick]
     mu, sd = p.mean(axis=0), p.std(axis=0)  # [H, T]
     sd = np.where(sd > 0, sd, 1.0)
-    z = np.concatenate([np.ones((len(p), h, 1)), (p - mu) / sd], axis=2)  # [m, H, 1 + T]
-    x = np.broadcast_to(z.transpose(1, 0, 2)[:, None, None], (h, t, 2, len(p), t + 1))  # [H, T, 2, m, 1 + T]
-    ys = np.broadcast_to(r.transpose(1, 2, 0)[:, :, None], (h, t, 2, len(p)))
-    taus = np.broadcast_to(np.asarray(QR_TAUS), (h, t, 2))
-    beta = quantile_regression(x.reshape(-1, len(p), t + 1), ys.reshape(-1, len(p)), taus.ravel())
+    z = (p - mu) / sd  # [m, H, T]
+    taus = np.tile(np.asarray(QR_TAUS), t)  # [2 T]: target-major, as the rows below
+    beta = np.zeros((h, 2 * t, t + 1))  # [H, 2 T, 1 + T in]
+    for k in range(h):  # one step at a time, its 2 T regressions at once
+        rk = np.repeat(r[:, k].T, 2, axis=0)  # [2 T, m]
+        if t <= QR_MAX_INPUTS:  # every target's forecast
+            x = np.broadcast_to(np.concatenate([np.ones((m, 1)), z[:, k]], axis=1), (2 * t, m, t + 1))
+            beta[k] = quantile_regression(x, rk, taus)
+        else:  # many targets: each its own forecast only (the cost grows with the inputs' square)
+            x = np.stack([np.ones((2 * t, m)), np.repeat(z[:, k].T, 2, axis=0)], axis=2)  # [2 T, m, 2]
+            own = quantile_regression(x, rk, taus)
+            beta[k, :, 0] = own[:, 0]
+            beta[k, np.arange(2 * t), 1 + np.repeat(np.arange(t), 2)] = own[:, 1]
     beta = beta.reshape(h, t, 2, t + 1)  # [H, T out, tau, 1 + T in]
 
     def raw(b: np.ndarray) -> np.ndarray:  # [H, T out, 1 + T in] standardised -> [H, 1 + T in, T out] raw

@@ -10,6 +10,7 @@ import pytest
 
 from dwcp_lstm.errors import ConfigError, DataError
 from dwcp_lstm.intervals import (
+    QR_MAX_INPUTS,
     SCALES,
     calibrate,
     check_levels,
@@ -143,6 +144,25 @@ def test_the_quantile_scale_follows_a_spread_and_skew_set_by_the_forecast():
     assert scale_kinds(record) == ["quantile", "quantile"]
     # beyond the horizon they use the fitted spread: the tail has no step of its own to regress on
     assert scale_kinds(cal.scale_dict()) == ["fitted", "fitted"]
+
+
+def test_with_many_targets_each_quantile_regression_reads_its_own_forecast():
+    """Beyond QR_MAX_INPUTS targets the regressions' cost (the inputs' square, times the targets) would run to
+    minutes: each target then reads its own forecast only, the other weights exactly 0, and coverage still holds."""
+    rng = np.random.default_rng(31)
+    t = QR_MAX_INPUTS + 2
+
+    def draw(n):
+        pred = rng.uniform(0.1, 2.0, size=(n, 1, t))
+        return pred, pred + 0.2 * pred * rng.standard_normal(pred.shape), rng.normal(size=(n, 5, t))
+
+    cal = calibrate(*draw(3000), LEVELS, False, quantile=True)
+    weights = np.asarray(cal.qr["width"])[0, 1:]  # [T in, T out]
+    assert (weights[~np.eye(t, dtype=bool)] == 0).all() and (np.diag(weights) > 0).all()
+    tp, ty, th = draw(30000)
+    b = intervals(cal, tp, th)
+    cov = interval_scores(b["lower"], b["upper"], ty, LEVELS)["coverage"].mean(axis=(1, 2))
+    np.testing.assert_allclose(cov, LEVELS, atol=0.01)
 
 
 def test_flat_and_idle_windows_get_a_finite_positive_fitted_scale():
