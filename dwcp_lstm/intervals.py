@@ -226,7 +226,9 @@ def quantile_regression(x: np.ndarray, y: np.ndarray, taus: np.ndarray) -> np.nd
     xt, y1 = np.ascontiguousarray(x.transpose(0, 2, 1)), y[..., None]  # [C, p, n], [C, n, 1]
     ridge = 1e-8 * np.eye(x.shape[2])
     beta = np.linalg.solve(xt @ x + ridge, xt @ y1)  # [C, p, 1]: least squares to start
-    eps = 1e-6 * np.maximum(np.abs(y1 - x @ beta).mean(axis=1, keepdims=True), 1e-300)  # [C, 1, 1]
+    # The smallest |residual| a weight divides by: relative to the fit's, and above 0 when every residual is 0
+    size = np.abs(y1).mean(axis=1, keepdims=True) + 1.0  # [C, 1, 1]
+    eps = 1e-6 * np.abs(y1 - x @ beta).mean(axis=1, keepdims=True) + 1e-12 * size
     for _ in range(QR_ITERS):
         r = (y1 - x @ beta)[..., 0]  # [C, n]
         w = np.where(r >= 0, taus, 1.0 - taus) / np.maximum(np.abs(r), eps[..., 0])

@@ -116,6 +116,18 @@ def test_quantile_regression_matches_scikit_learns_linear_program():
         assert loss(beta[c]) == pytest.approx(loss(exact.coef_), rel=1e-3)
 
 
+def test_the_quantile_scale_of_exact_or_constant_residuals_is_finite():
+    """A forecast that is exactly right on every calibration window (or off by a constant) left IRLS dividing by
+    |residual| = 0: overflow, then NaN bounds. Now finite, and the bounds hold the residual."""
+    rng = np.random.default_rng(41)
+    pred, hist = rng.uniform(0, 1, (200, 2, 2)), rng.uniform(0, 1, (200, 5, 2))
+    with np.errstate(all="raise"):
+        for y in (pred.copy(), pred + 0.5):
+            b = intervals(calibrate(pred, y, hist, LEVELS, False, quantile=True), pred, hist)
+            for name in ("lower", "upper"):
+                np.testing.assert_allclose(b[name], np.broadcast_to(y[:, None], b[name].shape), atol=1e-6)
+
+
 def test_the_quantile_scale_follows_a_spread_and_skew_set_by_the_forecast():
     """Coverage holds on new windows at both levels, and also among the calm and the loaded windows separately
     (one scale for all cannot: it over-covers the calm ones and under-covers the loaded); the intervals are the
