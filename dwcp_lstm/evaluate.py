@@ -872,7 +872,8 @@ def markdown(report: dict, targets: list[str]) -> str:
         lines += ["", f"## Prediction intervals (split conformal, {cal['windows']} validation windows)", "",
                   "Pooled over steps; persistence and ridge get conformal intervals built the same way. Scale per "
                   "target: " + ", ".join(f"{t} {k}" for t, k in zip(targets, I.scale_kinds(cal), strict=True))
-                  + ".", "",
+                  + " (plain: 1; adaptive: the window's volatility; fitted: a spread model of the window's "
+                  "summaries; quantile: centre and width regressed on the step's forecast; docs/method.md).", "",
                   f"*online*: the same bounds recalibrated from realised errors as the test split unrolls (rate "
                   f"{iv['online_rate']:g}, each outcome used once it is known; every interval recalibrated alike).", "",
                   "| target | level | bounds | coverage | width | Winkler | persistence Winkler | ridge Winkler | "
