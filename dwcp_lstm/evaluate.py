@@ -279,7 +279,7 @@ def evaluate(
     }
     config = run_dir / "config.yaml"
     report["config"] = config.read_text() if config.exists() else None
-    report["onnx"] = onnx_facts(run_dir, dm, module)
+    report["onnx"] = onnx_facts(run_dir, dm, module, (report["intervals"] or {}).get("calibration"))
     plots.write_all(run_dir, dm, y, pred, base_preds, oracle, report, plan_points)
     atomic_write(run_dir / "report.json", json.dumps(finite_or_null(report), indent=2, default=_json_default))
     atomic_write(run_dir / "report.md", markdown(report, dm.targets))
@@ -639,10 +639,12 @@ def check_run_pair(path: Path, meta_path: Path, dm, module) -> tuple:
     return predictor, x, parity
 
 
-def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
+def onnx_facts(run_dir: Path, dm, module, calibration: dict | None = None, runs: int = 300) -> dict | None:
     """Parity with the run's checkpoint (measured here on up to 256 test windows), file size and measured
     onnxruntime batch-1 latency of the run's model.onnx; None (with a warning) when the pair is missing or fails
-    :func:`check_run_pair`: the report is still written."""
+    :func:`check_run_pair`: the report is still written. ``calibration``: the report's (``Calibration.to_dict``);
+    whether the graph carries the same one (``calibration_matches``: a graph exported before the calibration changed,
+    by another version of the package, returns other bounds than those the report judges; a warning says so)."""
     from dwcp_lstm.errors import DwcpError
 
     path, meta_path = model_path_of(run_dir), run_dir / METADATA_NAME
@@ -654,6 +656,13 @@ def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
         log.warning("%s; the report leaves out the ONNX figures (python -m dwcp_lstm export --run %s)", exc, run_dir)
         return None
     sess, meta = predictor.session, predictor.metadata
+    matches = None
+    if calibration is not None:
+        matches = json.loads(json.dumps(calibration, default=_json_default)) == meta.get("calibration")
+        if not matches:
+            log.warning("%s carries another interval calibration than this report judges (exported before it "
+                        "changed): its bounds are not the report's; python -m dwcp_lstm export --run %s re-exports "
+                        "it", path, run_dir)  # fmt: skip
     feed = {sess.get_inputs()[0].name: x[:1]}  # [1, W, F]
     time_calls(lambda: sess.run(None, feed), 20)  # warm-up
     ns = time_calls(lambda: sess.run(None, feed), runs)
@@ -666,6 +675,7 @@ def onnx_facts(run_dir: Path, dm, module, runs: int = 300) -> dict | None:
         "b1_p50_ms": percentile_ms(ns, 50),
         "b1_p99_ms": percentile_ms(ns, 99),
         "opset": meta.get("opset"),
+        "calibration_matches": matches,
     }
 
 
@@ -915,6 +925,9 @@ def markdown(report: dict, targets: list[str]) -> str:
             f"{_fmt(onnx['sha256_matches_metadata'])} |",
             f"| opset | {onnx['opset']} | >= 17 | {_fmt((onnx['opset'] or 0) >= 17)} |",
         ]
+        if onnx.get("calibration_matches") is not None:
+            ok = onnx["calibration_matches"]
+            lines.append(f"| the graph's interval calibration is this report's | {_fmt(ok)} | yes | {_fmt(ok)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -957,6 +957,24 @@ def test_the_recorded_interval_scales_are_checked(smoke_run):
             validate_metadata(meta, "m.json")
 
 
+def test_a_graph_exported_with_another_calibration_is_named(smoke_run, tmp_path, caplog):
+    """``report --run`` recalibrates from the checkpoint; a model.onnx exported before the calibration changed (an
+    older package, another scale) returns other bounds than the report judges. The report says so."""
+    from dwcp_lstm import evaluate as E
+    from dwcp_lstm.runs import load_run
+
+    report = json.loads((smoke_run / "report.json").read_text())
+    assert report["onnx"]["calibration_matches"] is True
+    for name in ("model.onnx", "model_metadata.json"):
+        shutil.copy(smoke_run / name, tmp_path / name)
+    meta = json.loads((tmp_path / "model_metadata.json").read_text())
+    meta["calibration"]["lo"][0][0][0] -= 1.0  # what the graph was exported with
+    (tmp_path / "model_metadata.json").write_text(json.dumps(meta))
+    module, dm, _ = load_run(smoke_run)
+    facts = E.onnx_facts(tmp_path, dm, module, report["intervals"]["calibration"], runs=5)
+    assert facts["calibration_matches"] is False and "another interval calibration" in caplog.text
+
+
 def test_absurd_thread_counts_are_refused(smoke_run):
     """onnxruntime's option is a 32-bit int (a larger value raised a pybind11 traceback) and 100,000 threads hang."""
     for threads in (-1, 1025, 99_999_999_999):
