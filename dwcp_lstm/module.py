@@ -134,7 +134,9 @@ class IntervalForecaster(nn.Module):
         weight, bias = getattr(self, f"qr_{key}_weight"), getattr(self, f"qr_{key}_bias")
         return (v.unsqueeze(2) @ weight).squeeze(2) + bias  # [B, H, 1, T] @ [H, T, T]
 
-    def _quantile_bounds(self, v: torch.Tensor, scale: torch.Tensor | None, q: torch.Tensor, key: str = "") -> tuple:
+    def _quantile_bounds(
+        self, v: torch.Tensor, scale: torch.Tensor | None, q: torch.Tensor, key: str = ""
+    ) -> torch.Tensor:
         """Bounds [B, 2L, H, T] around ``v`` [B, H, T] with quantile targets (intervals.interval_terms)."""
         centre = self._linear(v, key + "centre")
         width = torch.maximum(self._linear(v, key + "width"), getattr(self, f"qr_{key}width_floor"))
