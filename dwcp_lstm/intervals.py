@@ -100,12 +100,6 @@ class Calibration:
     quantile: np.ndarray | None = None
     qr: dict[str, np.ndarray] | None = None
 
-    def terms(self, pred: np.ndarray, hist: np.ndarray, mean: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Centre offset and scale of each window's residuals (steps, or the means over k steps with ``mean``):
-        bounds are ``forecast + shift + scale * [lo, hi]``. [N, H, T] each (the scale [N, 1, T] for targets
-        without the quantile scale)."""
-        return interval_terms(self, pred, hist, mean)
-
     def scale(self, hist: np.ndarray) -> np.ndarray:
         """[N, W, T] raw target history -> [N, 1, T]: each window's scale of each target's residuals."""
         return window_scale(hist, self.adaptive, self.floor, self.fitted, self.spread, self.spread_floor)
@@ -285,10 +279,11 @@ def fit_quantile(pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return centre, width, floor
 
 
-def interval_terms(cal: Calibration, pred: np.ndarray, hist: np.ndarray, mean: bool = False) -> tuple:
-    """:meth:`Calibration.terms`: (shift, scale) of windows with forecasts ``pred`` [N, H, T] and target history
-    ``hist`` [N, W, T]; with ``mean`` for the mean over the first k steps (``pred`` still the per-step forecast)."""
-    scale = cal.scale(hist)  # [N, 1, T]; the quantile targets' is replaced below
+def interval_terms(cal: Calibration, pred: np.ndarray, scale: np.ndarray, mean: bool = False) -> tuple:
+    """Centre offset and scale of each window's residuals: bounds are ``forecast + shift + scale * [lo, hi]``, for
+    the steps or, with ``mean``, the means over the first k steps (``pred`` [N, H, T] still the per-step forecast).
+    ``scale``: the windows' own, ``cal.scale(hist)`` [N, 1, T], which the quantile targets' replaces: [N, H, T]
+    then."""
     if cal.quantile is None or not cal.quantile.any():
         return np.zeros((1, 1, pred.shape[2])), scale
     key = "mean_" if mean else ""
@@ -388,10 +383,11 @@ def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequenc
         qr |= dict(zip(("mean_centre", "mean_width", "mean_width_floor"), mean_fit, strict=True))
         fit |= {"quantile": quantile, "qr": qr}
     cal = Calibration(levels, adaptive, *([np.zeros(0)] * 4), floor, len(y), **fit)
-    shift, scale = cal.terms(pred, hist)
+    window = cal.scale(hist)
+    shift, scale = interval_terms(cal, pred, window)
     lo, hi = _quantiles(*_edge_scores((y - pred - shift) / scale, y, ranges), levels=levels)
     mean_y = _running_mean(y)
-    shift, scale = cal.terms(pred, hist, mean=True)
+    shift, scale = interval_terms(cal, pred, window, mean=True)
     mean_r = (mean_y - _running_mean(pred) - shift) / scale
     mean_lo, mean_hi = _quantiles(*_edge_scores(mean_r, mean_y, ranges), levels=levels)
     return replace(cal, lo=lo, hi=hi, mean_lo=mean_lo, mean_hi=mean_hi)
@@ -431,12 +427,13 @@ def intervals(
     a tail calibration also ``tail_lower``/``tail_upper`` [N, L, K - H, T] for the mean over k = H + 1 .. K steps.
     ``ranges`` [2, T] (``tables.target_ranges``) clips every bound into the targets' physical ranges, as the graph
     does: coverage of values inside the range is unchanged, widths only shrink."""
-    mean = _running_mean(pred)
+    mean, window = _running_mean(pred), cal.scale(hist)  # [N, H, T], [N, 1, T]
     tail = {}
     if cal.tail_lo is not None:  # [N, L, K - H, T]: the mean over k > H steps, around the held forecast mean
-        held, scale = mean[:, -1][:, None, None], cal.scale(hist)[:, None]  # [N, 1, 1, T] each
+        held, scale = mean[:, -1][:, None, None], window[:, None]  # [N, 1, 1, T] each
         tail = {"tail_lower": held + scale * cal.tail_lo[None], "tail_upper": held + scale * cal.tail_hi[None]}
-    (shift, scale), (mean_shift, mean_scale) = cal.terms(pred, hist), cal.terms(pred, hist, mean=True)
+    shift, scale = interval_terms(cal, pred, window)
+    mean_shift, mean_scale = interval_terms(cal, pred, window, mean=True)
     at, mean_at = pred + shift, mean + mean_shift  # [N, H, T]: where each interval is centred before its quantiles
     bounds = {
         **tail,
