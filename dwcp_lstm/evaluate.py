@@ -710,19 +710,23 @@ def planner_markdown(plan: dict | None) -> list[str]:
              f"done by the time planned at {c:g} % (the model's {100 * plan['level']:g} % bounds); MdAPE: median "
              "absolute percentage error of the median time. Simple planners: the current rate held (QEMU's estimate), "
              "the harmonic mean of the last 5, persistence with conformal bounds. Online: the model's bound "
-             "recalibrated per link from the migrations already ended (docs/method.md).", "",
-             "| GiB | dirty Mbit/s | migrations | coverage | online coverage | persistence coverage | model MdAPE % | "
-             "current held | HM-5 | persistence | beyond horizon |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "recalibrated per link from the migrations already ended (docs/method.md). 95 % CI: the coverage's "
+             "block bootstrap over stretches of each link that share no row (blocks: how many; "
+             "docs/planning.md). Coverage counts the plans that give a time; no time: the share of the model's that "
+             f"say instead that nothing is guaranteed at {c:g} % (or that pre-copy does not converge).", "",
+             "| GiB | dirty Mbit/s | migrations | coverage | 95 % CI (blocks) | no time | online coverage | "
+             "persistence coverage | model MdAPE % | current held | HM-5 | persistence | beyond horizon |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in plan["runs"]:
         head = f"| {r['memory_gib']:g} | {r['dirty_rate_mbps']:g} |"
         if not r["migrations"]:
-            lines.append(f"{head} 0 ({r['censored']} censored) | | | | | | | | |")
+            lines.append(f"{head} 0 ({r['censored']} censored) | | | | | | | | | | |")
             continue
-        s = r["simple"]
+        s, ci, pct = r["simple"], r["model"].get("coverage_ci95"), lambda v: "" if v is None else f"{100 * v:.1f} %"
+        ci = "" if ci is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f} % ({r['model']['coverage_blocks']})"
         lines.append(
-            f"{head} {r['migrations']} | {100 * r['model']['coverage']:.1f} % | "
-            f"{100 * r['model']['online_coverage']:.1f} % | {100 * r['persistence_conformal_coverage']:.1f} % | "
+            f"{head} {r['migrations']} | {pct(r['model']['coverage'])} | {ci} | {pct(r['model']['no_time_share'])} | "
+            f"{pct(r['model'].get('online_coverage'))} | {pct(r['persistence_conformal_coverage'])} | "
             f"{r['model']['mdape']:.2f} | "
             f"{s['current_rate_held']['mdape']:.2f} | {s['harmonic_mean_5']['mdape']:.2f} | "
             f"{s['persistence_conformal']['mdape']:.2f} | {100 * r['model']['beyond_horizon_share']:.0f} % |"

@@ -345,6 +345,36 @@ def _quantiles(
     return lo, hi
 
 
+def _selective_lower(
+    scores: np.ndarray, at: np.ndarray, scale: np.ndarray, low: np.ndarray, lo: np.ndarray, levels: Sequence[float]
+) -> np.ndarray:
+    """Lower quantiles [L, H, T] of the bounds of a *mean* that keep their level among the windows whose bound lies
+    above the range's lower edge ``low`` [T] (the bound ``at + scale x lo``; ``scores`` [n, H, T], ``at``/``scale``
+    broadcast to it, ``lo`` the marginal quantiles of :func:`_quantiles`).
+
+    A bound clipped onto the edge (an idle client's: no rate guaranteed) covers every value, so a marginal
+    quantile puts all of its tail's misses on the other windows: on Irish's bursty client, idle half the time,
+    the planner's confidence-level times covered 72-80 % of the migrations they gave a time for. The planner
+    gives a time only where the bound is above the edge, so its level is conditional on that: the quantile is
+    read again over those windows alone, which lowers it, which moves some windows onto the edge, until it stops
+    moving. Each pass lowers it (the windows that leave were hits), so the passes end; where too few windows
+    remain for the rank, the last quantile holds."""
+    n, out = len(scores), lo.copy()
+    for li, level in enumerate(levels):
+        cur, a = lo[li], (1.0 - level) / 2
+        for _ in range(50):
+            above = at + scale * cur[None] > low  # [n, H, T]
+            rank = np.floor(np.round((above.sum(axis=0) + 1) * a, 9)).astype(np.int64)  # [H, T], 1-based
+            s = np.sort(np.where(above, scores, np.inf), axis=0)
+            new = np.take_along_axis(s, np.clip(rank - 1, 0, n - 1)[None], axis=0)[0]
+            new = np.where((rank >= 1) & np.isfinite(new), np.minimum(new, cur), cur)
+            if np.array_equal(new, cur):
+                break
+            cur = new
+        out[li] = cur
+    return out
+
+
 def _running_mean(a: np.ndarray) -> np.ndarray:
     """[N, H, T] -> [N, H, T]: entry k - 1 is the mean of steps 1..k."""
     return np.cumsum(a, axis=1) / np.arange(1, a.shape[1] + 1)[None, :, None]
@@ -390,6 +420,9 @@ def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequenc
     shift, scale = interval_terms(cal, pred, window, mean=True)
     mean_r = (mean_y - _running_mean(pred) - shift) / scale
     mean_lo, mean_hi = _quantiles(*_edge_scores(mean_r, mean_y, ranges), levels=levels)
+    if ranges is not None:  # the planner's bound: its level among the windows it gives a time for
+        at = _running_mean(pred) + shift
+        mean_lo = _selective_lower(_edge_scores(mean_r, mean_y, ranges)[0], at, scale, ranges[0], mean_lo, levels)
     return replace(cal, lo=lo, hi=hi, mean_lo=mean_lo, mean_hi=mean_hi)
 
 
@@ -411,7 +444,10 @@ def calibrate_tail(
         if ok.sum() < windows_needed(cal.levels):
             break
         r, mean_y = ((running[ok, k - 1] - held[ok]) / scale[ok])[:, None, :], running[ok, k - 1][:, None, :]
-        a, b = _quantiles(*_edge_scores(r, mean_y, ranges), levels=cal.levels)  # [L, 1, T]
+        scores = _edge_scores(r, mean_y, ranges)
+        a, b = _quantiles(*scores, levels=cal.levels)  # [L, 1, T]
+        if ranges is not None:  # as the mean over the horizon's: the level among the plans that give a time
+            a = _selective_lower(scores[0], held[ok][:, None], scale[ok][:, None], ranges[0], a, cal.levels)
         lo.append(a[:, 0])
         hi.append(b[:, 0])
     if not lo:

@@ -124,9 +124,11 @@ def track_promises(
     with ``s`` is read at the smallest grid value >= ``s`` (a promise is non-decreasing in ``s``, so a miss is
     never used before it is certain; beyond the grid, only from its end). A miss is used from that row, or from
     its end if that comes first; a hit only from its end. ``censored`` [n]: migrations seen only in part, whose
-    hits are never known. Each outcome's step is ``rate`` damped by the length of its promise
-    (:func:`delayed_rate`; a promise that never ends, a bound at 0, by when its end is learnt), the same for a hit
-    and a miss: damped by when each is learnt, the misses (learnt later) weighed less and coverage settled low.
+    hits are never known. A plan that gave no time (``promised`` inf at its multiplier: a bound at 0) promised
+    nothing and teaches nothing: the margin is learnt, as the backtest judges it, on the plans that give a time
+    (learnt as hits until 2026-12-02, they let the margin shrink where the plans that did give one missed). Each
+    outcome's step is ``rate`` damped by the length of its promise (:func:`delayed_rate`), the same for a hit and
+    a miss: damped by when each is learnt, the misses (learnt later) weighed less and coverage settled low.
     Also returns the row from which each outcome was used [n] (``inf``: never)."""
     censored = np.zeros(len(needed), bool) if censored is None else np.asarray(censored, bool)
     s, learnt = np.ones(len(needed)), np.full(len(needed), np.inf)
@@ -140,8 +142,10 @@ def track_promises(
             s[i] = np.exp(log_s)
             if np.isnan(needed[i]):
                 continue
-            miss = bool(needed[i] > s[i])
             due = promised[i, np.searchsorted(grid, s[i])] if s[i] <= grid[-1] else np.inf
+            if not np.isfinite(due):  # no time was promised (a bound at 0): nothing to keep, nothing to learn
+                continue
+            miss = bool(needed[i] > s[i])
             at = min(ended[i], due) if miss else ended[i]
             if censored[i] and not miss or not np.isfinite(at):
                 continue

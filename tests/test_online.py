@@ -225,6 +225,24 @@ def test_a_miss_is_learnt_when_its_promise_passes_not_before():
     np.testing.assert_allclose(late, [1.0, 1.0, step])  # promised 5 rows on: not yet certain at row 3
 
 
+def test_plans_without_a_time_teach_the_margin_nothing():
+    """An idle link's plans give no time (a bound at 0) and always 'cover'; learnt as hits, they shrank the margin
+    for the plans that did give a time, which then missed. The margin now moves on the timed plans alone: the same
+    as a tracker that never saw the idle ones."""
+    n = 600
+    issued, groups = np.arange(n), np.zeros(n, int)
+    needed = np.exp(np.random.default_rng(2).normal(0.0, 1.0, n))
+    ended = issued + np.maximum(np.ceil(3.0 * needed), 1)
+    promised = _promise_rows(issued, 3.0)
+    idle = np.arange(n) % 2 == 0
+    promised[idle] = np.inf
+    s, learnt = O.track_promises(needed, issued, ended, groups, 0.1, 10, promised, GRID)
+    assert not np.isfinite(learnt[idle]).any()
+    alone, _ = O.track_promises(needed[~idle], issued[~idle], ended[~idle], groups[~idle], 0.1, 10, promised[~idle],
+                                GRID)  # fmt: skip
+    np.testing.assert_allclose(s[~idle], alone)
+
+
 def test_misses_that_end_late_keep_their_weight_when_learnt_at_the_promise():
     """Migrations whose needed margin is heavy-tailed: a miss is one that ran long, so it ends late. Learnt only
     when they end (and damped for arriving late), the misses lose the tug of war with the hits and coverage settles
@@ -261,11 +279,13 @@ def test_any_promises_are_learnt_no_earlier_than_certain(n, seed, links):
     censored = rng.random(n) < 0.2
     s, learnt = O.track_promises(needed, issued, ended, groups, 0.1, 12, promised, GRID, censored=censored)
     for i in range(n):
+        due = promised[i, np.searchsorted(GRID, s[i])] if s[i] <= GRID[-1] else np.inf
+        if not np.isfinite(due):  # no time promised: nothing to keep, never learnt
+            assert not np.isfinite(learnt[i])
         if np.isnan(needed[i]) or not np.isfinite(learnt[i]):
             continue
         assert learnt[i] > issued[i]
         if needed[i] > s[i]:  # a miss
-            due = promised[i, np.searchsorted(GRID, s[i])] if s[i] <= GRID[-1] else np.inf
             assert learnt[i] == min(ended[i], due)
         else:
             assert not censored[i] and learnt[i] == ended[i]

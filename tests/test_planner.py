@@ -150,6 +150,22 @@ def test_plans_keep_their_confidence_when_the_bound_is_exact():
         assert r["censored"] == 0
 
 
+def test_a_plan_without_a_time_is_not_counted_as_a_kept_promise():
+    """Half the windows get a lower bound of 0 (an idle client: nothing guaranteed, the confident time is inf),
+    the other half the exact 10 % quantile of their rate: coverage is judged on the plans that give a time, 90 %,
+    and the others are counted apart. Counted as hits (until 2026-12-02) they made it read 95 %."""
+    rng = np.random.default_rng(4)
+    n, h = 20_000, 4
+    rate = rng.lognormal(np.log(500), 0.3, n)
+    real = np.repeat(rate[:, None], 300, axis=1)
+    q10 = np.exp(np.log(500) - 1.2815515655446004 * 0.3)
+    forecast, lower = np.full((n, h), 500.0), np.full((n, h), q10)
+    lower[: n // 2] = 0.0
+    out = P.backtest(real, np.full(n, 60.0), forecast, lower, rate, rate, lower, [64], [0.0])
+    model = out["runs"][0]["model"]
+    assert model["no_time_share"] == 0.5 and model["coverage"] == pytest.approx(0.9, abs=0.01)
+
+
 def test_the_backtest_counts_a_migration_cut_off_after_its_confident_time_as_a_miss():
     n, h = 10, 5
     real = np.full((n, 50), 100.0)  # Mbit/s: 1,000 Mbit take 10 s
@@ -166,6 +182,7 @@ def test_the_backtest_counts_a_migration_cut_off_after_its_confident_time_as_a_m
     assert run["persistence_conformal_coverage"] == pytest.approx(6 / 9)
     assert run["simple"]["current_rate_held"]["done_by_estimate"] == pytest.approx(6 / 9)
     assert run["model"]["online_coverage"] <= 6 / 9 + 1e-12
+    assert run["model"]["coverage_blocks"] == 9  # the judged starts, 100 rows apart: each its own block
 
 
 def test_the_backtest_judges_the_oracles_plan_as_it_judges_the_models():
@@ -185,6 +202,28 @@ def test_the_backtest_judges_the_oracles_plan_as_it_judges_the_models():
         assert a["oracle_coverage"] == a["model"]["coverage"]
         assert b["oracle_coverage"] == c["model"]["coverage"] != a["model"]["coverage"]
     assert P.backtest(*args, lower, rate, rate, lower, sizes, [0.0])["runs"][0]["oracle_coverage"] is None
+
+
+def test_coverage_interval_counts_blocks_not_migrations():
+    """40 stretches of 50 identical outcomes (a migration started a row later is nearly the same migration), 36
+    covered: the bootstrap over blocks is as wide as a binomial of 40 outcomes, the normal approximation's
+    0.9 +- 1.96 sqrt(0.09 / 40); over single migrations it would claim 2,000 and be seven times narrower."""
+    hit = np.repeat(np.arange(40) < 36, 50)
+    issued, groups = np.arange(2000), np.zeros(2000, int)
+    (lo, hi), blocks = P.coverage_interval(hit, issued, groups, 50)
+    assert blocks == 40 and lo < 0.9 < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.09 / 40), rel=0.2)
+    (lo1, hi1), blocks1 = P.coverage_interval(hit, issued, groups, 1)
+    assert blocks1 == 2000 and hi1 - lo1 == pytest.approx(2 * 1.96 * np.sqrt(0.09 / 2000), rel=0.2)
+    assert P.coverage_interval(hit, issued, groups, 50) == ([lo, hi], 40)  # seeded: a report is reproducible
+
+
+def test_coverage_interval_keeps_links_apart():
+    """Two links with the same start rows are two blocks each, never one; one block gives no interval."""
+    hit, issued = np.array([True, False, True, True]), np.array([0, 5, 0, 5])
+    assert P.coverage_interval(hit, issued, np.array(["a", "a", "b", "b"]), 10)[1] == 2
+    assert P.coverage_interval(hit, issued, np.array(["a", "a", "a", "a"]), 10) == (None, 1)
+    assert P.coverage_interval(hit[:0], issued[:0], np.array([]), 10) == (None, 0)
 
 
 def test_carried_volume_matches_a_direct_sum():
@@ -435,7 +474,10 @@ def test_report_backtests_the_planner(smoke_run):
         assert set(r["simple"]) == {"current_rate_held", "harmonic_mean_5", "persistence_conformal"}
         assert 0 <= r["model"]["coverage"] <= 1 and 0 <= r["model"]["online_coverage"] <= 1
         assert 0 <= r["oracle_coverage"] <= 1  # the smoke data has an oracle sidecar
-    assert "The generator's oracle (a perfect forecast)" in (smoke_run / "report.md").read_text()
+        lo, hi = r["model"]["coverage_ci95"]
+        assert lo <= r["model"]["coverage"] <= hi and 2 <= r["model"]["coverage_blocks"] <= r["migrations"]
+    md = (smoke_run / "report.md").read_text()
+    assert "The generator's oracle (a perfect forecast)" in md and "| 95 % CI (blocks) |" in md
     assert set(plan["checks"]) == {"coverage_within_3_points", "online_coverage_within_3_points",
                                    "mdape_below_every_simple_planner"}  # fmt: skip
     assert (smoke_run / "planner.png").exists()
