@@ -251,6 +251,8 @@ def check_beyond_horizon(beyond: Any, n_levels: int, horizon: int, n_targets: in
     if "fitted" in beyond:  # the fitted scale (intervals.fit_spread); absent in metadata written before it
         shapes += [("fitted", (n_targets,)), ("spread", (1 + 3 * n_targets, n_targets)),
                    ("spread_floor", (3, n_targets))]  # fmt: skip
+    if "centre" in beyond:  # the tail's centre (intervals.calibrate_tail); absent before 2026-12-02: the held mean
+        shapes += [("centre", (steps - horizon, 2, n_targets))]
     for name, shape in shapes:
         flags = name in ("adaptive", "fitted")
         try:

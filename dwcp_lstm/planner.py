@@ -19,9 +19,10 @@ where the curve's cumulative volume reaches what must be sent (linear within a s
   realised data is one whose realised volume by t reaches what had to be sent, so the time read off this curve is
   the c-quantile of the transfer time at every whole step;
 * beyond the model's horizon nothing is forecast: the median plan holds the forecast mean over the horizon; the
-  confident one continues with the model's calibration of the *realised* mean over k = H + 1 .. 8 H steps against
-  that held mean (:func:`dwcp_lstm.intervals.calibrate_tail`, on the validation split, carried in the contract),
-  and past 8 H steps holds its last bound. The plan says so (``beyond_horizon``).
+  confident one continues with the model's calibration of the *realised* mean over k = H + 1 .. 8 H steps
+  around a line in that held mean (a slow link tends back up, a fast one down:
+  :func:`dwcp_lstm.intervals.calibrate_tail`, on the validation split, carried in the contract), never above the
+  held mean, and past 8 H steps holds its last bound. The plan says so (``beyond_horizon``).
 """
 
 from __future__ import annotations
@@ -230,8 +231,12 @@ def confident_time(
 ) -> np.ndarray:  # fmt: skip
     """The confidence-level time [N] with each bound's distance below the forecast mean multiplied by ``s`` [N]
     (1: the calibrated plan; > 1: a wider margin, so a later time). Online recalibration moves ``s``."""
+    h = forecast.shape[1]
     lower, tail = scaled_bounds(forecast, mean_lower, tail_lower, s)
     bounds = lower if tail is None else np.concatenate([lower, tail], axis=1)  # as plan_arrays builds its curve
+    point = np.clip(forecast, 0.0, None)
+    point = np.cumsum(point, axis=1) / np.arange(1, point.shape[1] + 1)  # never above the median's mean rate
+    bounds = np.minimum(bounds, np.concatenate([point, np.repeat(point[:, -1:], bounds.shape[1] - h, axis=1)], 1))
     return precopy(lower_rates(bounds), np.clip(bounds[:, -1], 0.0, None), step_s, m)["time_s"]
 
 
@@ -239,12 +244,15 @@ def scaled_bounds(
     forecast: np.ndarray, mean_lower: np.ndarray, tail_lower: np.ndarray | None, s: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The lower bounds of the mean over k steps [N, H] (and beyond the horizon [N, K - H]) with their distance
-    below the forecast mean multiplied by ``s`` [N]."""
+    below the forecast mean multiplied by ``s`` [N]. Beyond the horizon the distance is at least the horizon's
+    last one: a bound centred where a slow link tends back to can reach the held mean itself (the plan caps it
+    there), and a margin of nothing would stay nothing whatever ``s``; s = 1 leaves every bound as calibrated."""
     mean = np.cumsum(forecast, axis=1) / np.arange(1, forecast.shape[1] + 1)
     lower = mean - s[:, None] * np.maximum(mean - mean_lower, 0.0)
     if tail_lower is not None:
         held = mean[:, -1:]
-        tail_lower = held - s[:, None] * np.maximum(held - tail_lower, 0.0)
+        distance = np.maximum(held - tail_lower, np.maximum(held - mean_lower[:, -1:], 0.0))
+        tail_lower = tail_lower - (s[:, None] - 1.0) * distance
     return lower, tail_lower
 
 
@@ -412,7 +420,9 @@ def plan_table(
         f"{MAX_ROUNDS} rounds; stop-and-copy once the dirty pages fit in {m.downtime_ms:g} ms",
         "beyond_horizon": BEYOND_NOTE.format(
             bound=f"the bound of the mean is the model's own calibration for up to {beyond['steps']} steps (on its "
-            "validation split), then the last one" if beyond is not None else "so is its bound"
+            "validation split; around where the mean tends to over that span, a line in the held mean"
+            f"{'' if 'centre' in beyond else ', here the held mean itself'}; never above the held mean), then the "
+            "last one" if beyond is not None else "so is its bound"
         ),
     }  # fmt: skip
     return out, facts
@@ -423,7 +433,7 @@ def _curves(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """From raw windows [S, W, F]: the throughput forecast [S, H], the lower bound of its mean over the first k
     steps at ``level`` [S, H] and, where the contract calibrates the mean beyond the horizon, its continuation
-    [S, K - H] around the held forecast mean (else None)."""
+    [S, K - H] around its centre, a line in the held forecast mean (else None)."""
     import pandas as pd
 
     h = predictor.horizon
@@ -443,7 +453,10 @@ def _curves(
     if scale_kinds(beyond)[j] != "plain":  # from the window's summaries, as the graph computes it for its own bounds
         hist = windows[:, :, [predictor.features.index(t) for t in predictor.targets]].astype(np.float64)
         scale = recorded_scale(hist, beyond)[:, 0, j]
-    return forecast, lower, forecast.mean(axis=1)[:, None] + scale[:, None] * lo[None]
+    centre = np.asarray(beyond["centre"], np.float64)[:, :, j] if "centre" in beyond else None  # [K - H, 2]
+    held = forecast.mean(axis=1)
+    at = held[:, None] if centre is None else centre[None, :, 0] + centre[None, :, 1] * held[:, None]
+    return forecast, lower, at + scale[:, None] * lo[None]
 
 
 def plan_online(

@@ -152,9 +152,9 @@ def test_forecast_command_writes_one_column_per_step_and_target(horizon_run, sma
 
 def test_plan_reads_every_step_and_the_mean_bounds(horizon_run, small_csv, capsys):
     """A multi-step plan by hand: the median transfer walks the per-step forecasts, the confident one the guaranteed
-    volume k x step x bound_k, with bound_k the mean bound of the graph for k <= H and, beyond, the held forecast
-    mean plus the window's scale times the contract's tail quantile; a VM that needs 2.5 steps' worth of the
-    forecast ends halfway into step 3."""
+    volume k x step x bound_k, with bound_k the mean bound of the graph for k <= H and, beyond, the contract's
+    line in the held forecast mean plus the window's scale times its tail quantile (never above the held mean); a
+    VM that needs 2.5 steps' worth of the forecast ends halfway into step 3."""
     from dwcp_lstm.planner import MBIT_PER_GIB
 
     p = Predictor.from_run(horizon_run)
@@ -166,8 +166,10 @@ def test_plan_reads_every_step_and_the_mean_bounds(horizon_run, small_csv, capsy
     beyond = p.metadata["intervals"]["beyond_horizon"]
     assert beyond["steps"] > H  # the validation split calibrated the mean beyond the horizon
     scale = scale_by_hand(link[p.targets].to_numpy()[None, -p.window :], beyond, 0)[0]
+    held, centre = np.mean(rates), beyond["centre"]  # the tail's centre: a line in the held mean per span
     tail = [
-        np.mean(rates) + scale * beyond["lo"][0][i][0] for i in range(beyond["steps"] - H)
+        min(centre[i][0][0] + centre[i][1][0] * held + scale * beyond["lo"][0][i][0], held)  # never above it
+        for i in range(beyond["steps"] - H)
     ]  # fmt: skip
     bound = [f[f"throughput_mbps_mean{k}_lo80"] for k in (1, 2, 3)] + tail  # k = 1 .. K
     volume = np.maximum.accumulate([0.0] + [(k + 1) * step * b for k, b in enumerate(bound)])  # never decreasing

@@ -280,6 +280,33 @@ def test_the_mean_beyond_the_horizon_is_calibrated_on_the_rows_the_split_has():
     assert short.tail_lo.shape[1] == 4  # spans 3 .. 6 only
 
 
+def test_the_tail_is_centred_where_a_link_reverts_to():
+    """Each window's link sits at a level x for the horizon and reverts towards 10 after it (the realised mean over
+    k > H steps is 10 + 0.8 (x - 10) + noise): the tail's centre learns that line, and its lower bound holds its
+    level for the slow windows too, where around the held mean it covered them ~100 % (Norway's spans past 2 H)."""
+    from dwcp_lstm.intervals import calibrate_tail
+
+    def draw(n: int, seed: int):
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(2.0, 18.0, n)
+        pred = np.repeat(x[:, None, None], 2, axis=1)  # [n, H = 2, 1]: the forecast is the level
+        y_long = np.repeat((10.0 + 0.8 * (x - 10.0))[:, None, None], 8, axis=1) + rng.normal(0, 1.0, (n, 8, 1))
+        y_long[:, :2] = pred + rng.normal(0, 1.0, (n, 2, 1))
+        return x, pred, y_long, np.zeros((n, 4, 1))
+
+    _, pred, y_long, hist = draw(20_000, 0)
+    cal = calibrate_tail(calibrate(pred, y_long[:, :2], hist, [0.8], False), pred, y_long, hist)
+    running = np.cumsum(y_long, axis=1) / np.arange(1, 9)[None, :, None]
+    expected = np.polyfit(pred.mean(axis=1)[:, 0], running[:, 7, 0], 1)  # numpy's own least squares, span 8
+    np.testing.assert_allclose(cal.tail_centre[-1, ::-1, 0], expected, rtol=1e-9)
+    assert np.array(cal.beyond_horizon()["centre"]).shape == (6, 2, 1)
+    x, tp, ty, th = draw(40_000, 1)
+    low = intervals(cal, tp, th)["tail_lower"][:, 0, -1, 0]
+    mean_8 = ty.mean(axis=1)[:, 0]
+    for part in (x < 6, (x >= 6) & (x < 14), x >= 14):  # slow, middling and fast links alike
+        assert np.mean(mean_8[part] >= low[part]) == pytest.approx(0.9, abs=0.02)
+
+
 def test_the_scale_is_chosen_calibrating_on_the_earlier_half_and_judging_the_later():
     """Each group's (link's) first half calibrates, its second half judges: as validation calibrates for the test
     split that follows it. The scores are those of a hand-made split."""

@@ -938,6 +938,9 @@ def test_a_malformed_tail_calibration_is_refused():
               ({**fitted, "spread": [[0.1], [0.2]]}, "spread"),
               ({**fitted, "spread": [[0.1]] * 3 + [[None]]}, "spread"),
               ({**fitted, "spread_floor": [[0.1], [0.0], [0.1]]}, "spread_floor")]  # fmt: skip
+    centred = {**good, "centre": [[[0.5], [0.9]], [[0.7], [0.8]]]}  # per span: intercept and slope per target
+    check_beyond_horizon(centred, 1, 2, 1, "m.json")
+    cases += [({**good, "centre": [[[0.5], [0.9]]]}, "centre"), ({**good, "centre": [[[0.5], [None]]] * 2}, "centre")]
     for bad, key in cases:
         with pytest.raises(ModelFileError, match=f"key 'intervals.beyond_horizon.{key}' must be"):
             check_beyond_horizon(bad, 1, 2, 1, "m.json")
