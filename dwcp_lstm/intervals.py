@@ -446,7 +446,7 @@ def calibrate_tail(
     line in the forecast mean over the H steps (``pred`` [n, H, T]), with the same scale and ranks as
     :func:`calibrate`. A transfer that outlasts the forecast then gets a measured bound instead of an assumed one.
 
-    The centre is why: a link far below its usual rate over the horizon tends back up over the next minutes, one
+    Why a centre: a link far below its usual rate over the horizon tends back up over the next minutes, one
     far above it back down (the slope falls from about 1 at H + 1 to 0.77-0.79 at 8 H on the default data and the
     public traces). Around the held mean itself the quantile was set by the fast windows coming down, and the slow
     windows' bounds, far below where they went, covered 95-100 % (Norway, spans past 2 H). Spans with fewer

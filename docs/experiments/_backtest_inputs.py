@@ -1,0 +1,59 @@
+"""Shared by the planner experiments: a run's test windows set up as its report's backtest sets them up.
+
+Not part of the package and not tested: the analysis behind docs/planning.md, "What is not solved"."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from dwcp_lstm import baselines as B
+from dwcp_lstm import evaluate as E
+from dwcp_lstm import intervals as I
+from dwcp_lstm import planner as P
+from dwcp_lstm.runs import load_run
+from dwcp_lstm.tables import cadence_of, target_ranges
+
+
+def backtest_inputs(run: str, cal: I.Calibration | None = None) -> SimpleNamespace:
+    """The throughput forecast [N, H], its mean bounds [N, H] and tail [N, K - H] at the 80 % level (the 90 %
+    plan), the measured rows after each start [N, steps], cadence [N], sizes and dirty rates, as
+    :func:`dwcp_lstm.planner.backtest_report` builds them; ``cal`` replaces the run's own calibration."""
+    module, dm, _ = load_run(run)
+    val = E.validation_inputs(module, dm)
+    own, _ = E.calibration_of(module, dm, val)
+    cal = own if cal is None else cal
+    tp = next(t for t in dm.targets if t.endswith("_mbps"))
+    j, li = dm.targets.index(tp), list(cal.levels).index(0.8)
+    pick = B._even_subset(len(dm.starts["test"]), 20_000)
+    first = dm.target_rows("test")[pick]
+    pred = E.predict_raw(module, dm, "test")[pick]
+    hist = E.target_history(dm, dm.starts["test"])[pick]
+    seg_end = dm.bounds[dm.segment_of_row[first], 1]
+    cadence = cadence_of(dm.timestamps, dm.bounds)
+    step_s = cadence[dm.segment_of_row[first]]
+    train = [dm.raw_targets[a:b, j] for a, b in dm.train_ranges]
+    train_step = [float(cadence[dm.segment_of_row[a]]) for a, _ in dm.train_ranges]
+    h = dm.horizon
+    carried = [P.carried_mbit(train, train_step, f * h) for f in P.LADDER_SHARES]
+    sizes, dirty = P.workload(float(np.mean(np.concatenate(train))), float(np.median(step_s)) * h, carried)
+    real = P.rows_ahead(dm.raw_targets[:, j], first, seg_end, P.replay_steps(h, int((seg_end - first).max())))
+    b = I.intervals(cal, pred, hist, target_ranges(dm.targets))
+    return SimpleNamespace(
+        module=module, dm=dm, val=val, cal=cal, j=j, li=li, pred=pred, hist=hist, forecast=pred[..., j],
+        mean_lower=b["mean_lower"][:, li, :, j], tail_lower=b["tail_lower"][:, li, :, j], real=real,
+        step_s=step_s, sizes=sizes, dirty=dirty, seen=np.isfinite(real).sum(axis=1) * step_s,
+    )  # fmt: skip
+
+
+def coverage(x: SimpleNamespace, m: P.Migration, t_conf: np.ndarray, mask: np.ndarray | None = None) -> tuple:
+    """(coverage %, judged migrations) of confident times ``t_conf`` [N] as the backtest judges them: plans with
+    a time, on migrations that ended or certainly missed; ``mask`` [N] restricts them."""
+    t_real = P.precopy(x.real, np.full(len(x.real), np.nan), x.step_s, m)["time_s"]
+    ok = np.isfinite(t_real)
+    judged = (ok | (~ok & (x.seen > 0) & (x.seen >= t_conf))) & np.isfinite(t_conf)
+    if mask is not None:
+        judged &= mask
+    hit = ok & (np.where(ok, t_real, np.inf) <= t_conf)
+    return (100 * float(hit[judged].mean()) if judged.any() else float("nan")), int(judged.sum())

@@ -1,0 +1,70 @@
+"""The tail beyond the horizon calibrated per bin of the held forecast mean (Mondrian conformal, Bostrom and
+Johansson 2020): the centre line as the package fits it, one lower quantile per span and per quantile bin of the
+held mean on validation; the planner's 90 % coverage per size against the package's single quantile per span.
+
+Not part of the package and not tested: the analysis behind docs/planning.md, "What is not solved".
+
+    PYTHONPATH=. python docs/experiments/tail_mondrian.py lightning_logs/version_0 5
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from _backtest_inputs import backtest_inputs, coverage
+
+from dwcp_lstm import baselines as B
+from dwcp_lstm import evaluate as E
+from dwcp_lstm import intervals as I
+from dwcp_lstm import planner as P
+from dwcp_lstm.tables import target_ranges
+
+
+def mondrian(x, bins: int) -> np.ndarray:
+    """The tail's lower bounds [N, K - H] with one quantile per span and bin of the held mean."""
+    dm, val, cal, j, li = x.dm, x.val, x.cal, x.j, x.li
+    pick = B._even_subset(len(val["y"]), 50_000)
+    pred, hist = val["pred"][pick][..., j], val["hist"][pick]
+    y_long = E.tail_targets(dm, "val", pick)[..., j]
+    held, scale = pred.mean(axis=1), cal.scale(hist)[:, 0, j]
+    edges = np.quantile(held, np.linspace(0, 1, bins + 1)[1:-1])
+    low = target_ranges(dm.targets)[0, j : j + 1]
+    running = np.cumsum(y_long, axis=1) / np.arange(1, y_long.shape[1] + 1)
+    h, spans = pred.shape[1], cal.tail_lo.shape[1]
+    lo = np.zeros((spans, bins))
+    for i in range(spans):
+        ok = ~np.isnan(running[:, h + i])
+        a, b = cal.tail_centre[i, :, j]
+        at = a + b * held[ok]
+        r = (running[ok, h + i] - at) / scale[ok]
+        which = np.searchsorted(edges, held[ok], side="right")
+        for g in range(bins):
+            m = which == g
+            s = I._edge_scores(r[m][:, None, None], running[ok, h + i][m][:, None, None], None)
+            q, _ = I._quantiles(*s, levels=[cal.levels[li]])
+            lo[i, g] = I._selective_lower(s[0], at[m][:, None, None], scale[ok][m][:, None, None], low, q,
+                                          [cal.levels[li]])[0, 0, 0]  # fmt: skip
+    test_held = x.forecast.mean(axis=1)
+    centre = I.tail_centre(x.forecast.mean(axis=1)[:, None], cal.tail_centre[:, :, j : j + 1])[..., 0]
+    test_scale = cal.scale(x.hist)[:, 0, j]
+    which = np.searchsorted(edges, test_held, side="right")
+    return np.maximum(centre + test_scale[:, None] * lo[:, which].T, low[0])
+
+
+def main(run: str, bins: int) -> None:
+    x = backtest_inputs(run)
+    tail = mondrian(x, bins)
+    for d in x.dirty:
+        for s in x.sizes:
+            m = P.Migration(s, d)
+            one = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, x.tail_lower)["time_confident_s"]
+            per_bin = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, tail)["time_confident_s"]
+            print(
+                f"{s:g} GiB, dirty {d:g} Mbit/s: one quantile {coverage(x, m, one)[0]:.1f} %, per bin "
+                f"{coverage(x, m, per_bin)[0]:.1f} % (no time {100 * np.mean(~np.isfinite(per_bin)):.0f} %)"
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5)
