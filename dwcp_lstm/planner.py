@@ -34,7 +34,7 @@ import numpy as np
 
 from dwcp_lstm import online as O
 from dwcp_lstm.errors import ConfigError, DataError, check_named
-from dwcp_lstm.intervals import recorded_scale, scale_kinds
+from dwcp_lstm.intervals import recorded_scale, scale_kinds, tail_centre
 
 MBIT_PER_GIB = 8 * 2**30 / 1e6  # a GiB of memory in Mbit
 MAX_ROUNDS = 100  # pre-copy rounds before a migration is called non-converging
@@ -197,12 +197,7 @@ def plan_arrays(
     step_s = np.broadcast_to(np.asarray(step_s, np.float64), (len(forecast),))
     h = forecast.shape[1]
     point_tail = np.clip(forecast, 0.0, None).mean(axis=1)  # beyond the horizon: the mean over it held
-    bounds = mean_lower if tail_lower is None else np.concatenate([mean_lower, tail_lower], axis=1)  # [N, K]
-    # A bound never above the median's own mean rate: past the horizon a calibrated offset can turn positive (the
-    # realised mean outgrew the held forecast on validation), and the confident time came out below the median's.
-    point_means = np.cumsum(np.clip(forecast, 0.0, None), axis=1) / np.arange(1, h + 1)  # [N, H]
-    held = np.repeat(point_tail[:, None], bounds.shape[1] - h, axis=1)  # [N, K - H]
-    bounds = np.minimum(bounds, np.concatenate([point_means, held], axis=1))
+    bounds = _capped(forecast, mean_lower if tail_lower is None else np.concatenate([mean_lower, tail_lower], 1))
     low_rates = lower_rates(bounds)
     low_tail = np.clip(bounds[:, -1], 0.0, None)
     med = precopy(forecast, point_tail, step_s, m)
@@ -225,18 +220,25 @@ def plan_arrays(
     }
 
 
+def _capped(forecast: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The bounds of the mean over k = 1 .. K steps [N, K], each capped at the median plan's own mean rate over k
+    (the forecast's over the horizon, held past it): past the horizon a calibrated bound can exceed the held mean
+    (a slow link's centre tends back up; the realised mean outgrew the held forecast on validation), and the
+    confident time would come out below the median's."""
+    point = np.clip(forecast, 0.0, None)
+    point = np.cumsum(point, axis=1) / np.arange(1, point.shape[1] + 1)  # [N, H]
+    held = np.repeat(point[:, -1:], bounds.shape[1] - point.shape[1], axis=1)  # [N, K - H]
+    return np.minimum(bounds, np.concatenate([point, held], axis=1))
+
+
 def confident_time(
     forecast: np.ndarray, mean_lower: np.ndarray, step_s: np.ndarray, m: Migration, tail_lower: np.ndarray | None,
     s: np.ndarray,
 ) -> np.ndarray:  # fmt: skip
     """The confidence-level time [N] with each bound's distance below the forecast mean multiplied by ``s`` [N]
     (1: the calibrated plan; > 1: a wider margin, so a later time). Online recalibration moves ``s``."""
-    h = forecast.shape[1]
     lower, tail = scaled_bounds(forecast, mean_lower, tail_lower, s)
-    bounds = lower if tail is None else np.concatenate([lower, tail], axis=1)  # as plan_arrays builds its curve
-    point = np.clip(forecast, 0.0, None)
-    point = np.cumsum(point, axis=1) / np.arange(1, point.shape[1] + 1)  # never above the median's mean rate
-    bounds = np.minimum(bounds, np.concatenate([point, np.repeat(point[:, -1:], bounds.shape[1] - h, axis=1)], 1))
+    bounds = _capped(forecast, lower if tail is None else np.concatenate([lower, tail], axis=1))  # as plan_arrays
     return precopy(lower_rates(bounds), np.clip(bounds[:, -1], 0.0, None), step_s, m)["time_s"]
 
 
@@ -453,9 +455,8 @@ def _curves(
     if scale_kinds(beyond)[j] != "plain":  # from the window's summaries, as the graph computes it for its own bounds
         hist = windows[:, :, [predictor.features.index(t) for t in predictor.targets]].astype(np.float64)
         scale = recorded_scale(hist, beyond)[:, 0, j]
-    centre = np.asarray(beyond["centre"], np.float64)[:, :, j] if "centre" in beyond else None  # [K - H, 2]
-    held = forecast.mean(axis=1)
-    at = held[:, None] if centre is None else centre[None, :, 0] + centre[None, :, 1] * held[:, None]
+    centre = np.asarray(beyond["centre"], np.float64)[:, :, j : j + 1] if "centre" in beyond else None
+    at = tail_centre(forecast.mean(axis=1)[:, None], centre)[..., 0]  # [S, K - H | 1]
     return forecast, lower, at + scale[:, None] * lo[None]
 
 
