@@ -422,11 +422,11 @@ def calibrate(pred: np.ndarray, y: np.ndarray, hist: np.ndarray, levels: Sequenc
     lo, hi = _quantiles(*_edge_scores((y - pred - shift) / scale, y, ranges), levels=levels)
     mean_y = _running_mean(y)
     shift, scale = interval_terms(cal, pred, window, mean=True)
-    mean_r = (mean_y - _running_mean(pred) - shift) / scale
-    mean_lo, mean_hi = _quantiles(*_edge_scores(mean_r, mean_y, ranges), levels=levels)
+    at = _running_mean(pred) + shift  # where each window's bound of the mean is centred
+    mean_scores = _edge_scores((mean_y - at) / scale, mean_y, ranges)
+    mean_lo, mean_hi = _quantiles(*mean_scores, levels=levels)
     if ranges is not None:  # the planner's bound: its level among the windows it gives a time for
-        at = _running_mean(pred) + shift
-        mean_lo = _selective_lower(_edge_scores(mean_r, mean_y, ranges)[0], at, scale, ranges[0], mean_lo, levels)
+        mean_lo = _selective_lower(mean_scores[0], at, scale, ranges[0], mean_lo, levels)
     return replace(cal, lo=lo, hi=hi, mean_lo=mean_lo, mean_hi=mean_hi)
 
 

@@ -896,21 +896,23 @@ def backtest(
                 # a hit it would inflate the coverage (Irish: 45-58 % of the model's plans, 84.6 % instead of 71.8 %)
                 return (ok | (part & (seen >= t))) & np.isfinite(t)
 
-            def covered(t: np.ndarray, ok=ok, t_real=t_real) -> float | None:
+            def hits(t: np.ndarray, ok=ok, t_real=t_real) -> np.ndarray:  # [N] finished by the time t
+                return ok & (np.where(ok, t_real, np.inf) <= t)
+
+            def covered(t: np.ndarray) -> float | None:
                 j = judged(t)
-                return float(np.sum(ok[j] & (t_real[j] <= t[j])) / j.sum()) if j.any() else None
+                return float(hits(t)[j].mean()) if j.any() else None
 
             def no_time(t: np.ndarray, ok=ok) -> float | None:
                 return float(np.mean(~np.isfinite(t[ok]))) if ok.any() else None
 
             t_conf = model["time_confident_s"]
-            online = {}
+            spread, online = {}, {}
             if issued is not None and judged(t_conf).any():
                 j = judged(t_conf)
                 rows = int(np.ceil(np.quantile(r / np.broadcast_to(step_s, (n,))[ok], 0.9)))
-                ci, blocks = coverage_interval(ok[j] & (t_real[j] <= t_conf[j]), issued[j], groups[j],
-                                               window + max(h, rows))  # fmt: skip
-                online = {"coverage_ci95": ci, "coverage_blocks": blocks}
+                ci, blocks = coverage_interval(hits(t_conf)[j], issued[j], groups[j], window + max(h, rows))
+                spread = {"coverage_ci95": ci, "coverage_blocks": blocks}
             if issued is not None and ok.any():
                 use = ok | part  # as plan --online learns: an unfinished migration tells of a miss only
                 t_known = np.where(ok, t_real, seen)[use]
@@ -923,17 +925,17 @@ def backtest(
                                               online_rate, censored=part[use])  # fmt: skip
                 t_online = np.full(n, np.inf)
                 t_online[use] = confident_time(*args, scale)
-                online |= {"online_coverage": covered(t_online),
-                           "online_median_scale": float(np.median(scale[ok[use]]))}  # fmt: skip
+                online = {"online_coverage": covered(t_online), "online_median_scale": float(np.median(scale[ok[use]]))}
 
             runs.append({
                 "memory_gib": size, "dirty_rate_mbps": dirty, "migrations": int(ok.sum()), "censored": int((~ok).sum()),
                 "realised_median_s": float(np.median(r)) if ok.any() else None,
                 "model": {
-                    "coverage": covered(model["time_confident_s"]), "mdape": mdape(model["time_median_s"]),
+                    "coverage": covered(t_conf), "mdape": mdape(model["time_median_s"]),
                     "no_time_share": no_time(t_conf),
                     "beyond_horizon_share": float(model["beyond_horizon"][ok].mean()) if ok.any() else None,
                     "median_time_s": float(np.median(model["time_median_s"][ok])) if ok.any() else None,
+                    **spread,
                     **online,
                 },
                 "persistence_conformal_coverage": covered(persist["time_confident_s"]),
