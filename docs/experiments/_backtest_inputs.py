@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 
 from dwcp_lstm import baselines as B
 from dwcp_lstm import evaluate as E
@@ -16,21 +17,26 @@ from dwcp_lstm.runs import load_run
 from dwcp_lstm.tables import cadence_of, target_ranges
 
 
-def backtest_inputs(run: str, cal: I.Calibration | None = None) -> SimpleNamespace:
+def backtest_inputs(run: str, cal: I.Calibration | None = None, stage: str = "test") -> SimpleNamespace:
     """The throughput forecast [N, H], its mean bounds [N, H] and tail [N, K - H] at the 80 % level (the 90 %
     plan), the measured rows after each start [N, steps], cadence [N], sizes and dirty rates, as
-    :func:`dwcp_lstm.planner.backtest_report` builds them; ``cal`` replaces the run's own calibration."""
+    :func:`dwcp_lstm.planner.backtest_report` builds them; ``cal`` replaces the run's own calibration. ``stage``
+    "val": the same on the validation split, its measured rows stopped at the split's end (never the test rows)."""
     module, dm, _ = load_run(run)
     val = E.validation_inputs(module, dm)
     own, _ = E.calibration_of(module, dm, val)
     cal = own if cal is None else cal
     tp = next(t for t in dm.targets if t.endswith("_mbps"))
     j, li = dm.targets.index(tp), list(cal.levels).index(0.8)
-    pick = B._even_subset(len(dm.starts["test"]), 20_000)
-    first = dm.target_rows("test")[pick]
-    pred = E.predict_raw(module, dm, "test")[pick]
-    hist = E.target_history(dm, dm.starts["test"])[pick]
+    pick = B._even_subset(len(dm.starts[stage]), 20_000)
+    first = dm.target_rows(stage)[pick]
+    pred = E.predict_raw(module, dm, stage)[pick]
+    hist = E.target_history(dm, dm.starts[stage])[pick]
     seg_end = dm.bounds[dm.segment_of_row[first], 1]
+    if stage != "test":  # one past the split's last row in each segment, as the tail's calibration reads it
+        all_first = dm.target_rows(stage)
+        stop = pd.Series(all_first + dm.horizon).groupby(dm.segment_of_row[all_first]).transform("max").to_numpy()
+        seg_end = stop[pick]
     cadence = cadence_of(dm.timestamps, dm.bounds)
     step_s = cadence[dm.segment_of_row[first]]
     train = [dm.raw_targets[a:b, j] for a, b in dm.train_ranges]

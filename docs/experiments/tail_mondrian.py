@@ -4,7 +4,7 @@ held mean on validation; the planner's 90 % coverage per size against the packag
 
 Not part of the package and not tested: the analysis behind docs/planning.md, "What is not solved".
 
-    PYTHONPATH=. python docs/experiments/tail_mondrian.py lightning_logs/version_0 5
+    PYTHONPATH=. python docs/experiments/tail_mondrian.py lightning_logs/version_0 5 [timed]
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from dwcp_lstm import planner as P
 from dwcp_lstm.tables import target_ranges
 
 
-def mondrian(x, bins: int) -> np.ndarray:
-    """The tail's lower bounds [N, K - H] with one quantile per span and bin of the held mean."""
+def mondrian(x, bins: int, timed: bool = False) -> np.ndarray:
+    """The tail's lower bounds [N, K - H] with one quantile per span and bin of the held mean; ``timed``: the bins'
+    edges are the quantiles among the windows whose package bound at the first span lies above the range's edge
+    (those that give a time), not among all (Irish: most held means are an idle client's, near 0)."""
     dm, val, cal, j, li = x.dm, x.val, x.cal, x.j, x.li
     pick = B._even_subset(len(val["y"]), 50_000)
     pred, hist = val["pred"][pick][..., j], val["hist"][pick]
     y_long = E.tail_targets(dm, "val", pick)[..., j]
     held, scale = pred.mean(axis=1), cal.scale(hist)[:, 0, j]
-    edges = np.quantile(held, np.linspace(0, 1, bins + 1)[1:-1])
     low = target_ranges(dm.targets)[0, j : j + 1]
+    first = I.tail_centre(held[:, None], cal.tail_centre[:1, :, j : j + 1])[:, 0, 0] + scale * cal.tail_lo[li, 0, j]
+    among = held[first > low[0]] if timed and (first > low[0]).sum() >= bins else held
+    edges = np.quantile(among, np.linspace(0, 1, bins + 1)[1:-1])
     running = np.cumsum(y_long, axis=1) / np.arange(1, y_long.shape[1] + 1)
     h, spans = pred.shape[1], cal.tail_lo.shape[1]
     lo = np.zeros((spans, bins))
@@ -52,9 +56,9 @@ def mondrian(x, bins: int) -> np.ndarray:
     return np.maximum(centre + test_scale[:, None] * lo[:, which].T, low[0])
 
 
-def main(run: str, bins: int) -> None:
+def main(run: str, bins: int, timed: bool) -> None:
     x = backtest_inputs(run)
-    tail = mondrian(x, bins)
+    tail = mondrian(x, bins, timed)
     for d in x.dirty:
         for s in x.sizes:
             m = P.Migration(s, d)
@@ -67,4 +71,4 @@ def main(run: str, bins: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5, sys.argv[3:4] == ["timed"])
