@@ -4,7 +4,7 @@ held mean on validation; the planner's 90 % coverage per size against the packag
 
 Not part of the package and not tested: the analysis behind docs/planning.md, "What is not solved".
 
-    PYTHONPATH=. python docs/experiments/tail_mondrian.py lightning_logs/version_0 5 [timed]
+    PYTHONPATH=. python docs/experiments/tail_mondrian.py lightning_logs/version_0 5 [timed] [pool] [snr]
 """
 
 from __future__ import annotations
@@ -21,18 +21,27 @@ from dwcp_lstm import planner as P
 from dwcp_lstm.tables import target_ranges
 
 
-def mondrian(x, bins: int, timed: bool = False) -> np.ndarray:
+def mondrian(x, bins: int, timed: bool = False, pool: bool = False, snr: bool = False) -> np.ndarray:
     """The tail's lower bounds [N, K - H] with one quantile per span and bin of the held mean; ``timed``: the bins'
     edges are the quantiles among the windows whose package bound at the first span lies above the range's edge
-    (those that give a time), not among all (Irish: most held means are an idle client's, near 0)."""
+    (those that give a time), not among all (Irish: most held means are an idle client's, near 0). ``pool``: the
+    training windows' residuals join validation's (past the horizon the network never saw the rows it is judged
+    on, though the first H of the mean are its training targets). ``snr``: the bins are of the held mean over the
+    window's scale (how many scales above zero a link runs), not of the held mean."""
     dm, val, cal, j, li = x.dm, x.val, x.cal, x.j, x.li
     pick = B._even_subset(len(val["y"]), 50_000)
     pred, hist = val["pred"][pick][..., j], val["hist"][pick]
     y_long = E.tail_targets(dm, "val", pick)[..., j]
+    if pool:
+        tp = B._even_subset(len(dm.starts["train"]), 100_000)
+        pred = np.concatenate([pred, E.predict_raw(x.module, dm, "train")[tp][..., j]])
+        hist = np.concatenate([hist, E.target_history(dm, dm.starts["train"])[tp]])
+        y_long = np.concatenate([y_long, E.tail_targets(dm, "train", tp)[..., j]])
     held, scale = pred.mean(axis=1), cal.scale(hist)[:, 0, j]
     low = target_ranges(dm.targets)[0, j : j + 1]
     first = I.tail_centre(held[:, None], cal.tail_centre[:1, :, j : j + 1])[:, 0, 0] + scale * cal.tail_lo[li, 0, j]
-    among = held[first > low[0]] if timed and (first > low[0]).sum() >= bins else held
+    key = held / scale if snr else held
+    among = key[first > low[0]] if timed and (first > low[0]).sum() >= bins else key
     edges = np.quantile(among, np.linspace(0, 1, bins + 1)[1:-1])
     running = np.cumsum(y_long, axis=1) / np.arange(1, y_long.shape[1] + 1)
     h, spans = pred.shape[1], cal.tail_lo.shape[1]
@@ -42,7 +51,7 @@ def mondrian(x, bins: int, timed: bool = False) -> np.ndarray:
         a, b = cal.tail_centre[i, :, j]
         at = a + b * held[ok]
         r = (running[ok, h + i] - at) / scale[ok]
-        which = np.searchsorted(edges, held[ok], side="right")
+        which = np.searchsorted(edges, key[ok], side="right")
         for g in range(bins):
             m = which == g
             s = I._edge_scores(r[m][:, None, None], running[ok, h + i][m][:, None, None], None)
@@ -52,13 +61,13 @@ def mondrian(x, bins: int, timed: bool = False) -> np.ndarray:
     test_held = x.forecast.mean(axis=1)
     centre = I.tail_centre(x.forecast.mean(axis=1)[:, None], cal.tail_centre[:, :, j : j + 1])[..., 0]
     test_scale = cal.scale(x.hist)[:, 0, j]
-    which = np.searchsorted(edges, test_held, side="right")
+    which = np.searchsorted(edges, test_held / test_scale if snr else test_held, side="right")
     return np.maximum(centre + test_scale[:, None] * lo[:, which].T, low[0])
 
 
-def main(run: str, bins: int, timed: bool) -> None:
+def main(run: str, bins: int, timed: bool, pool: bool, snr: bool) -> None:
     x = backtest_inputs(run)
-    tail = mondrian(x, bins, timed)
+    tail = mondrian(x, bins, timed, pool, snr)
     for d in x.dirty:
         for s in x.sizes:
             m = P.Migration(s, d)
@@ -71,4 +80,5 @@ def main(run: str, bins: int, timed: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5, sys.argv[3:4] == ["timed"])
+    flags = (f in sys.argv[3:] for f in ("timed", "pool", "snr"))
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 5, *flags)
