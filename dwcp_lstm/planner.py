@@ -947,6 +947,50 @@ def backtest(
     return {"runs": runs}
 
 
+@dataclass
+class Replay:
+    """A split's windows set up for replaying migrations (:func:`replay_windows`)."""
+
+    pick: np.ndarray  # [N] which of the split's windows (in loader order) are replayed
+    first: np.ndarray  # [N] each one's first target row
+    step_s: np.ndarray  # [N] its segment's cadence, s
+    real: np.ndarray  # [N, steps] the measured throughput from that row on, NaN past the split
+    mean_mbps: float  # the training rows' mean throughput
+    carried: list[float]  # median Mbit a training row is followed by in LADDER_SHARES of the horizon
+    sizes: list[float]  # the ladder of VM sizes (GiB) and dirty rates (Mbit/s) replayed (:func:`workload`)
+    dirty: list[float]
+
+
+def replay_windows(dm, j: int, stage: str = "test", most: int = 20_000) -> Replay:
+    """At most ``most`` windows of a split of ``dm`` (a fitted :class:`~dwcp_lstm.data.DwcpDataModule`), evenly
+    spread (bounds the [N, steps] replay on long real traces), with the measured rows of target ``j`` after each
+    start, stopped at the split's end in each segment (the test split ends with its segment; validation never
+    reads the test rows), and the workload read off the training rows."""
+    from dwcp_lstm import baselines as B
+    from dwcp_lstm.tables import cadence_of
+
+    pick = B._even_subset(len(dm.starts[stage]), most)
+    every = dm.target_rows(stage)
+    first = every[pick]
+    seg = dm.segment_of_row[first]
+    if stage == "test":
+        stop = dm.bounds[seg, 1]
+    else:  # one past the split's last target row in each segment
+        last = np.full(len(dm.bounds), -1, np.int64)
+        np.maximum.at(last, dm.segment_of_row[every], every + dm.horizon)
+        stop = last[seg]
+    cadence = cadence_of(dm.timestamps, dm.bounds)
+    step_s = cadence[seg]
+    train = [dm.raw_targets[a:b, j] for a, b in dm.train_ranges]
+    train_step = [float(cadence[dm.segment_of_row[a]]) for a, _ in dm.train_ranges]
+    mean_mbps, h = float(np.mean(np.concatenate(train))), dm.horizon
+    carried = [carried_mbit(train, train_step, f * h) for f in LADDER_SHARES]
+    sizes, dirty = workload(mean_mbps, float(np.median(step_s)) * h, carried)
+    longest = int((stop - first).max()) if len(first) else 0
+    real = rows_ahead(dm.raw_targets[:, j], first, stop, replay_steps(h, longest))
+    return Replay(pick, first, step_s, real, mean_mbps, carried, sizes, dirty)
+
+
 def _near(coverage: float | None) -> bool:
     """Within 3 points of the backtest's confidence (None, no plan with a time to judge, is not)."""
     return coverage is not None and abs(coverage - BACKTEST_CONFIDENCE) <= 0.03
@@ -964,7 +1008,7 @@ def backtest_report(
     times [n] of its migrations, for the plot."""
     from dwcp_lstm import baselines as B
     from dwcp_lstm import intervals as I
-    from dwcp_lstm.tables import cadence_of, target_ranges
+    from dwcp_lstm.tables import target_ranges
 
     units = {t: "Mbit/s" for t in dm.targets if t.endswith("_mbps")}
     try:
@@ -978,18 +1022,9 @@ def backtest_report(
     except ConfigError as exc:
         return {"skipped": str(exc)}, []
     j, li = dm.targets.index(tp), list(cal.levels).index(level)
-    starts, first = dm.starts["test"], dm.target_rows("test")
-    pick_rows = B._even_subset(len(starts), 20_000)  # bounds the [N, K] replay on long real traces
-    starts, first, pred, hist = starts[pick_rows], first[pick_rows], pred[pick_rows], hist[pick_rows]
-    seg = dm.segment_of_row[first]
-    seg_end = dm.bounds[seg, 1]
-    cadence = cadence_of(dm.timestamps, dm.bounds)
-    step_s = cadence[seg]
-    train = [dm.raw_targets[a:b, j] for a, b in dm.train_ranges]
-    train_step = [float(cadence[dm.segment_of_row[a]]) for a, _ in dm.train_ranges]
-    mean_mbps, h = float(np.mean(np.concatenate(train))), dm.horizon
-    carried = [carried_mbit(train, train_step, f * h) for f in LADDER_SHARES]
-    sizes, dirty = workload(mean_mbps, float(np.median(step_s)) * h, carried)
+    rp = replay_windows(dm, j)
+    pick_rows, first, step_s, pred, hist, h = rp.pick, rp.first, rp.step_s, pred[rp.pick], hist[rp.pick], dm.horizon
+    mean_mbps, carried, sizes, dirty = rp.mean_mbps, rp.carried, rp.sizes, rp.dirty
     if not sizes:  # nothing to replay: say so, rather than checks that pass on no migration at all
         why = f"mean {mean_mbps:.4g} Mbit/s, median volume {carried[-1]:.4g} Mbit"
         return {"skipped": f"no VM size to replay: {tp} carried nothing in a typical {h}-step stretch ({why})"}, []
@@ -1000,9 +1035,7 @@ def backtest_report(
         return {"skipped": f"{tp} ({why}) gives {', '.join(outside)}, outside what the planner takes (a VM of a "
                            f"byte to {MAX_MEMORY_GIB:g} GiB, dirtied at most {MAX_RATE_MBPS:g} Mbit/s): is "
                            f"{tp} in Mbit/s?"}, []  # fmt: skip
-    steps = replay_steps(h, int((seg_end - first).max()))
-    real = rows_ahead(dm.raw_targets[:, j], first, seg_end, steps)
-
+    real = rp.real
     ranges = target_ranges(dm.targets)
 
     def plan_inputs(calibration, forecast: np.ndarray) -> tuple:
@@ -1031,7 +1064,7 @@ def backtest_report(
     points = [r.pop("_points") for r in runs]
     judged = [r for r in runs if r["migrations"] > 0]
     out.update({
-        "throughput": tp, "confidence": BACKTEST_CONFIDENCE, "level": level, "windows": len(starts),
+        "throughput": tp, "confidence": BACKTEST_CONFIDENCE, "level": level, "windows": len(first),
         "calibrated_steps": h if tail_lower is None else h + tail_lower.shape[1],
         "step_s": float(np.median(step_s)), "horizon_s": float(np.median(step_s)) * h,
         "training_mean_mbps": mean_mbps, "sizes_gib": sizes, "dirty_rates_mbps": dirty, "online_rate": online_rate,

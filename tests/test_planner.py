@@ -258,6 +258,29 @@ def test_the_ladder_fits_the_horizon_even_on_a_bursty_link():
     assert np.mean(P.precopy(real, np.full(len(starts), np.nan), 1.0, at_mean)["time_s"] > 10) > 0.5
 
 
+@pytest.mark.parametrize("stage", ["val", "test"])
+def test_a_replay_reads_the_measured_rows_of_its_own_split_only(small_csv, stage):
+    from dwcp_lstm.data import DwcpDataModule
+
+    dm = DwcpDataModule(data_path=str(small_csv), batch_size=64, horizon=3)
+    dm.setup("fit")
+    j = dm.targets.index("throughput_mbps")
+    rp = P.replay_windows(dm, j, stage, most=100)  # of 292 windows: an even subset
+    assert len(rp.pick) == 100 and rp.sizes and np.array_equal(rp.first, dm.target_rows(stage)[rp.pick])
+    seen = np.isfinite(rp.real).sum(axis=1)
+    assert np.isfinite(rp.real).sum() == sum(seen)  # NaN only past the end, never a hole
+    seg = dm.segment_of_row[rp.first]
+    for i in range(len(rp.pick)):
+        rows = rp.first[i] + np.arange(seen[i])
+        np.testing.assert_array_equal(rp.real[i, : seen[i]], dm.raw_targets[rows, j])
+        later = dm.target_rows("test")[dm.segment_of_row[dm.target_rows("test")] == seg[i]]
+        if stage == "val":  # stops where the test split's targets begin: the replay never reads them
+            assert rp.first[i] + seen[i] == later.min()
+        else:  # the test split runs to its segment's end (or the replay's longest stretch)
+            end = min(dm.bounds[seg[i], 1], rp.first[i] + rp.real.shape[1])
+            assert rp.first[i] + seen[i] == end
+
+
 # -- the command ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def telemetry(smoke_run, tmp_path_factory) -> str:

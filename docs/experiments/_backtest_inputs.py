@@ -1,4 +1,4 @@
-"""Shared by the planner experiments: a run's test windows set up as its report's backtest sets them up.
+"""Shared by the planner experiments: a run's test (or validation) windows set up as its report's backtest sets them up.
 
 Not part of the package and not tested: the analysis behind docs/planning.md, "What is not solved"."""
 
@@ -7,14 +7,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 
-from dwcp_lstm import baselines as B
 from dwcp_lstm import evaluate as E
 from dwcp_lstm import intervals as I
 from dwcp_lstm import planner as P
 from dwcp_lstm.runs import load_run
-from dwcp_lstm.tables import cadence_of, target_ranges
+from dwcp_lstm.tables import target_ranges
 
 
 def backtest_inputs(run: str, cal: I.Calibration | None = None, stage: str = "test") -> SimpleNamespace:
@@ -28,28 +26,14 @@ def backtest_inputs(run: str, cal: I.Calibration | None = None, stage: str = "te
     cal = own if cal is None else cal
     tp = next(t for t in dm.targets if t.endswith("_mbps"))
     j, li = dm.targets.index(tp), list(cal.levels).index(0.8)
-    pick = B._even_subset(len(dm.starts[stage]), 20_000)
-    first = dm.target_rows(stage)[pick]
-    pred = E.predict_raw(module, dm, stage)[pick]
-    hist = E.target_history(dm, dm.starts[stage])[pick]
-    seg_end = dm.bounds[dm.segment_of_row[first], 1]
-    if stage != "test":  # one past the split's last row in each segment, as the tail's calibration reads it
-        all_first = dm.target_rows(stage)
-        stop = pd.Series(all_first + dm.horizon).groupby(dm.segment_of_row[all_first]).transform("max").to_numpy()
-        seg_end = stop[pick]
-    cadence = cadence_of(dm.timestamps, dm.bounds)
-    step_s = cadence[dm.segment_of_row[first]]
-    train = [dm.raw_targets[a:b, j] for a, b in dm.train_ranges]
-    train_step = [float(cadence[dm.segment_of_row[a]]) for a, _ in dm.train_ranges]
-    h = dm.horizon
-    carried = [P.carried_mbit(train, train_step, f * h) for f in P.LADDER_SHARES]
-    sizes, dirty = P.workload(float(np.mean(np.concatenate(train))), float(np.median(step_s)) * h, carried)
-    real = P.rows_ahead(dm.raw_targets[:, j], first, seg_end, P.replay_steps(h, int((seg_end - first).max())))
+    rp = P.replay_windows(dm, j, stage)
+    pred = E.predict_raw(module, dm, stage)[rp.pick]
+    hist = E.target_history(dm, dm.starts[stage])[rp.pick]
     b = I.intervals(cal, pred, hist, target_ranges(dm.targets))
     return SimpleNamespace(
         module=module, dm=dm, val=val, cal=cal, j=j, li=li, pred=pred, hist=hist, forecast=pred[..., j],
-        mean_lower=b["mean_lower"][:, li, :, j], tail_lower=b["tail_lower"][:, li, :, j], real=real,
-        step_s=step_s, sizes=sizes, dirty=dirty, seen=np.isfinite(real).sum(axis=1) * step_s,
+        mean_lower=b["mean_lower"][:, li, :, j], tail_lower=b["tail_lower"][:, li, :, j], real=rp.real,
+        step_s=rp.step_s, sizes=rp.sizes, dirty=rp.dirty, seen=np.isfinite(rp.real).sum(axis=1) * rp.step_s,
     )  # fmt: skip
 
 
