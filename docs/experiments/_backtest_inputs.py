@@ -47,3 +47,17 @@ def coverage(x: SimpleNamespace, m: P.Migration, t_conf: np.ndarray, mask: np.nd
         judged &= mask
     hit = ok & (np.where(ok, t_real, np.inf) <= t_conf)
     return (100 * float(hit[judged].mean()) if judged.any() else float("nan")), int(judged.sum())
+
+
+def compare_tail(x: SimpleNamespace, tail: np.ndarray, package: str, label: str) -> None:
+    """Print, per size and dirty rate, the coverage of the plans on the run's own tail (``package``) beside those on
+    another tail [N, K - H] (``label``), and how many starts that one leaves without a time."""
+    for d in x.dirty:
+        for s in x.sizes:
+            m = P.Migration(s, d)
+            one = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, x.tail_lower)["time_confident_s"]
+            other = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, tail)["time_confident_s"]
+            print(
+                f"{s:g} GiB, dirty {d:g} Mbit/s: {package} {coverage(x, m, one)[0]:.1f} %, {label} "
+                f"{coverage(x, m, other)[0]:.1f} % (no time {100 * np.mean(~np.isfinite(other)):.0f} %)"
+            )

@@ -12,12 +12,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from _backtest_inputs import backtest_inputs, coverage
+from _backtest_inputs import backtest_inputs, compare_tail
 
 from dwcp_lstm import baselines as B
 from dwcp_lstm import evaluate as E
 from dwcp_lstm import intervals as I
-from dwcp_lstm import planner as P
 from dwcp_lstm.tables import target_ranges
 
 
@@ -68,15 +67,7 @@ def mondrian(x, bins: int, timed: bool = False, pool: bool = False, snr: bool = 
 def main(run: str, bins: int, timed: bool, pool: bool, snr: bool) -> None:
     x = backtest_inputs(run)
     tail = mondrian(x, bins, timed, pool, snr)
-    for d in x.dirty:
-        for s in x.sizes:
-            m = P.Migration(s, d)
-            one = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, x.tail_lower)["time_confident_s"]
-            per_bin = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, tail)["time_confident_s"]
-            print(
-                f"{s:g} GiB, dirty {d:g} Mbit/s: one quantile {coverage(x, m, one)[0]:.1f} %, per bin "
-                f"{coverage(x, m, per_bin)[0]:.1f} % (no time {100 * np.mean(~np.isfinite(per_bin)):.0f} %)"
-            )
+    compare_tail(x, tail, "one quantile", "per bin")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from _backtest_inputs import backtest_inputs, coverage
+from _backtest_inputs import backtest_inputs, compare_tail
 
 from dwcp_lstm import baselines as B
 from dwcp_lstm import evaluate as E
 from dwcp_lstm import intervals as I
-from dwcp_lstm import planner as P
 from dwcp_lstm.tables import target_ranges
 
 
@@ -56,15 +55,7 @@ def relative(x, mix: float) -> np.ndarray:
 def main(run: str, mix: float) -> None:
     x = backtest_inputs(run)
     tail = relative(x, mix)
-    for d in x.dirty:
-        for s in x.sizes:
-            m = P.Migration(s, d)
-            one = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, x.tail_lower)["time_confident_s"]
-            rel = P.plan_arrays(x.forecast, x.mean_lower, x.step_s, m, tail)["time_confident_s"]
-            print(
-                f"{s:g} GiB, dirty {d:g} Mbit/s: package {coverage(x, m, one)[0]:.1f} %, mix {mix:g} "
-                f"{coverage(x, m, rel)[0]:.1f} % (no time {100 * np.mean(~np.isfinite(rel)):.0f} %)"
-            )
+    compare_tail(x, tail, "package", f"mix {mix:g}")
 
 
 if __name__ == "__main__":
