@@ -700,6 +700,16 @@ class DwcpDataModule(L.LightningDataModule):
         """Row index of each window's target, in loader order (unshuffled)."""
         return self.starts[stage] + self.window_size
 
+    def split_stop(self, stage: str) -> np.ndarray:
+        """[N] per window of a split (loader order): one past the split's last target row in the window's segment.
+        What reads the rows after a window (the tail calibration, the planner's replay) stops there and never
+        enters the next split; the test split runs to its segment's end."""
+        first = self.target_rows(stage)
+        seg = self.segment_of_row[first]
+        last = np.full(len(self.bounds), -1, np.int64)
+        np.maximum.at(last, seg, first + self.horizon)
+        return last[seg]
+
     def series_names(self, rows: np.ndarray) -> np.ndarray:
         """``node_id->peer_id`` style name of the series each row belongs to (``"all"``: no series columns, the file
         is one series; the report's per-link sections raised an IndexError after training)."""

@@ -422,10 +422,8 @@ def tail_targets(dm, stage: str, pick: np.ndarray) -> np.ndarray:
     """The actual targets of the first ``TAIL_FACTOR x H`` rows from each picked window's first target row
     [n, K, T], NaN from the first row past the split in its segment: the tail calibration never reads the next
     split (for validation: never the test rows)."""
-    first = dm.target_rows(stage)
-    seg = dm.segment_of_row[first]
-    stop = pd.Series(first + dm.horizon).groupby(seg).transform("max").to_numpy()  # one past the split's last row
-    return rows_ahead(dm.raw_targets, first[pick], stop[pick], I.TAIL_FACTOR * dm.horizon)
+    first, stop = dm.target_rows(stage)[pick], dm.split_stop(stage)[pick]
+    return rows_ahead(dm.raw_targets, first, stop, I.TAIL_FACTOR * dm.horizon)
 
 
 def validation_calibration(module, dm) -> tuple[np.ndarray | None, tuple]:

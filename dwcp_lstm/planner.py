@@ -964,21 +964,14 @@ class Replay:
 def replay_windows(dm, j: int, stage: str = "test", most: int = 20_000) -> Replay:
     """At most ``most`` windows of a split of ``dm`` (a fitted :class:`~dwcp_lstm.data.DwcpDataModule`), evenly
     spread (bounds the [N, steps] replay on long real traces), with the measured rows of target ``j`` after each
-    start, stopped at the split's end in each segment (the test split ends with its segment; validation never
-    reads the test rows), and the workload read off the training rows."""
+    start, stopped at the split's end in each segment (``DwcpDataModule.split_stop``: validation never reads the
+    test rows), and the workload read off the training rows."""
     from dwcp_lstm import baselines as B
     from dwcp_lstm.tables import cadence_of
 
     pick = B._even_subset(len(dm.starts[stage]), most)
-    every = dm.target_rows(stage)
-    first = every[pick]
+    first, stop = dm.target_rows(stage)[pick], dm.split_stop(stage)[pick]
     seg = dm.segment_of_row[first]
-    if stage == "test":
-        stop = dm.bounds[seg, 1]
-    else:  # one past the split's last target row in each segment
-        last = np.full(len(dm.bounds), -1, np.int64)
-        np.maximum.at(last, dm.segment_of_row[every], every + dm.horizon)
-        stop = last[seg]
     cadence = cadence_of(dm.timestamps, dm.bounds)
     step_s = cadence[seg]
     train = [dm.raw_targets[a:b, j] for a, b in dm.train_ranges]

@@ -71,6 +71,23 @@ def test_split_order_holds_per_link(small_csv):
         assert len(tr) == int(0.7 * n) - 20 and len(va) == int(0.15 * n) and len(te) == n - int(0.7 * n) - int(0.15 * n)
 
 
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_reading_past_a_window_stops_where_the_next_split_begins(small_csv, horizon):
+    dm = DwcpDataModule(data_path=str(small_csv), batch_size=64, horizon=horizon)
+    dm.setup("fit")
+    for stage, after in (("train", "val"), ("val", "test"), ("test", None)):
+        first, stop = dm.target_rows(stage), dm.split_stop(stage)
+        seg = dm.segment_of_row[first]
+        assert (stop > first).all() and len(stop) == len(first)
+        for s in np.unique(seg):
+            here = stop[seg == s]
+            if after is None:  # the last split runs to its segment's end
+                assert (here == dm.bounds[s, 1]).all()
+            else:  # one past the split's last target row: the next split's first target row
+                nxt = dm.target_rows(after)[dm.segment_of_row[dm.target_rows(after)] == s]
+                assert (here == (first[seg == s] + horizon).max()).all() and (here == nxt.min()).all()
+
+
 def test_scalers_see_exactly_the_training_rows(small_csv):
     df = pd.read_csv(small_csv).sort_values(["node_id", "peer_id", "timestamp"])
     train = df.groupby(["node_id", "peer_id"]).head(int(0.7 * 500))  # first 70 % of each link
