@@ -22,6 +22,7 @@ of the held mean and the scale (floored at 5 % of their means); ``both``: the tw
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 from _backtest_inputs import backtest_inputs, compare_tail
@@ -43,23 +44,43 @@ def features(held: np.ndarray, scale: np.ndarray, floors: tuple[float, float] | 
     return np.stack(cols, axis=1)
 
 
+def floors_of(held: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    """The logs' floors: 5 % of the windows' mean held mean and scale."""
+    return 0.05 * float(np.mean(np.abs(held))) + 1e-9, 0.05 * float(np.mean(scale)) + 1e-9
+
+
+def validation_tail(x) -> SimpleNamespace:
+    """The run's validation windows as the package's tail calibration reads them (at most 50,000, evenly spaced):
+    forecasts [n, H, T], histories, the realised means over k = 1 .. K of the throughput [n, K], its held means and
+    scales [n], each window's link, the level of the 90 % plan and the range's lower edge [1]."""
+    dm, val, cal, j = x.dm, x.val, x.cal, x.j
+    pick = B._even_subset(len(val["y"]), 50_000)
+    pred, hist, y_all = val["pred"][pick], val["hist"][pick], E.tail_targets(dm, "val", pick)
+    return SimpleNamespace(
+        pred=pred, hist=hist, y_all=y_all, held=pred[..., j].mean(axis=1), scale=cal.scale(hist)[:, 0, j],
+        running=np.cumsum(y_all[..., j], axis=1) / np.arange(1, y_all.shape[1] + 1), groups=val["segment"][pick],
+        h=pred.shape[1], level=cal.levels[x.li], low=target_ranges(dm.targets)[0, j : j + 1],
+    )  # fmt: skip
+
+
+def lower_shift(y: np.ndarray, q: np.ndarray, level: float, low: np.ndarray) -> float:
+    """What to add to lower bounds ``q`` [n] of ``y`` [n] so that they miss (1 - level) / 2 of the windows whose bound
+    lies above the range's edge ``low`` (as the package's tail: ``intervals._selective_lower``)."""
+    s = I._edge_scores((y - q)[:, None, None], y[:, None, None], None)
+    lo, _ = I._quantiles(*s, levels=[level])
+    return float(I._selective_lower(s[0], q[:, None, None], np.ones((1, 1, 1)), low, lo, [level])[0, 0, 0])
+
+
 def cqr_tail(x, split: bool, log: bool, both: bool = False) -> np.ndarray:
     """The tail's lower bounds [N, K - H] on the run's test windows, as described above."""
-    dm, val, cal, j, li = x.dm, x.val, x.cal, x.j, x.li
-    pick = B._even_subset(len(val["y"]), 50_000)
-    pred, hist = val["pred"][pick][..., j], val["hist"][pick]
-    y_long = E.tail_targets(dm, "val", pick)[..., j]
-    held, scale = pred.mean(axis=1), cal.scale(hist)[:, 0, j]
-    floors = (0.05 * float(np.mean(np.abs(held))) + 1e-9, 0.05 * float(np.mean(scale)) + 1e-9) if log or both else None
-    feats = features(held, scale, floors, both)
-    fit_on = I.earlier_half(val["segment"][pick]) if split else np.ones(len(held), bool)
-    low = target_ranges(dm.targets)[0, j : j + 1]
-    level = cal.levels[li]
-    running = np.cumsum(y_long, axis=1) / np.arange(1, y_long.shape[1] + 1)
-    h, spans = pred.shape[1], cal.tail_lo.shape[1]
-    coef, shift = cqr_fit(feats, running, h, spans, fit_on, ~fit_on if split else fit_on, level, low)
-    test = features(x.forecast.mean(axis=1), cal.scale(x.hist)[:, 0, j], floors, both)
-    return np.maximum(test @ coef.T + shift[None], low[0])
+    v = validation_tail(x)
+    floors = floors_of(v.held, v.scale) if log or both else None
+    feats = features(v.held, v.scale, floors, both)
+    fit_on = I.earlier_half(v.groups) if split else np.ones(len(v.held), bool)
+    spans = x.cal.tail_lo.shape[1]
+    coef, shift = cqr_fit(feats, v.running, v.h, spans, fit_on, ~fit_on if split else fit_on, v.level, v.low)
+    test = features(x.forecast.mean(axis=1), x.cal.scale(x.hist)[:, 0, x.j], floors, both)
+    return np.maximum(test @ coef.T + shift[None], v.low[0])
 
 
 def cqr_fit(
@@ -77,39 +98,25 @@ def cqr_fit(
             break
         y = running[:, h + i]
         coef[i] = I.quantile_regression(feats[f][None], y[f][None], np.array([(1 - level) / 2]))[0]
-        q = feats[c] @ coef[i]
-        s = I._edge_scores((y[c] - q)[:, None, None], y[c][:, None, None], None)
-        lo, _ = I._quantiles(*s, levels=[level])
-        shift[i] = I._selective_lower(s[0], q[:, None, None], np.ones((1, 1, 1)), low, lo, [level])[0, 0, 0]
+        shift[i] = lower_shift(y[c], feats[c] @ coef[i], level, low)
     return coef, shift
 
 
 def select(x, log: bool) -> None:
     """Both tails calibrated on the earlier half of each link's validation windows, judged on the later half: the
     pinball loss of the lower bound (at its tail's level) and its one-sided coverage, over the spans both reach."""
-    from dwcp_lstm.tables import target_ranges as tr
-
-    dm, val, cal, j, li = x.dm, x.val, x.cal, x.j, x.li
-    pick = B._even_subset(len(val["y"]), 50_000)
-    pred, hist, y_all = val["pred"][pick], val["hist"][pick], E.tail_targets(dm, "val", pick)
-    early = I.earlier_half(val["segment"][pick])
-    ranges = tr(dm.targets)
-    level, tau = cal.levels[li], (1 - cal.levels[li]) / 2
-    half = I.calibrate_tail(cal, pred[early], y_all[early], hist[early], ranges)
-    pkg = I.intervals(half, pred[~early], hist[~early], ranges)["tail_lower"][:, li, :, j]  # [n late, spans]
-    held, scale = pred[..., j].mean(axis=1), cal.scale(hist)[:, 0, j]
-    e = early
-    floors = (0.05 * float(np.mean(np.abs(held[e]))) + 1e-9, 0.05 * float(np.mean(scale[e])) + 1e-9) if log else None
-    feats = features(held, scale, floors)
-    running = np.cumsum(y_all[..., j], axis=1) / np.arange(1, y_all.shape[1] + 1)
-    h, low = pred.shape[1], ranges[0, j : j + 1]
-    spans = min(pkg.shape[1], cal.tail_lo.shape[1])
-    coef, shift = cqr_fit(feats, running, h, spans, e, e, level, low)
-    cqr = np.maximum(feats[~e] @ coef.T + shift[None], low[0])
+    v, j, li = validation_tail(x), x.j, x.li
+    early, ranges, tau = I.earlier_half(v.groups), target_ranges(x.dm.targets), (1 - v.level) / 2
+    half = I.calibrate_tail(x.cal, v.pred[early], v.y_all[early], v.hist[early], ranges)
+    pkg = I.intervals(half, v.pred[~early], v.hist[~early], ranges)["tail_lower"][:, li, :, j]  # [n late, spans]
+    feats = features(v.held, v.scale, floors_of(v.held[early], v.scale[early]) if log else None)
+    h, running, spans = v.h, v.running, min(pkg.shape[1], x.cal.tail_lo.shape[1])
+    coef, shift = cqr_fit(feats, running, h, spans, early, early, v.level, v.low)
+    cqr = np.maximum(feats[~early] @ coef.T + shift[None], v.low[0])
     for name, b in (("package", pkg), ("CQR", cqr)):
         loss, cov = [], []
         for i in range(spans):
-            y = running[~e, h + i]
+            y = running[~early, h + i]
             ok = ~np.isnan(y) & np.isfinite(b[:, i])
             if ok.sum() < 20:
                 break
@@ -125,29 +132,19 @@ def blend_tail(x) -> np.ndarray:
     log regression's (both before clipping at the range's edge), shifted by the conformal quantile of the
     validation windows' residuals against that average among the plans that give a time (quantile averaging,
     then conformalized again so that the average keeps the level)."""
-    dm, val, cal, j, li = x.dm, x.val, x.cal, x.j, x.li
-    pick = B._even_subset(len(val["y"]), 50_000)
-    pred, hist, y_all = val["pred"][pick], val["hist"][pick], E.tail_targets(dm, "val", pick)
-    held, scale = pred[..., j].mean(axis=1), cal.scale(hist)[:, 0, j]
-    floors = (0.05 * float(np.mean(np.abs(held))) + 1e-9, 0.05 * float(np.mean(scale)) + 1e-9)
-    feats = features(held, scale, floors)
-    running = np.cumsum(y_all[..., j], axis=1) / np.arange(1, y_all.shape[1] + 1)
-    h, spans, level = pred.shape[1], cal.tail_lo.shape[1], cal.levels[li]
-    low = target_ranges(dm.targets)[0, j : j + 1]
-    every = np.ones(len(held), bool)
-    coef, shift = cqr_fit(feats, running, h, spans, every, every, level, low)
-    own = I.intervals(cal, pred, hist)["tail_lower"][:, li, :, j]  # [n, spans], unclipped
+    v, cal, j, li = validation_tail(x), x.cal, x.j, x.li
+    floors = floors_of(v.held, v.scale)
+    feats, spans, every = features(v.held, v.scale, floors), cal.tail_lo.shape[1], np.ones(len(v.held), bool)
+    coef, shift = cqr_fit(feats, v.running, v.h, spans, every, every, v.level, v.low)
+    own = I.intervals(cal, v.pred, v.hist)["tail_lower"][:, li, :, j]  # [n, spans], unclipped
     avg = (own + feats @ coef.T + shift[None]) / 2
     extra = np.zeros(spans)
     for i in range(spans):
-        ok = ~np.isnan(running[:, h + i])
-        y, q = running[ok, h + i], avg[ok, i]
-        sc = I._edge_scores((y - q)[:, None, None], y[:, None, None], None)
-        lo, _ = I._quantiles(*sc, levels=[level])
-        extra[i] = I._selective_lower(sc[0], q[:, None, None], np.ones((1, 1, 1)), low, lo, [level])[0, 0, 0]
+        ok = ~np.isnan(v.running[:, v.h + i])
+        extra[i] = lower_shift(v.running[ok, v.h + i], avg[ok, i], v.level, v.low)
     test_feats = features(x.forecast.mean(axis=1), cal.scale(x.hist)[:, 0, j], floors)
     test_own = I.intervals(cal, x.pred, x.hist)["tail_lower"][:, li, :, j]
-    return np.maximum((test_own + test_feats @ coef.T + shift[None]) / 2 + extra[None], low[0])
+    return np.maximum((test_own + test_feats @ coef.T + shift[None]) / 2 + extra[None], v.low[0])
 
 
 def main(run: str, split: bool, log: bool, both: bool) -> None:
